@@ -1,0 +1,149 @@
+"""Who may call: the authorization decision, free of gRPC so it reads (and tests) plainly.
+
+The order matters. The secret is verified before anything about the key is revealed, so an
+unauthenticated caller cannot probe whether a key id exists, is suspended or is revoked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tollway.keys import split_key, verify_secret
+from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
+from tollway.manifest.model import Dialect
+from tollway.refs import resolve
+
+from .keymirror import KeyMirror
+
+MAX_MODEL_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A manifest with the provider credentials it references resolved, ready to serve."""
+
+    manifest: Manifest
+    credentials: Mapping[str, str]
+    routes: Mapping[str, Route]
+
+
+def compile_runtime(manifest: Manifest) -> Runtime:
+    """Resolve every provider credential now, so a missing one refuses the manifest up front."""
+    credentials = {p.name: resolve(p.credential) for p in manifest.providers}
+    return Runtime(manifest=manifest, credentials=credentials,
+                   routes={r.name: r for r in manifest.routes})
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What Envoy tells us about one request."""
+
+    route_name: str | None
+    headers: Mapping[str, str]
+    body: Mapping[str, Any]  # the json_to_metadata namespace: model, stream, max_tokens, flags
+    source_ip: str
+
+
+@dataclass(frozen=True)
+class Allow:
+    route: Route
+    provider: Provider
+    credential: str
+    binding: KeyBinding
+    model: str
+    stream: bool
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Deny:
+    code: str  # a code from tollway.errors
+    message: str
+    dialect: Dialect
+    key_id: str | None = None
+
+
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization")
+    if auth is not None:
+        scheme, _, token = auth.strip().partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    return headers.get("x-api-key")
+
+
+def _short(value: str, limit: int = 64) -> str:
+    """Echo client input in messages only in bounded, printable form."""
+    clean = "".join(c if c.isprintable() else "?" for c in value[:limit])
+    return clean + ("..." if len(value) > limit else "")
+
+
+def decide(rt: Runtime, mirror: KeyMirror, pepper: bytes, facts: RequestFacts,
+           now: datetime) -> Allow | Deny:
+    route = rt.routes.get(facts.route_name or "")
+    if route is None:
+        return Deny("not_found", "no such endpoint on this gateway", Dialect.OPENAI)
+    d = route.dialect
+
+    presented = _presented_key(facts.headers)
+    if not presented:
+        return Deny("invalid_api_key", "missing API key: send Authorization: Bearer <key> "
+                    "or x-api-key", d)
+    parts = split_key(presented)
+    if parts is None:
+        return Deny("invalid_api_key", "invalid API key", d)
+    key_id, secret = parts
+    binding = rt.manifest.bindings.get(key_id)
+    if binding is None:
+        return Deny("invalid_api_key", "invalid API key", d)
+    if not mirror.usable:
+        return Deny("gateway_unavailable", "the gateway cannot verify keys right now; retry "
+                    "shortly", d, key_id)
+    record = mirror.get(key_id)
+    if record is None or not verify_secret(record, pepper, secret, now):
+        return Deny("invalid_api_key", "invalid API key", d)
+
+    status = max(record.status, binding.status, key=lambda s: s.severity)
+    if status is KeyStatus.REVOKED:
+        return Deny("key_revoked", f"key {key_id} has been revoked", d, key_id)
+    if status is KeyStatus.SUSPENDED:
+        return Deny("key_suspended", f"key {key_id} is suspended", d, key_id)
+    expiries = [t for t in (record.expires_at, _parse_ts(binding.key.expires_at)) if t]
+    if expiries and now >= min(expiries):
+        return Deny("key_expired", f"key {key_id} expired at {min(expiries).isoformat()}",
+                    d, key_id)
+
+    body = facts.body
+    if body.get("body_error"):
+        return Deny("invalid_request_error", "request body is not valid JSON", d, key_id)
+    model = body.get("model")
+    if model is None:
+        return Deny("invalid_request_error", "request body must be a JSON object with a "
+                    "'model' field", d, key_id)
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_LENGTH:
+        return Deny("invalid_request_error", "'model' must be a non-empty string", d, key_id)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        return Deny("invalid_request_error", "'stream' must be true or false", d, key_id)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool)
+                                   or not isinstance(max_tokens, int | float)
+                                   or max_tokens != int(max_tokens) or max_tokens < 1):
+        return Deny("invalid_request_error", "'max_tokens' must be a positive integer", d,
+                    key_id)
+
+    provider = rt.manifest.provider(route.provider)
+    if provider.model(model) is None or (binding.allowed_models is not None
+                                         and model not in binding.allowed_models):
+        return Deny("model_not_allowed", f"model '{_short(model)}' is not allowed for key "
+                    f"{key_id} on {route.path}", d, key_id)
+
+    return Allow(route=route, provider=provider, credential=rt.credentials[provider.name],
+                 binding=binding, model=model, stream=stream,
+                 max_tokens=int(max_tokens) if max_tokens is not None else None)
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None

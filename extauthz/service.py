@@ -1,0 +1,122 @@
+"""The Envoy `ext_authz` gRPC servicer: translates CheckRequest ⇄ decision."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+from google.rpc import code_pb2, status_pb2
+from prometheus_client import Counter, Histogram
+
+from tollway.errors import error_body, status_of
+from tollway.manifest.model import Dialect
+from tollway.reload import Compiled
+
+from .decision import Allow, Deny, RequestFacts, Runtime, decide
+from .keymirror import KeyMirror
+
+log = logging.getLogger("tollway.extauthz")
+
+BODY_NAMESPACE = "tollway.request"  # where the rendered json_to_metadata filter writes
+IDENTITY_HEADER_PREFIX = "x-tollway-"
+
+DECISIONS = Counter("tollway_extauthz_decisions_total", "Authorization decisions",
+                    ["result", "reason"])
+LATENCY = Histogram("tollway_extauthz_check_seconds", "Time to answer one Check",
+                    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1))
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value),
+                                      append_action=_OVERWRITE)
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update({k: v for k, v in values.items() if v is not None})
+    return s
+
+
+def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
+    attrs = request.attributes
+    namespace = attrs.metadata_context.filter_metadata.get(BODY_NAMESPACE)
+    body = json_format.MessageToDict(namespace) if namespace is not None else {}
+    return RequestFacts(route_name=attrs.context_extensions.get("route"),
+                        headers=attrs.request.http.headers, body=body,
+                        source_ip=attrs.source.address.socket_address.address)
+
+
+def allow_response(allow: Allow, request_headers: Any) -> external_auth_pb2.CheckResponse:
+    b = allow.binding
+    if allow.provider.dialect is Dialect.ANTHROPIC:
+        set_headers = [_header("x-api-key", allow.credential)]
+        remove = ["authorization"]
+    else:
+        set_headers = [_header("authorization", f"Bearer {allow.credential}")]
+        remove = ["x-api-key"]
+    # identity headers are ours to set: a client must never be able to assert them
+    remove += [h for h in request_headers if h.startswith(IDENTITY_HEADER_PREFIX)]
+    metadata = _struct({
+        "org": b.org.id, "project": b.project.id, "client": b.client.id, "key_id": b.key.id,
+        "model": allow.model, "provider": allow.provider.name, "route": allow.route.name,
+        "dialect": allow.route.dialect.value, "action": allow.route.action,
+        "stream": allow.stream, "max_tokens": allow.max_tokens,
+        "fail_closed": allow.route.fail_closed,
+    })
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(headers=set_headers,
+                                                     headers_to_remove=remove),
+        dynamic_metadata=metadata)
+
+
+def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
+    status = status_of(deny.code)
+    headers = [_header("content-type", "application/json"),
+               _header("x-tollway-error", deny.code)]
+    if status == 503:
+        headers.append(_header("retry-after", "1"))
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.UNAVAILABLE if status == 503
+                                 else code_pb2.PERMISSION_DENIED),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=headers, body=error_body(deny.dialect, deny.code, deny.message)),
+        dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror, pepper: bytes) -> None:
+        self.runtime = runtime
+        self.mirror = mirror
+        self.pepper = pepper
+
+    async def Check(self, request: external_auth_pb2.CheckRequest,
+                    context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        try:
+            facts = facts_from(request)
+            result = decide(self.runtime.value, self.mirror, self.pepper, facts,
+                            datetime.now(UTC))
+            if isinstance(result, Allow):
+                DECISIONS.labels("allow", "ok").inc()
+                return allow_response(result, facts.headers)
+            DECISIONS.labels("deny", result.code).inc()
+            return deny_response(result)
+        except Exception:
+            # never a stack trace to the client, never an accidental allow
+            log.exception("Check failed")
+            DECISIONS.labels("deny", "internal_error").inc()
+            return deny_response(Deny("gateway_unavailable", "internal error in the gateway",
+                                      Dialect.OPENAI))
+        finally:
+            LATENCY.observe(time.perf_counter() - started)

@@ -1,0 +1,211 @@
+"""PostgreSQL key store (asyncpg) for production: many replicas, one database.
+
+Writers NOTIFY `tollway_keys` in the same transaction, so every replica that LISTENs learns of
+a revocation as soon as it commits; the sequence poll behind it covers a dropped listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from tollway.manifest.model import KeyStatus
+
+from .store import KeyEvent, KeyExists, KeyNotFound, KeyRecord, KeyStore, StoreUnavailable
+
+CHANNEL = "tollway_keys"
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS tollway_key_seq;
+CREATE TABLE IF NOT EXISTS tollway_keys (
+    key_id TEXT PRIMARY KEY,
+    secret_hash BYTEA NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked')),
+    expires_at TIMESTAMPTZ,
+    previous_hash BYTEA,
+    previous_valid_until TIMESTAMPTZ,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    seq BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tollway_keys_seq ON tollway_keys (seq);
+CREATE TABLE IF NOT EXISTS tollway_key_events (
+    id BIGSERIAL PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    at TIMESTAMPTZ NOT NULL,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+COLUMNS = ("key_id, secret_hash, status, expires_at, previous_hash, previous_valid_until, "
+           "created_at, updated_at, seq")
+
+CONNECT_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncio.TimeoutError)
+
+
+def _record(row: asyncpg.Record) -> KeyRecord:
+    return KeyRecord(key_id=row["key_id"], secret_hash=bytes(row["secret_hash"]),
+                     status=KeyStatus(row["status"]), expires_at=row["expires_at"],
+                     previous_hash=bytes(row["previous_hash"])
+                     if row["previous_hash"] is not None else None,
+                     previous_valid_until=row["previous_valid_until"],
+                     created_at=row["created_at"], updated_at=row["updated_at"], seq=row["seq"])
+
+
+class PostgresKeyStore(KeyStore):
+    def __init__(self, dsn: str, *, schema: str | None = None, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.schema = schema  # tests isolate themselves in a schema of their own
+        self.timeout = timeout
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._changed = asyncio.Event()
+
+    async def _setup(self, conn: asyncpg.Connection) -> None:
+        if self.schema:
+            await conn.execute(f'SET search_path TO "{self.schema}"')
+
+    async def open(self) -> None:
+        try:
+            if self.schema:
+                conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+                try:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                finally:
+                    await conn.close()
+            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4,
+                                                   timeout=self.timeout, setup=self._setup,
+                                                   command_timeout=self.timeout)
+            async with self._pool.acquire() as conn:
+                # concurrent first starts of several replicas must not race on CREATE
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(7146025)")
+                    await conn.execute(SCHEMA)
+        except CONNECT_ERRORS as e:
+            raise StoreUnavailable(f"postgresql: {e}") from e
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            try:
+                await self._listener.close(timeout=2)
+            except CONNECT_ERRORS:
+                pass
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _tx(self, fn: Any) -> Any:
+        assert self._pool is not None, "store is not open"
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await fn(conn)
+        except CONNECT_ERRORS as e:
+            raise StoreUnavailable(f"postgresql: {e}") from e
+
+    @staticmethod
+    async def _log(conn: asyncpg.Connection, e: KeyEvent) -> None:
+        await conn.execute("INSERT INTO tollway_key_events (key_id, action, at, actor, detail) "
+                           "VALUES ($1, $2, $3, $4, $5)", e.key_id, e.action, e.at, e.actor,
+                           e.detail)
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, e.key_id)
+
+    async def insert(self, record: KeyRecord, event: KeyEvent) -> KeyRecord:
+        async def tx(conn: asyncpg.Connection) -> KeyRecord:
+            try:
+                row = await conn.fetchrow(
+                    f"INSERT INTO tollway_keys ({COLUMNS}) VALUES "
+                    "($1, $2, $3, $4, $5, $6, $7, $8, nextval('tollway_key_seq')) "
+                    f"RETURNING {COLUMNS}",
+                    record.key_id, record.secret_hash, record.status.value, record.expires_at,
+                    record.previous_hash, record.previous_valid_until, record.created_at,
+                    record.updated_at)
+            except asyncpg.UniqueViolationError:
+                raise KeyExists(record.key_id) from None
+            await self._log(conn, event)
+            return _record(row)
+        result: KeyRecord = await self._tx(tx)
+        return result
+
+    async def update(self, key_id: str, event: KeyEvent, *, status: KeyStatus | None = None,
+                     secret_hash: bytes | None = None, previous_hash: bytes | None = None,
+                     previous_valid_until: datetime | None = None,
+                     expires_at: datetime | None = None,
+                     clear_expiry: bool = False) -> KeyRecord:
+        sets: list[str] = []
+        args: list[Any] = []
+
+        def arg(v: Any) -> str:
+            args.append(v)
+            return f"${len(args)}"
+        if status is not None:
+            sets.append(f"status = {arg(status.value)}")
+        if secret_hash is not None:
+            sets += [f"secret_hash = {arg(secret_hash)}", f"previous_hash = {arg(previous_hash)}",
+                     f"previous_valid_until = {arg(previous_valid_until)}"]
+        if expires_at is not None or clear_expiry:
+            sets.append(f"expires_at = {arg(expires_at)}")
+        sets += [f"updated_at = {arg(event.at)}", "seq = nextval('tollway_key_seq')"]
+        where = arg(key_id)
+
+        async def tx(conn: asyncpg.Connection) -> KeyRecord:
+            row = await conn.fetchrow(f"UPDATE tollway_keys SET {', '.join(sets)} "
+                                      f"WHERE key_id = {where} RETURNING {COLUMNS}", *args)
+            if row is None:
+                raise KeyNotFound(key_id)
+            await self._log(conn, event)
+            return _record(row)
+        result: KeyRecord = await self._tx(tx)
+        return result
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        async def q(conn: asyncpg.Connection) -> KeyRecord | None:
+            row = await conn.fetchrow(f"SELECT {COLUMNS} FROM tollway_keys WHERE key_id = $1",
+                                      key_id)
+            return _record(row) if row else None
+        result: KeyRecord | None = await self._tx(q)
+        return result
+
+    async def changes_since(self, seq: int) -> list[KeyRecord]:
+        async def q(conn: asyncpg.Connection) -> list[KeyRecord]:
+            rows = await conn.fetch(f"SELECT {COLUMNS} FROM tollway_keys WHERE seq > $1 "
+                                    "ORDER BY seq", seq)
+            return [_record(r) for r in rows]
+        result: list[KeyRecord] = await self._tx(q)
+        return result
+
+    async def events(self, key_id: str) -> list[KeyEvent]:
+        async def q(conn: asyncpg.Connection) -> list[KeyEvent]:
+            rows = await conn.fetch("SELECT key_id, action, at, actor, detail "
+                                    "FROM tollway_key_events WHERE key_id = $1 ORDER BY id",
+                                    key_id)
+            return [KeyEvent(r["key_id"], r["action"], r["at"], r["actor"], r["detail"])
+                    for r in rows]
+        result: list[KeyEvent] = await self._tx(q)
+        return result
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+        await conn.add_listener(CHANNEL, lambda *_: self._changed.set())
+        self._listener = conn
+
+    async def wait_for_change(self, timeout: float) -> None:
+        try:
+            await self._ensure_listener()
+        except CONNECT_ERRORS:
+            self._listener = None
+            await asyncio.sleep(min(timeout, 1.0))  # the caller's poll still catches up
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._changed.clear()

@@ -1,0 +1,200 @@
+"""SQLite key store for the single-node default.
+
+sqlite3 blocks, so the connection lives on one dedicated worker thread and every call is
+awaited from the event loop; one thread also serialises writers without a lock of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tollway.manifest.model import KeyStatus
+
+from .store import KeyEvent, KeyExists, KeyNotFound, KeyRecord, KeyStore, StoreUnavailable
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tollway_keys (
+    key_id TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    status TEXT NOT NULL,
+    expires_at TEXT,
+    previous_hash BLOB,
+    previous_valid_until TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tollway_keys_seq ON tollway_keys (seq);
+CREATE TABLE IF NOT EXISTS tollway_key_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tollway_key_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER);
+INSERT OR IGNORE INTO tollway_key_seq (id, seq) VALUES (1, 0);
+"""
+
+COLUMNS = ("key_id, secret_hash, status, expires_at, previous_hash, previous_valid_until, "
+           "created_at, updated_at, seq")
+
+
+def _ts(v: str | None) -> datetime | None:
+    return datetime.fromisoformat(v) if v else None
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    created, updated = _ts(row[6]), _ts(row[7])
+    assert created is not None and updated is not None
+    return KeyRecord(key_id=row[0], secret_hash=bytes(row[1]), status=KeyStatus(row[2]),
+                     expires_at=_ts(row[3]),
+                     previous_hash=bytes(row[4]) if row[4] is not None else None,
+                     previous_valid_until=_ts(row[5]), created_at=created, updated_at=updated,
+                     seq=row[8])
+
+
+class SqliteKeyStore(KeyStore):
+    def __init__(self, path: str | Path, *, poll_interval: float = 0.2) -> None:
+        self.path = Path(path)
+        self.poll_interval = poll_interval
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-keys")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None, "store is not open"
+            try:
+                return fn(self._db)
+            except sqlite3.OperationalError as e:
+                raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            self._db = db
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db = self._db
+            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
+            self._db = None
+        self._pool.shutdown(wait=False)
+
+    @staticmethod
+    def _next_seq(db: sqlite3.Connection) -> int:
+        row = db.execute("UPDATE tollway_key_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+        return int(row.fetchone()[0])
+
+    @staticmethod
+    def _log(db: sqlite3.Connection, e: KeyEvent) -> None:
+        db.execute("INSERT INTO tollway_key_events (key_id, action, at, actor, detail) "
+                   "VALUES (?, ?, ?, ?, ?)", (e.key_id, e.action, e.at.isoformat(), e.actor,
+                                              e.detail))
+
+    async def insert(self, record: KeyRecord, event: KeyEvent) -> KeyRecord:
+        def tx(db: sqlite3.Connection) -> KeyRecord:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._next_seq(db)
+                db.execute(
+                    f"INSERT INTO tollway_keys ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.key_id, record.secret_hash, record.status.value,
+                     record.expires_at.isoformat() if record.expires_at else None,
+                     record.previous_hash,
+                     record.previous_valid_until.isoformat()
+                     if record.previous_valid_until else None,
+                     record.created_at.isoformat(), record.updated_at.isoformat(), seq))
+                self._log(db, event)
+                row = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE key_id = ?",
+                                 (record.key_id,)).fetchone()
+                db.execute("COMMIT")
+                return _record(row)
+            except sqlite3.IntegrityError:
+                db.execute("ROLLBACK")
+                raise KeyExists(record.key_id) from None
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return await self._run(tx)
+
+    async def update(self, key_id: str, event: KeyEvent, *, status: KeyStatus | None = None,
+                     secret_hash: bytes | None = None, previous_hash: bytes | None = None,
+                     previous_valid_until: datetime | None = None,
+                     expires_at: datetime | None = None,
+                     clear_expiry: bool = False) -> KeyRecord:
+        sets: list[str] = []
+        args: list[Any] = []
+        if status is not None:
+            sets.append("status = ?")
+            args.append(status.value)
+        if secret_hash is not None:
+            sets += ["secret_hash = ?", "previous_hash = ?", "previous_valid_until = ?"]
+            args += [secret_hash, previous_hash,
+                     previous_valid_until.isoformat() if previous_valid_until else None]
+        if expires_at is not None or clear_expiry:
+            sets.append("expires_at = ?")
+            args.append(expires_at.isoformat() if expires_at else None)
+
+        def tx(db: sqlite3.Connection) -> KeyRecord:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._next_seq(db)
+                cur = db.execute(
+                    f"UPDATE tollway_keys SET {', '.join([*sets, 'updated_at = ?', 'seq = ?'])} "
+                    "WHERE key_id = ?", (*args, event.at.isoformat(), seq, key_id))
+                if cur.rowcount == 0:
+                    raise KeyNotFound(key_id)
+                self._log(db, event)
+                row = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE key_id = ?",
+                                 (key_id,)).fetchone()
+                db.execute("COMMIT")
+                return _record(row)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return await self._run(tx)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        def q(db: sqlite3.Connection) -> KeyRecord | None:
+            row = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE key_id = ?",
+                             (key_id,)).fetchone()
+            return _record(row) if row else None
+        return await self._run(q)
+
+    async def changes_since(self, seq: int) -> list[KeyRecord]:
+        def q(db: sqlite3.Connection) -> list[KeyRecord]:
+            rows = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE seq > ? ORDER BY seq",
+                              (seq,)).fetchall()
+            return [_record(r) for r in rows]
+        return await self._run(q)
+
+    async def events(self, key_id: str) -> list[KeyEvent]:
+        def q(db: sqlite3.Connection) -> list[KeyEvent]:
+            rows = db.execute("SELECT key_id, action, at, actor, detail FROM tollway_key_events "
+                              "WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
+            return [KeyEvent(r[0], r[1], datetime.fromisoformat(r[2]), r[3], r[4]) for r in rows]
+        return await self._run(q)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        # another process writes the file; polling the sequence is the only signal SQLite has
+        await asyncio.sleep(min(timeout, self.poll_interval))

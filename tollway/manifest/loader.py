@@ -1,0 +1,627 @@
+"""Parse and validate a manifest.
+
+Validation collects every problem, each named by its path and the rule it breaks
+(`organizations[0].projects[1].quotas[2].tpm: must be a positive integer`), because an operator
+fixing a ConfigMap wants the whole list at once, not one error per apply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from .model import (
+    REQUEST_LIMITS,
+    SPEND_LIMITS,
+    TOKEN_LIMITS,
+    Client,
+    Dialect,
+    Enforcement,
+    Gateway,
+    Key,
+    KeyBinding,
+    KeyStatus,
+    Manifest,
+    Model,
+    Organization,
+    Plan,
+    Policy,
+    Price,
+    Project,
+    Provider,
+    Quota,
+    RateCard,
+    Route,
+    Services,
+    Storage,
+    Upstream,
+    User,
+)
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+DURATION_RE = re.compile(r"^(\d+)s$")
+DEFAULT_MAX_OUTPUT = 4096
+DEFAULT_CONTEXT = 128000
+DEFAULT_ACTIONS = {
+    "/v1/chat/completions": "completion",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+}
+
+T = TypeVar("T")
+
+
+class ManifestError(Exception):
+    """A manifest that does not validate; `problems` lists every `path: rule` found."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        head = f"{source}: {len(problems)} problem(s)" if source else f"{len(problems)} problem(s)"
+        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass
+class Node:
+    """A mapping in the YAML document, with its path, that reports what it reads wrong."""
+
+    value: dict[str, Any]
+    path: str
+    errors: list[str]
+
+    def at(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, rule: str) -> None:
+        self.errors.append(f"{self.at(name)}: {rule}")
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for k in self.value:
+            if k not in allowed:
+                self.fail(str(k), f"unknown field (expected one of {', '.join(sorted(allowed))})")
+
+    def has(self, name: str) -> bool:
+        return self.value.get(name) is not None
+
+    def str(self, name: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None,
+            rule: str = "") -> str:
+        v = self.value.get(name)
+        if v is None:
+            if default is None:
+                self.fail(name, "is required")
+                return ""
+            return default
+        if not isinstance(v, str) or not v:
+            self.fail(name, "must be a non-empty string")
+            return ""
+        if pattern is not None and not pattern.match(v):
+            self.fail(name, rule or f"must match {pattern.pattern}")
+        return v
+
+    def opt_str(self, name: str) -> str | None:
+        if self.value.get(name) is None:
+            return None
+        return self.str(name)
+
+    def int(self, name: str, default: int | None = None, *, minimum: int = 1) -> int:
+        v = self.value.get(name)
+        if v is None:
+            if default is None:
+                self.fail(name, "is required")
+                return 0
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            self.fail(name, "must be a positive integer" if minimum == 1
+                      else f"must be an integer >= {minimum}")
+            return 0
+        return v
+
+    def bool(self, name: str, default: bool) -> bool:
+        v = self.value.get(name, default)
+        if not isinstance(v, bool):
+            self.fail(name, "must be true or false")
+            return default
+        return v
+
+    def decimal(self, name: str, *, required: bool = True) -> Decimal | None:
+        v = self.value.get(name)
+        if v is None:
+            if required:
+                self.fail(name, "is required")
+            return None
+        try:
+            # str() first: YAML floats like 0.075 must stay exactly 0.075, not its binary neighbour
+            d = Decimal(str(v)) if not isinstance(v, bool) else None
+        except InvalidOperation:
+            d = None
+        if d is None or not d.is_finite() or d < 0:
+            self.fail(name, "must be a non-negative number")
+            return None
+        return d
+
+    def enum(self, name: str, kind: type[T], default: T | None = None) -> T:
+        v = self.value.get(name)
+        if v is None and default is not None:
+            return default
+        try:
+            return kind(v)  # type: ignore[call-arg]
+        except ValueError:
+            options = ", ".join(str(m.value) for m in kind)  # type: ignore[attr-defined]
+            self.fail(name, f"must be one of {options}" if v is not None else "is required")
+            return default if default is not None else next(iter(kind))  # type: ignore[call-overload]
+
+    def str_list(self, name: str) -> tuple[str, ...] | None:
+        v = self.value.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            self.fail(name, "must be a list of non-empty strings")
+            return ()
+        return tuple(v)
+
+    def mapping(self, name: str) -> MappingProxyType[str, Any]:
+        v = self.value.get(name)
+        if v is None:
+            return MappingProxyType({})
+        if not isinstance(v, dict):
+            self.fail(name, "must be a mapping")
+            return MappingProxyType({})
+        return MappingProxyType(dict(v))
+
+    def child(self, name: str, *, required: bool = False) -> Node:
+        v = self.value.get(name)
+        if v is None:
+            if required:
+                self.fail(name, "is required")
+            return Node({}, self.at(name), self.errors)
+        if not isinstance(v, dict):
+            self.fail(name, "must be a mapping")
+            return Node({}, self.at(name), self.errors)
+        return Node(v, self.at(name), self.errors)
+
+    def items(self, name: str, *, required: bool = False) -> Iterator[Node]:
+        v = self.value.get(name)
+        if v is None:
+            if required:
+                self.fail(name, "is required")
+            return
+        if not isinstance(v, list):
+            self.fail(name, "must be a list")
+            return
+        for i, item in enumerate(v):
+            p = f"{self.at(name)}[{i}]"
+            if not isinstance(item, dict):
+                self.errors.append(f"{p}: must be a mapping")
+                continue
+            yield Node(item, p, self.errors)
+
+
+def _host_port(node: Node, name: str, default: str) -> tuple[str, int]:
+    raw = node.str(name, default)
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        node.fail(name, "must be host:port")
+        return ("127.0.0.1", 1)
+    return (host.strip("[]"), int(port))
+
+
+def _unique(nodes: list[tuple[Node, str]], errors: list[str], what: str) -> None:
+    seen: dict[str, str] = {}
+    for node, value in nodes:
+        if value in seen:
+            errors.append(f"{node.at('id' if what != 'route' else 'path')}: duplicate {what} "
+                          f"'{value}' (first at {seen[value]})")
+        else:
+            seen[value] = node.path
+
+
+def _quota(n: Node) -> Quota:
+    allowed = {"name", "models", "enforcement", "alerts", "notes",
+               *REQUEST_LIMITS, *TOKEN_LIMITS, *SPEND_LIMITS}
+    n.check_keys(allowed)
+    limits = {k: n.int(k) for k in (*REQUEST_LIMITS, *TOKEN_LIMITS) if n.has(k)}
+    spend: dict[str, Decimal] = {}
+    for k in SPEND_LIMITS:
+        d = n.decimal(k, required=False)
+        if d is not None:
+            if d <= 0:
+                n.fail(k, "must be a positive amount")
+            spend[k] = d
+    if not limits and not spend and not any(n.has(k) for k in allowed - {"name", "models",
+                                                                          "enforcement", "alerts",
+                                                                          "notes"}):
+        n.errors.append(f"{n.path}: a quota needs at least one limit "
+                        f"(rpm, tpm, requests_per_day, spend_per_month, ...)")
+    alerts: list[Decimal] = []
+    raw_alerts = n.value.get("alerts", [])
+    if not isinstance(raw_alerts, list):
+        n.fail("alerts", "must be a list of fractions like 0.8")
+    else:
+        for i, a in enumerate(raw_alerts):
+            try:
+                d = Decimal(str(a))
+            except InvalidOperation:
+                d = Decimal(-1)
+            if isinstance(a, bool) or not (Decimal(0) < d <= Decimal(1)):
+                n.errors.append(f"{n.at('alerts')}[{i}]: must be a fraction in (0, 1]")
+            else:
+                alerts.append(d)
+    return Quota(
+        name=n.str("name", n.path),
+        models=n.str_list("models") or (),
+        limits=MappingProxyType(limits),
+        spend=MappingProxyType(spend),
+        enforcement=n.enum("enforcement", Enforcement, Enforcement.ENFORCE),
+        alerts=tuple(sorted(alerts)),
+    )
+
+
+def _quotas(n: Node) -> tuple[Quota, ...]:
+    return tuple(_quota(q) for q in n.items("quotas"))
+
+
+def _expires(n: Node) -> str | None:
+    v = n.value.get("expires_at")
+    if v is None:
+        return None
+    from datetime import datetime, timezone
+
+    if isinstance(v, datetime):
+        dt = v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        return dt.isoformat()
+    if isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            dt = None
+        if dt is not None:
+            return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).isoformat()
+    n.fail("expires_at", "must be an ISO 8601 timestamp")
+    return None
+
+
+def _key(n: Node) -> Key:
+    n.check_keys({"id", "status", "plan", "models", "quotas", "expires_at", "metadata", "notes"})
+    return Key(
+        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_' (no dots)"),
+        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
+        plan=n.opt_str("plan"),
+        models=n.str_list("models"),
+        quotas=_quotas(n),
+        expires_at=_expires(n),
+        metadata=n.mapping("metadata"),
+    )
+
+
+def _client(n: Node) -> Client:
+    n.check_keys({"id", "name", "status", "user", "metadata", "keys", "notes"})
+    u = n.child("user")
+    u.check_keys({"email", "role", "tenant", "is_agent"})
+    return Client(
+        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.str("name", str(n.value.get("id") or "")),
+        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
+        user=User(email=u.opt_str("email"), role=u.opt_str("role"), tenant=u.opt_str("tenant"),
+                  is_agent=u.bool("is_agent", False)),
+        metadata=n.mapping("metadata"),
+        keys=tuple(_key(k) for k in n.items("keys")),
+    )
+
+
+def _project(n: Node) -> Project:
+    n.check_keys({"id", "name", "status", "plan", "models", "policies", "quotas", "metadata",
+                  "clients", "notes"})
+    pol = n.child("policies")
+    pol.check_keys({"enabled"})
+    return Project(
+        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.str("name", str(n.value.get("id") or "")),
+        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
+        plan=n.opt_str("plan"),
+        models=n.str_list("models"),
+        policies_enabled=pol.bool("enabled", False),
+        quotas=_quotas(n),
+        metadata=n.mapping("metadata"),
+        clients=tuple(_client(c) for c in n.items("clients")),
+    )
+
+
+def _org(n: Node) -> Organization:
+    n.check_keys({"id", "name", "status", "quotas", "metadata", "projects", "notes"})
+    return Organization(
+        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.str("name", str(n.value.get("id") or "")),
+        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
+        quotas=_quotas(n),
+        metadata=n.mapping("metadata"),
+        projects=tuple(_project(p) for p in n.items("projects")),
+    )
+
+
+def _provider(n: Node) -> Provider:
+    n.check_keys({"name", "dialect", "upstream", "credential", "models", "mock", "notes"})
+    mock = n.bool("mock", False)
+    up = n.child("upstream", required=True)
+    up.check_keys({"host", "port", "tls", "sni"})
+    tls = up.bool("tls", not mock)
+    models = []
+    for m in n.items("models", required=True):
+        m.check_keys({"name", "max_output_tokens", "context_window", "notes"})
+        models.append(Model(name=m.str("name"),
+                            max_output_tokens=m.int("max_output_tokens", DEFAULT_MAX_OUTPUT),
+                            context_window=m.int("context_window", DEFAULT_CONTEXT)))
+    seen: set[str] = set()
+    for i, m2 in enumerate(models):
+        if m2.name in seen:
+            n.errors.append(f"{n.at('models')}[{i}].name: duplicate model '{m2.name}'")
+        seen.add(m2.name)
+    host = up.str("host")
+    return Provider(
+        name=n.str("name", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        dialect=n.enum("dialect", Dialect),
+        upstream=Upstream(host=host, port=up.int("port", 443 if tls else 80), tls=tls,
+                          sni=up.opt_str("sni") or (host if tls else None)),
+        credential=n.str("credential", pattern=REF_RE,
+                         rule="must be a reference, env:NAME or file:PATH, never the secret itself"),
+        models=tuple(models),
+        mock=mock,
+    )
+
+
+def _route(n: Node, providers: dict[str, Provider], index: int) -> Route:
+    n.check_keys({"name", "path", "dialect", "provider", "action", "fail_closed", "timeout",
+                  "notes"})
+    path = n.str("path", pattern=re.compile(r"^/[A-Za-z0-9/_.-]*$"),
+                 rule="must be an absolute URL path")
+    provider = n.str("provider")
+    p = providers.get(provider)
+    if provider and p is None:
+        n.fail("provider", f"unknown provider '{provider}'")
+    dialect = n.enum("dialect", Dialect, p.dialect if p else Dialect.OPENAI)
+    if p is not None and dialect != p.dialect:
+        n.fail("dialect", f"route speaks '{dialect.value}' but provider '{provider}' speaks "
+                          f"'{p.dialect.value}'")
+    action = n.str("action", DEFAULT_ACTIONS.get(path, ""))
+    if not action:
+        n.fail("action", f"is required for a path without a default action ({path})")
+    timeout = n.str("timeout", "600s", pattern=DURATION_RE, rule="must be seconds, like 600s")
+    m = DURATION_RE.match(timeout)
+    return Route(
+        name=n.str("name", f"route{index}", pattern=ID_RE,
+                   rule="must be 1-64 letters, digits, '-' or '_'"),
+        path=path,
+        dialect=dialect,
+        provider=provider,
+        action=action,
+        fail_closed=n.bool("fail_closed", True),
+        timeout_seconds=int(m.group(1)) if m else 600,
+    )
+
+
+def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
+    if not n.value:
+        return None
+    n.check_keys({"version", "currency", "prices"})
+    prices = []
+    seen: set[tuple[str, str]] = set()
+    for p in n.items("prices", required=True):
+        p.check_keys({"provider", "model", "input", "output", "cached_input"})
+        price = Price(provider=p.str("provider"), model=p.str("model"),
+                      input=p.decimal("input") or Decimal(0),
+                      output=p.decimal("output") or Decimal(0),
+                      cached_input=p.decimal("cached_input", required=False))
+        prov = providers.get(price.provider)
+        if price.provider and prov is None:
+            p.fail("provider", f"unknown provider '{price.provider}'")
+        elif prov is not None and price.model and prov.model(price.model) is None:
+            p.fail("model", f"model '{price.model}' is not in provider '{price.provider}' "
+                            "catalogue")
+        if (price.provider, price.model) in seen:
+            p.fail("model", f"duplicate price for '{price.provider}/{price.model}'")
+        seen.add((price.provider, price.model))
+        prices.append(price)
+    return RateCard(
+        version=n.str("version"),
+        currency=n.str("currency", "USD", pattern=re.compile(r"^[A-Z]{3}$"),
+                       rule="must be an ISO 4217 code like USD"),
+        prices=tuple(prices),
+    )
+
+
+def _check_models(errors: list[str], path: str, models: tuple[str, ...] | None,
+                  catalogue: set[str]) -> None:
+    for i, m in enumerate(models or ()):
+        if m not in catalogue:
+            errors.append(f"{path}[{i}]: unknown model '{m}' (not in any provider's catalogue)")
+
+
+def _resolve_bindings(m: Manifest, errors: list[str], paths: dict[str, str]) -> dict[str,
+                                                                                      KeyBinding]:
+    plans = {p.name: p for p in m.plans}
+    out: dict[str, KeyBinding] = {}
+    for org in m.organizations:
+        for proj in org.projects:
+            for client in proj.clients:
+                for key in client.keys:
+                    allowed: tuple[str, ...] | None = None
+                    for plan_name, models in ((proj.plan, proj.models), (key.plan, key.models)):
+                        # the most specific level that names models wins; a key narrows its
+                        # project, and an explicit list beats the list of the plan it names
+                        plan = plans.get(plan_name) if plan_name else None
+                        level = models if models is not None else (plan.models if plan else None)
+                        if level is not None:
+                            allowed = level
+                    out[key.id] = KeyBinding(org=org, project=proj, client=client, key=key,
+                                             allowed_models=None if allowed is None
+                                             else frozenset(allowed))
+    for path, name in paths.items():
+        if name not in plans:
+            errors.append(f"{path}: unknown plan '{name}'")
+    return out
+
+
+def parse(doc: Any, source: str = "") -> Manifest:
+    """Validate a decoded YAML document; raise ManifestError listing every problem."""
+    errors: list[str] = []
+    if not isinstance(doc, dict):
+        raise ManifestError(source, ["(document): must be a mapping"])
+    root = Node(doc, "", errors)
+    root.check_keys({"version", "gateway", "services", "storage", "providers", "routes",
+                     "rate_card", "plans", "organizations", "policies"})
+    version = root.int("version", 1)
+    if version != 1:
+        root.fail("version", "must be 1")
+
+    g = root.child("gateway")
+    g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes"})
+    tz = g.str("timezone", "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        g.fail("timezone", f"unknown time zone '{tz}'")
+    gateway = Gateway(listen=_host_port(g, "listen", "127.0.0.1:8080"),
+                      admin_port=g.int("admin_port", 9901),
+                      timezone=tz,
+                      max_request_bytes=g.int("max_request_bytes", 4 * 1024 * 1024))
+
+    s = root.child("services")
+    s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port"})
+    services = Services(extauthz=_host_port(s, "extauthz", "127.0.0.1:50051"),
+                        ratelimit=_host_port(s, "ratelimit", "127.0.0.1:50052"),
+                        costsink=_host_port(s, "costsink", "127.0.0.1:50053"),
+                        metrics_port=s.int("metrics_port", 9464))
+
+    st = root.child("storage")
+    st.check_keys({"keys", "counters", "ledger", "pepper"})
+    storage = Storage(keys=st.str("keys", "sqlite:///keys.db"),
+                      counters=st.str("counters", "memory"),
+                      ledger=st.str("ledger", "sqlite:///ledger.db"),
+                      pepper=st.str("pepper", "file:pepper"))
+    for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
+                           ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
+                           ("counters", ("memory", "redis:", "rediss:", "env:")),
+                           ("pepper", ("env:", "file:"))):
+        if not getattr(storage, name).startswith(prefixes):
+            st.fail(name, f"must start with one of {', '.join(prefixes)}")
+
+    providers_l = [_provider(p) for p in root.items("providers", required=True)]
+    _unique([(Node({}, f"providers[{i}]", errors), p.name) for i, p in enumerate(providers_l)],
+            errors, "provider")
+    providers = {p.name: p for p in providers_l}
+    catalogue = {m.name for p in providers_l for m in p.models}
+
+    routes = [_route(r, providers, i) for i, r in enumerate(root.items("routes", required=True))]
+    _unique([(Node({}, f"routes[{i}]", errors), r.path) for i, r in enumerate(routes)],
+            errors, "route")
+    _unique([(Node({}, f"routes[{i}]", errors), r.name) for i, r in enumerate(routes)],
+            errors, "route name")
+
+    rate_card = _rate_card(root.child("rate_card"), providers)
+
+    plans = []
+    for pn in root.items("plans"):
+        pn.check_keys({"name", "models", "quotas", "notes"})
+        plan = Plan(name=pn.str("name", pattern=ID_RE), models=pn.str_list("models"),
+                    quotas=_quotas(pn))
+        _check_models(errors, pn.at("models"), plan.models, catalogue)
+        plans.append(plan)
+    _unique([(Node({}, f"plans[{i}]", errors), p.name) for i, p in enumerate(plans)],
+            errors, "plan")
+
+    orgs = [_org(o) for o in root.items("organizations", required=True)]
+
+    # identifiers are unique where they are addressed: keys and clients globally (a key id is
+    # what the client sends), projects within their org, orgs globally
+    plan_refs: dict[str, str] = {}
+    key_ids: list[tuple[Node, str]] = []
+    client_ids: list[tuple[Node, str]] = []
+    for oi, org in enumerate(orgs):
+        op = f"organizations[{oi}]"
+        _unique([(Node({}, f"{op}.projects[{pi}]", errors), p.id)
+                 for pi, p in enumerate(org.projects)], errors, "project id")
+        for pi, proj in enumerate(org.projects):
+            pp = f"{op}.projects[{pi}]"
+            _check_models(errors, f"{pp}.models", proj.models, catalogue)
+            if proj.plan:
+                plan_refs[f"{pp}.plan"] = proj.plan
+            for ci, client in enumerate(proj.clients):
+                cp = f"{pp}.clients[{ci}]"
+                client_ids.append((Node({}, cp, errors), client.id))
+                for ki, key in enumerate(client.keys):
+                    kp = f"{cp}.keys[{ki}]"
+                    key_ids.append((Node({}, kp, errors), key.id))
+                    _check_models(errors, f"{kp}.models", key.models, catalogue)
+                    if key.plan:
+                        plan_refs[f"{kp}.plan"] = key.plan
+    _unique([(Node({}, f"organizations[{i}]", errors), o.id) for i, o in enumerate(orgs)],
+            errors, "organization id")
+    _unique(client_ids, errors, "client id")
+    _unique(key_ids, errors, "key id")
+    for path, quotas in _all_quotas(plans, orgs):
+        for qi, q in enumerate(quotas):
+            _check_models(errors, f"{path}.quotas[{qi}].models", q.models, catalogue)
+
+    policies = []
+    for pn in root.items("policies"):
+        pn.check_keys({"id", "text", "notes"})
+        policies.append(Policy(id=pn.str("id", pattern=ID_RE), text=pn.str("text")))
+    _unique([(Node({}, f"policies[{i}]", errors), p.id) for i, p in enumerate(policies)],
+            errors, "policy id")
+
+    manifest = Manifest(version=version, gateway=gateway, services=services, storage=storage,
+                        providers=tuple(providers_l), routes=tuple(routes), rate_card=rate_card,
+                        plans=tuple(plans), organizations=tuple(orgs), policies=tuple(policies),
+                        source=source)
+    bindings = _resolve_bindings(manifest, errors, plan_refs)
+    if errors:
+        raise ManifestError(source, errors)
+    object.__setattr__(manifest, "bindings", MappingProxyType(bindings))
+    return manifest
+
+
+def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[str,
+                                                                                tuple[Quota,
+                                                                                      ...]]]:
+    for i, plan in enumerate(plans):
+        yield f"plans[{i}]", plan.quotas
+    for oi, org in enumerate(orgs):
+        yield f"organizations[{oi}]", org.quotas
+        for pi, proj in enumerate(org.projects):
+            yield f"organizations[{oi}].projects[{pi}]", proj.quotas
+            for ci, client in enumerate(proj.clients):
+                for ki, key in enumerate(client.keys):
+                    yield (f"organizations[{oi}].projects[{pi}].clients[{ci}].keys[{ki}]",
+                           key.quotas)
+
+
+def loads(text: str, source: str = "") -> Manifest:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ManifestError(source, [f"(document): {where}not valid YAML: "
+                                     f"{getattr(e, 'problem', e)}"]) from None
+    return parse(doc, source)
+
+
+def load(path: str | Path) -> Manifest:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(str(p), [f"(file): cannot read: {e}"]) from None
+    return loads(text, str(p))
+
+

@@ -1,0 +1,262 @@
+"""The manifest's typed model.
+
+Everything here is immutable: services swap a whole `Manifest` on reload, so a request that
+started with one snapshot finishes with it, and nothing can observe a half-applied edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+
+class Dialect(str, Enum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+class KeyStatus(str, Enum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+
+    @property
+    def severity(self) -> int:
+        return {"active": 0, "suspended": 1, "revoked": 2}[self.value]
+
+
+class Enforcement(str, Enum):
+    ENFORCE = "enforce"
+    MONITOR = "monitor"
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    max_output_tokens: int
+    context_window: int
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+    tls: bool
+    sni: str | None
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    dialect: Dialect
+    upstream: Upstream
+    credential: str  # a reference (`env:NAME` or `file:PATH`), never the secret itself
+    models: tuple[Model, ...]
+    mock: bool = False
+
+    def model(self, name: str) -> Model | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    path: str
+    dialect: Dialect
+    provider: str
+    action: str
+    fail_closed: bool
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class Price:
+    provider: str
+    model: str
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None
+
+
+@dataclass(frozen=True)
+class RateCard:
+    version: str
+    currency: str
+    prices: tuple[Price, ...]
+
+
+# Limit names a quota may carry; the window each one counts over is part of the name.
+REQUEST_LIMITS = {
+    "rpm": 60,
+    "requests_per_hour": 3600,
+    "requests_per_day": 86400,
+    "requests_per_month": 2592000,
+}
+TOKEN_LIMITS = {
+    "tpm": 60,
+    "tokens_per_hour": 3600,
+    "tokens_per_day": 86400,
+    "tokens_per_month": 2592000,
+}
+SPEND_LIMITS = ("spend_per_day", "spend_per_month")
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits that apply at the level of the manifest where the quota is written."""
+
+    name: str
+    models: tuple[str, ...]  # empty: every model
+    limits: MappingProxyType[str, int]  # request and token limits, by name above
+    spend: MappingProxyType[str, Decimal]  # spend limits, in the rate card's currency
+    enforcement: Enforcement
+    alerts: tuple[Decimal, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    models: tuple[str, ...] | None
+    quotas: tuple[Quota, ...]
+
+
+@dataclass(frozen=True)
+class User:
+    email: str | None
+    role: str | None
+    tenant: str | None
+    is_agent: bool
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    status: KeyStatus
+    plan: str | None
+    models: tuple[str, ...] | None
+    quotas: tuple[Quota, ...]
+    expires_at: str | None  # ISO 8601, UTC
+    metadata: MappingProxyType[str, Any]
+
+
+@dataclass(frozen=True)
+class Client:
+    id: str
+    name: str
+    status: KeyStatus
+    user: User
+    metadata: MappingProxyType[str, Any]
+    keys: tuple[Key, ...]
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    name: str
+    status: KeyStatus
+    plan: str | None
+    models: tuple[str, ...] | None
+    policies_enabled: bool
+    quotas: tuple[Quota, ...]
+    metadata: MappingProxyType[str, Any]
+    clients: tuple[Client, ...]
+
+
+@dataclass(frozen=True)
+class Organization:
+    id: str
+    name: str
+    status: KeyStatus
+    quotas: tuple[Quota, ...]
+    metadata: MappingProxyType[str, Any]
+    projects: tuple[Project, ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where Envoy reaches Tollway's gRPC services, and where they expose metrics."""
+
+    extauthz: tuple[str, int]
+    ratelimit: tuple[str, int]
+    costsink: tuple[str, int]
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class Storage:
+    keys: str  # sqlite:///path or postgresql://...; a reference (env:/file:) is allowed
+    counters: str  # memory or redis://...
+    ledger: str  # sqlite:///path or postgresql://...
+    pepper: str  # reference to the HMAC pepper
+
+
+@dataclass(frozen=True)
+class Gateway:
+    listen: tuple[str, int]
+    admin_port: int
+    timezone: str
+    max_request_bytes: int
+
+
+@dataclass(frozen=True)
+class KeyBinding:
+    """A key with everything it belongs to, resolved once per manifest, not per request."""
+
+    org: Organization
+    project: Project
+    client: Client
+    key: Key
+    allowed_models: frozenset[str] | None  # None: every model in the route provider's catalogue
+
+    @property
+    def status(self) -> KeyStatus:
+        levels = (self.org.status, self.project.status, self.client.status, self.key.status)
+        return max(levels, key=lambda s: s.severity)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    gateway: Gateway
+    services: Services
+    storage: Storage
+    providers: tuple[Provider, ...]
+    routes: tuple[Route, ...]
+    rate_card: RateCard | None
+    plans: tuple[Plan, ...]
+    organizations: tuple[Organization, ...]
+    policies: tuple[Policy, ...]
+    source: str = ""  # the file it came from, for messages
+    bindings: MappingProxyType[str, KeyBinding] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def provider(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def route(self, name: str) -> Route | None:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        return None
+
+    def plan(self, name: str) -> Plan:
+        for p in self.plans:
+            if p.name == name:
+                return p
+        raise KeyError(name)

@@ -1,0 +1,128 @@
+"""Run Tollway's gRPC services: one process may host one service or all of them.
+
+Each service package exposes `build(ctx) -> Service`. This module owns what they share: the
+grpc.aio servers (one per listen address in the manifest), health and reflection, the Prometheus
+endpoint, the manifest watcher, and an orderly shutdown on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from tollway.manifest import Manifest
+from tollway.reload import ManifestWatcher
+
+log = logging.getLogger("tollway.serve")
+
+SERVICE_NAMES = ("extauthz", "ratelimit", "costsink")
+
+
+@dataclass
+class ServiceContext:
+    manifest_path: Path
+    watcher: ManifestWatcher
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.watcher.manifest
+
+
+class Service(Protocol):
+    grpc_names: tuple[str, ...]  # full service names, for health and reflection
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _address(manifest: Manifest, name: str) -> str:
+    host, port = getattr(manifest.services, name)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
+                stop: asyncio.Event | None = None) -> None:
+    from tollway.manifest import load
+
+    watcher = ManifestWatcher(manifest_path, load(manifest_path))
+    ctx = ServiceContext(manifest_path=manifest_path, watcher=watcher)
+    services: dict[str, Service] = {}
+    for name in names:
+        module = importlib.import_module(name)
+        services[name] = await module.build(ctx)
+
+    by_address: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        by_address[_address(ctx.manifest, name)].append(name)
+    servers: list[grpc.aio.Server] = []
+    health_servicers: list[health.aio.HealthServicer] = []
+    for address, hosted in by_address.items():
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        grpc_names = [n for name in hosted for n in services[name].grpc_names]
+        for name in hosted:
+            services[name].register(server)
+        reflection.enable_server_reflection(
+            [*grpc_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+        if server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address}")
+        servers.append(server)
+        health_servicers.append(health_servicer)
+        for n in grpc_names:
+            await health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    for s in services.values():
+        await s.start()
+    for server in servers:
+        await server.start()
+    for hs, (_, hosted) in zip(health_servicers, by_address.items(), strict=True):
+        for name in hosted:
+            for n in services[name].grpc_names:
+                await hs.set(n, health_pb2.HealthCheckResponse.SERVING)
+        await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    if metrics:
+        start_http_server(ctx.manifest.services.metrics_port, addr="127.0.0.1")
+    ctx.tasks.append(asyncio.create_task(watcher.run(), name="manifest-watcher"))
+    log.info("serving %s on %s", ", ".join(names), ", ".join(by_address))
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread (tests run servers in their own loops)
+    await stop.wait()
+
+    log.info("shutting down")
+    for hs in health_servicers:
+        await hs.enter_graceful_shutdown()
+    await asyncio.gather(*(server.stop(grace=5) for server in servers))
+    for task in ctx.tasks:
+        task.cancel()
+    await asyncio.gather(*ctx.tasks, return_exceptions=True)
+    for s in services.values():
+        await s.stop()
+
+
+def run(manifest_path: Path, names: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(manifest_path, names))
