@@ -1,0 +1,137 @@
+"""One suite, two backends: SQLite (embedded) and the real PostgreSQL on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PG_DSN
+from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyStore, verify_secret
+from tollway.keys.postgres import PostgresKeyStore
+from tollway.keys.sqlite import SqliteKeyStore
+from tollway.manifest import KeyStatus
+
+PEPPER = b"test-pepper-0123456789abcdef"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path,
+                drop_schema: str) -> AsyncIterator[KeyStore]:
+    s: KeyStore = (SqliteKeyStore(tmp_path / "keys.db") if request.param == "sqlite"
+                   else PostgresKeyStore(PG_DSN, schema=drop_schema))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_issue_stores_only_a_hash(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    issued = await km.issue("team-a")
+    key_id, secret = issued.key.split(".", 1)
+    assert key_id == "team-a" and len(secret) == 43  # 32 bytes, base64url
+    record = await store.get("team-a")
+    assert record is not None
+    assert secret.encode() not in record.secret_hash and len(record.secret_hash) == 32
+    now = datetime.now(UTC)
+    assert verify_secret(record, PEPPER, secret, now)
+    assert not verify_secret(record, PEPPER, secret[:-1] + "x", now)
+    assert not verify_secret(record, b"another-pepper-0123456789", secret, now)
+
+
+async def test_issue_twice_is_refused(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    await km.issue("team-a")
+    with pytest.raises(KeyExists):
+        await km.issue("team-a")
+
+
+async def test_status_lifecycle_and_audit(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    await km.issue("team-a")
+    assert (await km.set_status("team-a", KeyStatus.SUSPENDED, "abuse")).status \
+        is KeyStatus.SUSPENDED
+    assert (await km.set_status("team-a", KeyStatus.ACTIVE)).status is KeyStatus.ACTIVE
+    assert (await km.set_status("team-a", KeyStatus.REVOKED)).status is KeyStatus.REVOKED
+    with pytest.raises(ValueError, match="final"):
+        await km.set_status("team-a", KeyStatus.ACTIVE)
+    with pytest.raises(KeyNotFound):
+        await km.set_status("nobody", KeyStatus.REVOKED)
+    events = await store.events("team-a")
+    assert [e.action for e in events] == ["issue", "suspend", "resume", "revoke"]
+    assert events[1].detail == "abuse"
+
+
+async def test_rotation_with_and_without_grace(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    old = (await km.issue("team-a")).key.split(".", 1)[1]
+    new = (await km.rotate("team-a", grace=timedelta(hours=1))).key.split(".", 1)[1]
+    record = await store.get("team-a")
+    assert record is not None
+    now = datetime.now(UTC)
+    assert verify_secret(record, PEPPER, new, now)
+    assert verify_secret(record, PEPPER, old, now)
+    assert not verify_secret(record, PEPPER, old, now + timedelta(hours=2))
+    newest = (await km.rotate("team-a")).key.split(".", 1)[1]
+    record = await store.get("team-a")
+    assert record is not None
+    assert verify_secret(record, PEPPER, newest, now)
+    assert not verify_secret(record, PEPPER, new, now)
+
+
+async def test_expiry_is_stored(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    at = datetime.now(UTC) + timedelta(days=1)
+    await km.issue("team-a", expires_at=at)
+    record = await store.get("team-a")
+    assert record is not None and record.expires_at is not None
+    assert abs((record.expires_at - at).total_seconds()) < 0.001
+    record = await km.expire("team-a", None)
+    assert record.expires_at is None
+
+
+async def test_change_sequence_lets_a_mirror_catch_up(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    await km.issue("a")
+    await km.issue("b")
+    first = await store.changes_since(0)
+    assert [r.key_id for r in first] == ["a", "b"]
+    seq = max(r.seq for r in first)
+    assert await store.changes_since(seq) == []
+    await km.set_status("a", KeyStatus.REVOKED)
+    changed = await store.changes_since(seq)
+    assert [(r.key_id, r.status) for r in changed] == [("a", KeyStatus.REVOKED)]
+
+
+async def test_concurrent_issues_get_distinct_sequence_numbers(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    await asyncio.gather(*(km.issue(f"k{i}") for i in range(20)))
+    seqs = [r.seq for r in await store.changes_since(0)]
+    assert len(seqs) == 20 and len(set(seqs)) == 20
+
+
+async def test_wait_for_change_wakes_on_a_write(store: KeyStore, tmp_path: Path,
+                                                drop_schema: str) -> None:
+    """A second store handle (another replica) learns of a write within a second."""
+    other: KeyStore = (SqliteKeyStore(tmp_path / "keys.db") if isinstance(store, SqliteKeyStore)
+                       else PostgresKeyStore(PG_DSN, schema=drop_schema))
+    await other.open()
+    try:
+        await other.wait_for_change(0.01)  # start listening
+        km = KeyManager(store, PEPPER)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer = asyncio.create_task(km.issue("late"))
+        deadline = started + 1.0
+        while loop.time() < deadline:
+            await other.wait_for_change(deadline - loop.time())
+            if any(r.key_id == "late" for r in await other.changes_since(0)):
+                break
+        else:
+            pytest.fail("the other replica did not see the write within 1 s")
+        await writer
+    finally:
+        await other.close()

@@ -1,0 +1,92 @@
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tollway.manifest import ManifestError, load, loads
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+MINIMAL = """
+providers:
+  - name: openai
+    dialect: openai
+    upstream: {host: api.openai.com}
+    credential: env:OPENAI_API_KEY
+    models: [{name: gpt-5.4-mini}, {name: gpt-5.4}]
+routes:
+  - {path: /v1/chat/completions, provider: openai}
+organizations:
+  - id: acme
+    projects:
+      - id: team-ai
+        clients:
+          - id: app
+            keys: [{id: team-a}, {id: team-b, models: [gpt-5.4-mini]}]
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ManifestError) as e:
+        loads(text, "m.yaml")
+    return e.value.problems
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate(path: Path) -> None:
+    m = load(path)
+    assert m.bindings, "every example defines keys"
+
+
+def test_minimal_defaults_and_bindings() -> None:
+    m = loads(MINIMAL)
+    assert m.provider("openai").upstream.tls is True
+    assert m.provider("openai").upstream.sni == "api.openai.com"
+    assert m.routes[0].action == "completion"
+    assert m.bindings["team-a"].allowed_models is None
+    assert m.bindings["team-b"].allowed_models == frozenset({"gpt-5.4-mini"})
+    assert m.bindings["team-b"].project.id == "team-ai"
+
+
+def test_duplicate_key_id_is_named_with_its_path() -> None:
+    text = MINIMAL.replace("{id: team-b, models: [gpt-5.4-mini]}", "{id: team-a}")
+    assert ("organizations[0].projects[0].clients[0].keys[1].id: duplicate key id 'team-a' "
+            "(first at organizations[0].projects[0].clients[0].keys[0])") in problems(text)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = MINIMAL.replace("credential: env:OPENAI_API_KEY", "credential: sk-live-123") \
+                  .replace("{id: team-a}", "{id: team-a, quotas: [{tpm: -5}]}") \
+                  .replace("provider: openai}", "provider: nope}")
+    found = problems(text)
+    assert any(p.startswith("providers[0].credential: must be a reference") for p in found)
+    assert ("organizations[0].projects[0].clients[0].keys[0].quotas[0].tpm: "
+            "must be a positive integer") in found
+    assert "routes[0].provider: unknown provider 'nope'" in found
+
+
+def test_unknown_model_plan_and_field() -> None:
+    text = MINIMAL.replace("models: [gpt-5.4-mini]}", "models: [gpt-9], plan: gold, colour: x}")
+    found = problems(text)
+    assert ("organizations[0].projects[0].clients[0].keys[1].models[0]: unknown model 'gpt-9' "
+            "(not in any provider's catalogue)") in found
+    assert "organizations[0].projects[0].clients[0].keys[1].plan: unknown plan 'gold'" in found
+    assert any(p.startswith("organizations[0].projects[0].clients[0].keys[1].colour: unknown "
+                            "field") for p in found)
+
+
+def test_not_yaml_and_not_a_mapping() -> None:
+    assert problems("providers: [")[0].startswith("(document): line")
+    assert problems("- a\n- b") == ["(document): must be a mapping"]
+
+
+def test_prices_stay_exact_decimals() -> None:
+    text = MINIMAL + """
+rate_card:
+  version: v1
+  prices:
+    - {provider: openai, model: gpt-5.4-mini, input: 0.75, output: 4.50, cached_input: 0.075}
+"""
+    price = loads(text).rate_card.prices[0]  # type: ignore[union-attr]
+    assert price.cached_input == Decimal("0.075")  # not 0.07499999999999999722...
+    assert price.output == Decimal("4.5")
