@@ -1,0 +1,178 @@
+"""Start a real gateway for a test: mock provider, `tollway serve`, and Envoy from the wheel.
+
+Every process is a real subprocess on loopback ports chosen free at start; readiness is polled
+with a deadline, never slept for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tollway.render import render_yaml
+from tollway.up import envoy_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+PROVIDER_KEY = "sk-provider-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Any, what: str, timeout: float = 20.0, proc: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready within {timeout}s")
+
+
+def tcp_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+
+
+def base_manifest(ports: dict[str, int], keys_dsn: str) -> dict[str, Any]:
+    provider = {"upstream": {"host": "127.0.0.1", "port": ports["mock"]}, "mock": True,
+                "credential": "env:MOCK_PROVIDER_KEY"}
+    return {
+        "version": 1,
+        "gateway": {"listen": f"127.0.0.1:{ports['gateway']}", "admin_port": ports["admin"],
+                    "max_request_bytes": 65536},
+        "services": {"extauthz": f"127.0.0.1:{ports['extauthz']}",
+                     "ratelimit": f"127.0.0.1:{ports['ratelimit']}",
+                     "costsink": f"127.0.0.1:{ports['costsink']}",
+                     "metrics_port": ports["metrics"]},
+        "storage": {"keys": keys_dsn, "pepper": "file:pepper"},
+        "providers": [
+            {"name": "openai", "dialect": "openai", **provider,
+             "models": [{"name": "gpt-5.4-mini"}, {"name": "gpt-5.4"}]},
+            {"name": "anthropic", "dialect": "anthropic", **provider,
+             "models": [{"name": "claude-haiku"}, {"name": "claude-opus"}]},
+        ],
+        "routes": [
+            {"path": "/v1/chat/completions", "provider": "openai"},
+            {"path": "/v1/embeddings", "provider": "openai"},
+            {"path": "/v1/responses", "provider": "openai"},
+            {"path": "/v1/messages", "provider": "anthropic"},
+        ],
+        "organizations": [{"id": "acme", "projects": [{"id": "team-ai", "clients": [
+            {"id": "app", "keys": [
+                {"id": "k-main"}, {"id": "k-suspend"}, {"id": "k-revoke"}, {"id": "k-expire"},
+                {"id": "k-rotate"}, {"id": "k-reload"},
+                {"id": "k-mini", "models": ["gpt-5.4-mini", "claude-haiku"]},
+                {"id": "k-never-issued"},
+            ]}]}]}],
+    }
+
+
+@dataclass
+class Gateway:
+    url: str
+    mock_url: str
+    manifest_path: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    issued: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str) -> str:
+        """Run `tollway <command...> --manifest M <rest...>`; `args` ends the command at '--'."""
+        split = args.index("--") if "--" in args else len(args)
+        cmd = [sys.executable, "-m", "tollway.cli", *args[:split], "--manifest",
+               str(self.manifest_path), *args[split + 1:]]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"tollway {' '.join(args)} failed: {out.stderr}")
+        return out.stdout.strip()
+
+    def issue(self, key_id: str) -> str:
+        self.issued[key_id] = self.cli("keys", "issue", "--", key_id)
+        return self.issued[key_id]
+
+    def seen(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = httpx.get(f"{self.mock_url}/_mock/seen").json()
+        return result
+
+    def write_manifest(self, doc: dict[str, Any]) -> None:
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc))
+        tmp.replace(self.manifest_path)  # atomic, like a ConfigMap symlink swap
+
+
+@contextmanager
+def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
+                mutate: Any = None) -> Iterator[Gateway]:
+    ports = {n: free_port() for n in ("mock", "gateway", "admin", "extauthz", "ratelimit",
+                                      "costsink", "metrics")}
+    doc = base_manifest(ports, keys_dsn)
+    if mutate:
+        mutate(doc)
+    manifest_path = tmp / "manifest.yaml"
+    manifest_path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "TOLLWAY_STATE_DIR": str(tmp / "state"),
+           "MOCK_PROVIDER_KEY": PROVIDER_KEY, "PYTHONUNBUFFERED": "1"}
+    gw = Gateway(url=f"http://127.0.0.1:{ports['gateway']}",
+                 mock_url=f"http://127.0.0.1:{ports['mock']}", manifest_path=manifest_path,
+                 env=env)
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+
+    def spawn(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        out = (logs / f"{name}.log").open("wb")
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        gw.procs.append(p)
+        return p
+
+    try:
+        mock = spawn("mock", [sys.executable, "-m", "tollway.mock_provider", "--port",
+                              str(ports["mock"]), "--expected-key", PROVIDER_KEY])
+        wait_until(lambda: tcp_open(ports["mock"]), "mock provider", proc=mock)
+        svc = spawn("services", [sys.executable, "-m", "tollway.cli", "serve", "--manifest",
+                                 str(manifest_path), "--services", "extauthz"])
+        wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
+        from tollway.manifest import load
+
+        config = tmp / "envoy.yaml"
+        config.write_text(render_yaml(load(manifest_path)))
+        envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
+                                "--base-id", str(ports["admin"])])
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready",
+                                        timeout=0.5) as r:
+                return bool(r.status == 200)
+        wait_until(ready, "envoy", proc=envoy)
+        yield gw
+    except Exception:
+        for f in sorted(logs.glob("*.log")):
+            sys.stderr.write(f"--- {f.name}\n{f.read_text(errors='replace')[-4000:]}\n")
+        raise
+    finally:
+        for p in reversed(gw.procs):
+            p.terminate()
+        for p in gw.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
