@@ -19,10 +19,9 @@ PEPPER = b"test-pepper-0123456789abcdef"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path,
-                drop_schema: str) -> AsyncIterator[KeyStore]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
     s: KeyStore = (SqliteKeyStore(tmp_path / "keys.db") if request.param == "sqlite"
-                   else PostgresKeyStore(PG_DSN, schema=drop_schema))
+                   else PostgresKeyStore(PG_DSN, schema=request.getfixturevalue("drop_schema")))
     await s.open()
     yield s
     await s.close()
@@ -113,11 +112,10 @@ async def test_concurrent_issues_get_distinct_sequence_numbers(store: KeyStore) 
     assert len(seqs) == 20 and len(set(seqs)) == 20
 
 
-async def test_wait_for_change_wakes_on_a_write(store: KeyStore, tmp_path: Path,
-                                                drop_schema: str) -> None:
+async def test_wait_for_change_wakes_on_a_write(store: KeyStore, tmp_path: Path) -> None:
     """A second store handle (another replica) learns of a write within a second."""
     other: KeyStore = (SqliteKeyStore(tmp_path / "keys.db") if isinstance(store, SqliteKeyStore)
-                       else PostgresKeyStore(PG_DSN, schema=drop_schema))
+                       else PostgresKeyStore(PG_DSN, schema=store.schema))  # type: ignore[attr-defined]
     await other.open()
     try:
         await other.wait_for_change(0.01)  # start listening
