@@ -1,0 +1,173 @@
+"""Benchmark extauthz. Run: python bench/extauthz.py [--seconds 5] [--concurrency 32]
+
+1. gRPC: Check calls per second and p50/p99 for a cache-hit allow against the real `tollway
+   serve`, next to a no-op grpc.aio Authorization servicer (always OK) measured in the same run,
+   each in its own process. The ratio is the figure: what Tollway's decision costs over gRPC
+   plumbing in Python.
+2. HTTP: p50/p99 of a chat completion through Envoy + extauthz and through Envoy alone (same
+   rendered config minus json_to_metadata/ext_authz) in front of the same mock provider.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
+from google.protobuf import struct_pb2  # noqa: E402
+
+from tests.e2e.harness import free_port, run_gateway, tcp_open, wait_until  # noqa: E402
+from tollway.manifest import load  # noqa: E402
+from tollway.render import render  # noqa: E402
+from tollway.up import envoy_binary  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+async def noop_server(port: int) -> None:
+    class Noop(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+        async def Check(self, request, context):  # type: ignore[no-untyped-def]
+            return external_auth_pb2.CheckResponse()
+
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Noop(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def check_request(key: str, route: str) -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    attrs = req.attributes
+    attrs.context_extensions["route"] = route
+    attrs.request.http.headers["authorization"] = f"Bearer {key}"
+    attrs.request.http.headers["content-type"] = "application/json"
+    body = struct_pb2.Struct()
+    body.update({"model": "gpt-5.4-mini", "stream": False, "max_tokens": 256})
+    attrs.metadata_context.filter_metadata["tollway.request"].CopyFrom(body)
+    return req
+
+
+async def grpc_load(port: int, req: external_auth_pb2.CheckRequest, seconds: float,
+                    concurrency: int) -> tuple[float, list[float]]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+        for _ in range(200):  # warm up
+            await stub.Check(req)
+        lat: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                resp = await stub.Check(req)
+                lat.append(time.perf_counter() - t)
+                assert resp.status.code == 0, resp
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(lat) / (time.perf_counter() - started), lat
+
+
+def http_load(url: str, headers: dict[str, str], n: int) -> list[float]:
+    body = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hello"}]}
+    lat = []
+    with httpx.Client(timeout=10) as c:
+        for _ in range(50):
+            c.post(url, json=body, headers=headers).raise_for_status()
+        for _ in range(n):
+            t = time.perf_counter()
+            c.post(url, json=body, headers=headers).raise_for_status()
+            lat.append(time.perf_counter() - t)
+    return lat
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.3f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.noop_server:
+        asyncio.run(noop_server(args.noop_server))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp, run_gateway(Path(tmp)) as gw:
+        key = gw.issue("k-main")
+        m = load(gw.manifest_path)
+        noop_port = free_port()
+        noop = subprocess.Popen([sys.executable, __file__, "--noop-server", str(noop_port)])
+        try:
+            wait_until(lambda: tcp_open(noop_port), "no-op servicer", proc=noop)
+            req = check_request(key, m.routes[0].name)
+            rows = []
+            for name, port in (("no-op servicer", noop_port),
+                               ("extauthz (cache-hit allow)", m.services.extauthz[1])):
+                rps, lat = asyncio.run(grpc_load(port, req, args.seconds, args.concurrency))
+                rows.append((name, rps, pct(lat, 50), pct(lat, 99)))
+        finally:
+            noop.terminate()
+            noop.wait()
+        print(f"\n## gRPC Check, {args.concurrency} in flight, {args.seconds:.0f} s each")
+        print(f"| server | Check/s | p50 | p99 |\n|---|---|---|---|")
+        for name, rps, p50, p99 in rows:
+            print(f"| {name} | {rps:,.0f} | {ms(p50)} | {ms(p99)} |")
+        print(f"ratio extauthz/no-op: throughput {rows[1][1] / rows[0][1]:.2f}x, "
+              f"p50 {rows[1][2] / rows[0][2]:.2f}x, p99 {rows[1][3] / rows[0][3]:.2f}x")
+
+        # Envoy alone: the same bootstrap without json_to_metadata and ext_authz
+        doc = render(m)
+        port, admin = free_port(), free_port()
+        listener = doc["static_resources"]["listeners"][0]
+        listener["address"]["socket_address"]["port_value"] = port
+        doc["admin"]["address"]["socket_address"]["port_value"] = admin
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"]
+                               if f["name"] == "envoy.filters.http.router"]
+        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+            r.pop("typed_per_filter_config", None)
+        cfg = Path(tmp) / "plain.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        plain = subprocess.Popen([str(envoy_binary()), "-c", str(cfg), "--log-level", "error",
+                                  "--base-id", str(admin)])
+        try:
+            wait_until(lambda: tcp_open(port), "plain envoy", proc=plain)
+            provider_auth = {"authorization": "Bearer sk-provider-secret-0123456789"}
+            base = http_load(f"http://127.0.0.1:{port}/v1/chat/completions", provider_auth,
+                             args.requests)
+            full = http_load(f"{gw.url}/v1/chat/completions",
+                             {"authorization": f"Bearer {key}"}, args.requests)
+        finally:
+            plain.terminate()
+            plain.wait()
+        print(f"\n## HTTP chat completion through Envoy, sequential, {args.requests} requests")
+        print("| path | p50 | p99 | mean |\n|---|---|---|---|")
+        for name, lat in (("Envoy alone → mock", base), ("Envoy + extauthz → mock", full)):
+            print(f"| {name} | {ms(pct(lat, 50))} | {ms(pct(lat, 99))} | "
+                  f"{ms(statistics.mean(lat))} |")
+        print(f"added by extauthz: p50 +{ms(pct(full, 50) - pct(base, 50))} "
+              f"({pct(full, 50) / pct(base, 50):.2f}x), "
+              f"p99 +{ms(pct(full, 99) - pct(base, 99))} ({pct(full, 99) / pct(base, 99):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
