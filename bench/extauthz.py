@@ -128,7 +128,7 @@ def main() -> None:
             noop.terminate()
             noop.wait()
         print(f"\n## gRPC Check, {args.concurrency} in flight, {args.seconds:.0f} s each")
-        print(f"| server | Check/s | p50 | p99 |\n|---|---|---|---|")
+        print("| server | Check/s | p50 | p99 |\n|---|---|---|---|")
         for name, rps, p50, p99 in rows:
             print(f"| {name} | {rps:,.0f} | {ms(p50)} | {ms(p99)} |")
         print(f"ratio extauthz/no-op: throughput {rows[1][1] / rows[0][1]:.2f}x, "

@@ -8,8 +8,8 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tollway.keys import KeyStore, open_key_store
-from tollway.reload import Compiled
 from tollway.refs import pepper
+from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
 from .decision import Runtime, compile_runtime

@@ -89,7 +89,7 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
         status=status_pb2.Status(code=code_pb2.UNAVAILABLE if status == 503
                                  else code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=headers, body=error_body(deny.dialect, deny.code, deny.message)),
         dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
 

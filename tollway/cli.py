@@ -124,9 +124,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if action == "list":
             records = {r.key_id: r for r in await km.store.changes_since(0)}
             print(f"{'KEY ID':<28} {'STORE':<10} {'MANIFEST':<10} {'PROJECT':<20} EXPIRES")
-            for key_id in sorted(set(records) | set(m.bindings)):
-                r, b = records.get(key_id), m.bindings.get(key_id)
-                print(f"{key_id:<28} {r.status.value if r else 'not-issued':<10} "
+            for listed in sorted(set(records) | set(m.bindings)):
+                r, b = records.get(listed), m.bindings.get(listed)
+                print(f"{listed:<28} {r.status.value if r else 'not-issued':<10} "
                       f"{b.status.value if b else 'absent':<10} "
                       f"{(b.org.id + '/' + b.project.id) if b else '-':<20} "
                       f"{r.expires_at.isoformat() if r and r.expires_at else '-'}")
@@ -162,7 +162,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if action == "expire":
             at = datetime.now(UTC) + args.in_ if args.in_ is not None else datetime.now(UTC)
             record = await km.expire(key_id, at)
-            print(f"{key_id}: expires at {record.expires_at.isoformat() if record.expires_at else '-'}")
+            when = record.expires_at.isoformat() if record.expires_at else "-"
+            print(f"{key_id}: expires at {when}")
             return 0
         status = {"suspend": KeyStatus.SUSPENDED, "resume": KeyStatus.ACTIVE,
                   "revoke": KeyStatus.REVOKED}[action]

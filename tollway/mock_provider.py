@@ -72,7 +72,8 @@ class MockProvider:
         return raw, body if isinstance(body, dict) else {}
 
     @staticmethod
-    async def _sse(request: web.Request, events: list[tuple[str | None, Any]]) -> web.StreamResponse:
+    async def _sse(request: web.Request,
+                   events: list[tuple[str | None, Any]]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream",
                                            "cache-control": "no-cache"})
         await resp.prepare(request)

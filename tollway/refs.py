@@ -33,7 +33,8 @@ def resolve(ref: str) -> str:
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise UnresolvedReference(f"cannot read {path} (needed by {ref}): {e.strerror}") from None
+            raise UnresolvedReference(
+                f"cannot read {path} (needed by {ref}): {e.strerror}") from None
     return ref
 
 

@@ -8,6 +8,7 @@ endpoint, the manifest watcher, and an orderly shutdown on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -105,10 +106,9 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        # not possible off the main thread (tests run servers in their own loops)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread (tests run servers in their own loops)
     await stop.wait()
 
     log.info("shutting down")

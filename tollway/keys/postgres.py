@@ -7,6 +7,7 @@ a revocation as soon as it commits; the sequence poll behind it covers a dropped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime
 from typing import Any
 
@@ -82,20 +83,17 @@ class PostgresKeyStore(KeyStore):
             self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4,
                                                    timeout=self.timeout, setup=self._setup,
                                                    command_timeout=self.timeout)
-            async with self._pool.acquire() as conn:
-                # concurrent first starts of several replicas must not race on CREATE
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock(7146025)")
-                    await conn.execute(SCHEMA)
+            # concurrent first starts of several replicas must not race on CREATE
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(7146025)")
+                await conn.execute(SCHEMA)
         except CONNECT_ERRORS as e:
             raise StoreUnavailable(f"postgresql: {e}") from e
 
     async def close(self) -> None:
         if self._listener is not None:
-            try:
+            with contextlib.suppress(*CONNECT_ERRORS):
                 await self._listener.close(timeout=2)
-            except CONNECT_ERRORS:
-                pass
             self._listener = None
         if self._pool is not None:
             await self._pool.close()
@@ -204,8 +202,6 @@ class PostgresKeyStore(KeyStore):
             self._listener = None
             await asyncio.sleep(min(timeout, 1.0))  # the caller's poll still catches up
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass
         self._changed.clear()

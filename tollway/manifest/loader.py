@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
@@ -94,7 +95,7 @@ class Node:
     def has(self, name: str) -> bool:
         return self.value.get(name) is not None
 
-    def str(self, name: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None,
+    def text(self, name: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None,
             rule: str = "") -> str:
         v = self.value.get(name)
         if v is None:
@@ -112,9 +113,9 @@ class Node:
     def opt_str(self, name: str) -> str | None:
         if self.value.get(name) is None:
             return None
-        return self.str(name)
+        return self.text(name)
 
-    def int(self, name: str, default: int | None = None, *, minimum: int = 1) -> int:
+    def integer(self, name: str, default: int | None = None, *, minimum: int = 1) -> int:
         v = self.value.get(name)
         if v is None:
             if default is None:
@@ -127,7 +128,7 @@ class Node:
             return 0
         return v
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         v = self.value.get(name, default)
         if not isinstance(v, bool):
             self.fail(name, "must be true or false")
@@ -208,7 +209,7 @@ class Node:
 
 
 def _host_port(node: Node, name: str, default: str) -> tuple[str, int]:
-    raw = node.str(name, default)
+    raw = node.text(name, default)
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         node.fail(name, "must be host:port")
@@ -230,7 +231,7 @@ def _quota(n: Node) -> Quota:
     allowed = {"name", "models", "enforcement", "alerts", "notes",
                *REQUEST_LIMITS, *TOKEN_LIMITS, *SPEND_LIMITS}
     n.check_keys(allowed)
-    limits = {k: n.int(k) for k in (*REQUEST_LIMITS, *TOKEN_LIMITS) if n.has(k)}
+    limits = {k: n.integer(k) for k in (*REQUEST_LIMITS, *TOKEN_LIMITS) if n.has(k)}
     spend: dict[str, Decimal] = {}
     for k in SPEND_LIMITS:
         d = n.decimal(k, required=False)
@@ -258,7 +259,7 @@ def _quota(n: Node) -> Quota:
             else:
                 alerts.append(d)
     return Quota(
-        name=n.str("name", n.path),
+        name=n.text("name", n.path),
         models=n.str_list("models") or (),
         limits=MappingProxyType(limits),
         spend=MappingProxyType(spend),
@@ -275,18 +276,18 @@ def _expires(n: Node) -> str | None:
     v = n.value.get("expires_at")
     if v is None:
         return None
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     if isinstance(v, datetime):
-        dt = v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        dt = v if v.tzinfo else v.replace(tzinfo=UTC)
         return dt.isoformat()
     if isinstance(v, str):
         try:
-            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError:
-            dt = None
-        if dt is not None:
-            return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).isoformat()
+            parsed = None
+        if parsed is not None:
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).isoformat()
     n.fail("expires_at", "must be an ISO 8601 timestamp")
     return None
 
@@ -294,7 +295,7 @@ def _expires(n: Node) -> str | None:
 def _key(n: Node) -> Key:
     n.check_keys({"id", "status", "plan", "models", "quotas", "expires_at", "metadata", "notes"})
     return Key(
-        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_' (no dots)"),
+        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_' (no dots)"),
         status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
         plan=n.opt_str("plan"),
         models=n.str_list("models"),
@@ -309,11 +310,11 @@ def _client(n: Node) -> Client:
     u = n.child("user")
     u.check_keys({"email", "role", "tenant", "is_agent"})
     return Client(
-        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
-        name=n.str("name", str(n.value.get("id") or "")),
+        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.text("name", str(n.value.get("id") or "")),
         status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
         user=User(email=u.opt_str("email"), role=u.opt_str("role"), tenant=u.opt_str("tenant"),
-                  is_agent=u.bool("is_agent", False)),
+                  is_agent=u.flag("is_agent", False)),
         metadata=n.mapping("metadata"),
         keys=tuple(_key(k) for k in n.items("keys")),
     )
@@ -325,12 +326,12 @@ def _project(n: Node) -> Project:
     pol = n.child("policies")
     pol.check_keys({"enabled"})
     return Project(
-        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
-        name=n.str("name", str(n.value.get("id") or "")),
+        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.text("name", str(n.value.get("id") or "")),
         status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
         plan=n.opt_str("plan"),
         models=n.str_list("models"),
-        policies_enabled=pol.bool("enabled", False),
+        policies_enabled=pol.flag("enabled", False),
         quotas=_quotas(n),
         metadata=n.mapping("metadata"),
         clients=tuple(_client(c) for c in n.items("clients")),
@@ -340,8 +341,8 @@ def _project(n: Node) -> Project:
 def _org(n: Node) -> Organization:
     n.check_keys({"id", "name", "status", "quotas", "metadata", "projects", "notes"})
     return Organization(
-        id=n.str("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
-        name=n.str("name", str(n.value.get("id") or "")),
+        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.text("name", str(n.value.get("id") or "")),
         status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
         quotas=_quotas(n),
         metadata=n.mapping("metadata"),
@@ -351,29 +352,30 @@ def _org(n: Node) -> Organization:
 
 def _provider(n: Node) -> Provider:
     n.check_keys({"name", "dialect", "upstream", "credential", "models", "mock", "notes"})
-    mock = n.bool("mock", False)
+    mock = n.flag("mock", False)
     up = n.child("upstream", required=True)
     up.check_keys({"host", "port", "tls", "sni"})
-    tls = up.bool("tls", not mock)
+    tls = up.flag("tls", not mock)
     models = []
     for m in n.items("models", required=True):
         m.check_keys({"name", "max_output_tokens", "context_window", "notes"})
-        models.append(Model(name=m.str("name"),
-                            max_output_tokens=m.int("max_output_tokens", DEFAULT_MAX_OUTPUT),
-                            context_window=m.int("context_window", DEFAULT_CONTEXT)))
+        models.append(Model(name=m.text("name"),
+                            max_output_tokens=m.integer("max_output_tokens", DEFAULT_MAX_OUTPUT),
+                            context_window=m.integer("context_window", DEFAULT_CONTEXT)))
     seen: set[str] = set()
     for i, m2 in enumerate(models):
         if m2.name in seen:
             n.errors.append(f"{n.at('models')}[{i}].name: duplicate model '{m2.name}'")
         seen.add(m2.name)
-    host = up.str("host")
+    host = up.text("host")
     return Provider(
-        name=n.str("name", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
+        name=n.text("name", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
         dialect=n.enum("dialect", Dialect),
-        upstream=Upstream(host=host, port=up.int("port", 443 if tls else 80), tls=tls,
+        upstream=Upstream(host=host, port=up.integer("port", 443 if tls else 80), tls=tls,
                           sni=up.opt_str("sni") or (host if tls else None)),
-        credential=n.str("credential", pattern=REF_RE,
-                         rule="must be a reference, env:NAME or file:PATH, never the secret itself"),
+        credential=n.text("credential", pattern=REF_RE,
+                          rule="must be a reference, env:NAME or file:PATH, never the secret "
+                               "itself"),
         models=tuple(models),
         mock=mock,
     )
@@ -382,9 +384,9 @@ def _provider(n: Node) -> Provider:
 def _route(n: Node, providers: dict[str, Provider], index: int) -> Route:
     n.check_keys({"name", "path", "dialect", "provider", "action", "fail_closed", "timeout",
                   "notes"})
-    path = n.str("path", pattern=re.compile(r"^/[A-Za-z0-9/_.-]*$"),
+    path = n.text("path", pattern=re.compile(r"^/[A-Za-z0-9/_.-]*$"),
                  rule="must be an absolute URL path")
-    provider = n.str("provider")
+    provider = n.text("provider")
     p = providers.get(provider)
     if provider and p is None:
         n.fail("provider", f"unknown provider '{provider}'")
@@ -392,19 +394,19 @@ def _route(n: Node, providers: dict[str, Provider], index: int) -> Route:
     if p is not None and dialect != p.dialect:
         n.fail("dialect", f"route speaks '{dialect.value}' but provider '{provider}' speaks "
                           f"'{p.dialect.value}'")
-    action = n.str("action", DEFAULT_ACTIONS.get(path, ""))
+    action = n.text("action", DEFAULT_ACTIONS.get(path, ""))
     if not action:
         n.fail("action", f"is required for a path without a default action ({path})")
-    timeout = n.str("timeout", "600s", pattern=DURATION_RE, rule="must be seconds, like 600s")
+    timeout = n.text("timeout", "600s", pattern=DURATION_RE, rule="must be seconds, like 600s")
     m = DURATION_RE.match(timeout)
     return Route(
-        name=n.str("name", f"route{index}", pattern=ID_RE,
+        name=n.text("name", f"route{index}", pattern=ID_RE,
                    rule="must be 1-64 letters, digits, '-' or '_'"),
         path=path,
         dialect=dialect,
         provider=provider,
         action=action,
-        fail_closed=n.bool("fail_closed", True),
+        fail_closed=n.flag("fail_closed", True),
         timeout_seconds=int(m.group(1)) if m else 600,
     )
 
@@ -417,7 +419,7 @@ def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
     seen: set[tuple[str, str]] = set()
     for p in n.items("prices", required=True):
         p.check_keys({"provider", "model", "input", "output", "cached_input"})
-        price = Price(provider=p.str("provider"), model=p.str("model"),
+        price = Price(provider=p.text("provider"), model=p.text("model"),
                       input=p.decimal("input") or Decimal(0),
                       output=p.decimal("output") or Decimal(0),
                       cached_input=p.decimal("cached_input", required=False))
@@ -432,8 +434,8 @@ def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
         seen.add((price.provider, price.model))
         prices.append(price)
     return RateCard(
-        version=n.str("version"),
-        currency=n.str("currency", "USD", pattern=re.compile(r"^[A-Z]{3}$"),
+        version=n.text("version"),
+        currency=n.text("currency", "USD", pattern=re.compile(r"^[A-Z]{3}$"),
                        rule="must be an ISO 4217 code like USD"),
         prices=tuple(prices),
     )
@@ -479,35 +481,35 @@ def parse(doc: Any, source: str = "") -> Manifest:
     root = Node(doc, "", errors)
     root.check_keys({"version", "gateway", "services", "storage", "providers", "routes",
                      "rate_card", "plans", "organizations", "policies"})
-    version = root.int("version", 1)
+    version = root.integer("version", 1)
     if version != 1:
         root.fail("version", "must be 1")
 
     g = root.child("gateway")
     g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes"})
-    tz = g.str("timezone", "UTC")
+    tz = g.text("timezone", "UTC")
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         g.fail("timezone", f"unknown time zone '{tz}'")
     gateway = Gateway(listen=_host_port(g, "listen", "127.0.0.1:8080"),
-                      admin_port=g.int("admin_port", 9901),
+                      admin_port=g.integer("admin_port", 9901),
                       timezone=tz,
-                      max_request_bytes=g.int("max_request_bytes", 4 * 1024 * 1024))
+                      max_request_bytes=g.integer("max_request_bytes", 4 * 1024 * 1024))
 
     s = root.child("services")
     s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port"})
     services = Services(extauthz=_host_port(s, "extauthz", "127.0.0.1:50051"),
                         ratelimit=_host_port(s, "ratelimit", "127.0.0.1:50052"),
                         costsink=_host_port(s, "costsink", "127.0.0.1:50053"),
-                        metrics_port=s.int("metrics_port", 9464))
+                        metrics_port=s.integer("metrics_port", 9464))
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper"})
-    storage = Storage(keys=st.str("keys", "sqlite:///keys.db"),
-                      counters=st.str("counters", "memory"),
-                      ledger=st.str("ledger", "sqlite:///ledger.db"),
-                      pepper=st.str("pepper", "file:pepper"))
+    storage = Storage(keys=st.text("keys", "sqlite:///keys.db"),
+                      counters=st.text("counters", "memory"),
+                      ledger=st.text("ledger", "sqlite:///ledger.db"),
+                      pepper=st.text("pepper", "file:pepper"))
     for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("counters", ("memory", "redis:", "rediss:", "env:")),
@@ -532,7 +534,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
     plans = []
     for pn in root.items("plans"):
         pn.check_keys({"name", "models", "quotas", "notes"})
-        plan = Plan(name=pn.str("name", pattern=ID_RE), models=pn.str_list("models"),
+        plan = Plan(name=pn.text("name", pattern=ID_RE), models=pn.str_list("models"),
                     quotas=_quotas(pn))
         _check_models(errors, pn.at("models"), plan.models, catalogue)
         plans.append(plan)
@@ -575,7 +577,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
     policies = []
     for pn in root.items("policies"):
         pn.check_keys({"id", "text", "notes"})
-        policies.append(Policy(id=pn.str("id", pattern=ID_RE), text=pn.str("text")))
+        policies.append(Policy(id=pn.text("id", pattern=ID_RE), text=pn.text("text")))
     _unique([(Node({}, f"policies[{i}]", errors), p.id) for i, p in enumerate(policies)],
             errors, "policy id")
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
 
-class Dialect(str, Enum):
+class Dialect(StrEnum):
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
 
 
-class KeyStatus(str, Enum):
+class KeyStatus(StrEnum):
     ACTIVE = "active"
     SUSPENDED = "suspended"
     REVOKED = "revoked"
@@ -28,7 +28,7 @@ class KeyStatus(str, Enum):
         return {"active": 0, "suspended": 1, "revoked": 2}[self.value]
 
 
-class Enforcement(str, Enum):
+class Enforcement(StrEnum):
     ENFORCE = "enforce"
     MONITOR = "monitor"
 
