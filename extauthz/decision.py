@@ -74,6 +74,11 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-api-key")
 
 
+def presented_key_id(headers: Mapping[str, str]) -> str:
+    parts = split_key(_presented_key(headers) or "")
+    return parts[0] if parts else ""
+
+
 def _short(value: str, limit: int = 64) -> str:
     """Echo client input in messages only in bounded, printable form."""
     clean = "".join(c if c.isprintable() else "?" for c in value[:limit])

@@ -31,9 +31,28 @@ class KeyMirror:
         self._keys: dict[str, KeyRecord] = {}
         self._seq = 0
         self._fresh_at: float | None = None  # monotonic time of the last successful refresh
+        self._fetched_at: dict[str, float] = {}
 
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
+
+    async def fetch(self, key_id: str) -> bool:
+        """Re-read one key now, so a key issued or rotated a moment ago works at once instead
+        of after the next poll. At most once a second per key id: the ids are public, and a
+        caller presenting a wrong secret must not be able to turn Checks into queries."""
+        now = time.monotonic()
+        if now - self._fetched_at.get(key_id, -1.0) < 1.0:
+            return False
+        self._fetched_at[key_id] = now
+        try:
+            record = await self.store.get(key_id)
+        except StoreUnavailable:
+            return False
+        known = self._keys.get(key_id)
+        if record is None or (known is not None and known.seq >= record.seq):
+            return False
+        self._keys[key_id] = record
+        return True
 
     @property
     def usable(self) -> bool:

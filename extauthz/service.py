@@ -19,7 +19,7 @@ from tollway.errors import error_body, status_of
 from tollway.manifest.model import Dialect
 from tollway.reload import Compiled
 
-from .decision import Allow, Deny, RequestFacts, Runtime, decide
+from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .keymirror import KeyMirror
 
 log = logging.getLogger("tollway.extauthz")
@@ -105,8 +105,13 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         started = time.perf_counter()
         try:
             facts = facts_from(request)
-            result = decide(self.runtime.value, self.mirror, self.pepper, facts,
-                            datetime.now(UTC))
+            rt = self.runtime.value
+            result = decide(rt, self.mirror, self.pepper, facts, datetime.now(UTC))
+            if (isinstance(result, Deny) and result.code == "invalid_api_key"
+                    and self.mirror.usable):
+                key_id = presented_key_id(facts.headers)
+                if key_id in rt.manifest.bindings and await self.mirror.fetch(key_id):
+                    result = decide(rt, self.mirror, self.pepper, facts, datetime.now(UTC))
             if isinstance(result, Allow):
                 DECISIONS.labels("allow", "ok").inc()
                 return allow_response(result, facts.headers)

@@ -82,7 +82,7 @@ def base_manifest(ports: dict[str, int], keys_dsn: str) -> dict[str, Any]:
                 {"id": "k-main"}, {"id": "k-suspend"}, {"id": "k-revoke"}, {"id": "k-expire"},
                 {"id": "k-rotate"}, {"id": "k-reload"},
                 {"id": "k-mini", "models": ["gpt-5.4-mini", "claude-haiku"]},
-                {"id": "k-never-issued"},
+                {"id": "k-never-issued"}, {"id": "k-unissued"},
             ]}]}]}],
     }
 

@@ -80,8 +80,16 @@ def test_anthropic_messages_json_and_stream(gw: Gateway) -> None:
     assert key not in str(gw.seen()[-1]["headers"])
 
 
+def test_a_key_issued_while_running_works_on_its_first_request(gw: Gateway) -> None:
+    doc = yaml.safe_load(gw.manifest_path.read_text())
+    assert any(k["id"] == "k-never-issued" for k in
+               doc["organizations"][0]["projects"][0]["clients"][0]["keys"])
+    key = gw.issue("k-never-issued")  # in the manifest since start, issued only now
+    oai(gw, key).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
+
+
 def test_unknown_key_and_wrong_secret_are_401(gw: Gateway) -> None:
-    for bad in ("nobody.secret", "k-main.wrong-secret", "k-never-issued.whatever", "garbage"):
+    for bad in ("nobody.secret", "k-main.wrong-secret", "k-unissued.whatever", "garbage"):
         with pytest.raises(openai.AuthenticationError) as e:
             oai(gw, bad).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
         assert e.value.code == "invalid_api_key"
