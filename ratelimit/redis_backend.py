@@ -1,0 +1,153 @@
+"""Redis backend: the bucketed sliding window of `backend.py`, in one server-side Lua script.
+
+One script call per request checks and charges every rule, so concurrent replicas can never
+interleave between the check and the charge. Keys are `tollway:{<org>}:rl:<counter>:<period>`:
+the `{org}` hash tag puts all counters of a request in one Redis Cluster slot. Each key is a
+hash of bucket → amount, trimmed to the window and given a TTL, so nothing grows without bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from tollway.quotas import Rule
+
+from .backend import BUCKETS, BackendUnavailable, CounterBackend, Outcome, RuleState
+
+# ARGV: now_ms (0: Redis's own clock), buckets, then per rule: limit, width_ms, cost, enforce (1/0)
+# returns: allowed, then per rule: used, reset_ms, retry_ms (-1: never)
+CHARGE = """
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local n = tonumber(ARGV[2])
+local result = {1}
+local denied = false
+local plan = {}
+for i = 1, #KEYS do
+  local base = 2 + (i - 1) * 4
+  local limit = tonumber(ARGV[base + 1])
+  local w = tonumber(ARGV[base + 2])
+  local cost = tonumber(ARGV[base + 3])
+  local enforce = ARGV[base + 4] == '1'
+  local b = math.floor(now / w)
+  local fields = {}
+  for j = b - n, b do fields[#fields + 1] = tostring(j) end
+  local values = redis.call('HMGET', KEYS[i], unpack(fields))
+  local used, first = 0, nil
+  for j = 1, #values do
+    local v = tonumber(values[j]) or 0
+    if v > 0 and first == nil then first = b - n + j - 1 end
+    used = used + v
+  end
+  local reset = 0
+  if first ~= nil then reset = (first + n + 1) * w - now end
+  local retry = 0
+  if used + cost > limit then
+    if cost > limit then retry = -1 else
+      local freed = 0
+      for j = 1, #values do
+        freed = freed + (tonumber(values[j]) or 0)
+        if used - freed + cost <= limit then
+          retry = (b - n + j - 1 + n + 1) * w - now
+          break
+        end
+      end
+    end
+    if enforce then denied = true end
+  end
+  plan[i] = {b, cost, w}
+  result[#result + 1] = used
+  result[#result + 1] = reset
+  result[#result + 1] = retry
+end
+if denied then
+  result[1] = 0
+  return result
+end
+for i = 1, #KEYS do
+  local b, cost, w = plan[i][1], plan[i][2], plan[i][3]
+  redis.call('HINCRBY', KEYS[i], tostring(b), cost)
+  if redis.call('HLEN', KEYS[i]) > n + 1 then
+    local keys = redis.call('HKEYS', KEYS[i])
+    for _, f in ipairs(keys) do
+      if tonumber(f) < b - n then redis.call('HDEL', KEYS[i], f) end
+    end
+  end
+  redis.call('PEXPIRE', KEYS[i], (n + 2) * w)
+end
+return result
+"""
+
+# ARGV: bucket_of_charge..., delta, now_ms; one key per token rule, with its width
+SETTLE = """
+local delta = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local at = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+for i = 1, #KEYS do
+  local w = tonumber(ARGV[4 + i])
+  local b = math.floor(at / w)
+  if b >= math.floor(now / w) - n and redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[i], tostring(b), delta)
+  end
+end
+return 1
+"""
+
+
+class RedisBackend(CounterBackend):
+    def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
+                 max_connections: int = 64) -> None:
+        self.prefix = prefix
+        # a bounded pool that makes a burst wait (up to `timeout`) for a free connection
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry_on_timeout=False)
+        self.client = redis.Redis(connection_pool=pool)
+        self._charge = self.client.register_script(CHARGE)
+        self._settle = self.client.register_script(SETTLE)
+
+    def key(self, tag: str, rule: Rule) -> str:
+        return f"{self.prefix}:{{{tag}}}:rl:{rule.counter}:{rule.period}"
+
+    async def charge(self, tag: str, rules: list[Rule], costs: list[int],
+                     now_ms: int | None = None) -> Outcome:
+        # Redis's clock by default: every replica then orders charges as Redis executes them,
+        # whatever their own clocks say
+        args: list[int] = [now_ms or 0, BUCKETS]
+        for r, c in zip(rules, costs, strict=True):
+            args += [r.limit, r.period * 1000 // BUCKETS, c, 1 if r.enforce else 0]
+        try:
+            raw = await self._charge(keys=[self.key(tag, r) for r in rules], args=args)
+        except (RedisError, OSError) as e:
+            raise BackendUnavailable(f"redis: {e}") from e
+        states = []
+        for i, r in enumerate(rules):
+            used, reset, retry = (int(x) for x in raw[1 + 3 * i: 4 + 3 * i])
+            states.append(RuleState(rule=r, used=used, reset_seconds=reset / 1000,
+                                    retry_seconds=math.inf if retry < 0 else retry / 1000))
+        return Outcome(allowed=bool(int(raw[0])), states=states, costs=costs)
+
+    async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
+                     now_ms: int | None = None) -> None:
+        if not rules or delta == 0:
+            return
+        try:
+            await self._settle(keys=[self.key(tag, r) for r in rules],
+                               args=[delta, now_ms or 0, charged_at_ms, BUCKETS,
+                                     *(r.period * 1000 // BUCKETS for r in rules)])
+        except (RedisError, OSError) as e:
+            raise BackendUnavailable(f"redis: {e}") from e
+
+    async def close(self) -> None:
+        await self.client.aclose()

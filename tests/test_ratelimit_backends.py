@@ -1,0 +1,173 @@
+"""One suite, two counter backends: memory and the real Redis on 127.0.0.1:6379."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ratelimit.backend import BUCKETS, BackendUnavailable, CounterBackend, MemoryBackend
+from ratelimit.redis_backend import RedisBackend
+from tollway.quotas import Rule
+
+REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+T0 = 1_800_000_000_000  # a fixed "now" in ms, aligned to every bucket width used here
+
+
+def rule(limit: int, period: int = 60, kind: str = "requests", enforce: bool = True,
+         name: str = "q") -> Rule:
+    return Rule(counter=f"project:p/{name}/{kind}{period}", quota=name, kind=kind, limit=limit,
+                period=period, enforce=enforce)
+
+
+async def _redis_or_skip() -> RedisBackend:
+    backend = RedisBackend(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    try:
+        await backend.client.ping()
+    except Exception as e:
+        await backend.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis not reachable at {REDIS_URL}: {e}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    return backend
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CounterBackend]:
+    b: CounterBackend = MemoryBackend() if request.param == "memory" else await _redis_or_skip()
+    yield b
+    if isinstance(b, RedisBackend):
+        keys = [k async for k in b.client.scan_iter(f"{b.prefix}:*")]
+        if keys:
+            await b.client.delete(*keys)
+    await b.close()
+
+
+async def test_limit_is_exact_within_a_window(backend: CounterBackend) -> None:
+    r = rule(5)
+    results = [(await backend.charge("org", [r], [1], T0 + i)).allowed for i in range(7)]
+    assert results == [True] * 5 + [False] * 2
+
+
+async def test_all_or_nothing_a_refusal_charges_no_counter(backend: CounterBackend) -> None:
+    minute, month = rule(100, 60, name="minute"), rule(3, 2592000, name="month")
+    for i in range(3):
+        assert (await backend.charge("org", [minute, month], [1, 1], T0 + i)).allowed
+    refused = await backend.charge("org", [minute, month], [1, 1], T0 + 10)
+    assert not refused.allowed
+    assert [s.over for s in refused.states] == [False, True]
+    alone = await backend.charge("org", [minute], [1], T0 + 20)
+    assert alone.states[0].used == 3, "the refused request must not have consumed the minute"
+
+
+async def test_no_double_rate_across_a_window_boundary(backend: CounterBackend) -> None:
+    """A fixed window would grant `limit` just before its boundary and `limit` again just
+    after it; the sliding window refuses the second burst until the first has aged out."""
+    r = rule(10, 60)
+    w = 60_000 // BUCKETS
+    boundary = T0 + 60_000
+    for _ in range(10):
+        assert (await backend.charge("org", [r], [1], boundary - 1)).allowed
+    after = await backend.charge("org", [r], [1], boundary + 1)
+    assert not after.allowed
+    assert 59 <= after.states[0].retry_seconds <= 61
+    # one full period (plus the one conservative bucket) later, capacity is back
+    assert (await backend.charge("org", [r], [1], boundary - 1 + 60_000 + w)).allowed
+
+
+async def test_concurrent_clients_never_exceed_any_window(backend: CounterBackend) -> None:
+    """Randomized: many concurrent requests with random costs at random times over three
+    periods; afterwards, no interval of one period holds more granted cost than the limit."""
+    rng = random.Random(1234)
+    period, limit = 60, 50
+    r_req, r_tok = rule(limit, period), rule(400, period, kind="tokens")
+    # 15 instants spread over three periods; at each, 40 clients call concurrently
+    instants = sorted(T0 + rng.randrange(0, 3 * period * 1000) for _ in range(15))
+    granted: list[tuple[int, int]] = []
+
+    async def one(at: int, tokens: int) -> None:
+        out = await backend.charge("org", [r_req, r_tok], [1, tokens], at)
+        if out.allowed:
+            granted.append((at, tokens))
+    for at in instants:
+        await asyncio.gather(*(one(at, rng.randrange(1, 40)) for _ in range(40)))
+    assert len(granted) > limit  # the test exercises more than one full window
+    times = sorted(granted)
+    for start, _ in times:
+        inside = [(t, c) for t, c in times if start <= t < start + period * 1000]
+        assert len(inside) <= limit
+        assert sum(c for _, c in inside) <= 400
+
+
+async def test_monitor_rules_report_but_never_refuse(backend: CounterBackend) -> None:
+    watch = rule(2, enforce=False)
+    outs = [await backend.charge("org", [watch], [1], T0 + i) for i in range(4)]
+    assert all(o.allowed for o in outs)
+    assert [o.states[0].over for o in outs] == [False, False, True, True]
+
+
+async def test_a_reservation_larger_than_the_limit_never_fits(backend: CounterBackend) -> None:
+    out = await backend.charge("org", [rule(100, kind="tokens")], [101], T0)
+    assert not out.allowed and out.states[0].retry_seconds == float("inf")
+
+
+async def test_settle_corrects_a_reservation(backend: CounterBackend) -> None:
+    tokens = rule(1000, kind="tokens")
+    assert (await backend.charge("org", [tokens], [800], T0)).allowed
+    assert not (await backend.charge("org", [tokens], [300], T0 + 1)).allowed
+    await backend.settle("org", [tokens], T0, -600, T0 + 2)  # it used 200, not 800
+    out = await backend.charge("org", [tokens], [300], T0 + 3)
+    assert out.allowed and out.states[0].used == 200
+    await backend.settle("org", [tokens], T0, +900, T0 + 4)  # more than reserved: charged
+    assert (await backend.charge("org", [tokens], [0], T0 + 5)).states[0].used == 1400
+
+
+async def test_counters_are_separate_per_tag(backend: CounterBackend) -> None:
+    r = rule(1)
+    assert (await backend.charge("org-a", [r], [1], T0)).allowed
+    assert (await backend.charge("org-b", [r], [1], T0)).allowed
+    assert not (await backend.charge("org-a", [r], [1], T0)).allowed
+
+
+async def test_redis_clock_many_concurrent_clients_get_exactly_the_limit() -> None:
+    """With Redis's own clock, 200 concurrent clients on one connection pool: exactly the
+    limit is granted, and the counter holds exactly the granted amount."""
+    b = await _redis_or_skip()
+    try:
+        r = rule(37, 3600)
+        outs = await asyncio.gather(*(b.charge("acme", [r], [1]) for _ in range(200)))
+        assert sum(o.allowed for o in outs) == 37
+        assert (await b.charge("acme", [r], [0])).states[0].used == 37
+    finally:
+        keys = [k async for k in b.client.scan_iter(f"{b.prefix}:*")]
+        if keys:
+            await b.client.delete(*keys)
+        await b.close()
+
+
+async def test_redis_keys_are_hash_tagged_and_expire() -> None:
+    b = await _redis_or_skip()
+    try:
+        now = int(time.time() * 1000)
+        await b.charge("acme", [rule(5)], [1], now)
+        keys = [k async for k in b.client.scan_iter(f"{b.prefix}:*")]
+        assert len(keys) == 1 and b"{acme}" in keys[0]
+        ttl = await b.client.pttl(keys[0])
+        assert 0 < ttl <= 62 * 1000
+        await b.client.delete(*keys)
+    finally:
+        await b.close()
+
+
+async def test_unreachable_redis_fails_fast() -> None:
+    b = RedisBackend("redis://127.0.0.1:1/0", timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await b.charge("org", [rule(5)], [1], T0)
+    assert time.monotonic() - started < 2.0
+    await b.close()
