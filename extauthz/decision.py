@@ -14,6 +14,7 @@ from typing import Any
 from tollway.keys import split_key, verify_secret
 from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
 from tollway.manifest.model import Dialect
+from tollway.quotas import reserve_tokens
 from tollway.refs import resolve
 
 from .keymirror import KeyMirror
@@ -45,6 +46,7 @@ class RequestFacts:
     headers: Mapping[str, str]
     body: Mapping[str, Any]  # the json_to_metadata namespace: model, stream, max_tokens, flags
     source_ip: str
+    body_bytes: int | None  # from content-length; None when the client streamed the body
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Allow:
     model: str
     stream: bool
     max_tokens: int | None
+    reserve_tokens: int
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,15 @@ def decide(rt: Runtime, mirror: KeyMirror, pepper: bytes, facts: RequestFacts,
         return Deny("model_not_allowed", f"model '{_short(model)}' is not allowed for key "
                     f"{key_id} on {route.path}", d, key_id)
 
+    catalogue = provider.model(model)
+    assert catalogue is not None
+    cap = int(max_tokens) if max_tokens is not None else None
+    # without a content-length, assume the largest body the gateway accepts
+    size = facts.body_bytes if facts.body_bytes is not None else \
+        rt.manifest.gateway.max_request_bytes
     return Allow(route=route, provider=provider, credential=rt.credentials[provider.name],
-                 binding=binding, model=model, stream=stream,
-                 max_tokens=int(max_tokens) if max_tokens is not None else None)
+                 binding=binding, model=model, stream=stream, max_tokens=cap,
+                 reserve_tokens=reserve_tokens(size, cap, catalogue.max_output_tokens))
 
 
 def _parse_ts(value: str | None) -> datetime | None:

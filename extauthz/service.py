@@ -50,9 +50,12 @@ def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
     attrs = request.attributes
     namespace = attrs.metadata_context.filter_metadata.get(BODY_NAMESPACE)
     body = json_format.MessageToDict(namespace) if namespace is not None else {}
+    headers = attrs.request.http.headers
+    length = headers.get("content-length", "")
     return RequestFacts(route_name=attrs.context_extensions.get("route"),
-                        headers=attrs.request.http.headers, body=body,
-                        source_ip=attrs.source.address.socket_address.address)
+                        headers=headers, body=body,
+                        source_ip=attrs.source.address.socket_address.address,
+                        body_bytes=int(length) if length.isdigit() else None)
 
 
 def allow_response(allow: Allow, request_headers: Any) -> external_auth_pb2.CheckResponse:
@@ -71,6 +74,8 @@ def allow_response(allow: Allow, request_headers: Any) -> external_auth_pb2.Chec
         "dialect": allow.route.dialect.value, "action": allow.route.action,
         "stream": allow.stream, "max_tokens": allow.max_tokens,
         "fail_closed": allow.route.fail_closed,
+        # a string: Envoy's rate-limit descriptors read string metadata only
+        "reserve_tokens": str(allow.reserve_tokens),
     })
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),

@@ -1,0 +1,49 @@
+"""`ratelimit`: how fast. Envoy's global rate-limit service over Tollway's quotas."""
+
+from __future__ import annotations
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from tollway.manifest import Manifest
+from tollway.refs import resolve_dsn
+from tollway.reload import Compiled
+from tollway.serve import ServiceContext
+
+from .backend import CounterBackend, MemoryBackend
+from .service import RateLimitService
+
+
+def open_backend(spec: str) -> CounterBackend:
+    url = resolve_dsn(spec)
+    if url == "memory":
+        return MemoryBackend()
+    if url.startswith(("redis://", "rediss://")):
+        from .redis_backend import RedisBackend
+
+        return RedisBackend(url)
+    raise ValueError(f"unsupported counter store {spec!r}: use memory or redis://")
+
+
+class RateLimit:
+    grpc_names = (rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,)
+
+    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend) -> None:
+        self.backend = backend
+        self.servicer = RateLimitService(manifest, backend)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        await self.backend.close()
+
+
+async def build(ctx: ServiceContext) -> RateLimit:
+    # counters live as long as the process: a reload swaps the manifest, not the backend, so
+    # counters of unchanged quotas (same scope, name and limit) carry on
+    manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
+    return RateLimit(manifest, open_backend(ctx.manifest.storage.counters))

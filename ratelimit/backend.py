@@ -89,7 +89,7 @@ class CounterBackend(abc.ABC):
     @abc.abstractmethod
     async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
                      now_ms: int | None = None) -> None:
-        """Correct a token reservation by `delta` (actual − reserved, may be negative) in the
+        """Correct a token reservation by `delta` (actual - reserved, may be negative) in the
         bucket it was charged to, if that bucket is still inside the window."""
 
     async def close(self) -> None:

@@ -35,10 +35,11 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
     per_route = chat["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
     assert per_route["check_settings"]["context_extensions"] == {"route": "route0"}
     assert routes[-1]["name"] == "not_found"
-    cluster = doc["static_resources"]["clusters"][1]
+    cluster = next(c for c in doc["static_resources"]["clusters"]
+                   if c["name"] == "provider_openai")
     tls = cluster["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.openai.com"
     filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
     assert filters == ["envoy.filters.http.json_to_metadata", "envoy.filters.http.ext_authz",
-                       "envoy.filters.http.router"]
+                       "envoy.filters.http.ratelimit", "envoy.filters.http.router"]
     assert "OPENAI_API_KEY" not in yaml.safe_dump(doc)  # credentials never reach Envoy's config

@@ -22,6 +22,11 @@ ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 BODY_NAMESPACE = "tollway.request"
 EXTAUTHZ_CLUSTER = "tollway_extauthz"
 EXTAUTHZ_TIMEOUT = "0.5s"
+RATELIMIT_CLUSTER = "tollway_ratelimit"
+RATELIMIT_TIMEOUT = "0.5s"
+AUTHZ_METADATA = "envoy.filters.http.ext_authz"
+# what the rate-limit service reads from extauthz's metadata, one descriptor per request
+DESCRIPTOR_KEYS = ("org", "project", "key_id", "model", "route", "dialect", "reserve_tokens")
 
 # body fields copied into metadata; several dialect spellings of the output cap share one key
 BODY_FIELDS = [("model", "model"), ("stream", "stream"), ("max_tokens", "max_tokens"),
@@ -75,6 +80,23 @@ def _ext_authz() -> dict[str, Any]:
     }
 
 
+def _ratelimit() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            domain="tollway",
+            timeout=RATELIMIT_TIMEOUT,
+            # the service itself applies each route's fail_closed when its backend is down;
+            # if the service is unreachable, refuse (503, reshaped by local_reply_config)
+            failure_mode_deny=True,
+            status_on_error={"code": 503},
+            rate_limit_service={"grpc_service": {"envoy_grpc": {
+                "cluster_name": RATELIMIT_CLUSTER}}, "transport_api_version": "V3"},
+        ),
+    }
+
+
 def _router() -> dict[str, Any]:
     return {"name": "envoy.filters.http.router",
             "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
@@ -86,7 +108,12 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
         "name": r.name,
         "match": {"path": r.path},
         "route": {"cluster": f"provider_{p.name}", "timeout": f"{r.timeout_seconds}s",
-                  "host_rewrite_literal": p.upstream.sni or p.upstream.host},
+                  "host_rewrite_literal": p.upstream.sni or p.upstream.host,
+                  "rate_limits": [{"actions": [
+                      {"metadata": {"descriptor_key": k, "source": "DYNAMIC",
+                                    "metadata_key": {"key": AUTHZ_METADATA,
+                                                     "path": [{"key": k}]}}}
+                      for k in DESCRIPTOR_KEYS]}]},
         "metadata": {"filter_metadata": {"tollway": {
             "route": r.name, "dialect": r.dialect.value, "provider": p.name,
             "action": r.action}}},
@@ -116,7 +143,8 @@ def _local_replies(m: Manifest) -> dict[str, Any]:
     cases = [
         (413, None, "request_too_large",
          f"request body exceeds {m.gateway.max_request_bytes} bytes"),
-        (503, ["UAEX"], "gateway_unavailable", "the gateway cannot authorize requests right now"),
+        (503, ["UAEX", "RLSE"], "gateway_unavailable",
+         "the gateway cannot authorize requests right now"),
         (503, None, "upstream_unavailable", "the provider could not be reached"),
         (504, None, "upstream_unavailable", "the provider did not answer in time"),
     ]
@@ -197,7 +225,7 @@ def render(m: Manifest) -> dict[str, Any]:
     hcm["http_filters"] = [
         _json_to_metadata(),
         _ext_authz(),
-        # [ratelimit] the rate-limit filter goes here (issue: requests and tokens per minute)
+        _ratelimit(),
         # [usage] the Lua usage filter goes here (issue: what it costs)
         _router(),
     ]
@@ -208,7 +236,8 @@ def render(m: Manifest) -> dict[str, Any]:
     }
     hcm["local_reply_config"] = _local_replies(m)
     # [access log] the gRPC access-log sink to costsink goes here (issue: what it costs)
-    clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz)]
+    clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz),
+                _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit)]
     clusters += [_provider_cluster(p) for p in m.providers]
     doc["static_resources"]["clusters"] = clusters
     return doc

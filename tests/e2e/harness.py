@@ -149,8 +149,9 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
                               str(ports["mock"]), "--expected-key", PROVIDER_KEY])
         wait_until(lambda: tcp_open(ports["mock"]), "mock provider", proc=mock)
         svc = spawn("services", [sys.executable, "-m", "tollway.cli", "serve", "--manifest",
-                                 str(manifest_path), "--services", "extauthz"])
+                                 str(manifest_path), "--services", "extauthz,ratelimit"])
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
+        wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
         from tollway.manifest import load
 
         config = tmp / "envoy.yaml"
