@@ -1,0 +1,162 @@
+"""Rate limits end to end: examples/team-ai.yaml behind the real Envoy, with the openai SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from tests.test_ratelimit_backends import REDIS_URL
+
+from .harness import ROOT, Gateway, run_gateway
+
+pytestmark = pytest.mark.e2e
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def team_ai(counters: str, extra: Any = None) -> Any:
+    """examples/team-ai.yaml as written, with the provider pointed at the mock and local ports."""
+    def mutate(doc: dict[str, Any]) -> None:
+        ex = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
+        ex["gateway"] = doc["gateway"]
+        ex["services"] = doc["services"]
+        ex["storage"] = {**doc["storage"], "counters": counters}
+        provider = ex["providers"][0]
+        provider.update(upstream=doc["providers"][0]["upstream"], mock=True,
+                        credential="env:MOCK_PROVIDER_KEY")
+        if extra:
+            extra(ex)
+        doc.clear()
+        doc.update(ex)
+    return mutate
+
+
+def client(gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issued["da-sk-acme-team"],
+                         max_retries=0, timeout=10)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def gw(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
+    counters = "memory" if request.param == "memory" else REDIS_URL
+    if request.param == "redis":
+        import redis
+
+        try:
+            r = redis.Redis.from_url(REDIS_URL)
+            r.ping()
+            for k in r.scan_iter("tollway:{acme}:*"):
+                r.delete(k)  # a previous run's counters for this org
+        except redis.RedisError as e:
+            pytest.skip(f"Redis not reachable: {e}")
+    with run_gateway(tmp_path, mutate=team_ai(counters)) as g:
+        g.issue("da-sk-acme-team")
+        yield g
+
+
+def test_the_41st_gpt54_request_in_a_minute_is_refused(gw: Gateway) -> None:
+    c = client(gw)
+    for i in range(40):
+        raw = c.chat.completions.with_raw_response.create(model="gpt-5.4", messages=MESSAGES,
+                                                          max_tokens=10)
+        assert raw.headers["x-ratelimit-limit-requests"] == "40"
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(39 - i)
+        assert raw.headers["x-ratelimit-limit-tokens"] == "60000"
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 60000
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=10)
+    assert e.value.code == "rate_limit_exceeded"
+    headers = e.value.response.headers
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(headers["retry-after"]) <= 61
+    assert "high-capability-model" in e.value.message
+    # the other model has its own quota and still answers
+    ok = c.chat.completions.with_raw_response.create(model="gpt-5.4-mini", messages=MESSAGES,
+                                                     max_tokens=10)
+    assert ok.headers["x-ratelimit-limit-requests"] == "260"
+    assert ok.headers["x-ratelimit-remaining-requests"] == "259"
+
+
+def test_tpm_refuses_once_reservations_pass_it(gw: Gateway) -> None:
+    c = client(gw)
+    # gpt-5.4 answers at most 32768 tokens; two such reservations pass its 60,000 TPM
+    c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=32768)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=32768)
+    assert "60000 tokens" in e.value.message
+    c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=10)
+
+
+def test_a_reservation_alone_over_the_limit_says_so(tmp_path: Path) -> None:
+    def small_key_quota(ex: dict[str, Any]) -> None:
+        key = ex["organizations"][0]["projects"][0]["clients"][0]["keys"][0]
+        key["quotas"] = [{"name": "tiny", "tpm": 1000}]
+    with run_gateway(tmp_path, mutate=team_ai("memory", small_key_quota)) as gw:
+        gw.issue("da-sk-acme-team")
+        with pytest.raises(openai.RateLimitError) as e:
+            client(gw).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES,
+                                               max_tokens=2000)
+        assert "more than quota 'tiny' allows" in e.value.message
+        client(gw).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES,
+                                           max_tokens=100)
+
+
+def test_monitor_mode_lets_everything_through_and_reports(tmp_path: Path) -> None:
+    def monitor(ex: dict[str, Any]) -> None:
+        quotas = ex["organizations"][0]["projects"][0]["quotas"]
+        quotas.append({"name": "watch-only", "rpm": 3, "enforcement": "monitor"})
+    with run_gateway(tmp_path, mutate=team_ai("memory", monitor)) as gw:
+        gw.issue("da-sk-acme-team")
+        for _ in range(6):
+            client(gw).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES,
+                                               max_tokens=5)
+        log = (tmp_path / "logs" / "services.log").read_text()
+        assert log.count("monitor: quota 'watch-only' would refuse key da-sk-acme-team") == 3
+
+
+@pytest.mark.parametrize("fail_closed", [True, False])
+def test_unreachable_redis_follows_the_route_setting(tmp_path: Path, fail_closed: bool) -> None:
+    def route(ex: dict[str, Any]) -> None:
+        ex["routes"][0]["fail_closed"] = fail_closed
+    with run_gateway(tmp_path, mutate=team_ai("redis://127.0.0.1:1/0", route)) as gw:
+        gw.issue("da-sk-acme-team")
+        c = client(gw)
+        if fail_closed:
+            with pytest.raises(openai.InternalServerError) as e:
+                c.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES, max_tokens=5)
+            assert e.value.status_code == 503 and e.value.code == "gateway_unavailable"
+        else:
+            c.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES, max_tokens=5)
+            metrics = (tmp_path / "logs" / "services.log").read_text()
+            assert "allowing (fail-open)" in metrics
+
+
+def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
+    import time
+
+    c = client(gw)
+    for _ in range(5):
+        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
+    doc = yaml.safe_load(gw.manifest_path.read_text())
+    quota = doc["organizations"][0]["projects"][0]["quotas"][2]
+    assert quota["name"] == "high-capability-model"
+    quota["rpm"] = 7
+    log = gw.manifest_path.parent / "logs" / "services.log"
+    gw.write_manifest(doc)
+    deadline = time.monotonic() + 5
+    while "manifest reloaded" not in log.read_text():
+        assert time.monotonic() < deadline, "manifest not reloaded within 5 s"
+        time.sleep(0.05)
+    raw = c.chat.completions.with_raw_response.create(model="gpt-5.4", messages=MESSAGES,
+                                                      max_tokens=5)
+    assert raw.headers["x-ratelimit-limit-requests"] == "7"
+    used = 7 - int(raw.headers["x-ratelimit-remaining-requests"])
+    assert used == 6  # the 5 before the reload still count, plus this one
+    for _ in range(7 - used):
+        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
