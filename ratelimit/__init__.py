@@ -10,8 +10,9 @@ from tollway.refs import resolve_dsn
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
+from ._proto import settle_pb2, settle_pb2_grpc
 from .backend import CounterBackend, MemoryBackend
-from .service import RateLimitService
+from .service import RateLimitService, TokenSettlementService
 
 
 def open_backend(spec: str) -> CounterBackend:
@@ -26,14 +27,17 @@ def open_backend(spec: str) -> CounterBackend:
 
 
 class RateLimit:
-    grpc_names = (rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,)
+    grpc_names = (rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+                  settle_pb2.DESCRIPTOR.services_by_name["TokenSettlement"].full_name)
 
     def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend) -> None:
         self.backend = backend
         self.servicer = RateLimitService(manifest, backend)
+        self.settlement = TokenSettlementService(manifest, backend)
 
     def register(self, server: grpc.aio.Server) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)
+        settle_pb2_grpc.add_TokenSettlementServicer_to_server(self.settlement, server)
 
     async def start(self) -> None:
         return None

@@ -25,6 +25,7 @@ from tollway.manifest.model import Dialect
 from tollway.quotas import rules_for
 from tollway.reload import Compiled
 
+from ._proto import settle_pb2, settle_pb2_grpc
 from .backend import BackendUnavailable, CounterBackend, Outcome, RuleState
 
 log = logging.getLogger("tollway.ratelimit")
@@ -36,6 +37,9 @@ BACKEND_LATENCY = Histogram("tollway_ratelimit_backend_seconds", "One atomic cha
                                      0.25))
 BACKEND_ERRORS = Counter("tollway_ratelimit_backend_errors_total",
                          "Counter backend failures, by what the route decided", ["outcome"])
+
+SETTLED = Counter("tollway_ratelimit_settled_tokens_total",
+                  "Token reservations corrected with real usage", ["direction"])
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -160,3 +164,27 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         metadata.update({"reserved_tokens": req.reserve_tokens, "charged_at_ms": charged_at})
         return rls_pb2.RateLimitResponse(overall_code=OK, response_headers_to_add=headers,
                                          dynamic_metadata=metadata)
+
+
+class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: ignore[misc]
+    """Corrects a reservation with the real usage, so TPM counts what the provider reported."""
+
+    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend) -> None:
+        self.manifest = manifest
+        self.backend = backend
+
+    async def Settle(self, request: settle_pb2.SettleRequest,
+                     context: grpc.aio.ServicerContext) -> settle_pb2.SettleResponse:
+        m = self.manifest.value
+        binding = m.bindings.get(request.key_id)
+        if binding is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key id {request.key_id}")
+        assert binding is not None  # abort raised
+        rules = [r for r in rules_for(m, binding, request.model) if r.kind == "tokens"]
+        delta = request.actual_tokens - request.reserved_tokens
+        try:
+            await self.backend.settle(binding.org.id, rules, request.charged_at_ms, delta)
+        except BackendUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        SETTLED.labels("down" if delta < 0 else "up").inc(abs(delta))
+        return settle_pb2.SettleResponse(delta=delta, counters=len(rules))

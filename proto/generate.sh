@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Regenerate the Python stubs of Tollway's own APIs (committed, so installs need no protoc).
+# The include mapping makes the generated imports `ratelimit._proto...` while the wire
+# package stays `tollway.ratelimit.v1`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m grpc_tools.protoc -Iratelimit/_proto=proto/tollway/ratelimit/v1 \
+  --python_out=. --grpc_python_out=. --pyi_out=. proto/tollway/ratelimit/v1/settle.proto

@@ -1,0 +1,73 @@
+"""The rate-limit service over real gRPC: ShouldRateLimit answers, and Settle corrects."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from ratelimit._proto import settle_pb2, settle_pb2_grpc
+from ratelimit.backend import MemoryBackend
+from ratelimit.service import RateLimitService, TokenSettlementService
+from tollway.manifest import load
+from tollway.reload import Compiled
+
+TEAM_AI = Path(__file__).parent.parent / "examples" / "team-ai.yaml"
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    m = Compiled(lambda x: x, load(TEAM_AI))
+    backend = MemoryBackend()
+    server = grpc.aio.server()
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(m, backend), server)
+    settle_pb2_grpc.add_TokenSettlementServicer_to_server(TokenSettlementService(m, backend),
+                                                          server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield ch
+    await server.stop(None)
+
+
+def should(model: str, reserve: int) -> rls_pb2.RateLimitRequest:
+    entries = {"org": "acme", "project": "team-ai", "key_id": "da-sk-acme-team",
+               "model": model, "route": "route0", "dialect": "openai",
+               "reserve_tokens": str(reserve)}
+    d = ratelimit_pb2.RateLimitDescriptor(entries=[
+        ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries.items()])
+    return rls_pb2.RateLimitRequest(domain="tollway", descriptors=[d])
+
+
+def headers(resp: rls_pb2.RateLimitResponse) -> dict[str, str]:
+    return {h.key: h.value for h in resp.response_headers_to_add}
+
+
+async def test_settle_returns_unused_reservation_to_tpm(channel: grpc.aio.Channel) -> None:
+    rls = rls_pb2_grpc.RateLimitServiceStub(channel)
+    settle = settle_pb2_grpc.TokenSettlementStub(channel)
+    first = await rls.ShouldRateLimit(should("gpt-5.4", 50_000))
+    assert first.overall_code == rls_pb2.RateLimitResponse.OK
+    assert headers(first)["x-ratelimit-remaining-tokens"] == "10000"
+    md = first.dynamic_metadata
+    refused = await rls.ShouldRateLimit(should("gpt-5.4", 20_000))
+    assert refused.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
+    assert b'"code":"rate_limit_exceeded"' in refused.raw_body
+    out = await settle.Settle(settle_pb2.SettleRequest(
+        key_id="da-sk-acme-team", model="gpt-5.4", reserved_tokens=int(md["reserved_tokens"]),
+        actual_tokens=1_200, charged_at_ms=int(md["charged_at_ms"])))
+    assert out.delta == -48_800 and out.counters == 1
+    again = await rls.ShouldRateLimit(should("gpt-5.4", 20_000))
+    assert again.overall_code == rls_pb2.RateLimitResponse.OK
+    assert headers(again)["x-ratelimit-remaining-tokens"] == str(60_000 - 1_200 - 20_000)
+
+
+async def test_settle_for_an_unknown_key_is_not_found(channel: grpc.aio.Channel) -> None:
+    settle = settle_pb2_grpc.TokenSettlementStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await settle.Settle(settle_pb2.SettleRequest(key_id="nobody", model="gpt-5.4"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
