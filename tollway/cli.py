@@ -62,7 +62,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tollway.serve import SERVICE_NAMES, run
 
-    names = args.services.split(",") if args.services else ["extauthz"]
+    names = args.services.split(",")
     for n in names:
         if n not in SERVICE_NAMES:
             raise CliError(f"unknown service {n!r}: choose from {', '.join(SERVICE_NAMES)}")
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("serve", help="run Tollway's gRPC services")
     with_manifest(p)
-    p.add_argument("--services", default="extauthz",
-                   help="comma-separated: extauthz,ratelimit,costsink (default: extauthz)")
+    p.add_argument("--services", default="extauthz,ratelimit",
+                   help="comma-separated: extauthz,ratelimit (default: both)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
     p.add_argument("rest", nargs=argparse.REMAINDER)
