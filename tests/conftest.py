@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def _pg_error() -> str | None:
         conn = await asyncpg.connect(PG_DSN, timeout=3)
         await conn.close()
     try:
-        asyncio.run(probe())
+        # its own thread: the first caller may be an async fixture, inside a running loop
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(asyncio.run, probe()).result()
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None

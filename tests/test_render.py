@@ -41,5 +41,7 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
     assert tls["sni"] == "api.openai.com"
     filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
     assert filters == ["envoy.filters.http.json_to_metadata", "envoy.filters.http.ext_authz",
-                       "envoy.filters.http.ratelimit", "envoy.filters.http.router"]
+                       "envoy.filters.http.lua", "envoy.filters.http.ratelimit",
+                       "envoy.filters.http.router"]
+    assert hcm["typed_config"]["access_log"][0]["name"] == "envoy.access_loggers.http_grpc"
     assert "OPENAI_API_KEY" not in yaml.safe_dump(doc)  # credentials never reach Envoy's config

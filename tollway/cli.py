@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("serve", help="run Tollway's gRPC services")
     with_manifest(p)
-    p.add_argument("--services", default="extauthz,ratelimit",
-                   help="comma-separated: extauthz,ratelimit (default: both)")
+    p.add_argument("--services", default="extauthz,ratelimit,costsink",
+                   help="comma-separated: extauthz,ratelimit,costsink (default: all)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -27,7 +27,7 @@ class MockProvider:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _record(self, request: web.Request, body: dict[str, Any]) -> None:
+    def _record(self, request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         self.seen.append({
             "path": request.path,
             "authorization": request.headers.get("authorization"),
@@ -35,7 +35,10 @@ class MockProvider:
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "model": body.get("model"),
             "stream": bool(body.get("stream")),
+            "request_id": request.headers.get("x-request-id"),
+            "usage": None,  # what this mock reported, filled in by the handler
         })
+        return self.seen[-1]
 
     def _credential_ok(self, request: web.Request, anthropic: bool) -> bool:
         if self.expected_key is None:
@@ -55,13 +58,14 @@ class MockProvider:
 
     # -- handlers ------------------------------------------------------------------------------
 
-    async def _parse(self, request: web.Request, anthropic: bool) -> tuple[bytes, dict[str, Any]]:
+    async def _parse(self, request: web.Request,
+                     anthropic: bool) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
             body = {}
-        self._record(request, body if isinstance(body, dict) else {})
+        rec = self._record(request, body if isinstance(body, dict) else {})
         if not self._credential_ok(request, anthropic):
             err = ({"type": "error", "error": {"type": "authentication_error",
                                                "message": "invalid x-api-key"}} if anthropic
@@ -69,7 +73,7 @@ class MockProvider:
                                    "invalid_request_error", "param": None,
                                    "code": "invalid_api_key"}})
             raise web.HTTPUnauthorized(text=json.dumps(err), content_type="application/json")
-        return raw, body if isinstance(body, dict) else {}
+        return raw, body if isinstance(body, dict) else {}, rec
 
     @staticmethod
     async def _sse(request: web.Request,
@@ -85,8 +89,9 @@ class MockProvider:
         return resp
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await self._parse(request, anthropic=False)
+        raw, body, rec = await self._parse(request, anthropic=False)
         inp, out, cached = self._usage(raw, body)
+        rec["usage"] = {"input": inp, "output": out, "cached": cached}
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body.get(
             "model", "")
         usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
@@ -116,8 +121,9 @@ class MockProvider:
         return await self._sse(request, events)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await self._parse(request, anthropic=False)
+        raw, body, rec = await self._parse(request, anthropic=False)
         inp, out, _ = self._usage(raw, body)
+        rec["usage"] = {"input": inp, "output": out, "cached": 0}
         return web.json_response({
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
             "created": int(time.time()), "model": body.get("model", ""),
@@ -127,8 +133,9 @@ class MockProvider:
                       "total_tokens": inp + out}})
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await self._parse(request, anthropic=False)
+        raw, body, rec = await self._parse(request, anthropic=False)
         inp, _, _ = self._usage(raw, body)
+        rec["usage"] = {"input": inp, "output": 0, "cached": 0}
         items = body.get("input")
         n = len(items) if isinstance(items, list) else 1
         return web.json_response({
@@ -138,8 +145,9 @@ class MockProvider:
             "usage": {"prompt_tokens": inp, "total_tokens": inp}})
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await self._parse(request, anthropic=False)
+        raw, body, rec = await self._parse(request, anthropic=False)
         inp, out, cached = self._usage(raw, body)
+        rec["usage"] = {"input": inp, "output": out, "cached": cached}
         rid = f"resp_{uuid.uuid4().hex[:24]}"
         text = " ".join(["tok"] * out)
         response = {
@@ -166,8 +174,9 @@ class MockProvider:
         ])
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        raw, body = await self._parse(request, anthropic=True)
+        raw, body, rec = await self._parse(request, anthropic=True)
         inp, out, cached = self._usage(raw, body)
+        rec["usage"] = {"input": inp - cached, "output": out, "cached": cached}
         mid, model = f"msg_{uuid.uuid4().hex[:24]}", body.get("model", "")
         usage = {"input_tokens": inp - cached, "output_tokens": out,
                  "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}

@@ -23,6 +23,8 @@ BODY_NAMESPACE = "tollway.request"
 EXTAUTHZ_CLUSTER = "tollway_extauthz"
 EXTAUTHZ_TIMEOUT = "0.5s"
 RATELIMIT_CLUSTER = "tollway_ratelimit"
+COSTSINK_CLUSTER = "tollway_costsink"
+ACCESS_LOG_FLUSH = "0.2s"  # how long an entry may wait in Envoy before it is sent
 RATELIMIT_TIMEOUT = "0.5s"
 AUTHZ_METADATA = "envoy.filters.http.ext_authz"
 # what the rate-limit service reads from extauthz's metadata, one descriptor per request
@@ -94,6 +96,27 @@ def _ratelimit() -> dict[str, Any]:
             rate_limit_service={"grpc_service": {"envoy_grpc": {
                 "cluster_name": RATELIMIT_CLUSTER}}, "transport_api_version": "V3"},
         ),
+    }
+
+
+def _usage_lua() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.lua.v3.Lua",
+            default_source_code={"inline_string": (ENVOY_DIR / "lua" / "usage.lua").read_text()}),
+    }
+
+
+def _access_log() -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": _typed(
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            common_config={"log_name": "tollway", "transport_api_version": "V3",
+                           "grpc_service": {"envoy_grpc": {"cluster_name": COSTSINK_CLUSTER}},
+                           "buffer_flush_interval": ACCESS_LOG_FLUSH,
+                           "buffer_size_bytes": 16384}),
     }
 
 
@@ -225,8 +248,8 @@ def render(m: Manifest) -> dict[str, Any]:
     hcm["http_filters"] = [
         _json_to_metadata(),
         _ext_authz(),
+        _usage_lua(),
         _ratelimit(),
-        # [usage] the Lua usage filter goes here (issue: what it costs)
         _router(),
     ]
     hcm["route_config"] = {
@@ -235,9 +258,10 @@ def render(m: Manifest) -> dict[str, Any]:
                            "routes": [*(_route(m, r) for r in m.routes), _not_found()]}],
     }
     hcm["local_reply_config"] = _local_replies(m)
-    # [access log] the gRPC access-log sink to costsink goes here (issue: what it costs)
+    hcm["access_log"] = [_access_log()]
     clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz),
-                _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit)]
+                _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit),
+                _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink)]
     clusters += [_provider_cluster(p) for p in m.providers]
     doc["static_resources"]["clusters"] = clusters
     return doc

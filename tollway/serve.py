@@ -27,7 +27,7 @@ from tollway.reload import ManifestWatcher
 
 log = logging.getLogger("tollway.serve")
 
-SERVICE_NAMES = ("extauthz", "ratelimit")  # costsink joins with its issue
+SERVICE_NAMES = ("extauthz", "ratelimit", "costsink")
 
 
 @dataclass

@@ -83,6 +83,7 @@ def planned_ports(m: Manifest) -> list[tuple[str, str, int]]:
              ("envoy admin", "127.0.0.1", m.gateway.admin_port),
              ("extauthz", *m.services.extauthz),
              ("ratelimit", *m.services.ratelimit),
+             ("costsink", *m.services.costsink),
              ("metrics", "127.0.0.1", m.services.metrics_port)]
     for p in m.providers:
         if p.mock:
@@ -149,9 +150,10 @@ def up(manifest_path: Path, m: Manifest) -> int:
 
         services = spawn("services", [sys.executable, "-m", "tollway.cli", "serve",
                                       "--manifest", str(manifest_path),
-                                      "--services", "extauthz,ratelimit"])
+                                      "--services", "extauthz,ratelimit,costsink"])
         _wait_tcp(*m.services.extauthz, services, "extauthz", deadline)
         _wait_tcp(*m.services.ratelimit, services, "ratelimit", deadline)
+        _wait_tcp(*m.services.costsink, services, "costsink", deadline)
 
         config = workdir / "envoy.yaml"
         config.write_text(render_yaml(m))

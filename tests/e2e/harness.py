@@ -77,6 +77,14 @@ def base_manifest(ports: dict[str, int], keys_dsn: str) -> dict[str, Any]:
             {"path": "/v1/responses", "provider": "openai"},
             {"path": "/v1/messages", "provider": "anthropic"},
         ],
+        "rate_card": {"version": "test-2026-11", "currency": "USD", "prices": [
+            {"provider": "openai", "model": "gpt-5.4-mini", "input": 0.75, "output": 4.50,
+             "cached_input": 0.075},
+            {"provider": "openai", "model": "gpt-5.4", "input": 2.50, "output": 15.00,
+             "cached_input": 0.25},
+            {"provider": "anthropic", "model": "claude-haiku", "input": 1.00, "output": 5.00,
+             "cached_input": 0.10},
+        ]},
         "organizations": [{"id": "acme", "projects": [{"id": "team-ai", "clients": [
             {"id": "app", "keys": [
                 {"id": "k-main"}, {"id": "k-suspend"}, {"id": "k-revoke"}, {"id": "k-expire"},
@@ -149,9 +157,11 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
                               str(ports["mock"]), "--expected-key", PROVIDER_KEY])
         wait_until(lambda: tcp_open(ports["mock"]), "mock provider", proc=mock)
         svc = spawn("services", [sys.executable, "-m", "tollway.cli", "serve", "--manifest",
-                                 str(manifest_path), "--services", "extauthz,ratelimit"])
+                                 str(manifest_path), "--services",
+                                 "extauthz,ratelimit,costsink"])
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
         wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
+        wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=svc)
         from tollway.manifest import load
 
         config = tmp / "envoy.yaml"

@@ -1,0 +1,217 @@
+"""The append-only ledger: one row per request, idempotent on the request id.
+
+Two backends behind one interface: SQLite (single node, on its own thread) and PostgreSQL
+(asyncpg, batched with executemany). Rows are only ever inserted; a replayed entry with a known
+request id is ignored, so a retried batch is never counted twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from tollway.refs import resolve_dsn
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    request_id: str
+    at: datetime
+    org: str | None
+    project: str | None
+    client: str | None
+    key_id: str | None
+    provider: str | None
+    model: str | None
+    route: str | None
+    status: int
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cache_creation_tokens: int
+    cost: Decimal | None  # None: the model is not on the rate card (counted, never dropped)
+    currency: str | None
+    rate_card_version: str | None
+    latency_ms: int
+    stream: bool
+    client_disconnected: bool
+    deny_reason: str | None
+
+
+COLUMNS = [f.name for f in fields(LedgerRow)]
+
+
+class Ledger(abc.ABC):
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def append(self, rows: list[LedgerRow]) -> set[str]:
+        """Insert the rows whose request id is new; return those request ids."""
+
+    @abc.abstractmethod
+    async def rows(self) -> list[LedgerRow]:
+        """Every row, oldest first (for reports and tests)."""
+
+
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tollway_ledger (
+    request_id TEXT PRIMARY KEY,
+    at TIMESTAMPTZ NOT NULL,
+    org TEXT, project TEXT, client TEXT, key_id TEXT, provider TEXT, model TEXT, route TEXT,
+    status INTEGER NOT NULL,
+    input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL,
+    cached_input_tokens BIGINT NOT NULL, cache_creation_tokens BIGINT NOT NULL,
+    cost NUMERIC(20, 10), currency TEXT, rate_card_version TEXT,
+    latency_ms INTEGER NOT NULL, stream BOOLEAN NOT NULL, client_disconnected BOOLEAN NOT NULL,
+    deny_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS tollway_ledger_at ON tollway_ledger (at);
+"""
+SQLITE_SCHEMA = PG_SCHEMA.replace("TIMESTAMPTZ", "TEXT").replace("NUMERIC(20, 10)", "TEXT") \
+    .replace("BIGINT", "INTEGER").replace("BOOLEAN", "INTEGER")
+
+
+class SqliteLedger(Ledger):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SQLITE_SCHEMA)
+            self._db = db
+        await self._run(connect)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._pool.shutdown(wait=False)
+
+    async def append(self, rows: list[LedgerRow]) -> set[str]:
+        sql = (f"INSERT OR IGNORE INTO tollway_ledger ({', '.join(COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(COLUMNS))})")
+
+        def tx() -> set[str]:
+            assert self._db is not None
+            db = self._db
+            new: set[str] = set()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for r in rows:
+                    if db.execute(sql, tuple(_sqlite_value(v) for v in astuple(r))).rowcount:
+                        new.add(r.request_id)
+                db.execute("COMMIT")
+                return new
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        result: set[str] = await self._run(tx)
+        return result
+
+    async def rows(self) -> list[LedgerRow]:
+        def q() -> list[LedgerRow]:
+            assert self._db is not None
+            out = []
+            for r in self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
+                                      "ORDER BY at, request_id"):
+                v = dict(zip(COLUMNS, r, strict=True))
+                v["at"] = datetime.fromisoformat(v["at"])
+                v["cost"] = Decimal(v["cost"]) if v["cost"] is not None else None
+                v["stream"], v["client_disconnected"] = bool(v["stream"]), bool(
+                    v["client_disconnected"])
+                out.append(LedgerRow(**v))
+            return out
+        result: list[LedgerRow] = await self._run(q)
+        return result
+
+
+def _sqlite_value(v: object) -> object:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, Decimal):
+        return str(v)
+    return v
+
+
+class PostgresLedger(Ledger):
+    def __init__(self, dsn: str, *, schema: str | None = None) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        async def setup(conn: asyncpg.Connection) -> None:
+            if self.schema:
+                await conn.execute(f'SET search_path TO "{self.schema}"')
+        if self.schema:
+            conn = await asyncpg.connect(self.dsn)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.close()
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, setup=setup,
+                                               command_timeout=10)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7146026)")
+            await conn.execute(PG_SCHEMA)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def append(self, rows: list[LedgerRow]) -> set[str]:
+        """One statement per batch: a column array each, unnested into rows."""
+        assert self._pool is not None
+        arrays = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_PG_TYPES))
+        async with self._pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetch(
+                f"INSERT INTO tollway_ledger ({', '.join(COLUMNS)}) "
+                f"SELECT * FROM unnest({arrays}) "
+                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                *[list(col) for col in zip(*(astuple(r) for r in rows), strict=True)])
+        return {r["request_id"] for r in inserted}
+
+    async def rows(self) -> list[LedgerRow]:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            records = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
+                                       "ORDER BY at, request_id")
+        return [LedgerRow(**dict(r)) for r in records]
+
+
+_PG_TYPES = ["text", "timestamptz", "text", "text", "text", "text", "text", "text", "text",
+             "int", "bigint", "bigint", "bigint", "bigint", "numeric", "text", "text", "int",
+             "bool", "bool", "text"]
+
+
+def open_ledger(spec: str) -> Ledger:
+    dsn = resolve_dsn(spec)
+    if dsn.startswith("sqlite:///"):
+        return SqliteLedger(dsn[len("sqlite:///"):])
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return PostgresLedger(dsn)
+    raise ValueError(f"unsupported ledger {spec!r}: use sqlite:///PATH or postgresql://")

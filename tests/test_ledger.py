@@ -1,0 +1,48 @@
+"""One suite, two ledgers: SQLite (embedded) and the real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from costsink.ledger import Ledger, LedgerRow, PostgresLedger, SqliteLedger
+from tests.conftest import PG_DSN
+
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def row(rid: str, cost: Decimal | None = Decimal("0.0000123456"), at: int = 0) -> LedgerRow:
+    return LedgerRow(rid, T0 + timedelta(seconds=at), "acme", "team-ai", "app", "k1", "openai",
+                     "gpt-5.4", "route0", 200, 1500, 12, 1024, 0, cost, "USD", "v1", 42, True,
+                     False, None)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    lg: Ledger = (SqliteLedger(tmp_path / "ledger.db") if request.param == "sqlite"
+                  else PostgresLedger(PG_DSN, schema=request.getfixturevalue("drop_schema")))
+    await lg.open()
+    yield lg
+    await lg.close()
+
+
+async def test_rows_round_trip_exactly(ledger: Ledger) -> None:
+    rows = [row("a", at=0), row("b", cost=None, at=1), row("c", cost=Decimal("12.5"), at=2)]
+    assert await ledger.append(rows) == {"a", "b", "c"}
+    assert await ledger.rows() == rows  # decimals, times, flags all exactly as written
+
+
+async def test_append_is_idempotent_on_the_request_id(ledger: Ledger) -> None:
+    assert await ledger.append([row("a"), row("b", at=1)]) == {"a", "b"}
+    assert await ledger.append([row("b", at=1), row("c", at=2)]) == {"c"}
+    assert [r.request_id for r in await ledger.rows()] == ["a", "b", "c"]
+
+
+async def test_a_large_batch_in_one_call(ledger: Ledger) -> None:
+    batch = [row(f"r{i:04d}", at=i) for i in range(1000)]
+    assert len(await ledger.append(batch)) == 1000
+    assert len(await ledger.rows()) == 1000
