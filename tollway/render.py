@@ -1,9 +1,9 @@
 """`tollway render`: the manifest → a complete Envoy bootstrap.
 
 The request path reads top to bottom in the filter chain: json_to_metadata (model, stream,
-max_tokens from the body) → ext_authz → [rate limit: next issue] → router, and the access log
-sink [next issue]. Route identity reaches ext_authz as `context_extensions.route`, so the
-service never has to match paths itself.
+max_tokens from the body) → ext_authz → Lua usage filter → rate limit → router, and every
+request's access-log entry goes to costsink. Route identity reaches ext_authz as
+`context_extensions.route`, so the service never has to match paths itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""Benchmark costsink. Run: python bench/costsink.py [--entries 20000]
+
+Access-log entries per second, streamed over gRPC the way Envoy sends them (batches of 100
+entries a message), until every one is priced and committed to the ledger: SQLite and the real
+PostgreSQL, each next to a no-op AccessLogService (reads the stream, writes nothing) measured
+in the same run. The sink runs in its own process, as in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import asyncpg  # noqa: E402
+import grpc  # noqa: E402
+import yaml  # noqa: E402
+from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc  # noqa: E402
+from google.protobuf import struct_pb2  # noqa: E402
+
+from tests.e2e.harness import free_port, tcp_open, wait_until  # noqa: E402
+
+PG = os.environ.get("TOLLWAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def noop_server(port: int) -> None:
+    class Noop(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+        async def StreamAccessLogs(self, it, context):  # type: ignore[no-untyped-def]
+            async for _ in it:
+                pass
+            return als_pb2.StreamAccessLogsResponse()
+
+    server = grpc.aio.server()
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(Noop(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def entry(i: int, run: str) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.request.request_id = f"{run}-{i}"
+    e.response.response_code.value = 200
+    e.common_properties.start_time.GetCurrentTime()
+    authz = struct_pb2.Struct()
+    authz.update({"org": "acme", "project": "team-ai", "client": "team-ai-gateway-key",
+                  "key_id": "da-sk-acme-team", "model": "gpt-5.4-mini", "provider": "openai",
+                  "route": "route0", "dialect": "openai", "stream": False})
+    usage = struct_pb2.Struct()
+    usage.update({"input_tokens": 1500 + i % 100, "output_tokens": 200,
+                  "cached_input_tokens": 1024})
+    md = e.common_properties.metadata.filter_metadata
+    md["envoy.filters.http.ext_authz"].CopyFrom(authz)
+    md["tollway.usage"].CopyFrom(usage)
+    return e
+
+
+async def stream(port: int, n: int, run: str) -> float:
+    messages = []
+    for start in range(0, n, 100):
+        m = als_pb2.StreamAccessLogsMessage()
+        m.identifier.log_name = "tollway"
+        m.http_logs.log_entry.extend(entry(i, run) for i in range(start, min(n, start + 100)))
+        messages.append(m)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = als_pb2_grpc.AccessLogServiceStub(ch)
+        started = time.perf_counter()
+
+        async def gen():  # type: ignore[no-untyped-def]
+            for m in messages:
+                yield m
+        await stub.StreamAccessLogs(gen())
+        return started
+
+
+def count(ledger: str, run: str) -> int:
+    if not ledger.startswith("sqlite"):
+        return asyncio.run(count_pg(run))
+    import sqlite3
+
+    path = ledger[len("sqlite:///"):]
+    if not Path(path).exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("SELECT count(*) FROM tollway_ledger WHERE request_id LIKE ?",
+                              (f"{run}-%",)).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+async def count_pg(run: str) -> int:
+    conn = await asyncpg.connect(PG)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM tollway_ledger WHERE request_id "
+                                       "LIKE $1", f"{run}-%"))
+    except asyncpg.UndefinedTableError:
+        return 0
+    finally:
+        await conn.close()
+
+
+async def forget(run: str) -> None:
+    """The benchmark's rows are not spend: remove them from the shared database."""
+    conn = await asyncpg.connect(PG)
+    try:
+        await conn.execute("DELETE FROM tollway_ledger WHERE request_id LIKE $1", f"{run}-%")
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--entries", type=int, default=20000)
+    ap.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.noop_server:
+        asyncio.run(noop_server(args.noop_server))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ledger in (("SQLite", f"sqlite:///{tmp}/ledger.db"), ("PostgreSQL", PG)):
+            noop_port, port = free_port(), free_port()
+            doc = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
+            doc["storage"] = {"keys": "sqlite:///keys.db", "ledger": ledger}
+            doc["services"] = {"costsink": f"127.0.0.1:{port}", "metrics_port": free_port()}
+            manifest = Path(tmp) / f"{name}.yaml"
+            manifest.write_text(yaml.safe_dump(doc))
+            procs = [subprocess.Popen([sys.executable, __file__, "--noop-server",
+                                       str(noop_port)]),
+                     subprocess.Popen([sys.executable, "-m", "tollway.cli", "serve",
+                                       "--manifest", str(manifest), "--services", "costsink"],
+                                      env={**os.environ, "TOLLWAY_STATE_DIR": tmp},
+                                      stderr=subprocess.DEVNULL)]
+            try:
+                wait_until(lambda p=noop_port: tcp_open(p), "no-op", proc=procs[0])
+                wait_until(lambda p=port: tcp_open(p), "costsink", proc=procs[1])
+                run = uuid.uuid4().hex[:8]
+                started = asyncio.run(stream(noop_port, args.entries, run))
+                rows.append((f"no-op sink ({name} run)", args.entries /
+                             (time.perf_counter() - started)))
+                started = asyncio.run(stream(port, args.entries, run))
+                while count(ledger, run) < args.entries:
+                    time.sleep(0.01)
+                rows.append((f"costsink → {name}", args.entries /
+                             (time.perf_counter() - started)))
+                if name == "PostgreSQL":
+                    asyncio.run(forget(run))
+            finally:
+                for p in procs:
+                    p.terminate()
+                    p.wait()
+    print(f"\n## Access-log entries ingested, {args.entries} entries, 100 per message")
+    print("| sink | entries/s |\n|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} |")
+    for i in (0, 2):
+        print(f"{rows[i + 1][0]} / no-op: {rows[i + 1][1] / rows[i][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
