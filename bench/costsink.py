@@ -18,33 +18,24 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import asyncpg
+import grpc
+import yaml
+from common import ROOT, serve_forever
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import struct_pb2
 
-import asyncpg  # noqa: E402
-import grpc  # noqa: E402
-import yaml  # noqa: E402
-from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc  # noqa: E402
-from google.protobuf import struct_pb2  # noqa: E402
-
-from tests.e2e.harness import free_port, tcp_open, wait_until  # noqa: E402
+from tests.e2e.harness import free_port, tcp_open, wait_until
 
 PG = os.environ.get("TOLLWAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-async def noop_server(port: int) -> None:
-    class Noop(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-        async def StreamAccessLogs(self, it, context):  # type: ignore[no-untyped-def]
-            async for _ in it:
-                pass
-            return als_pb2.StreamAccessLogsResponse()
-
-    server = grpc.aio.server()
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(Noop(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+class Noop(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    async def StreamAccessLogs(self, it, context):  # type: ignore[no-untyped-def]
+        async for _ in it:
+            pass
+        return als_pb2.StreamAccessLogsResponse()
 
 
 def entry(i: int, run: str) -> accesslog_pb2.HTTPAccessLogEntry:
@@ -127,7 +118,8 @@ def main() -> None:
     ap.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_server:
-        asyncio.run(noop_server(args.noop_server))
+        serve_forever(als_pb2_grpc.add_AccessLogServiceServicer_to_server, Noop(),
+                      args.noop_server)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

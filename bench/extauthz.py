@@ -4,8 +4,10 @@
    serve`, next to a no-op grpc.aio Authorization servicer (always OK) measured in the same run,
    each in its own process. The ratio is the figure: what Tollway's decision costs over gRPC
    plumbing in Python.
-2. HTTP: p50/p99 of a chat completion through Envoy + extauthz and through Envoy alone (same
-   rendered config minus json_to_metadata/ext_authz) in front of the same mock provider.
+2. HTTP: p50/p99 of a chat completion through Envoy with Tollway's whole chain (json_to_metadata,
+   ext_authz, the Lua usage filter, the rate limit, the access log to costsink) and through
+   Envoy alone (the same rendered config with only the router, no access log) in front of the
+   same mock provider.
 """
 
 from __future__ import annotations
@@ -19,36 +21,22 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import grpc
+import httpx
+import yaml
+from common import closed_loop, ms, pct, serve_forever
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.protobuf import struct_pb2
 
-import grpc  # noqa: E402
-import httpx  # noqa: E402
-import yaml  # noqa: E402
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
-from google.protobuf import struct_pb2  # noqa: E402
-
-from tests.e2e.harness import free_port, run_gateway, tcp_open, wait_until  # noqa: E402
-from tollway.manifest import load  # noqa: E402
-from tollway.render import render  # noqa: E402
-from tollway.up import envoy_binary  # noqa: E402
+from tests.e2e.harness import free_port, run_gateway, tcp_open, wait_until
+from tollway.manifest import load
+from tollway.render import render
+from tollway.up import envoy_binary
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
-
-
-async def noop_server(port: int) -> None:
-    class Noop(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-        async def Check(self, request, context):  # type: ignore[no-untyped-def]
-            return external_auth_pb2.CheckResponse()
-
-    server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Noop(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+class Noop(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+        return external_auth_pb2.CheckResponse()
 
 
 def check_request(key: str, route: str) -> external_auth_pb2.CheckRequest:
@@ -67,20 +55,8 @@ async def grpc_load(port: int, req: external_auth_pb2.CheckRequest, seconds: flo
                     concurrency: int) -> tuple[float, list[float]]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = external_auth_pb2_grpc.AuthorizationStub(ch)
-        for _ in range(200):  # warm up
-            await stub.Check(req)
-        lat: list[float] = []
-        end = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                resp = await stub.Check(req)
-                lat.append(time.perf_counter() - t)
-                assert resp.status.code == 0, resp
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(lat) / (time.perf_counter() - started), lat
+        return await closed_loop(lambda: stub.Check(req), lambda r: r.status.code == 0,
+                                 seconds, concurrency)
 
 
 def http_load(url: str, headers: dict[str, str], n: int) -> list[float]:
@@ -96,10 +72,6 @@ def http_load(url: str, headers: dict[str, str], n: int) -> list[float]:
     return lat
 
 
-def ms(x: float) -> str:
-    return f"{x * 1000:.3f} ms"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -108,7 +80,8 @@ def main() -> None:
     ap.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_server:
-        asyncio.run(noop_server(args.noop_server))
+        serve_forever(external_auth_pb2_grpc.add_AuthorizationServicer_to_server, Noop(),
+                      args.noop_server)
         return
 
     with tempfile.TemporaryDirectory() as tmp, run_gateway(Path(tmp)) as gw:
@@ -143,8 +116,10 @@ def main() -> None:
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"] = [f for f in hcm["http_filters"]
                                if f["name"] == "envoy.filters.http.router"]
+        hcm.pop("access_log", None)
         for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
             r.pop("typed_per_filter_config", None)
+            r.get("route", {}).pop("rate_limits", None)
         cfg = Path(tmp) / "plain.yaml"
         cfg.write_text(yaml.safe_dump(doc))
         plain = subprocess.Popen([str(envoy_binary()), "-c", str(cfg), "--log-level", "error",
@@ -161,10 +136,10 @@ def main() -> None:
             plain.wait()
         print(f"\n## HTTP chat completion through Envoy, sequential, {args.requests} requests")
         print("| path | p50 | p99 | mean |\n|---|---|---|---|")
-        for name, lat in (("Envoy alone → mock", base), ("Envoy + extauthz → mock", full)):
+        for name, lat in (("Envoy alone → mock", base), ("Envoy + Tollway → mock", full)):
             print(f"| {name} | {ms(pct(lat, 50))} | {ms(pct(lat, 99))} | "
                   f"{ms(statistics.mean(lat))} |")
-        print(f"added by extauthz: p50 +{ms(pct(full, 50) - pct(base, 50))} "
+        print(f"added by Tollway: p50 +{ms(pct(full, 50) - pct(base, 50))} "
               f"({pct(full, 50) / pct(base, 50):.2f}x), "
               f"p99 +{ms(pct(full, 99) - pct(base, 99))} ({pct(full, 99) / pct(base, 99):.2f}x)")
 

@@ -15,55 +15,29 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import grpc
+import yaml
+from common import ROOT, closed_loop, pct, serve_forever
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-import grpc  # noqa: E402
-import yaml  # noqa: E402
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc  # noqa: E402
-
-from tests.e2e.harness import free_port, tcp_open, wait_until  # noqa: E402
-from tests.test_ratelimit_service import should  # noqa: E402
+from tests.e2e.harness import free_port, tcp_open, wait_until
+from tests.test_ratelimit_service import should
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
-
-
-async def noop_server(port: int) -> None:
-    class Noop(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-        async def ShouldRateLimit(self, request, context):  # type: ignore[no-untyped-def]
-            return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
-
-    server = grpc.aio.server()
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(Noop(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+class Noop(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    async def ShouldRateLimit(self, request, context):  # type: ignore[no-untyped-def]
+        return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
 
 
 async def load(port: int, seconds: float, concurrency: int) -> tuple[float, list[float]]:
     req = should("gpt-5.4", 300)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
-        for _ in range(200):
-            await stub.ShouldRateLimit(req)
-        lat: list[float] = []
-        end = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                resp = await stub.ShouldRateLimit(req)
-                lat.append(time.perf_counter() - t)
-                assert resp.overall_code == rls_pb2.RateLimitResponse.OK, resp
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(lat) / (time.perf_counter() - started), lat
+        return await closed_loop(
+            lambda: stub.ShouldRateLimit(req),
+            lambda r: r.overall_code == rls_pb2.RateLimitResponse.OK, seconds, concurrency)
 
 
 def manifest(tmp: Path, counters: str, port: int) -> Path:
@@ -88,7 +62,8 @@ def main() -> None:
     ap.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_server:
-        asyncio.run(noop_server(args.noop_server))
+        serve_forever(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, Noop(),
+                      args.noop_server)
         return
 
     rows = []

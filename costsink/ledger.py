@@ -8,21 +8,16 @@ request id is ignored, so a retried batch is never counted twice.
 from __future__ import annotations
 
 import abc
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
 
 import asyncpg
 
 from tollway.refs import resolve_dsn
-
-T = TypeVar("T")
+from tollway.sqlite_worker import SqliteWorker
 
 
 @dataclass(frozen=True)
@@ -89,36 +84,19 @@ SQLITE_SCHEMA = PG_SCHEMA.replace("TIMESTAMPTZ", "TEXT").replace("NUMERIC(20, 10
 
 class SqliteLedger(Ledger):
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
-        self._db: sqlite3.Connection | None = None
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._worker = SqliteWorker(path, SQLITE_SCHEMA, "ledger")
 
     async def open(self) -> None:
-        def connect() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SQLITE_SCHEMA)
-            self._db = db
-        await self._run(connect)
+        await self._worker.open()
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._pool.shutdown(wait=False)
+        await self._worker.close()
 
     async def append(self, rows: list[LedgerRow]) -> set[str]:
         sql = (f"INSERT OR IGNORE INTO tollway_ledger ({', '.join(COLUMNS)}) "
                f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
-        def tx() -> set[str]:
-            assert self._db is not None
-            db = self._db
+        def tx(db: sqlite3.Connection) -> set[str]:
             new: set[str] = set()
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -130,14 +108,12 @@ class SqliteLedger(Ledger):
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        result: set[str] = await self._run(tx)
-        return result
+        return await self._worker.run(tx)
 
     async def rows(self) -> list[LedgerRow]:
-        def q() -> list[LedgerRow]:
-            assert self._db is not None
+        def q(db: sqlite3.Connection) -> list[LedgerRow]:
             out = []
-            for r in self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
+            for r in db.execute(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
                                       "ORDER BY at, request_id"):
                 v = dict(zip(COLUMNS, r, strict=True))
                 v["at"] = datetime.fromisoformat(v["at"])
@@ -146,8 +122,7 @@ class SqliteLedger(Ledger):
                     v["client_disconnected"])
                 out.append(LedgerRow(**v))
             return out
-        result: list[LedgerRow] = await self._run(q)
-        return result
+        return await self._worker.run(q)
 
 
 def _sqlite_value(v: object) -> object:

@@ -17,14 +17,18 @@ from tollway.quotas import Rule
 
 from .backend import BUCKETS, BackendUnavailable, CounterBackend, Outcome, RuleState
 
-# ARGV: now_ms (0: Redis's own clock), buckets, then per rule: limit, width_ms, cost, enforce (1/0)
-# returns: allowed, then per rule: used, reset_ms, retry_ms (-1: never)
-CHARGE = """
-local now = tonumber(ARGV[1])
+# the time the script works with: ARGV[n] in ms, or Redis's own clock when that is 0
+NOW = """
+local now = tonumber(ARGV[%d])
 if now == 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+"""
+
+# ARGV: now_ms, buckets, then per rule: limit, width_ms, cost, enforce (1/0)
+# returns: allowed, then per rule: used, reset_ms, retry_ms (-1: never)
+CHARGE = NOW % 1 + """
 local n = tonumber(ARGV[2])
 local result = {1}
 local denied = false
@@ -84,14 +88,9 @@ end
 return result
 """
 
-# ARGV: bucket_of_charge..., delta, now_ms; one key per token rule, with its width
-SETTLE = """
+# ARGV: delta, now_ms, charged_at_ms, buckets, then each key's bucket width in ms
+SETTLE = NOW % 2 + """
 local delta = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 local at = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
 for i = 1, #KEYS do

@@ -37,6 +37,38 @@ def claude(gw: Gateway, key: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=10)
 
 
+def chat(client: openai.OpenAI, model: str = "gpt-5.4-mini") -> Any:
+    """A call to repeat while polling."""
+    return lambda: client.chat.completions.create(model=model, messages=MESSAGES)
+
+
+def expect_within(seconds: float, call: Any, exc: type[openai.APIStatusError],
+                  code: str) -> None:
+    """Poll until `call` raises `exc` with `code`; fail if that takes longer than `seconds`
+    counted from now (i.e. from the moment the CLI command returned)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+        except exc as e:
+            assert e.code == code, e.body
+            return
+        assert time.monotonic() < deadline, f"no {code} within {seconds}s"
+        time.sleep(0.02)
+
+
+def succeed_within(seconds: float, call: Any, refused: type[openai.APIStatusError]) -> None:
+    """Poll until `call` succeeds while it is still refused with `refused`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+            return
+        except refused:
+            assert time.monotonic() < deadline, f"still refused after {seconds}s"
+            time.sleep(0.02)
+
+
 def test_completion_swaps_the_credential(gw: Gateway) -> None:
     key = gw.issued["k-main"]
     raw = oai(gw, key).chat.completions.with_raw_response.create(model="gpt-5.4-mini",
@@ -104,40 +136,17 @@ def test_suspended_then_resumed(gw: Gateway) -> None:
     client = oai(gw, gw.issued["k-suspend"])
     client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
     gw.cli("keys", "suspend", "--", "k-suspend")
-    expect_within(1.0, lambda: client.chat.completions.create(model="gpt-5.4-mini",
-                                                               messages=MESSAGES),
+    expect_within(1.0, chat(client),
                   openai.PermissionDeniedError, "key_suspended")
     gw.cli("keys", "resume", "--", "k-suspend")
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
-            break
-        except openai.PermissionDeniedError:
-            assert time.monotonic() < deadline, "resume did not take effect within 1 s"
-
-
-def expect_within(seconds: float, call: Any, exc: type[openai.APIStatusError],
-                  code: str) -> None:
-    """Poll until `call` raises `exc` with `code`; fail if that takes longer than `seconds`
-    counted from now (i.e. from the moment the CLI command returned)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            call()
-        except exc as e:
-            assert e.code == code, e.body
-            return
-        assert time.monotonic() < deadline, f"no {code} within {seconds}s"
-        time.sleep(0.02)
+    succeed_within(1.0, chat(client), openai.PermissionDeniedError)
 
 
 def test_revocation_reaches_the_running_gateway_within_a_second(gw: Gateway) -> None:
     client = oai(gw, gw.issued["k-revoke"])
     client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
     gw.cli("keys", "revoke", "--", "k-revoke")
-    expect_within(1.0, lambda: client.chat.completions.create(model="gpt-5.4-mini",
-                                                               messages=MESSAGES),
+    expect_within(1.0, chat(client),
                   openai.PermissionDeniedError, "key_revoked")
     with pytest.raises(anthropic.PermissionDeniedError):
         claude(gw, gw.issued["k-revoke"]).messages.create(model="claude-haiku", max_tokens=5,
@@ -148,25 +157,17 @@ def test_expired_key_is_403(gw: Gateway) -> None:
     client = oai(gw, gw.issued["k-expire"])
     client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
     gw.cli("keys", "expire", "--", "k-expire")
-    expect_within(1.0, lambda: client.chat.completions.create(model="gpt-5.4-mini",
-                                                               messages=MESSAGES),
+    expect_within(1.0, chat(client),
                   openai.PermissionDeniedError, "key_expired")
 
 
 def test_rotation_keeps_the_old_secret_during_grace(gw: Gateway) -> None:
     old = gw.issued["k-rotate"]
     new = gw.cli("keys", "rotate", "--", "k-rotate", "--grace", "1h")
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            oai(gw, new).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
-            break
-        except openai.AuthenticationError:
-            assert time.monotonic() < deadline, "rotated secret not accepted within 1 s"
+    succeed_within(1.0, chat(oai(gw, new)), openai.AuthenticationError)
     oai(gw, old).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
     newest = gw.cli("keys", "rotate", "--", "k-rotate")  # no grace: the older ones stop
-    expect_within(1.0, lambda: oai(gw, new).chat.completions.create(model="gpt-5.4-mini",
-                                                                     messages=MESSAGES),
+    expect_within(1.0, chat(oai(gw, new)),
                   openai.AuthenticationError, "invalid_api_key")
     oai(gw, newest).chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
 
@@ -247,8 +248,7 @@ def test_manifest_edit_takes_effect_and_a_broken_one_is_refused(gw: Gateway) -> 
     next(k for k in keys if k["id"] == "k-reload")["status"] = "suspended"
     try:
         gw.write_manifest(doc)
-        expect_within(5.0, lambda: client.chat.completions.create(model="gpt-5.4-mini",
-                                                                   messages=MESSAGES),
+        expect_within(5.0, chat(client),
                       openai.PermissionDeniedError, "key_suspended")
         gw.manifest_path.write_text("providers: [")  # broken: the last good one stays
         log = Path(gw.manifest_path).parent / "logs" / "services.log"
@@ -260,14 +260,7 @@ def test_manifest_edit_takes_effect_and_a_broken_one_is_refused(gw: Gateway) -> 
             client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
     finally:
         gw.manifest_path.write_text(original)
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
-            break
-        except openai.PermissionDeniedError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    succeed_within(5.0, chat(client), openai.PermissionDeniedError)
 
 
 def test_revocation_through_postgres_listen_notify(tmp_path: Path, drop_schema: str,
@@ -286,8 +279,7 @@ def test_revocation_through_postgres_listen_notify(tmp_path: Path, drop_schema: 
         client = oai(g, key)
         client.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES)
         g.cli("keys", "revoke", "--", "k-revoke")
-        expect_within(1.0, lambda: client.chat.completions.create(model="gpt-5.4-mini",
-                                                                   messages=MESSAGES),
+        expect_within(1.0, chat(client),
                       openai.PermissionDeniedError, "key_revoked")
 
 

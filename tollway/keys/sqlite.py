@@ -1,20 +1,16 @@
-"""SQLite key store for the single-node default.
-
-sqlite3 blocks, so the connection lives on one dedicated worker thread and every call is
-awaited from the event loop; one thread also serialises writers without a lock of ours.
-"""
+"""SQLite key store for the single-node default (on a `SqliteWorker` thread)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tollway.manifest.model import KeyStatus
+from tollway.sqlite_worker import SqliteWorker
 
 from .store import KeyEvent, KeyExists, KeyNotFound, KeyRecord, KeyStore, StoreUnavailable
 
@@ -67,38 +63,22 @@ class SqliteKeyStore(KeyStore):
     def __init__(self, path: str | Path, *, poll_interval: float = 0.2) -> None:
         self.path = Path(path)
         self.poll_interval = poll_interval
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-keys")
-        self._db: sqlite3.Connection | None = None
+        self._worker = SqliteWorker(self.path, SCHEMA, "keys")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            assert self._db is not None, "store is not open"
-            try:
-                return fn(self._db)
-            except sqlite3.OperationalError as e:
-                raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        try:
+            return await self._worker.run(fn)
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     async def open(self) -> None:
-        def connect() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(SCHEMA)
-            self._db = db
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+            await self._worker.open()
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     async def close(self) -> None:
-        if self._db is not None:
-            db = self._db
-            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
-            self._db = None
-        self._pool.shutdown(wait=False)
+        await self._worker.close()
 
     @staticmethod
     def _next_seq(db: sqlite3.Connection) -> int:

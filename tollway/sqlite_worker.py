@@ -1,0 +1,47 @@
+"""SQLite for asyncio services: one connection, owned by one dedicated thread.
+
+sqlite3 blocks, so every call runs on that thread and is awaited from the event loop; a single
+thread also serialises writers without a lock of ours. Shared by the key store and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class SqliteWorker:
+    def __init__(self, path: str | Path, schema: str, name: str) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(self.schema)
+            self._db = db
+        await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None, "database is not open"
+            return fn(self._db)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
+        self._pool.shutdown(wait=False)
