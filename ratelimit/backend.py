@@ -35,7 +35,7 @@ class BackendUnavailable(Exception):
 class RuleState:
     rule: Rule
     used: int  # in the window, before this request
-    reset_seconds: float  # until the oldest counted amount leaves the window
+    reset_seconds: float  # until the oldest counted amount (this charge included) leaves
     retry_seconds: float  # until this request's charge would fit (0 if it fits now)
 
     @property
@@ -64,6 +64,8 @@ def evaluate(rule: Rule, buckets: dict[int, int], now_ms: int, cost: int) -> Rul
     window = [(i, buckets.get(i, 0)) for i in range(b - BUCKETS, b + 1)]
     used = sum(v for _, v in window)
     first = next((i for i, v in window if v > 0), None)
+    if first is None and cost > 0 and used + cost <= rule.limit:
+        first = b  # nothing older counts: the window resets when this charge leaves it
     reset = ((first + BUCKETS + 1) * w - now_ms) / 1000 if first is not None else 0.0
     retry = 0.0
     if used + cost > rule.limit:

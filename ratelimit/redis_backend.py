@@ -49,6 +49,7 @@ for i = 1, #KEYS do
     if v > 0 and first == nil then first = b - n + j - 1 end
     used = used + v
   end
+  if first == nil and cost > 0 and used + cost <= limit then first = b end
   local reset = 0
   if first ~= nil then reset = (first + n + 1) * w - now end
   local retry = 0
