@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import sqlite3
 from dataclasses import astuple, dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -60,8 +60,9 @@ class Ledger(abc.ABC):
         """Insert the rows whose request id is new; return those request ids."""
 
     @abc.abstractmethod
-    async def rows(self) -> list[LedgerRow]:
-        """Every row, oldest first (for reports and tests)."""
+    async def rows(self, since: datetime | None = None,
+                   until: datetime | None = None) -> list[LedgerRow]:
+        """Rows with since <= at < until (either bound optional), oldest first."""
 
 
 PG_SCHEMA = """
@@ -110,11 +111,16 @@ class SqliteLedger(Ledger):
                 raise
         return await self._worker.run(tx)
 
-    async def rows(self) -> list[LedgerRow]:
+    async def rows(self, since: datetime | None = None,
+                   until: datetime | None = None) -> list[LedgerRow]:
+        # ISO 8601 text in UTC sorts as time does, so the bounds compare as text
+        lo = since.astimezone(UTC).isoformat() if since else ""
+        hi = until.astimezone(UTC).isoformat() if until else "9999"
+
         def q(db: sqlite3.Connection) -> list[LedgerRow]:
             out = []
             for r in db.execute(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
-                                      "ORDER BY at, request_id"):
+                                "WHERE at >= ? AND at < ? ORDER BY at, request_id", (lo, hi)):
                 v = dict(zip(COLUMNS, r, strict=True))
                 v["at"] = datetime.fromisoformat(v["at"])
                 v["cost"] = Decimal(v["cost"]) if v["cost"] is not None else None
@@ -127,7 +133,7 @@ class SqliteLedger(Ledger):
 
 def _sqlite_value(v: object) -> object:
     if isinstance(v, datetime):
-        return v.isoformat()
+        return v.astimezone(UTC).isoformat()
     if isinstance(v, Decimal):
         return str(v)
     return v
@@ -170,11 +176,14 @@ class PostgresLedger(Ledger):
                 *[list(col) for col in zip(*(astuple(r) for r in rows), strict=True)])
         return {r["request_id"] for r in inserted}
 
-    async def rows(self) -> list[LedgerRow]:
+    async def rows(self, since: datetime | None = None,
+                   until: datetime | None = None) -> list[LedgerRow]:
         assert self._pool is not None
         async with self._pool.acquire() as conn:
             records = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
-                                       "ORDER BY at, request_id")
+                                       "WHERE ($1::timestamptz IS NULL OR at >= $1) AND "
+                                       "($2::timestamptz IS NULL OR at < $2) "
+                                       "ORDER BY at, request_id", since, until)
         return [LedgerRow(**dict(r)) for r in records]
 
 

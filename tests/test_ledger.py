@@ -42,6 +42,13 @@ async def test_append_is_idempotent_on_the_request_id(ledger: Ledger) -> None:
     assert [r.request_id for r in await ledger.rows()] == ["a", "b", "c"]
 
 
+async def test_rows_of_a_period(ledger: Ledger) -> None:
+    await ledger.append([row(f"r{i}", at=i * 3600) for i in range(48)])
+    day2 = await ledger.rows(T0 + timedelta(hours=24), T0 + timedelta(hours=48))
+    assert [r.request_id for r in day2] == [f"r{i}" for i in range(24, 48)]
+    assert len(await ledger.rows(since=T0 + timedelta(hours=47))) == 1
+
+
 async def test_a_large_batch_in_one_call(ledger: Ledger) -> None:
     batch = [row(f"r{i:04d}", at=i) for i in range(1000)]
     assert len(await ledger.append(batch)) == 1000

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyRecord, StoreUnavailable
 from tollway.manifest import KeyStatus, Manifest, ManifestError, load
@@ -75,6 +76,46 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tollway.up import up
 
     return up(Path(args.manifest), _manifest(args))
+
+
+def _period(text: str, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """`2026-11` (a calendar month) or `2026-11-22` (a day), in the manifest's time zone."""
+    try:
+        if len(text) == 7:
+            start = datetime.strptime(text, "%Y-%m").replace(tzinfo=tz)
+            end = start.replace(year=start.year + start.month // 12,
+                                month=start.month % 12 + 1)
+        else:
+            start = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=tz)
+            end = start + timedelta(days=1)
+    except ValueError:
+        raise CliError(f"period {text!r}: use YYYY-MM or YYYY-MM-DD") from None
+    return start, end
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    from costsink.ledger import open_ledger
+    from costsink.report import GROUPS, render, summarize
+
+    m = _manifest(args)
+    tz = ZoneInfo(m.gateway.timezone)
+    by = args.by.split(",")
+    for g in by:
+        if g not in GROUPS:
+            raise CliError(f"cannot group by {g!r}: choose from {', '.join(GROUPS)}")
+    since, until = _period(args.period or datetime.now(tz).strftime("%Y-%m"), tz)
+
+    async def go() -> list[Any]:
+        ledger = open_ledger(m.storage.ledger)
+        await ledger.open()
+        try:
+            return await ledger.rows(since, until)
+        finally:
+            await ledger.close()
+    lines = summarize(asyncio.run(go()), by, since, until, tz)
+    currency = m.rate_card.currency if m.rate_card else "USD"
+    print(render(lines, by, args.format, currency))
+    return 0
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -204,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--services", default="extauthz,ratelimit,costsink",
                    help="comma-separated: extauthz,ratelimit,costsink (default: all)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("spend", help="spend from the ledger, grouped, for a month or a day")
+    with_manifest(p)
+    p.add_argument("--period", help="YYYY-MM or YYYY-MM-DD (default: this month)")
+    p.add_argument("--by", default="org,project,key,model",
+                   help="comma-separated: org,project,key,model,day")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_spend)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_mock)

@@ -141,3 +141,23 @@ def test_refused_requests_are_recorded_with_the_reason(gw: Gateway) -> None:
     assert row["status"] == 401 and row["deny_reason"] == "invalid_api_key"
     assert row["cost"] is None and row["input_tokens"] == 0
 
+
+
+def test_spend_report_sums_the_ledger_exactly(gw: Gateway) -> None:
+    import json
+
+    oai = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issued["k-main"], max_retries=0)
+    r = oai.chat.completions.with_raw_response.create(
+        model="gpt-5.4", max_tokens=7, messages=[{"role": "user", "content": "x"}])
+    rows = wait_for_rows(gw, {r.headers["x-request-id"]})
+    mine = [x for x in rows.values() if x["key_id"] == "k-main" and x["model"] == "gpt-5.4"]
+    want = sum((Decimal(x["cost"]) for x in mine), Decimal(0))
+    month = mine[0]["at"][:7]
+    report = json.loads(gw.cli("spend", "--period", month, "--by", "key,model",
+                               "--format", "json"))
+    line = next(ln for ln in report if ln["key"] == "k-main" and ln["model"] == "gpt-5.4")
+    assert Decimal(line["cost_usd"]) == want and want > 0
+    assert line["requests"] == len(mine)
+    assert line["output_tokens"] == sum(x["output_tokens"] for x in mine)
+    table = gw.cli("spend", "--period", month, "--by", "model")
+    assert "gpt-5.4" in table and "cost_usd" in table.splitlines()[0]
