@@ -48,8 +48,11 @@ class MockProvider:
         return request.headers.get("authorization") == f"Bearer {self.expected_key}"
 
     @staticmethod
-    def _usage(raw: bytes, body: dict[str, Any]) -> tuple[int, int, int]:
-        inp = max(1, len(raw) // 4)
+    def _usage(raw: bytes, body: dict[str, Any],
+               request: web.Request | None = None) -> tuple[int, int, int]:
+        forced = request.headers.get("x-mock-input-tokens", "") if request else ""
+        # a test hook: report more prompt tokens than the bytes suggest, as CJK text does
+        inp = int(forced) if forced.isdigit() else max(1, len(raw) // 4)
         cap = body.get("max_tokens") or body.get("max_completion_tokens") or body.get(
             "max_output_tokens") or DEFAULT_OUTPUT
         out = max(1, min(int(cap), DEFAULT_OUTPUT))
@@ -90,7 +93,7 @@ class MockProvider:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         raw, body, rec = await self._parse(request, anthropic=False)
-        inp, out, cached = self._usage(raw, body)
+        inp, out, cached = self._usage(raw, body, request)
         rec["usage"] = {"input": inp, "output": out, "cached": cached}
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body.get(
             "model", "")

@@ -161,3 +161,36 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
         c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
+
+
+def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path) -> None:
+    """Each request here reserves about 30 tokens, but two of them report 490 input tokens:
+    once costsink has settled those, the key's 1,000 TPM quota refuses the next request, though
+    all reservations together stay far below 1,000."""
+    import time
+
+    def key_tpm(ex: dict[str, Any]) -> None:
+        key = ex["organizations"][0]["projects"][0]["clients"][0]["keys"][0]
+        key["quotas"] = [{"name": "reported", "tpm": 1000}]
+    with run_gateway(tmp_path, mutate=team_ai("memory", key_tpm)) as gw:
+        gw.issue("da-sk-acme-team")
+        c = client(gw)
+        for _ in range(2):
+            c.chat.completions.create(model="gpt-5.4-mini", messages=MESSAGES, max_tokens=1,
+                                      extra_headers={"x-mock-input-tokens": "490"})
+        polls = 0
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                raw = c.chat.completions.with_raw_response.create(
+                    model="gpt-5.4-mini", messages=MESSAGES, max_tokens=1)
+            except openai.RateLimitError as e:
+                assert "quota 'reported'" in e.message
+                break
+            polls += 1
+            assert int(raw.headers["x-ratelimit-remaining-tokens"]) >= 0
+            assert time.monotonic() < deadline, "reported usage never reached the TPM counter"
+            time.sleep(0.05)
+        # reservations alone: (2 + polls) requests of at most ~40 tokens each (a ~90-byte body
+        # / 4 + max_tokens 1) could never have reached 1,000
+        assert (2 + polls) * 40 < 1000, polls
