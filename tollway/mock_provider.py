@@ -4,6 +4,8 @@ It stands in for OpenAI and Anthropic in tests, benchmarks and `tollway up`, and
 credential each request carried, so tests can prove that the client's key never reaches the
 provider. Token counts are deterministic: input ≈ request bytes / 4, output = min(max_tokens,
 12), and a prompt of 1,024 tokens or more reports its first 1,024-token multiple as cached.
+A chat request with `x-mock-input-tokens: N` reports N input tokens instead (tests use it to
+make the real usage differ from Tollway's estimate). `GET /_mock/seen` lists what it received.
 """
 
 from __future__ import annotations
