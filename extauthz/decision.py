@@ -70,9 +70,9 @@ class Deny:
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:
-    auth = headers.get("authorization")
-    if auth is not None:
-        scheme, _, token = auth.strip().partition(" ")
+    auth = (headers.get("authorization") or "").strip()
+    if auth:  # an empty header counts as absent: x-api-key may still carry the key
+        scheme, _, token = auth.partition(" ")
         return token.strip() if scheme.lower() == "bearer" else None
     return headers.get("x-api-key")
 

@@ -66,8 +66,14 @@ def allow_response(allow: Allow, request_headers: Any) -> external_auth_pb2.Chec
     else:
         set_headers = [_header("authorization", f"Bearer {allow.credential}")]
         remove = ["x-api-key"]
-    # identity headers are ours to set: a client must never be able to assert them
+    # identity headers are ours to set: a client must never be able to assert them, and the
+    # upstream sees them only where the provider is configured to receive them
     remove += [h for h in request_headers if h.startswith(IDENTITY_HEADER_PREFIX)]
+    if allow.provider.identity_headers:
+        set_headers += [_header(f"{IDENTITY_HEADER_PREFIX}{name}", value) for name, value in
+                        (("org", b.org.id), ("project", b.project.id), ("client", b.client.id),
+                         ("key-id", b.key.id))]
+        remove = [h for h in remove if not h.startswith(IDENTITY_HEADER_PREFIX)]
     metadata = _struct({
         "org": b.org.id, "project": b.project.id, "client": b.client.id, "key_id": b.key.id,
         "model": allow.model, "provider": allow.provider.name, "route": allow.route.name,

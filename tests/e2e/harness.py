@@ -68,7 +68,7 @@ def base_manifest(ports: dict[str, int], keys_dsn: str) -> dict[str, Any]:
         "providers": [
             {"name": "openai", "dialect": "openai", **provider,
              "models": [{"name": "gpt-5.4-mini"}, {"name": "gpt-5.4"}]},
-            {"name": "anthropic", "dialect": "anthropic", **provider,
+            {"name": "anthropic", "dialect": "anthropic", **provider, "identity_headers": True,
              "models": [{"name": "claude-haiku"}, {"name": "claude-opus"}]},
         ],
         "routes": [

@@ -201,8 +201,9 @@ def test_malformed_bodies_are_400_in_the_provider_shape(gw: Gateway, body: bytes
     assert r.json()["error"]["type"] == "invalid_request_error"
     r = post(gw, "/v1/messages", body, **{"x-api-key": gw.issued["k-main"],
                                           "authorization": ""})
-    assert r.status_code in (400, 401), r.text
+    assert r.status_code == 400, r.text
     assert r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_malformed_json_raises_the_sdk_bad_request(gw: Gateway) -> None:
@@ -237,6 +238,18 @@ def test_client_cannot_assert_identity_headers(gw: Gateway) -> None:
                 ).status_code == 200
     headers = gw.seen()[-1]["headers"]
     assert not any(h.startswith("x-tollway-") for h in headers)
+
+
+def test_identity_headers_only_where_the_provider_asks_for_them(gw: Gateway) -> None:
+    """The anthropic provider of the test manifest sets identity_headers: true."""
+    body = b'{"model": "claude-haiku", "max_tokens": 5, "messages": []}'
+    r = post(gw, "/v1/messages", body, **{"x-api-key": gw.issued["k-main"], "authorization": "",
+                                          "x-tollway-org": "evil"})
+    assert r.status_code == 200, r.text
+    headers = gw.seen()[-1]["headers"]
+    assert headers["x-tollway-org"] == "acme" and headers["x-tollway-key-id"] == "k-main"
+    assert headers["x-tollway-project"] == "team-ai" and headers["x-tollway-client"] == "app"
+    assert not any(h.startswith("x-tollway-") for h in r.headers)
 
 
 def test_manifest_edit_takes_effect_and_a_broken_one_is_refused(gw: Gateway) -> None:

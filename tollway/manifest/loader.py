@@ -351,7 +351,8 @@ def _org(n: Node) -> Organization:
 
 
 def _provider(n: Node) -> Provider:
-    n.check_keys({"name", "dialect", "upstream", "credential", "models", "mock", "notes"})
+    n.check_keys({"name", "dialect", "upstream", "credential", "models", "mock",
+                  "identity_headers", "notes"})
     mock = n.flag("mock", False)
     up = n.child("upstream", required=True)
     up.check_keys({"host", "port", "tls", "sni"})
@@ -378,6 +379,7 @@ def _provider(n: Node) -> Provider:
                                "itself"),
         models=tuple(models),
         mock=mock,
+        identity_headers=n.flag("identity_headers", False),
     )
 
 

@@ -56,6 +56,7 @@ class Provider:
     credential: str  # a reference (`env:NAME` or `file:PATH`), never the secret itself
     models: tuple[Model, ...]
     mock: bool = False
+    identity_headers: bool = False  # send x-tollway-org/-project/-client/-key-id upstream
 
     def model(self, name: str) -> Model | None:
         for m in self.models:
