@@ -27,6 +27,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2
 
 from tests.e2e.harness import free_port, tcp_open, wait_until
+from tollway.metadata import AUTHZ, USAGE
 
 PG = os.environ.get("TOLLWAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -51,8 +52,8 @@ def entry(i: int, run: str) -> accesslog_pb2.HTTPAccessLogEntry:
     usage.update({"input_tokens": 1500 + i % 100, "output_tokens": 200,
                   "cached_input_tokens": 1024})
     md = e.common_properties.metadata.filter_metadata
-    md["envoy.filters.http.ext_authz"].CopyFrom(authz)
-    md["tollway.usage"].CopyFrom(usage)
+    md[AUTHZ].CopyFrom(authz)
+    md[USAGE].CopyFrom(usage)
     return e
 
 

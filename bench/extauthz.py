@@ -30,6 +30,7 @@ from google.protobuf import struct_pb2
 
 from tests.e2e.harness import free_port, run_gateway, tcp_open, wait_until
 from tollway.manifest import load
+from tollway.metadata import REQUEST
 from tollway.render import render
 from tollway.up import envoy_binary
 
@@ -47,7 +48,7 @@ def check_request(key: str, route: str) -> external_auth_pb2.CheckRequest:
     attrs.request.http.headers["content-type"] = "application/json"
     body = struct_pb2.Struct()
     body.update({"model": "gpt-5.4-mini", "stream": False, "max_tokens": 256})
-    attrs.metadata_context.filter_metadata["tollway.request"].CopyFrom(body)
+    attrs.metadata_context.filter_metadata[REQUEST].CopyFrom(body)
     return req
 
 

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
+from tollway.metadata import AUTHZ, RATELIMIT, USAGE
 from tollway.reload import Compiled
 
 from .ledger import Ledger, LedgerRow
@@ -35,9 +36,6 @@ PRICING_MISSES = Counter("tollway_costsink_pricing_misses_total",
 QUEUE = Gauge("tollway_costsink_queue_depth", "Entries waiting for the ledger writer")
 LAG = Gauge("tollway_costsink_lag_seconds", "Age of the newest entry written to the ledger")
 
-AUTHZ = "envoy.filters.http.ext_authz"
-RATELIMIT = "envoy.filters.http.ratelimit"
-USAGE = "tollway.usage"
 BATCH = 500
 
 

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Histogram
 
 from tollway.errors import error_body, status_of
 from tollway.manifest.model import Dialect
+from tollway.metadata import REQUEST
 from tollway.reload import Compiled
 
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
@@ -24,7 +25,6 @@ from .keymirror import KeyMirror
 
 log = logging.getLogger("tollway.extauthz")
 
-BODY_NAMESPACE = "tollway.request"  # where the rendered json_to_metadata filter writes
 IDENTITY_HEADER_PREFIX = "x-tollway-"
 
 DECISIONS = Counter("tollway_extauthz_decisions_total", "Authorization decisions",
@@ -48,7 +48,7 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
 
 def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
     attrs = request.attributes
-    namespace = attrs.metadata_context.filter_metadata.get(BODY_NAMESPACE)
+    namespace = attrs.metadata_context.filter_metadata.get(REQUEST)
     body = json_format.MessageToDict(namespace) if namespace is not None else {}
     headers = attrs.request.http.headers
     length = headers.get("content-length", "")

@@ -17,16 +17,15 @@ import yaml
 from tollway.errors import error_body
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
+from tollway.metadata import AUTHZ, RATELIMIT, REQUEST
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
-BODY_NAMESPACE = "tollway.request"
 EXTAUTHZ_CLUSTER = "tollway_extauthz"
 EXTAUTHZ_TIMEOUT = "0.5s"
 RATELIMIT_CLUSTER = "tollway_ratelimit"
 COSTSINK_CLUSTER = "tollway_costsink"
 ACCESS_LOG_FLUSH = "0.2s"  # how long an entry may wait in Envoy before it is sent
 RATELIMIT_TIMEOUT = "0.5s"
-AUTHZ_METADATA = "envoy.filters.http.ext_authz"
 # what the rate-limit service reads from extauthz's metadata, one descriptor per request
 DESCRIPTOR_KEYS = ("org", "project", "key_id", "model", "route", "dialect", "reserve_tokens")
 
@@ -50,12 +49,12 @@ def _json_to_metadata() -> dict[str, Any]:
     for field, key in BODY_FIELDS:
         rule: dict[str, Any] = {
             "selectors": [{"key": field}],
-            "on_present": {"metadata_namespace": BODY_NAMESPACE, "key": key,
+            "on_present": {"metadata_namespace": REQUEST, "key": key,
                            "preserve_existing_metadata_value": True},
         }
         if field == "model":
             # a body that is not JSON, or not an object, is flagged for ext_authz to refuse
-            rule["on_error"] = {"metadata_namespace": BODY_NAMESPACE, "key": "body_error",
+            rule["on_error"] = {"metadata_namespace": REQUEST, "key": "body_error",
                                 "value": True}
         rules.append(rule)
     return {
@@ -68,7 +67,7 @@ def _json_to_metadata() -> dict[str, Any]:
 
 def _ext_authz() -> dict[str, Any]:
     return {
-        "name": "envoy.filters.http.ext_authz",
+        "name": AUTHZ,  # the filter's name is also the namespace it writes metadata to
         "typed_config": _typed(
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             grpc_service={"envoy_grpc": {"cluster_name": EXTAUTHZ_CLUSTER},
@@ -76,7 +75,7 @@ def _ext_authz() -> dict[str, Any]:
             transport_api_version="V3",
             failure_mode_allow=False,  # authentication is always fail-closed
             status_on_error={"code": 503},
-            metadata_context_namespaces=[BODY_NAMESPACE],
+            metadata_context_namespaces=[REQUEST],
             include_peer_certificate=False,
         ),
     }
@@ -84,7 +83,7 @@ def _ext_authz() -> dict[str, Any]:
 
 def _ratelimit() -> dict[str, Any]:
     return {
-        "name": "envoy.filters.http.ratelimit",
+        "name": RATELIMIT,
         "typed_config": _typed(
             "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
             domain="tollway",
@@ -134,13 +133,13 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
                   "host_rewrite_literal": p.upstream.sni or p.upstream.host,
                   "rate_limits": [{"actions": [
                       {"metadata": {"descriptor_key": k, "source": "DYNAMIC",
-                                    "metadata_key": {"key": AUTHZ_METADATA,
+                                    "metadata_key": {"key": AUTHZ,
                                                      "path": [{"key": k}]}}}
                       for k in DESCRIPTOR_KEYS]}]},
         "metadata": {"filter_metadata": {"tollway": {
             "route": r.name, "dialect": r.dialect.value, "provider": p.name,
             "action": r.action}}},
-        "typed_per_filter_config": {"envoy.filters.http.ext_authz": _typed(
+        "typed_per_filter_config": {AUTHZ: _typed(
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             check_settings={"context_extensions": {"route": r.name}})},
     }
@@ -154,7 +153,7 @@ def _not_found() -> dict[str, Any]:
             Dialect.OPENAI, "not_found", "no such endpoint on this gateway")}},
         "response_headers_to_add": [{"header": {"key": "content-type",
                                                 "value": "application/json"}}],
-        "typed_per_filter_config": {"envoy.filters.http.ext_authz": _typed(
+        "typed_per_filter_config": {AUTHZ: _typed(
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True)},
     }
 
