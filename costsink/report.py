@@ -11,7 +11,6 @@ import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -31,11 +30,12 @@ class Line:
     unpriced: int = 0
 
 
-def summarize(rows: Iterable[LedgerRow], by: list[str], since: datetime, until: datetime,
-              tz: ZoneInfo) -> list[Line]:
+def summarize(rows: Iterable[LedgerRow], by: list[str], tz: ZoneInfo) -> list[Line]:
+    """Sum the rows given (the ledger query chose the period); unauthenticated ones are
+    skipped: they belong to no key."""
     lines: dict[tuple[str, ...], Line] = {}
     for r in rows:
-        if not since <= r.at < until or r.key_id is None:
+        if r.key_id is None:
             continue
         values = {"org": r.org or "-", "project": r.project or "-", "key": r.key_id,
                   "model": r.model or "-", "day": r.at.astimezone(tz).date().isoformat()}

@@ -33,11 +33,15 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=int(m.group(1)) * UNITS[m.group(2)])
 
 
-def _manifest(args: argparse.Namespace) -> Manifest:
+def _manifest_path(args: argparse.Namespace) -> Path:
     path = args.manifest or os.environ.get("TOLLWAY_MANIFEST")
     if not path:
         raise CliError("no manifest: pass --manifest FILE or set TOLLWAY_MANIFEST")
-    return load(path)
+    return Path(path)
+
+
+def _manifest(args: argparse.Namespace) -> Manifest:
+    return load(_manifest_path(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -68,14 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if n not in SERVICE_NAMES:
             raise CliError(f"unknown service {n!r}: choose from {', '.join(SERVICE_NAMES)}")
     _manifest(args)  # refuse a bad manifest with its own message before anything starts
-    run(Path(args.manifest or os.environ["TOLLWAY_MANIFEST"]), names)
+    run(_manifest_path(args), names)
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from tollway.up import up
 
-    return up(Path(args.manifest), _manifest(args))
+    return up(_manifest_path(args), _manifest(args))
 
 
 def _period(text: str, tz: ZoneInfo) -> tuple[datetime, datetime]:
@@ -112,7 +116,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
             return await ledger.rows(since, until)
         finally:
             await ledger.close()
-    lines = summarize(asyncio.run(go()), by, since, until, tz)
+    lines = summarize(asyncio.run(go()), by, tz)
     currency = m.rate_card.currency if m.rate_card else "USD"
     print(render(lines, by, args.format, currency))
     return 0
