@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -127,13 +128,9 @@ def up(manifest_path: Path, m: Manifest) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    stopping = {"flag": False}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
         deadline = time.monotonic() + 30
         started_mocks: set[tuple[str, int]] = set()
@@ -178,11 +175,10 @@ Then:
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "hello"}}]}}'
 
 Ctrl-C stops everything.""", flush=True)
-        while not stopping["flag"]:
+        while not stopping.wait(0.2):
             for name, proc in children:
                 if proc.poll() is not None:
                     raise UpError(f"{name} exited with status {proc.returncode}")
-            time.sleep(0.2)
         return 0
     except UpError as e:
         print(f"tollway: {e}", file=sys.stderr)

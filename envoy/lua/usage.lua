@@ -61,9 +61,8 @@ function envoy_on_response(response_handle)
   local found = {}
   local tail = ""
   for chunk in response_handle:bodyChunks() do
-    local text = chunk:getBytes(0, chunk:length())
-    scan(tail .. text, found)
-    local joined = tail .. text
+    local joined = tail .. chunk:getBytes(0, chunk:length())
+    scan(joined, found)
     tail = string.sub(joined, -TAIL)
   end
   local meta = response_handle:streamInfo():dynamicMetadata()
