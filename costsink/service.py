@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,8 +49,16 @@ def _ms(d: Any) -> int:
     return int(d.seconds * 1000 + d.nanos // 1_000_000)
 
 
-def to_row(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[LedgerRow, Usage,
-                                                                          dict[str, Any]]:
+@dataclass(frozen=True)
+class Entry:
+    """One access-log entry, read: its ledger row and what settling its reservation needs."""
+
+    row: LedgerRow
+    actual_tokens: int  # every token the provider processed, as TPM counts them
+    ratelimit: dict[str, Any]  # reserved_tokens and charged_at_ms, when it was rate limited
+
+
+def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
     authz, usage_md, rl = _ns(entry, AUTHZ), _ns(entry, USAGE), _ns(entry, RATELIMIT)
     usage = Usage(input_tokens=int(usage_md.get("input_tokens", 0)),
                   output_tokens=int(usage_md.get("output_tokens", 0)),
@@ -83,14 +92,14 @@ def to_row(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[Ledger
         or flags.downstream_remote_reset,
         deny_reason=authz.get("deny_reason"),
     )
-    return row, usage, rl
+    return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl)
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, manifest: Compiled[Manifest], ledger: Ledger) -> None:
         self.manifest = manifest
         self.ledger = ledger
-        self.queue: asyncio.Queue[tuple[LedgerRow, Usage, dict[str, Any]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Entry] = asyncio.Queue()
         self._settle: settle_pb2_grpc.TokenSettlementStub | None = None
         self._channel: grpc.aio.Channel | None = None
 
@@ -101,7 +110,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             m = self.manifest.value
             for entry in message.http_logs.log_entry:
                 try:
-                    await self.queue.put(to_row(m, entry))
+                    await self.queue.put(to_entry(m, entry))
                     INGESTED.labels("queued").inc()
                 except Exception:
                     INGESTED.labels("unreadable").inc()
@@ -124,30 +133,30 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             QUEUE.set(self.queue.qsize())
             await self.write(batch)
 
-    async def write(self, batch: list[tuple[LedgerRow, Usage, dict[str, Any]]]) -> None:
+    async def write(self, batch: list[Entry]) -> None:
         while True:
             try:
-                new = await self.ledger.append([row for row, _, _ in batch])
+                new = await self.ledger.append([item.row for item in batch])
                 break
             except Exception as e:  # keep the batch; nothing is dropped while we retry
                 log.error("ledger write failed, retrying in 1 s: %s", e)
                 await asyncio.sleep(1.0)
         INGESTED.labels("recorded").inc(len(new))
         INGESTED.labels("duplicate").inc(len(batch) - len(new))
-        LAG.set((datetime.now(UTC) - batch[-1][0].at).total_seconds())
-        for row, usage, rl in batch:
-            if row.request_id in new and "reserved_tokens" in rl and row.key_id and row.model:
-                await self._settle_one(row, usage, rl)
+        LAG.set((datetime.now(UTC) - batch[-1].row.at).total_seconds())
+        for item in batch:
+            row = item.row
+            if row.request_id in new and "reserved_tokens" in item.ratelimit and row.key_id \
+                    and row.model:
+                await self._settle_one(item)
 
-    async def _settle_one(self, row: LedgerRow, usage: Usage, rl: dict[str, Any]) -> None:
-        m = self.manifest.value
-        route = m.route(row.route or "")
-        dialect = route.dialect if route else Dialect.OPENAI
+    async def _settle_one(self, item: Entry) -> None:
+        row, rl = item.row, item.ratelimit
         try:
             await self._stub().Settle(settle_pb2.SettleRequest(
                 key_id=row.key_id, model=row.model,
                 reserved_tokens=int(float(rl["reserved_tokens"])),
-                actual_tokens=usage.total(dialect),
+                actual_tokens=item.actual_tokens,
                 charged_at_ms=int(float(rl["charged_at_ms"]))), timeout=2)
         except grpc.aio.AioRpcError as e:
             log.warning("could not settle %s: %s", row.request_id, e.details())
