@@ -20,10 +20,17 @@ local FIELDS = {
   cache_creation_input_tokens = "cache_creation_input_tokens",
 }
 
-local function scan(text, found)
+-- Records every usage field found in `text` at once: the client may hang up (and Envoy end
+-- the stream) right after the chunk that carried the usage, before the body loop completes.
+-- The metadata object is fetched anew on each call: Envoy invalidates handles across a yield.
+local function scan(text, response_handle)
   for field, name in pairs(FIELDS) do
+    local last = nil
     for value in string.gmatch(text, '"' .. field .. '"%s*:%s*(%d+)') do
-      found[name] = tonumber(value)
+      last = tonumber(value)
+    end
+    if last ~= nil then
+      response_handle:streamInfo():dynamicMetadata():set("tollway.usage", name, last)
     end
   end
 end
@@ -58,15 +65,10 @@ function envoy_on_request(request_handle)
 end
 
 function envoy_on_response(response_handle)
-  local found = {}
   local tail = ""
   for chunk in response_handle:bodyChunks() do
     local joined = tail .. chunk:getBytes(0, chunk:length())
-    scan(joined, found)
+    scan(joined, response_handle)
     tail = string.sub(joined, -TAIL)
-  end
-  local meta = response_handle:streamInfo():dynamicMetadata()
-  for name, value in pairs(found) do
-    meta:set("tollway.usage", name, value)
   end
 end

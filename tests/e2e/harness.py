@@ -187,3 +187,7 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+    # a failing Lua script never shows in a response; its errors only reach Envoy's log
+    envoy_log = (logs / "envoy.log").read_text(errors="replace")
+    lua_errors = [line for line in envoy_log.splitlines() if "][error][lua]" in line]
+    assert not lua_errors, "the Lua usage filter failed:\n" + "\n".join(lua_errors[:5])
