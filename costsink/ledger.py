@@ -47,6 +47,8 @@ class LedgerRow:
 
 COLUMNS = [f.name for f in fields(LedgerRow)]
 
+SpendTotal = tuple[str, str, str, str | None, Decimal]  # org, project, key_id, model, cost
+
 
 class Ledger(abc.ABC):
     @abc.abstractmethod
@@ -63,6 +65,10 @@ class Ledger(abc.ABC):
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]:
         """Rows with since <= at < until (either bound optional), oldest first."""
+
+    @abc.abstractmethod
+    async def spend_totals(self, since: datetime) -> list[SpendTotal]:
+        """Priced spend since `since` by org, project, key and model."""
 
 
 PG_SCHEMA = """
@@ -131,6 +137,22 @@ class SqliteLedger(Ledger):
         return await self._worker.run(q)
 
 
+    async def spend_totals(self, since: datetime) -> list[SpendTotal]:
+        lo = since.astimezone(UTC).isoformat()
+
+        def q(db: sqlite3.Connection) -> list[SpendTotal]:
+            totals: dict[tuple[str, str, str, str | None], Decimal] = {}
+            # costs are exact decimal text here: sum them in Python, not as SQLite floats
+            for org, project, key_id, model, cost in db.execute(
+                    "SELECT org, project, key_id, model, cost FROM tollway_ledger WHERE at >= ? "
+                    "AND cost IS NOT NULL AND key_id IS NOT NULL AND org IS NOT NULL "
+                    "AND project IS NOT NULL", (lo,)):
+                k = (org, project, key_id, model)
+                totals[k] = totals.get(k, Decimal(0)) + Decimal(cost)
+            return [(*k, v) for k, v in totals.items()]
+        return await self._worker.run(q)
+
+
 def _sqlite_value(v: object) -> object:
     if isinstance(v, datetime):
         return v.astimezone(UTC).isoformat()
@@ -185,6 +207,16 @@ class PostgresLedger(Ledger):
                                        "($2::timestamptz IS NULL OR at < $2) "
                                        "ORDER BY at, request_id", since, until)
         return [LedgerRow(**dict(r)) for r in records]
+
+
+    async def spend_totals(self, since: datetime) -> list[SpendTotal]:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            records = await conn.fetch(
+                "SELECT org, project, key_id, model, SUM(cost) AS cost FROM tollway_ledger "
+                "WHERE at >= $1 AND cost IS NOT NULL AND key_id IS NOT NULL AND org IS NOT NULL"
+                " AND project IS NOT NULL GROUP BY org, project, key_id, model", since)
+        return [(r["org"], r["project"], r["key_id"], r["model"], r["cost"]) for r in records]
 
 
 _PG_TYPES = ["text", "timestamptz", "text", "text", "text", "text", "text", "text", "text",

@@ -1,8 +1,11 @@
 """Envoy's gRPC access-log sink: every request → a priced, idempotent ledger row.
 
 Entries are queued as they stream in and written in batches by one writer task, so a slow
-database never slows Envoy's log stream. After a batch commits, each newly recorded request's
-token reservation is settled with the rate limiter, once (a replayed entry is not new).
+database never slows Envoy's log stream. A batch the ledger cannot take goes to the disk spool,
+and so does every batch after it until the spool has been replayed: the ledger receives rows in
+the order they came. Once a batch is durable (in the ledger or the spool), each newly recorded
+request's cost is added to spend, its budget hold released and its token reservation settled,
+once (a replayed entry is not new).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
 from tollway.metadata import AUTHZ, RATELIMIT, USAGE
+from tollway.pricing import Usage, price
 from tollway.reload import Compiled
 
 from .ledger import Ledger, LedgerRow
-from .pricing import Usage, price
+from .spend import SpendRecorder
+from .spool import Spool
 
 log = logging.getLogger("tollway.costsink")
 
@@ -36,8 +41,12 @@ PRICING_MISSES = Counter("tollway_costsink_pricing_misses_total",
                          "Entries whose model is not on the rate card", ["provider", "model"])
 QUEUE = Gauge("tollway_costsink_queue_depth", "Entries waiting for the ledger writer")
 LAG = Gauge("tollway_costsink_lag_seconds", "Age of the newest entry written to the ledger")
+SPOOL_DEPTH = Gauge("tollway_costsink_spool_depth",
+                    "Entries spooled to disk, not yet in the ledger")
 
 BATCH = 500
+LEDGER_TIMEOUT = 5.0  # a write slower than this goes to the spool instead
+REPLAY_INTERVAL = 1.0
 
 
 def _ns(entry: accesslog_pb2.HTTPAccessLogEntry, name: str) -> dict[str, Any]:
@@ -56,6 +65,7 @@ class Entry:
     row: LedgerRow
     actual_tokens: int  # every token the provider processed, as TPM counts them
     ratelimit: dict[str, Any]  # reserved_tokens and charged_at_ms, when it was rate limited
+    hold: int = 0  # the budget hold extauthz placed, in budgets.UNIT
 
 
 def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
@@ -92,16 +102,23 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
         or flags.downstream_remote_reset,
         deny_reason=authz.get("deny_reason"),
     )
-    return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl)
+    return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl,
+                 hold=int(authz.get("budget_hold", 0)))
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, manifest: Compiled[Manifest], ledger: Ledger) -> None:
+    def __init__(self, manifest: Compiled[Manifest], ledger: Ledger, spool: Spool,
+                 spend: SpendRecorder) -> None:
         self.manifest = manifest
         self.ledger = ledger
+        self.spool = spool
+        self.spend = spend
         self.queue: asyncio.Queue[Entry] = asyncio.Queue()
+        self.ledger_open = False
+        self._inflight: list[Entry] = []
         self._settle: settle_pb2_grpc.TokenSettlementStub | None = None
         self._channel: grpc.aio.Channel | None = None
+        SPOOL_DEPTH.set(spool.depth)
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[
             als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
@@ -127,28 +144,84 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
 
     async def write_forever(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            while len(batch) < BATCH and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            self._inflight = [await self.queue.get()]
+            while len(self._inflight) < BATCH and not self.queue.empty():
+                self._inflight.append(self.queue.get_nowait())
             QUEUE.set(self.queue.qsize())
+            await self.write(self._inflight)
+            self._inflight = []
+
+    async def drain(self) -> None:
+        """At shutdown: whatever was taken or queued is written (or spooled), not dropped."""
+        batch = self._inflight + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        self._inflight = []
+        if batch:
             await self.write(batch)
 
     async def write(self, batch: list[Entry]) -> None:
-        while True:
-            try:
-                new = await self.ledger.append([item.row for item in batch])
-                break
-            except Exception as e:  # keep the batch; nothing is dropped while we retry
-                log.error("ledger write failed, retrying in 1 s: %s", e)
-                await asyncio.sleep(1.0)
+        new = await self._make_durable([item.row for item in batch])
         INGESTED.labels("recorded").inc(len(new))
         INGESTED.labels("duplicate").inc(len(batch) - len(new))
-        LAG.set((datetime.now(UTC) - batch[-1].row.at).total_seconds())
+        m = self.manifest.value
         for item in batch:
             row = item.row
-            if row.request_id in new and "reserved_tokens" in item.ratelimit and row.key_id \
-                    and row.model:
+            if row.request_id not in new:
+                continue
+            await self.spend.record(m, row, item.hold)
+            if "reserved_tokens" in item.ratelimit and row.key_id and row.model:
                 await self._settle_one(item)
+
+    async def _make_durable(self, rows: list[LedgerRow]) -> set[str]:
+        """Write to the ledger, or to the spool while the ledger is away or behind it.
+        Returns the request ids recorded for the first time."""
+        if self.spool.empty():
+            try:
+                new = await self._append(rows)
+                LAG.set((datetime.now(UTC) - rows[-1].at).total_seconds())
+                return new
+            except Exception as e:
+                log.error("ledger write failed, spooling to disk until it is back: %s", e)
+        while True:
+            try:
+                await self.spool.append(rows)
+                break
+            except OSError as e:  # a full disk: keep the batch, nothing is dropped
+                log.error("spool write failed, retrying in 1 s: %s", e)
+                await asyncio.sleep(1.0)
+        SPOOL_DEPTH.set(self.spool.depth)
+        return {r.request_id for r in rows}
+
+    async def ensure_open(self) -> None:
+        if not self.ledger_open:
+            await asyncio.wait_for(self.ledger.open(), LEDGER_TIMEOUT)
+            self.ledger_open = True
+
+    async def _append(self, rows: list[LedgerRow]) -> set[str]:
+        await self.ensure_open()
+        return await asyncio.wait_for(self.ledger.append(rows), LEDGER_TIMEOUT)
+
+    async def replay(self) -> bool:
+        """Move spooled rows into the ledger, oldest first; False if the ledger is still away."""
+        for path in self.spool.files():
+            rows = self.spool.read(path)
+            try:
+                if rows:
+                    await self._append(rows)
+            except Exception as e:
+                log.warning("ledger still unreachable, %d entries spooled: %s",
+                            self.spool.depth, e)
+                return False
+            self.spool.remove(path, len(rows))
+            SPOOL_DEPTH.set(self.spool.depth)
+            if self.spool.empty():
+                log.info("spool replayed: the ledger is up to date")
+        return True
+
+    async def replay_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPLAY_INTERVAL)
+            if not self.spool.empty():
+                await self.replay()
 
     async def _settle_one(self, item: Entry) -> None:
         row, rl = item.row, item.ratelimit
@@ -162,5 +235,6 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             log.warning("could not settle %s: %s", row.request_id, e.details())
 
     async def close(self) -> None:
+        await self.spend.close()
         if self._channel is not None:
             await self._channel.close()

@@ -25,7 +25,8 @@ class ExtAuthz:
         self.ctx = ctx
         self.store = store
         self.mirror = KeyMirror(store)
-        self.servicer = AuthorizationService(runtime, self.mirror, pepper_value)
+        self.servicer = AuthorizationService(runtime, self.mirror, pepper_value,
+                                             ctx.spend_store())
 
     def register(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)

@@ -47,6 +47,7 @@ class RequestFacts:
     body: Mapping[str, Any]  # the json_to_metadata namespace: model, stream, max_tokens, flags
     source_ip: str
     body_bytes: int | None  # from content-length; None when the client streamed the body
+    request_id: str = ""  # Envoy's x-request-id: the access log's entry carries the same
 
 
 @dataclass(frozen=True)

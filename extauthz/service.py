@@ -19,7 +19,9 @@ from tollway.errors import error_body, status_of
 from tollway.manifest.model import Dialect
 from tollway.metadata import REQUEST
 from tollway.reload import Compiled
+from tollway.spend import SpendStore
 
+from .budget import Held, hold_budget
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .keymirror import KeyMirror
 
@@ -55,10 +57,13 @@ def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
     return RequestFacts(route_name=attrs.context_extensions.get("route"),
                         headers=headers, body=body,
                         source_ip=attrs.source.address.socket_address.address,
-                        body_bytes=int(length) if length.isdigit() else None)
+                        body_bytes=int(length) if length.isdigit() else None,
+                        # Envoy sets x-request-id before ext_authz; http.id is a stream number
+                        request_id=headers.get("x-request-id", ""))
 
 
-def allow_response(allow: Allow, request_headers: Any) -> external_auth_pb2.CheckResponse:
+def allow_response(allow: Allow, request_headers: Any, held: int
+                   ) -> external_auth_pb2.CheckResponse:
     b = allow.binding
     if allow.provider.dialect is Dialect.ANTHROPIC:
         set_headers = [_header("x-api-key", allow.credential)]
@@ -82,6 +87,7 @@ def allow_response(allow: Allow, request_headers: Any) -> external_auth_pb2.Chec
         "fail_closed": allow.route.fail_closed,
         # a string: Envoy's rate-limit descriptors read string metadata only
         "reserve_tokens": str(allow.reserve_tokens),
+        "budget_hold": str(held) if held else None,  # units; costsink releases it
     })
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
@@ -106,10 +112,12 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror, pepper: bytes) -> None:
+    def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror, pepper: bytes,
+                 spend: SpendStore) -> None:
         self.runtime = runtime
         self.mirror = mirror
         self.pepper = pepper
+        self.spend = spend
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
@@ -124,8 +132,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 if key_id in rt.manifest.bindings and await self.mirror.fetch(key_id):
                     result = decide(rt, self.mirror, self.pepper, facts, datetime.now(UTC))
             if isinstance(result, Allow):
-                DECISIONS.labels("allow", "ok").inc()
-                return allow_response(result, facts.headers)
+                held = await hold_budget(self.spend, rt, result, facts, datetime.now(UTC))
+                if isinstance(held, Held):
+                    DECISIONS.labels("allow", "ok").inc()
+                    return allow_response(result, facts.headers, held.amount)
+                result = held
             DECISIONS.labels("deny", result.code).inc()
             return deny_response(result)
         except Exception:

@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from tollway.manifest import Manifest
 from tollway.reload import ManifestWatcher
+from tollway.spend import SpendStore, open_spend_store
 
 log = logging.getLogger("tollway.serve")
 
@@ -35,10 +36,18 @@ class ServiceContext:
     manifest_path: Path
     watcher: ManifestWatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _spend: SpendStore | None = None
 
     @property
     def manifest(self) -> Manifest:
         return self.watcher.manifest
+
+    def spend_store(self) -> SpendStore:
+        """One per process: with `counters: memory`, extauthz's holds and costsink's commits
+        must meet in the same object."""
+        if self._spend is None:
+            self._spend = open_spend_store(self.manifest.storage.counters)
+        return self._spend
 
 
 class Service(Protocol):
@@ -62,6 +71,11 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
 
     watcher = ManifestWatcher(manifest_path, load(manifest_path))
     ctx = ServiceContext(manifest_path=manifest_path, watcher=watcher)
+    if ctx.spend_store().shared_in_process and {"extauthz", "costsink"} - set(names) \
+            and {"extauthz", "costsink"} & set(names):
+        raise SystemExit("storage.counters is 'memory': spend lives in one process, so "
+                         "extauthz and costsink must be served together (--services "
+                         "extauthz,ratelimit,costsink); use redis:// to run them apart")
     services: dict[str, Service] = {}
     for name in names:
         module = importlib.import_module(name)
@@ -120,6 +134,7 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     await asyncio.gather(*ctx.tasks, return_exceptions=True)
     for s in services.values():
         await s.stop()
+    await ctx.spend_store().close()
 
 
 def run(manifest_path: Path, names: list[str]) -> None:

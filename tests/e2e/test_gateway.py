@@ -240,6 +240,18 @@ def test_client_cannot_assert_identity_headers(gw: Gateway) -> None:
     assert not any(h.startswith("x-tollway-") for h in headers)
 
 
+def test_client_cannot_choose_the_request_id(gw: Gateway) -> None:
+    """The ledger is idempotent on the request id and holds are keyed by it: a client that
+    could repeat one would have its later requests go unrecorded."""
+    body = b'{"model": "gpt-5.4-mini", "messages": []}'
+    ids = []
+    for _ in range(2):
+        r = post(gw, "/v1/chat/completions", body, **{"x-request-id": "chosen-by-client"})
+        assert r.status_code == 200
+        ids.append(gw.seen()[-1]["request_id"])
+    assert "chosen-by-client" not in ids and len(set(ids)) == 2
+
+
 def test_identity_headers_only_where_the_provider_asks_for_them(gw: Gateway) -> None:
     """The anthropic provider of the test manifest sets identity_headers: true."""
     body = b'{"model": "claude-haiku", "max_tokens": 5, "messages": []}'

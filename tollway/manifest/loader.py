@@ -488,7 +488,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
         root.fail("version", "must be 1")
 
     g = root.child("gateway")
-    g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes"})
+    g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes", "alert_webhook"})
     tz = g.text("timezone", "UTC")
     try:
         ZoneInfo(tz)
@@ -497,7 +497,10 @@ def parse(doc: Any, source: str = "") -> Manifest:
     gateway = Gateway(listen=_host_port(g, "listen", "127.0.0.1:8080"),
                       admin_port=g.integer("admin_port", 9901),
                       timezone=tz,
-                      max_request_bytes=g.integer("max_request_bytes", 4 * 1024 * 1024))
+                      max_request_bytes=g.integer("max_request_bytes", 4 * 1024 * 1024),
+                      alert_webhook=g.opt_str("alert_webhook"))
+    if gateway.alert_webhook and not gateway.alert_webhook.startswith(("http://", "https://")):
+        g.fail("alert_webhook", "must be an http:// or https:// URL")
 
     s = root.child("services")
     s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port"})

@@ -209,6 +209,7 @@ class Gateway:
     admin_port: int
     timezone: str
     max_request_bytes: int
+    alert_webhook: str | None = None  # budget alerts are POSTed here as JSON
 
 
 @dataclass(frozen=True)

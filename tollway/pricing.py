@@ -45,3 +45,20 @@ def price(card: RateCard | None, provider: str, model: str, dialect: Dialect,
         uncached = max(0, usage.input_tokens - usage.cached_input_tokens)
     return (Decimal(uncached) * p.input + Decimal(usage.cached_input_tokens) * cached_price
             + Decimal(usage.output_tokens) * p.output) / MILLION
+
+
+def max_cost(card: RateCard | None, provider: str, model: str, body_bytes: int,
+             max_output_tokens: int) -> Decimal | None:
+    """The most a request can cost: what a budget holds before the request is let through.
+
+    Every token covers at least one byte of the request body, so `body_bytes` bounds the input
+    tokens (whether cached, written to a cache or not: none is priced above the input price);
+    the output is bounded by `max_tokens` or the model's cap. None: the model is not priced.
+    """
+    if card is None:
+        return None
+    p = next((p for p in card.prices if p.provider == provider and p.model == model), None)
+    if p is None:
+        return None
+    top_input = max(p.input, p.cached_input or Decimal(0))
+    return (Decimal(body_bytes) * top_input + Decimal(max_output_tokens) * p.output) / MILLION

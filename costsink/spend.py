@@ -1,0 +1,107 @@
+"""Recorded cost → spend counters, the release of budget holds, and budget alerts.
+
+An alert threshold (a quota's `alerts: [0.8, ...]`) fires once per budget, threshold and period:
+the counter store remembers that it fired, so replicas and restarts do not repeat it. It fires
+as a log line, a metric and, if `gateway.alert_webhook` is set, one JSON POST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+from prometheus_client import Counter
+
+from tollway.budgets import (
+    base_counters,
+    budgets_for,
+    counters_for,
+    from_units,
+    period_labels,
+    to_units,
+)
+from tollway.manifest import Manifest
+from tollway.spend import SpendStore, SpendUnavailable
+
+from .ledger import LedgerRow
+
+log = logging.getLogger("tollway.costsink.spend")
+
+ALERTS = Counter("tollway_budget_alerts_total", "Budget alert thresholds crossed",
+                 ["scope", "quota", "period", "threshold"])
+SPEND_ERRORS = Counter("tollway_costsink_spend_errors_total",
+                       "Spend commits that failed (the counter store was unreachable)")
+
+
+class SpendRecorder:
+    def __init__(self, store: SpendStore) -> None:
+        self.store = store
+        self._webhooks: set[asyncio.Task[None]] = set()
+
+    async def record(self, m: Manifest, row: LedgerRow, hold: int) -> None:
+        """Add the row's cost to its counters and release its hold; fire crossed alerts."""
+        if not (row.key_id and row.org and row.project) or (not row.cost and not hold):
+            return
+        labels = period_labels(row.at, m.gateway.timezone)
+        counters = counters_for(m, row.org, row.project, row.key_id, row.model, labels)
+        amount = to_units(row.cost) if row.cost else 0
+        try:
+            spent = await self.store.commit(row.org, row.request_id, counters, amount)
+        except SpendUnavailable as e:
+            SPEND_ERRORS.inc()
+            log.error("could not add %s to spend (hold expires by itself): %s",
+                      row.request_id, e)
+            return
+        binding = m.bindings.get(row.key_id)
+        if binding is None or not row.model or not amount:
+            return
+        now_spent = dict(zip((c.key for c in counters), spent, strict=True))
+        for b in budgets_for(m, binding, row.model, labels):
+            value = now_spent.get(b.counter.key, 0)
+            for threshold in b.alerts:
+                if value >= b.limit * threshold and await self.store.first_alert(
+                        row.org, b.counter, f"{b.scope}/{b.quota}:{threshold}"):
+                    self._fire(m, b.label, b.scope, b.quota, b.counter.period,
+                               b.counter.label, threshold, from_units(value),
+                               from_units(b.limit))
+
+    def _fire(self, m: Manifest, label: str, scope: str, quota: str, period: str,
+              period_label: str, threshold: Decimal, spent: Decimal, limit: Decimal) -> None:
+        currency = m.rate_card.currency if m.rate_card else ""
+        ALERTS.labels(scope, quota, period, str(threshold)).inc()
+        log.warning("budget alert: %s reached %s%% in %s: spent %s of %s %s", label,
+                    threshold * 100, period_label, spent, limit, currency)
+        if m.gateway.alert_webhook:
+            payload = {"alert": "budget_threshold", "scope": scope, "quota": quota,
+                       "period": period, "period_label": period_label,
+                       "threshold": str(threshold), "spent": str(spent), "limit": str(limit),
+                       "currency": currency}
+            task = asyncio.create_task(self._post(m.gateway.alert_webhook, payload))
+            self._webhooks.add(task)
+            task.add_done_callback(self._webhooks.discard)
+
+    @staticmethod
+    async def _post(url: str, payload: dict[str, Any]) -> None:
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
+                    s.post(url, json=payload) as r:
+                if r.status >= 300:
+                    log.error("alert webhook %s answered %s", url, r.status)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.error("alert webhook %s failed: %s", url, e)
+
+    async def seed(self, m: Manifest, totals: list[tuple[str, str, str, str | None, Decimal]],
+                   period: str, at: datetime) -> None:
+        """Start an empty in-process store from the ledger's totals for the current period."""
+        labels = {period: period_labels(at, m.gateway.timezone)[period]}
+        for org, project, key_id, model, cost in totals:
+            counters = counters_for(m, org, project, key_id, model, labels) if model else \
+                base_counters(org, project, key_id, labels)
+            await self.store.commit(org, "", counters, to_units(cost))
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._webhooks, return_exceptions=True)

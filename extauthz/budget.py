@@ -1,0 +1,77 @@
+"""Budget state for an allowed request: hold its maximum possible cost, or answer 402.
+
+The hold is what keeps 64 requests in flight from overrunning a budget together: each one
+reserves the most it can cost before it is let through, and costsink turns that into the real
+cost when the access log arrives (docs/architecture.md#budgets).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from prometheus_client import Counter
+
+from tollway.budgets import budgets_for, from_units, period_labels, to_units
+from tollway.pricing import max_cost
+from tollway.spend import SpendStore, SpendUnavailable
+
+from .decision import Allow, Deny, RequestFacts, Runtime
+
+log = logging.getLogger("tollway.extauthz.budget")
+
+BUDGET_DECISIONS = Counter("tollway_budget_decisions_total",
+                           "Budget checks of allowed requests",
+                           ["result"])  # held, refused, monitor_over, no_budget, store_down
+
+HOLD_GRACE_MS = 60_000  # past the route timeout: time for the access log to arrive
+
+
+@dataclass(frozen=True)
+class Held:
+    amount: int  # in budgets.UNIT; 0 when no enforced budget applies
+
+
+async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
+                      now: datetime) -> Held | Deny:
+    m, b = rt.manifest, allow.binding
+    budgets = budgets_for(m, b, allow.model, period_labels(now, m.gateway.timezone))
+    if not budgets:
+        BUDGET_DECISIONS.labels("no_budget").inc()
+        return Held(0)
+    catalogue = allow.provider.model(allow.model)
+    assert catalogue is not None
+    size = facts.body_bytes if facts.body_bytes is not None else m.gateway.max_request_bytes
+    output = min(allow.max_tokens or catalogue.max_output_tokens, catalogue.max_output_tokens)
+    cost = max_cost(m.rate_card, allow.provider.name, allow.model, size, output)
+    # an unpriced model costs nothing countable, but a used-up budget still refuses it
+    amount = max(1, to_units(cost, round_up=True)) if cost is not None else 1
+    try:
+        outcome = await store.hold(b.org.id, facts.request_id, budgets, amount,
+                                   allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
+    except SpendUnavailable as e:
+        BUDGET_DECISIONS.labels("store_down").inc()
+        if allow.route.fail_closed:
+            log.error("spend store unreachable, refusing (fail-closed route): %s", e)
+            return Deny("gateway_unavailable", "the gateway cannot check budgets right now; "
+                        "retry shortly", allow.route.dialect, b.key.id)
+        log.error("spend store unreachable, allowing without a hold: %s", e)
+        return Held(0)
+    for s in outcome.states:
+        if not s.budget.enforce and not s.fits(amount):
+            BUDGET_DECISIONS.labels("monitor_over").inc()
+            log.warning("budget %s would refuse key %s (monitor): spent %s of %s",
+                        s.budget.label, b.key.id, from_units(s.spent), from_units(s.budget.limit))
+    refused = outcome.refused_by
+    if refused is None:
+        BUDGET_DECISIONS.labels("held").inc()
+        return Held(amount if any(x.enforce for x in budgets) else 0)
+    BUDGET_DECISIONS.labels("refused").inc()
+    currency = m.rate_card.currency if m.rate_card else ""
+    bg = refused.budget
+    return Deny("budget_exceeded",
+                f"budget exceeded: {bg.label} is {from_units(bg.limit)} {currency}; spent "
+                f"{from_units(refused.spent)}, held for requests in flight "
+                f"{from_units(refused.held)}, this request may cost up to "
+                f"{from_units(amount)}", allow.route.dialect, b.key.id)

@@ -1,0 +1,142 @@
+"""Budgets end to end: holds keep 64 concurrent clients inside an enforced budget, the SDK sees
+402 budget_exceeded, monitor budgets only report, an alert threshold fires once."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import openai
+import pytest
+
+from .harness import Gateway, run_gateway
+
+pytestmark = pytest.mark.e2e
+
+BUDGET = Decimal("0.01")  # USD per day; a request here may cost up to ~0.00015
+
+
+class Webhook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        Webhook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def hook() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, hook: str) -> Iterator[Gateway]:
+    def mutate(doc: dict[str, Any]) -> None:
+        doc["gateway"]["alert_webhook"] = hook
+        doc["organizations"][0]["projects"] += [
+            {"id": "tight", "quotas": [{"name": "daily-cap", "spend_per_day": str(BUDGET),
+                                        "alerts": [0.5, 0.9]}],
+             "clients": [{"id": "tight-app", "keys": [{"id": "k-tight"}]}]},
+            {"id": "watched", "quotas": [{"name": "soft-cap", "spend_per_day": "0.0001",
+                                          "enforcement": "monitor"}],
+             "clients": [{"id": "watched-app", "keys": [{"id": "k-watched"}]}]},
+        ]
+    with run_gateway(tmp_path_factory.mktemp("budgets"), mutate=mutate) as g:
+        g.issue("k-tight")
+        g.issue("k-watched")
+        yield g
+
+
+def project_spend(gw: Gateway, project: str) -> tuple[Decimal, int]:
+    db = sqlite3.connect(gw.manifest_path.parent / "state" / "ledger.db")
+    try:
+        rows = db.execute("SELECT cost FROM tollway_ledger WHERE project = ? AND status = 200",
+                          (project,)).fetchall()
+    finally:
+        db.close()
+    return sum((Decimal(c) for (c,) in rows), Decimal(0)), len(rows)
+
+
+def client(gw: Gateway, key_id: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issued[key_id], max_retries=0)
+
+
+def ask(c: openai.OpenAI) -> None:
+    c.chat.completions.create(model="gpt-5.4-mini", max_tokens=10,
+                              messages=[{"role": "user", "content": "Say hello."}])
+
+
+def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
+    ok: list[int] = []
+    refusals: list[openai.APIStatusError] = []
+
+    def run(_: int) -> None:
+        c = client(gw, "k-tight")
+        for _ in range(40):
+            try:
+                ask(c)
+                ok.append(1)
+            except openai.APIStatusError as e:
+                refusals.append(e)
+                if len(refusals) > 200:
+                    return
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(run, range(64)))
+
+    assert refusals, "the budget never refused"
+    assert {e.status_code for e in refusals} == {402}
+    body = refusals[0].body
+    assert isinstance(body, dict) and body["code"] == "budget_exceeded"
+    assert "tight/daily-cap" in body["message"]
+
+    # every admitted request reaches the ledger; then a fresh request still finds no room
+    deadline = time.monotonic() + 15
+    while project_spend(gw, "tight")[1] < len(ok):
+        assert time.monotonic() < deadline, "admitted requests missing from the ledger"
+        time.sleep(0.05)
+    with pytest.raises(openai.APIStatusError) as final:
+        ask(client(gw, "k-tight"))
+    assert final.value.status_code == 402, final.value.message
+    spent, count = project_spend(gw, "tight")
+    assert count == len(ok)
+    # the documented bound: never over the budget; and holds did not refuse too early
+    assert spent <= BUDGET
+    assert spent > BUDGET * Decimal("0.95"), f"refused with {spent} of {BUDGET} spent"
+
+
+def test_alert_thresholds_fire_once_each(gw: Gateway) -> None:
+    deadline = time.monotonic() + 10
+    while len(Webhook.received) < 2:
+        assert time.monotonic() < deadline, f"alerts: {Webhook.received}"
+        time.sleep(0.05)
+    assert sorted(a["threshold"] for a in Webhook.received) == ["0.5", "0.9"]
+    assert {a["quota"] for a in Webhook.received} == {"daily-cap"}
+    assert all(a["limit"] == "0.01" and a["currency"] == "USD" for a in Webhook.received)
+
+
+def test_a_monitor_budget_reports_but_never_refuses(gw: Gateway) -> None:
+    c = client(gw, "k-watched")
+    for _ in range(10):
+        ask(c)
+    deadline = time.monotonic() + 10
+    while project_spend(gw, "watched")[1] < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert project_spend(gw, "watched")[0] > Decimal("0.0001")
+    log = (gw.manifest_path.parent / "logs" / "services.log").read_text()
+    assert "watched/soft-cap spend_per_day would refuse key k-watched (monitor)" in log

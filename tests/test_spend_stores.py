@@ -1,0 +1,137 @@
+"""One suite, two spend stores: memory and the real Redis on 127.0.0.1:6379."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from tollway.budgets import Budget, SpendCounter, from_units, to_units
+from tollway.spend import MemorySpendStore, SpendStore
+from tollway.spend.redis_store import RedisSpendStore
+
+REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+T0 = 1_800_000_000_000
+DAY = SpendCounter("project:p", "day", "2027-01-15")
+MONTH = SpendCounter("project:p", "month", "2027-01")
+KEY_DAY = SpendCounter("key:k", "day", "2027-01-15")
+
+
+def budget(limit: int, counter: SpendCounter = DAY, enforce: bool = True,
+           quota: str = "q") -> Budget:
+    return Budget(counter=counter, scope="project:p", quota=quota, limit=limit,
+                  enforce=enforce, alerts=())
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpendStore]:
+    if request.param == "memory":
+        yield MemorySpendStore()
+        return
+    s = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    try:
+        await s.client.ping()
+    except Exception as e:
+        await s.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis not reachable at {REDIS_URL}: {e}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    yield s
+    keys = [k async for k in s.client.scan_iter(f"{s.prefix}:*")]
+    if keys:
+        await s.client.delete(*keys)
+    await s.close()
+
+
+def test_units_are_exact() -> None:
+    cost = Decimal(1234) * Decimal("0.075") / Decimal(1_000_000)
+    assert from_units(to_units(cost)) == cost
+    assert to_units(Decimal("0.00000000001"), round_up=True) == 1
+
+
+async def test_holds_count_until_committed(store: SpendStore) -> None:
+    b = budget(100)
+    assert (await store.hold("o", "r1", [b], 60, 10_000, T0)).allowed
+    refused = await store.hold("o", "r2", [b], 60, 10_000, T0)
+    assert not refused.allowed and refused.refused_by is not None
+    assert refused.states[0].held == 60
+    assert await store.read("o", [DAY], T0) == [(0, 60)]  # a refusal holds nothing
+    assert await store.commit("o", "r1", [DAY, KEY_DAY], 25, T0) == [25, 25]
+    assert await store.read("o", [DAY, KEY_DAY], T0) == [(25, 0), (25, 0)]
+    assert (await store.hold("o", "r2", [b], 60, 10_000, T0)).allowed
+    assert not (await store.hold("o", "r3", [b], 16, 10_000, T0)).allowed
+    assert (await store.hold("o", "r3", [b], 15, 10_000, T0)).allowed
+
+
+async def test_an_expired_hold_is_released(store: SpendStore) -> None:
+    b = budget(100)
+    assert (await store.hold("o", "r1", [b], 90, 1_000, T0)).allowed
+    assert not (await store.hold("o", "r2", [b], 20, 1_000, T0 + 999)).allowed
+    assert (await store.hold("o", "r2", [b], 20, 1_000, T0 + 1_000)).allowed
+    assert await store.read("o", [DAY], T0 + 1_000) == [(0, 20)]
+    # the late entry of the expired request still counts as spent
+    assert await store.commit("o", "r1", [DAY], 30, T0 + 1_500) == [30]
+    assert await store.read("o", [DAY], T0 + 1_500) == [(30, 20)]
+
+
+async def test_monitor_budgets_never_refuse_nor_hold(store: SpendStore) -> None:
+    watch = budget(10, MONTH, enforce=False)
+    outcome = await store.hold("o", "r1", [watch], 50, 10_000, T0)
+    assert outcome.allowed and not outcome.states[0].fits(50)
+    assert await store.read("o", [MONTH], T0) == [(0, 0)]
+
+
+async def test_every_enforced_budget_must_have_room(store: SpendStore) -> None:
+    day, month = budget(100, DAY, quota="d"), budget(1000, MONTH, quota="m")
+    await store.commit("o", "old", [MONTH], 950, T0)
+    outcome = await store.hold("o", "r1", [day, month], 60, 10_000, T0)
+    assert not outcome.allowed
+    assert outcome.refused_by is not None and outcome.refused_by.budget is month
+    assert await store.read("o", [DAY, MONTH], T0) == [(0, 0), (950, 0)]
+
+
+async def test_budgets_on_one_counter_hold_once(store: SpendStore) -> None:
+    a, b = budget(100, quota="a"), budget(200, quota="b")
+    assert (await store.hold("o", "r1", [a, b], 40, 10_000, T0)).allowed
+    assert await store.read("o", [DAY], T0) == [(0, 40)]
+    await store.commit("o", "r1", [DAY], 10, T0)
+    assert await store.read("o", [DAY], T0) == [(10, 0)]
+
+
+async def test_orgs_and_periods_are_separate(store: SpendStore) -> None:
+    await store.commit("o1", "r1", [DAY], 10, T0)
+    other_day = SpendCounter("project:p", "day", "2027-01-16")
+    assert await store.read("o2", [DAY], T0) == [(0, 0)]
+    assert await store.read("o1", [DAY, other_day], T0) == [(10, 0), (0, 0)]
+
+
+async def test_an_alert_fires_once_per_counter_and_mark(store: SpendStore) -> None:
+    assert await store.first_alert("o", DAY, "q:0.8")
+    assert not await store.first_alert("o", DAY, "q:0.8")
+    assert await store.first_alert("o", DAY, "q:0.95")
+    assert await store.first_alert("o", SpendCounter("project:p", "day", "2027-01-16"), "q:0.8")
+
+
+async def test_concurrent_requests_never_overrun_an_enforced_budget(store: SpendStore) -> None:
+    """64 clients, each request's real cost anywhere up to its hold: spent stays in budget."""
+    limit, rng = 10_000, random.Random(7)
+    b = budget(limit)
+    admitted = 0
+
+    async def client(c: int) -> None:
+        nonlocal admitted
+        for i in range(20):
+            rid = f"c{c}-{i}"
+            hold = rng.randint(50, 400)
+            if (await store.hold("o", rid, [b], hold, 60_000)).allowed:
+                admitted += 1
+                await asyncio.sleep(0)
+                await store.commit("o", rid, [DAY], rng.randint(0, hold))
+    await asyncio.gather(*(client(c) for c in range(64)))
+    ((spent, held),) = await store.read("o", [DAY])
+    assert held == 0 and 0 < spent <= limit and admitted > 10

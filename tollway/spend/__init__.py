@@ -1,0 +1,174 @@
+"""Spend counters and budget holds: one interface, a memory and a Redis implementation.
+
+Each counter holds what was spent in its period and what is held for requests in flight. A
+request is let through only if, for every enforced budget, spent + held + its own maximum
+possible cost stays within the limit; then that maximum is held on each counter until the
+access log brings the real cost (`commit`), or until the hold expires (the request can no longer
+be running, and its log entry was lost). Hence, while every request costs no more than its hold,
+spent + held never exceeds an enforced budget: the budget is never overrun. See
+docs/architecture.md#budgets for what can still break that.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+
+from tollway.budgets import Budget, SpendCounter
+from tollway.refs import resolve_dsn
+
+
+class SpendUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    budget: Budget
+    spent: int
+    held: int  # by other requests, before this one
+
+    @property
+    def over(self) -> bool:
+        return self.spent >= self.budget.limit
+
+    def fits(self, amount: int) -> bool:
+        return self.spent + self.held + amount <= self.budget.limit
+
+
+@dataclass(frozen=True)
+class HoldOutcome:
+    allowed: bool
+    states: list[BudgetState]
+    amount: int
+
+    @property
+    def refused_by(self) -> BudgetState | None:
+        if self.allowed:
+            return None
+        return next(s for s in self.states if s.budget.enforce and not s.fits(self.amount))
+
+
+def hold_states(budgets: list[Budget], values: dict[str, tuple[int, int]], amount: int
+                ) -> HoldOutcome:
+    """The reference decision; the Redis script takes the same one."""
+    states = [BudgetState(b, *values.get(b.counter.key, (0, 0))) for b in budgets]
+    allowed = all(s.fits(amount) for s in states if s.budget.enforce)
+    return HoldOutcome(allowed=allowed, states=states, amount=amount)
+
+
+class SpendStore(abc.ABC):
+    shared_in_process = False  # True: only services in this process see the counters
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+                   ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
+        """Check every budget; if no enforced one refuses, hold `amount` once on each
+        distinct counter of the enforced budgets under `request_id`, else change nothing."""
+
+    @abc.abstractmethod
+    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
+                     amount: int, now_ms: int | None = None) -> list[int]:
+        """Add `amount` to each counter, release any hold of `request_id` on it; return the
+        counters' new spent values."""
+
+    @abc.abstractmethod
+    async def read(self, tag: str, counters: list[SpendCounter],
+                   now_ms: int | None = None) -> list[tuple[int, int]]:
+        """(spent, held) of each counter."""
+
+    @abc.abstractmethod
+    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+        """True exactly once per counter (and so per period) and mark: alerts fire once."""
+
+
+@dataclass
+class _Cell:
+    spent: int = 0
+    holds: dict[str, tuple[int, int]] = field(default_factory=dict)  # request → amount, expiry
+    alerts: set[str] = field(default_factory=set)
+    expires_ms: int = 0
+
+    def held(self, now_ms: int) -> int:
+        for rid in [r for r, (_, exp) in self.holds.items() if exp <= now_ms]:
+            del self.holds[rid]
+        return sum(a for a, _ in self.holds.values())
+
+
+class MemorySpendStore(SpendStore):
+    """For a single node: extauthz and costsink share it in one process. No await inside a
+    step, so every step is atomic on the event loop."""
+
+    shared_in_process = True
+
+    def __init__(self) -> None:
+        self._cells: dict[str, _Cell] = {}
+        self._ops = 0
+
+    def _cell(self, tag: str, c: SpendCounter, now_ms: int) -> _Cell:
+        cell = self._cells.setdefault(f"{tag}:{c.key}", _Cell())
+        cell.expires_ms = now_ms + c.ttl_seconds * 1000
+        return cell
+
+    def _sweep(self, now_ms: int) -> None:
+        self._ops += 1
+        if self._ops % 1000 == 0:
+            for k in [k for k, c in self._cells.items() if c.expires_ms <= now_ms]:
+                del self._cells[k]
+
+    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+                   ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        self._sweep(now)
+        cells = {b.counter.key: self._cell(tag, b.counter, now) for b in budgets}
+        outcome = hold_states(budgets, {k: (c.spent, c.held(now)) for k, c in cells.items()},
+                              amount)
+        if outcome.allowed:
+            for key in {b.counter.key for b in budgets if b.enforce}:
+                cells[key].holds[request_id] = (amount, now + ttl_ms)
+        return outcome
+
+    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
+                     amount: int, now_ms: int | None = None) -> list[int]:
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        out = []
+        for c in counters:
+            cell = self._cell(tag, c, now)
+            cell.holds.pop(request_id, None)
+            cell.spent += amount
+            out.append(cell.spent)
+        return out
+
+    async def read(self, tag: str, counters: list[SpendCounter],
+                   now_ms: int | None = None) -> list[tuple[int, int]]:
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        out = []
+        for c in counters:
+            cell = self._cells.get(f"{tag}:{c.key}")
+            out.append((cell.spent, cell.held(now)) if cell else (0, 0))
+        return out
+
+    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+        cell = self._cell(tag, counter, int(time.time() * 1000))
+        if mark in cell.alerts:
+            return False
+        cell.alerts.add(mark)
+        return True
+
+
+def open_spend_store(spec: str) -> SpendStore:
+    url = resolve_dsn(spec)
+    if url == "memory":
+        return MemorySpendStore()
+    if url.startswith(("redis://", "rediss://")):
+        from .redis_store import RedisSpendStore
+
+        return RedisSpendStore(url)
+    raise ValueError(f"unsupported counter store {spec!r}: use memory or redis://")

@@ -1,0 +1,178 @@
+"""Redis spend store: the steps of the memory store, each in one server-side Lua script.
+
+Per counter, a hash `tollway:{<org>}:sp:<counter>` (fields `spent`, `held`, `h:<request id>` for
+each hold, `a:<mark>` for fired alerts) and a sorted set `...:exp` of holds by expiry. Every
+script first releases the counter's expired holds, so `held` never counts a request that can no
+longer be running. Money is added with HINCRBY on the strings it arrives in (exact 64-bit
+integers); only the budget comparison happens in Lua's doubles, exact below 2^53 units.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from tollway.budgets import Budget, SpendCounter
+
+from . import HoldOutcome, SpendStore, SpendUnavailable, hold_states
+
+COMMON = """
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function purge(h, z)
+  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  for _, rid in ipairs(expired) do
+    local a = redis.call('HGET', h, 'h:' .. rid)
+    if a then
+      redis.call('HINCRBY', h, 'held', -tonumber(a))
+      redis.call('HDEL', h, 'h:' .. rid)
+    end
+    redis.call('ZREM', z, rid)
+  end
+end
+local function state(h)
+  return {redis.call('HGET', h, 'spent') or '0', redis.call('HGET', h, 'held') or '0'}
+end
+"""
+
+# KEYS: hash, zset per counter. ARGV: now, amount, request id, hold ttl ms, counters, then per
+# counter: ttl s, hold here (1/0); then budgets, then per budget: counter index, limit, enforce.
+# Returns: allowed (1/0), then per counter: spent, held (before this request).
+HOLD = COMMON + """
+local amount, rid, hold_ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
+local out, spent, held = {1}, {}, {}
+for i = 1, n do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  purge(h, z)
+  local s = state(h)
+  spent[i], held[i] = tonumber(s[1]), tonumber(s[2])
+  out[#out + 1] = s[1]
+  out[#out + 1] = s[2]
+end
+local base = 6 + 2 * n
+for j = 0, tonumber(ARGV[base]) - 1 do
+  local i = tonumber(ARGV[base + 1 + 3 * j])
+  local limit = tonumber(ARGV[base + 2 + 3 * j])
+  if ARGV[base + 3 + 3 * j] == '1' and spent[i] + held[i] + amount > limit then out[1] = 0 end
+end
+if out[1] == 0 then return out end
+for i = 1, n do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  if ARGV[5 + 2 * i] == '1' and redis.call('HEXISTS', h, 'h:' .. rid) == 0 then
+    redis.call('HSET', h, 'h:' .. rid, ARGV[2])
+    redis.call('HINCRBY', h, 'held', ARGV[2])
+    redis.call('ZADD', z, now + hold_ttl, rid)
+  end
+  redis.call('EXPIRE', h, ARGV[4 + 2 * i])
+  redis.call('EXPIRE', z, ARGV[4 + 2 * i])
+end
+return out
+"""
+
+# KEYS: hash, zset per counter. ARGV: now, amount, request id, then per counter: ttl s.
+# Returns each counter's new spent.
+COMMIT = COMMON + """
+local rid = ARGV[3]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  purge(h, z)
+  local a = redis.call('HGET', h, 'h:' .. rid)
+  if a then
+    redis.call('HINCRBY', h, 'held', -tonumber(a))
+    redis.call('HDEL', h, 'h:' .. rid)
+    redis.call('ZREM', z, rid)
+  end
+  redis.call('HINCRBY', h, 'spent', ARGV[2])
+  redis.call('EXPIRE', h, ARGV[3 + i])
+  out[i] = redis.call('HGET', h, 'spent')
+end
+return out
+"""
+
+# KEYS: hash, zset per counter. ARGV: now. Returns spent, held per counter.
+READ = COMMON + """
+local out = {}
+for i = 1, #KEYS / 2 do
+  purge(KEYS[2 * i - 1], KEYS[2 * i])
+  local s = state(KEYS[2 * i - 1])
+  out[#out + 1] = s[1]
+  out[#out + 1] = s[2]
+end
+return out
+"""
+
+
+class RedisSpendStore(SpendStore):
+    def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
+                 max_connections: int = 64) -> None:
+        self.prefix = prefix
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry_on_timeout=False)
+        self.client = redis.Redis(connection_pool=pool)
+        self._hold = self.client.register_script(HOLD)
+        self._commit = self.client.register_script(COMMIT)
+        self._read = self.client.register_script(READ)
+
+    def _keys(self, tag: str, counters: list[SpendCounter]) -> list[str]:
+        out = []
+        for c in counters:
+            h = f"{self.prefix}:{{{tag}}}:sp:{c.key}"
+            out += [h, f"{h}:exp"]
+        return out
+
+    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+                   ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
+        counters = list(dict.fromkeys(b.counter for b in budgets))
+        index = {c: i + 1 for i, c in enumerate(counters)}
+        held_on = {b.counter for b in budgets if b.enforce}
+        args: list[int | str] = [now_ms or 0, amount, request_id, ttl_ms, len(counters)]
+        for c in counters:
+            args += [c.ttl_seconds, 1 if c in held_on else 0]
+        args.append(len(budgets))
+        for b in budgets:
+            args += [index[b.counter], b.limit, 1 if b.enforce else 0]
+        try:
+            raw = await self._hold(keys=self._keys(tag, counters), args=args)
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+        values = {c.key: (int(raw[1 + 2 * i]), int(raw[2 + 2 * i]))
+                  for i, c in enumerate(counters)}
+        outcome = hold_states(budgets, values, amount)
+        assert outcome.allowed == bool(int(raw[0])), "the script and hold_states disagree"
+        return outcome
+
+    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
+                     amount: int, now_ms: int | None = None) -> list[int]:
+        try:
+            raw = await self._commit(keys=self._keys(tag, counters),
+                                     args=[now_ms or 0, amount, request_id,
+                                           *(c.ttl_seconds for c in counters)])
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+        return [int(x) for x in raw]
+
+    async def read(self, tag: str, counters: list[SpendCounter],
+                   now_ms: int | None = None) -> list[tuple[int, int]]:
+        if not counters:
+            return []
+        try:
+            raw = await self._read(keys=self._keys(tag, counters), args=[now_ms or 0])
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+        return [(int(raw[2 * i]), int(raw[2 * i + 1])) for i in range(len(counters))]
+
+    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+        try:
+            key = self._keys(tag, [counter])[0]
+            return bool(await self.client.hsetnx(key, f"a:{mark}", 1))
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+
+    async def close(self) -> None:
+        await self.client.aclose()
