@@ -9,10 +9,12 @@ from tollway.manifest import Manifest
 from tollway.refs import resolve_dsn
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
+from tollway.spend import SpendStore
 
-from ._proto import settle_pb2, settle_pb2_grpc
+from ._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 from .backend import CounterBackend, MemoryBackend
 from .service import RateLimitService, TokenSettlementService
+from .usage import UsageService
 
 
 def open_backend(spec: str) -> CounterBackend:
@@ -28,16 +30,20 @@ def open_backend(spec: str) -> CounterBackend:
 
 class RateLimit:
     grpc_names = (rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
-                  settle_pb2.DESCRIPTOR.services_by_name["TokenSettlement"].full_name)
+                  settle_pb2.DESCRIPTOR.services_by_name["TokenSettlement"].full_name,
+                  usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name)
 
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend) -> None:
+    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
+                 spend: SpendStore) -> None:
         self.backend = backend
         self.servicer = RateLimitService(manifest, backend)
         self.settlement = TokenSettlementService(manifest, backend)
+        self.usage = UsageService(manifest, backend, spend)
 
     def register(self, server: grpc.aio.Server) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)
         settle_pb2_grpc.add_TokenSettlementServicer_to_server(self.settlement, server)
+        usage_pb2_grpc.add_UsageServicer_to_server(self.usage, server)
 
     async def start(self) -> None:
         return None
@@ -50,4 +56,4 @@ async def build(ctx: ServiceContext) -> RateLimit:
     # counters live as long as the process: a reload swaps the manifest, not the backend, so
     # counters of unchanged quotas (same scope, name and limit) carry on
     manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
-    return RateLimit(manifest, open_backend(ctx.manifest.storage.counters))
+    return RateLimit(manifest, open_backend(ctx.manifest.storage.counters), ctx.spend_store())

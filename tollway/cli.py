@@ -122,6 +122,50 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _in(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Asks the running rate-limit service: it holds the counters."""
+    import grpc
+    from google.protobuf import json_format
+
+    from ratelimit._proto import usage_pb2, usage_pb2_grpc
+
+    m = _manifest(args)
+    host, port = m.services.ratelimit
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            r = usage_pb2_grpc.UsageStub(channel).KeyUsage(
+                usage_pb2.KeyUsageRequest(key_id=args.key_id, model=args.model or ""),
+                timeout=5)
+        except grpc.RpcError as e:
+            raise CliError(f"usage of {args.key_id}: {e.details()} (is the rate-limit service "
+                           f"running at {host}:{port}?)") from None
+    if args.format == "json":
+        print(json_format.MessageToJson(r, always_print_fields_with_no_presence=True))
+        return 0
+    print(f"key {r.key_id} (org {r.org}, project {r.project}): spent {r.spent_today} "
+          f"{r.currency} today, {r.spent_this_month} {r.currency} this month")
+    rows = [("scope", "quota", "limit", "models", "used", "remaining", "resets in")]
+    for x in r.limits:
+        unit = f" {r.currency}" if x.kind == "spend" else ""
+        used = x.used + (f" (+{x.held} held)" if x.kind == "spend" and x.held != "0" else "")
+        rows.append((x.scope, x.quota + ("" if x.enforced else " (monitor)"),
+                     f"{x.name} {x.limit}{unit}", ",".join(x.models) or "all", used,
+                     x.remaining, _in(x.resets_in_seconds)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_mock(args: argparse.Namespace) -> int:
     from tollway import mock_provider
 
@@ -256,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: org,project,key,model,day")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_spend)
+    p = sub.add_parser("usage", help="a key's limits, what is left and when each resets")
+    with_manifest(p)
+    p.add_argument("--key", dest="key_id", required=True)
+    p.add_argument("--model", help="only the limits this model counts against")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_usage)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_mock)

@@ -50,7 +50,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, hook: str) -> Iterator[Gateway]
         doc["gateway"]["alert_webhook"] = hook
         doc["organizations"][0]["projects"] += [
             {"id": "tight", "quotas": [{"name": "daily-cap", "spend_per_day": str(BUDGET),
-                                        "alerts": [0.5, 0.9]}],
+                                        "alerts": [0.5, 0.9]},
+                                       {"name": "per-minute", "rpm": 100000}],
              "clients": [{"id": "tight-app", "keys": [{"id": "k-tight"}]}]},
             {"id": "watched", "quotas": [{"name": "soft-cap", "spend_per_day": "0.0001",
                                           "enforcement": "monitor"}],
@@ -117,6 +118,21 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     # the documented bound: never over the budget; and holds did not refuse too early
     assert spent <= BUDGET
     assert spent > BUDGET * Decimal("0.95"), f"refused with {spent} of {BUDGET} spent"
+
+    # what reference 001 shows its customers: each limit, what is left, when it resets
+    usage = json.loads(gw.cli("usage", "--", "--key", "k-tight", "--format", "json"))
+    limits = {x["name"]: x for x in usage["limits"]}
+    assert Decimal(usage["spentToday"]) == spent
+    cap = limits["spend_per_day"]
+    assert (cap["scope"], cap["quota"], cap["limit"]) == ("project:tight", "daily-cap", "0.01")
+    assert Decimal(cap["used"]) == spent and cap["held"] == "0"
+    assert Decimal(cap["remaining"]) == BUDGET - spent
+    assert 0 < cap["resetsInSeconds"] <= 86400
+    rpm = limits["rpm"]
+    assert int(rpm["used"]) == len(ok) and int(rpm["remaining"]) == 100000 - len(ok)
+    assert 0 < rpm["resetsInSeconds"] <= 61
+    table = gw.cli("usage", "--", "--key", "k-tight")
+    assert "spend_per_day 0.01 USD" in table and "daily-cap" in table
 
 
 def test_alert_thresholds_fire_once_each(gw: Gateway) -> None:

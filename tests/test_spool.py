@@ -1,0 +1,61 @@
+"""The sink's disk spool: a batch the ledger refuses survives a restart of the sink and is
+replayed in order, once. (The real PostgreSQL outage is tests/e2e/test_ledger_outage.py.)"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from costsink.ledger import LedgerRow, SqliteLedger
+from costsink.service import AccessLogSink, Entry
+from costsink.spend import SpendRecorder
+from costsink.spool import Spool
+from tollway.manifest import loads
+from tollway.reload import Compiled
+from tollway.spend import MemorySpendStore
+
+MANIFEST = loads("""
+providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,
+             models: [{name: m}]}]
+routes: [{path: /v1/chat/completions, provider: openai}]
+organizations: [{id: o, projects: [{id: p, clients: [{id: c, keys: [{id: k}]}]}]}]
+""", "test")
+
+
+def row(i: int) -> LedgerRow:
+    return LedgerRow(request_id=f"r{i}", at=datetime(2027, 1, 1, tzinfo=UTC) + timedelta(
+        seconds=i), org="o", project="p", client="c", key_id="k", provider="openai", model="m",
+        route="route0", status=200, input_tokens=i, output_tokens=1, cached_input_tokens=0,
+        cache_creation_tokens=0, cost=Decimal("0.0000012345") * i, currency="USD",
+        rate_card_version="v", latency_ms=3, stream=False, client_disconnected=False,
+        deny_reason=None)
+
+
+class Unreachable(SqliteLedger):
+    async def open(self) -> None:
+        raise OSError("connection refused")
+
+
+def sink(ledger: SqliteLedger, spool_dir: Path) -> AccessLogSink:
+    return AccessLogSink(Compiled(lambda m: m, MANIFEST), ledger, Spool(spool_dir),
+                         SpendRecorder(MemorySpendStore()))
+
+
+async def test_spooled_batches_survive_a_restart_and_replay_in_order_once(
+        tmp_path: Path) -> None:
+    down = sink(Unreachable(tmp_path / "ledger.db"), tmp_path / "spool")
+    await down.write([Entry(row(i), 0, {}) for i in range(3)])
+    await down.write([Entry(row(i), 0, {}) for i in range(3, 5)])  # behind the spool: spooled
+    assert down.spool.depth == 5 and not await down.replay()
+
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    up = sink(ledger, tmp_path / "spool")  # a restarted sink finds the spool on disk
+    assert up.spool.depth == 5
+    await up.write([Entry(row(4), 0, {})])  # arrives while the spool is not yet replayed
+    assert await up.replay() and up.spool.empty() and not up.spool.files()
+    assert await up.replay()  # nothing left, nothing twice
+    rows = await ledger.rows()
+    assert [r.request_id for r in rows] == [f"r{i}" for i in range(5)]
+    assert rows == [row(i) for i in range(5)]  # every field survives the round trip
+    await ledger.close()
