@@ -14,6 +14,7 @@ from typing import Any
 from tollway.keys import split_key, verify_secret
 from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
 from tollway.manifest.model import Dialect
+from tollway.policy import CompiledPolicies
 from tollway.quotas import reserve_tokens
 from tollway.refs import resolve
 
@@ -29,13 +30,18 @@ class Runtime:
     manifest: Manifest
     credentials: Mapping[str, str]
     routes: Mapping[str, Route]
+    policies: CompiledPolicies | None = None
 
 
 def compile_runtime(manifest: Manifest) -> Runtime:
-    """Resolve every provider credential now, so a missing one refuses the manifest up front."""
+    """Resolve every provider credential now, so a missing one refuses the manifest up front;
+    parse the Cedar policies once, not per request."""
     credentials = {p.name: resolve(p.credential) for p in manifest.providers}
+    uses_policies = manifest.policies or any(
+        p.policies_enabled for o in manifest.organizations for p in o.projects)
     return Runtime(manifest=manifest, credentials=credentials,
-                   routes={r.name: r for r in manifest.routes})
+                   routes={r.name: r for r in manifest.routes},
+                   policies=CompiledPolicies(manifest) if uses_policies else None)
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,12 @@ def decide(rt: Runtime, mirror: KeyMirror, pepper: bytes, facts: RequestFacts,
                                          and model not in binding.allowed_models):
         return Deny("model_not_allowed", f"model '{_short(model)}' is not allowed for key "
                     f"{key_id} on {route.path}", d, key_id)
+
+    if not binding.role_may_use(model):
+        role = binding.client.user.role
+        return Deny("model_not_allowed", f"model '{_short(model)}' is not enabled for "
+                    f"{'role ' + repr(role) if role else 'users without a role'} in project "
+                    f"{binding.project.id}", d, key_id)
 
     catalogue = provider.model(model)
     assert catalogue is not None

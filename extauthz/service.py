@@ -24,6 +24,7 @@ from tollway.spend import SpendStore
 from .budget import Held, hold_budget
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .keymirror import KeyMirror
+from .policies import PolicyGate
 
 log = logging.getLogger("tollway.extauthz")
 
@@ -56,7 +57,11 @@ def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
     length = headers.get("content-length", "")
     return RequestFacts(route_name=attrs.context_extensions.get("route"),
                         headers=headers, body=body,
-                        source_ip=attrs.source.address.socket_address.address,
+                        # the client address Envoy trusts: the peer, or with
+                        # gateway.trusted_proxy_hops the X-Forwarded-For entry it picked;
+                        # Envoy overwrites any x-envoy-external-address a client sends
+                        source_ip=headers.get("x-envoy-external-address")
+                        or attrs.source.address.socket_address.address,
                         body_bytes=int(length) if length.isdigit() else None,
                         # Envoy sets x-request-id before ext_authz; http.id is a stream number
                         request_id=headers.get("x-request-id", ""))
@@ -118,6 +123,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self.mirror = mirror
         self.pepper = pepper
         self.spend = spend
+        self.policies = PolicyGate(spend)
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
@@ -132,7 +138,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 if key_id in rt.manifest.bindings and await self.mirror.fetch(key_id):
                     result = decide(rt, self.mirror, self.pepper, facts, datetime.now(UTC))
             if isinstance(result, Allow):
-                held = await hold_budget(self.spend, rt, result, facts, datetime.now(UTC))
+                now = datetime.now(UTC)
+                denied = await self.policies.check(rt, result, facts, now)
+                held = denied or await hold_budget(self.spend, rt, result, facts, now)
                 if isinstance(held, Held):
                     DECISIONS.labels("allow", "ok").inc()
                     return allow_response(result, facts.headers, held.amount)

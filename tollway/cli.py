@@ -1,4 +1,5 @@
-"""The `tollway` command line: check, render, up, serve, keys, mock-provider."""
+"""The `tollway` command line: check, render, up, serve, spend, usage, explain, keys,
+mock-provider."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -166,6 +168,32 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from costsink.ledger import open_ledger
+    from tollway.explain import explain
+
+    m = _manifest(args)
+    tz = ZoneInfo(m.gateway.timezone)
+    now = datetime.now(tz)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    async def spend() -> tuple[Decimal, Decimal]:
+        ledger = open_ledger(m.storage.ledger)
+        await ledger.open()
+        try:
+            totals = [sum((t[4] for t in await ledger.spend_totals(since)
+                           if t[2] == args.key_id), Decimal(0))
+                      for since in (day, day.replace(day=1))]
+            return totals[0], totals[1]
+        finally:
+            await ledger.close()
+    daily, monthly = asyncio.run(spend())
+    result = explain(m, args.key_id, args.model, ip=args.ip, path=args.path,
+                     stream=args.stream, daily=daily, monthly=monthly)
+    print(result.text())
+    return 0 if result.allowed else 3
+
+
 def cmd_mock(args: argparse.Namespace) -> int:
     from tollway import mock_provider
 
@@ -306,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="only the limits this model counts against")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_usage)
+    p = sub.add_parser("explain", help="why a key may or may not call a model (exit 3: denied)")
+    with_manifest(p)
+    p.add_argument("--key", dest="key_id", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--ip", default="127.0.0.1", help="the client address (default 127.0.0.1)")
+    p.add_argument("--path", help="the route's path (default: the first route with the model)")
+    p.add_argument("--stream", action="store_true")
+    p.set_defaults(func=cmd_explain)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_mock)

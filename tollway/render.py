@@ -257,6 +257,10 @@ def render(m: Manifest) -> dict[str, Any]:
                            "routes": [*(_route(m, r) for r in m.routes), _not_found()]}],
     }
     hcm["local_reply_config"] = _local_replies(m)
+    if m.gateway.trusted_proxy_hops:
+        # behind a load balancer: the client address is taken from X-Forwarded-For, that many
+        # hops from the right; Envoy reports it as x-envoy-external-address
+        hcm["xff_num_trusted_hops"] = m.gateway.trusted_proxy_hops
     hcm["access_log"] = [_access_log()]
     clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz),
                 _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit),

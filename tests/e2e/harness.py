@@ -104,12 +104,15 @@ class Gateway:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     issued: dict[str, str] = field(default_factory=dict)
 
-    def cli(self, *args: str) -> str:
+    def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `tollway <command...> --manifest M <rest...>`; `args` ends the command at '--'."""
         split = args.index("--") if "--" in args else len(args)
         cmd = [sys.executable, "-m", "tollway.cli", *args[:split], "--manifest",
                str(self.manifest_path), *args[split + 1:]]
-        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=30)
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=30)
+
+    def cli(self, *args: str) -> str:
+        out = self.run_cli(*args)
         if out.returncode != 0:
             raise RuntimeError(f"tollway {' '.join(args)} failed: {out.stderr}")
         return out.stdout.strip()

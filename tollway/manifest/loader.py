@@ -32,6 +32,7 @@ from .model import (
     KeyStatus,
     Manifest,
     Model,
+    ModelRule,
     Organization,
     Plan,
     Policy,
@@ -322,7 +323,7 @@ def _client(n: Node) -> Client:
 
 def _project(n: Node) -> Project:
     n.check_keys({"id", "name", "status", "plan", "models", "policies", "quotas", "metadata",
-                  "clients", "notes"})
+                  "clients", "notes", "model_rules"})
     pol = n.child("policies")
     pol.check_keys({"enabled"})
     return Project(
@@ -335,11 +336,24 @@ def _project(n: Node) -> Project:
         quotas=_quotas(n),
         metadata=n.mapping("metadata"),
         clients=tuple(_client(c) for c in n.items("clients")),
+        model_rules=_model_rules(n),
     )
 
 
+def _model_rules(n: Node) -> tuple[ModelRule, ...]:
+    out = []
+    for r in n.items("model_rules"):
+        r.check_keys({"models", "roles_allowed", "notes"})
+        models = r.str_list("models")
+        if not models:
+            r.fail("models", "must name at least one model")
+        out.append(ModelRule(models=models or (), roles_allowed=r.str_list("roles_allowed")))
+    return tuple(out)
+
+
 def _org(n: Node) -> Organization:
-    n.check_keys({"id", "name", "status", "quotas", "metadata", "projects", "notes"})
+    n.check_keys({"id", "name", "status", "quotas", "metadata", "projects", "notes",
+                  "model_rules"})
     return Organization(
         id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
         name=n.text("name", str(n.value.get("id") or "")),
@@ -347,6 +361,7 @@ def _org(n: Node) -> Organization:
         quotas=_quotas(n),
         metadata=n.mapping("metadata"),
         projects=tuple(_project(p) for p in n.items("projects")),
+        model_rules=_model_rules(n),
     )
 
 
@@ -488,7 +503,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
         root.fail("version", "must be 1")
 
     g = root.child("gateway")
-    g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes", "alert_webhook"})
+    g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes", "alert_webhook",
+                  "trusted_proxy_hops"})
     tz = g.text("timezone", "UTC")
     try:
         ZoneInfo(tz)
@@ -498,7 +514,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
                       admin_port=g.integer("admin_port", 9901),
                       timezone=tz,
                       max_request_bytes=g.integer("max_request_bytes", 4 * 1024 * 1024),
-                      alert_webhook=g.opt_str("alert_webhook"))
+                      alert_webhook=g.opt_str("alert_webhook"),
+                      trusted_proxy_hops=g.integer("trusted_proxy_hops", 0, minimum=0))
     if gateway.alert_webhook and not gateway.alert_webhook.startswith(("http://", "https://")):
         g.fail("alert_webhook", "must be an http:// or https:// URL")
 
@@ -591,10 +608,29 @@ def parse(doc: Any, source: str = "") -> Manifest:
                         plans=tuple(plans), organizations=tuple(orgs), policies=tuple(policies),
                         source=source)
     bindings = _resolve_bindings(manifest, errors, plan_refs)
+    _check_model_rules(errors, orgs, catalogue)
     if errors:
         raise ManifestError(source, errors)
     object.__setattr__(manifest, "bindings", MappingProxyType(bindings))
+    # policies are checked against a schema generated from the rest, so they come last
+    from tollway.policy import validate
+
+    problems = validate(manifest)
+    if problems:
+        raise ManifestError(source, problems)
     return manifest
+
+
+def _check_model_rules(errors: list[str], orgs: list[Organization], catalogue: set[str]
+                       ) -> None:
+    for oi, org in enumerate(orgs):
+        levels = [(f"organizations[{oi}]", org.model_rules)] + [
+            (f"organizations[{oi}].projects[{pi}]", p.model_rules)
+            for pi, p in enumerate(org.projects)]
+        for path, rules in levels:
+            for ri, rule in enumerate(rules):
+                _check_models(errors, f"{path}.model_rules[{ri}].models", rule.models,
+                              catalogue)
 
 
 def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[str,

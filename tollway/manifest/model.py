@@ -121,6 +121,14 @@ class Quota:
 
 
 @dataclass(frozen=True)
+class ModelRule:
+    """Models a tenant's users may call, optionally only in some roles (reference 004)."""
+
+    models: tuple[str, ...]
+    roles_allowed: tuple[str, ...] | None  # None: every role
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     models: tuple[str, ...] | None
@@ -167,6 +175,7 @@ class Project:
     quotas: tuple[Quota, ...]
     metadata: MappingProxyType[str, Any]
     clients: tuple[Client, ...]
+    model_rules: tuple[ModelRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,7 @@ class Organization:
     quotas: tuple[Quota, ...]
     metadata: MappingProxyType[str, Any]
     projects: tuple[Project, ...]
+    model_rules: tuple[ModelRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,6 +220,7 @@ class Gateway:
     timezone: str
     max_request_bytes: int
     alert_webhook: str | None = None  # budget alerts are POSTed here as JSON
+    trusted_proxy_hops: int = 0  # proxies in front of Envoy that append to X-Forwarded-For
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,19 @@ class KeyBinding:
     def status(self) -> KeyStatus:
         levels = (self.org.status, self.project.status, self.client.status, self.key.status)
         return max(levels, key=lambda s: s.severity)
+
+    @property
+    def model_rules(self) -> tuple[ModelRule, ...]:
+        """The project's rules, else its org's; empty: no rule restricts models."""
+        return self.project.model_rules or self.org.model_rules
+
+    def role_may_use(self, model: str) -> bool:
+        rules = self.model_rules
+        if not rules:
+            return True
+        role = self.client.user.role
+        return any(model in r.models and (r.roles_allowed is None or role in r.roles_allowed)
+                   for r in rules)
 
 
 @dataclass(frozen=True)

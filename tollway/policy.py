@@ -1,0 +1,203 @@
+"""Cedar policies: the entity model, the schema generated from the manifest, and evaluation.
+
+The entity model (docs/policies.md has it with examples):
+
+* principal `Key::"<key id>"`, in `Client::` in `Project::` in `Org::`, with `status`, `plan`,
+  `user` (`tenant`, `email`, `role`, `is_agent`; empty strings when unset, so policies need no
+  `has`), `current_daily_spend` / `current_monthly_spend` (Cedar decimals in the rate card's
+  currency, rounded up to Cedar's four places) and `metadata` (org, project, client and key
+  metadata merged, the narrowest level winning);
+* action `Action::"<route action>"` (`completion`, `embedding`, `responses`, `messages`, ...);
+* resource `Model::"<model>"` with `provider`;
+* context `model_name`, `ip_address` (the client address Envoy saw, an `ipaddr`), `time` (a
+  `datetime`), `stream`, `path`.
+
+Policies are parsed, validated and compiled once per manifest; a request builds only its key's
+entity (from cached state) on top of the compiled base entities.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
+from typing import Any
+
+import cedarpy
+
+from tollway.manifest.model import KeyBinding, KeyStatus, Manifest
+
+BUILTIN_ACTIONS = ("completion", "embedding", "responses", "messages")
+_CEDAR_TYPES = {bool: "Bool", int: "Long", str: "String"}
+
+
+def metadata_of(b: KeyBinding) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for level in (b.org.metadata, b.project.metadata, b.client.metadata, b.key.metadata):
+        merged.update(level)
+    return merged
+
+
+def _cedar_type(value: Any) -> str | None:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "Set<String>"
+    return _CEDAR_TYPES.get(type(value))
+
+
+def metadata_types(m: Manifest) -> tuple[dict[str, str], list[str]]:
+    """Every metadata name the manifest uses, with its Cedar type; and type conflicts."""
+    types: dict[str, str] = {}
+    conflicts = []
+    for b in m.bindings.values():
+        for name, value in metadata_of(b).items():
+            t = _cedar_type(value)
+            if t is None:
+                continue  # floats, maps, empty lists: not visible to policies
+            if types.setdefault(name, t) != t:
+                conflicts.append(f"metadata '{name}' is {types[name]} in one place and {t} in "
+                                 "another: policies need one type")
+    return types, conflicts
+
+
+def actions(m: Manifest) -> list[str]:
+    return sorted(set(BUILTIN_ACTIONS) | {r.action for r in m.routes})
+
+
+def schema_text(m: Manifest) -> str:
+    meta, _ = metadata_types(m)
+    fields = ", ".join(f"{json.dumps(k)}?: {t}" for k, t in sorted(meta.items()))
+    return "\n".join([
+        "entity Org { name: String };",
+        "entity Project in [Org] { name: String, plan: String };",
+        "entity Client in [Project] { name: String };",
+        "entity Key in [Client] {",
+        "  status: String, plan: String,",
+        "  user: { tenant: String, email: String, role: String, is_agent: Bool },",
+        "  current_daily_spend: decimal, current_monthly_spend: decimal,",
+        f"  metadata: {{ {fields} }},",
+        "};",
+        "entity Model { provider: String };",
+        "type RequestContext = { model_name: String, ip_address: ipaddr, time: datetime, "
+        "stream: Bool, path: String };",
+        f"action {', '.join(json.dumps(a) for a in actions(m))} appliesTo "
+        "{ principal: [Key], resource: [Model], context: RequestContext };",
+    ])
+
+
+def validate(m: Manifest) -> list[str]:
+    """Problems with the manifest's policies, each naming the policy, as `tollway check`
+    prints them."""
+    if not m.policies:
+        return []
+    _, problems = metadata_types(m)
+    schema = cedarpy.Schema.from_str(schema_text(m))
+    for i, p in enumerate(m.policies):
+        where = f"policies[{i}] ('{p.id}')"
+        try:
+            if len(cedarpy.PolicySet.from_str(p.text)) == 0:
+                problems.append(f"{where}: no policy in the text")
+                continue
+        except ValueError as e:
+            problems.append(f"{where}: does not parse: {_one_line(e)}")
+            continue
+        result = cedarpy.validate_policies(p.text, schema)
+        for err in result.errors:
+            problems.append(f"{where}: does not validate against the schema: "
+                            f"{_one_line(err.error)}")
+    return problems
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())
+
+
+def _uid(kind: str, ident: str) -> dict[str, str]:
+    return {"type": kind, "id": ident}
+
+
+def decimal_literal(amount: Decimal) -> dict[str, Any]:
+    """Cedar decimals have four places: round up, so a cap is never passed by rounding."""
+    text = f"{amount.quantize(Decimal('0.0001'), ROUND_CEILING):f}"
+    return {"__extn": {"fn": "decimal", "arg": text}}
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    allowed: bool
+    rule_class: str  # "permitted", "no policy permits", "a forbid policy matched", "error"
+    determining: tuple[str, ...]  # manifest policy ids that decided it
+    errors: tuple[str, ...]
+
+
+class CompiledPolicies:
+    """One manifest's policies, schema and base entities, parsed once."""
+
+    def __init__(self, m: Manifest) -> None:
+        self.manifest = m
+        self.ids: list[str] = []  # Cedar's policyN → the manifest's policy id
+        for p in m.policies:
+            self.ids += [p.id] * len(cedarpy.PolicySet.from_str(p.text))
+        self.policy_set = cedarpy.PolicySet.from_str("\n".join(p.text for p in m.policies))
+        self.reads_spend = any("_spend" in p.text for p in m.policies)
+        base: list[dict[str, Any]] = []
+        for org in m.organizations:
+            base.append({"uid": _uid("Org", org.id), "attrs": {"name": org.name},
+                         "parents": []})
+            for proj in org.projects:
+                base.append({"uid": _uid("Project", proj.id),
+                             "attrs": {"name": proj.name, "plan": proj.plan or ""},
+                             "parents": [_uid("Org", org.id)]})
+                for client in proj.clients:
+                    base.append({"uid": _uid("Client", client.id),
+                                 "attrs": {"name": client.name},
+                                 "parents": [_uid("Project", proj.id)]})
+        for provider in m.providers:
+            for model in provider.models:
+                base.append({"uid": _uid("Model", model.name),
+                             "attrs": {"provider": provider.name}, "parents": []})
+        self.base = cedarpy.Entities.from_json_str(json.dumps(base))
+        self._meta_types, _ = metadata_types(m)
+
+    def key_entity(self, b: KeyBinding, status: KeyStatus, daily: Decimal,
+                   monthly: Decimal) -> dict[str, Any]:
+        u = b.client.user
+        meta = {k: v for k, v in metadata_of(b).items()
+                if k in self._meta_types and _cedar_type(v) == self._meta_types[k]}
+        return {"uid": _uid("Key", b.key.id), "parents": [_uid("Client", b.client.id)],
+                "attrs": {"status": status.value, "plan": b.key.plan or b.project.plan or "",
+                          "user": {"tenant": u.tenant or "", "email": u.email or "",
+                                   "role": u.role or "", "is_agent": u.is_agent},
+                          "current_daily_spend": decimal_literal(daily),
+                          "current_monthly_spend": decimal_literal(monthly),
+                          "metadata": meta}}
+
+    def evaluate(self, b: KeyBinding, status: KeyStatus, action: str, model: str,
+                 context: Mapping[str, Any], daily: Decimal = Decimal(0),
+                 monthly: Decimal = Decimal(0)) -> PolicyDecision:
+        entities = self.base.with_added_json_str(
+            json.dumps([self.key_entity(b, status, daily, monthly)]))
+        request = {"principal": f'Key::{json.dumps(b.key.id)}',
+                   "action": f'Action::{json.dumps(action)}',
+                   "resource": f'Model::{json.dumps(model)}', "context": dict(context)}
+        result = cedarpy.is_authorized(request, self.policy_set, entities)
+        reasons = tuple(dict.fromkeys(self._manifest_id(r) for r in result.diagnostics.reasons))
+        errors = tuple(result.diagnostics.errors)
+        if result.allowed:
+            return PolicyDecision(True, "permitted", reasons, errors)
+        if reasons:
+            return PolicyDecision(False, "a forbid policy matched", reasons, errors)
+        return PolicyDecision(False, "no policy permits this request", (), errors)
+
+    def _manifest_id(self, cedar_id: str) -> str:
+        n = cedar_id.removeprefix("policy")
+        return self.ids[int(n)] if n.isdigit() and int(n) < len(self.ids) else cedar_id
+
+
+def request_context(model: str, ip: str, at: datetime, stream: bool, path: str
+                    ) -> dict[str, Any]:
+    return {"model_name": model, "ip_address": {"__extn": {"fn": "ip", "arg": ip or "0.0.0.0"}},
+            "time": {"__extn": {"fn": "datetime",
+                                "arg": at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}},
+            "stream": stream, "path": path}
