@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from tollway.manifest import Enforcement, KeyBinding, Manifest, Quota
@@ -34,8 +35,14 @@ def from_units(n: int) -> Decimal:
 
 
 def period_labels(at: datetime, timezone: str) -> dict[str, str]:
-    local = at.astimezone(ZoneInfo(timezone))
-    return {"day": local.strftime("%Y-%m-%d"), "month": local.strftime("%Y-%m")}
+    # every zone's offset is a whole number of minutes: a minute lies in one day
+    return dict(_labels(int(at.timestamp()) // 60, timezone))
+
+
+@lru_cache(maxsize=64)
+def _labels(minute: int, timezone: str) -> tuple[tuple[str, str], ...]:
+    local = datetime.fromtimestamp(minute * 60, ZoneInfo(timezone))
+    return (("day", local.strftime("%Y-%m-%d")), ("month", local.strftime("%Y-%m")))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The entity model (docs/policies.md has it with examples):
 
-* principal `Key::"<key id>"`, in `Client::` in `Project::` in `Org::`, with `status`, `plan`,
+* principal `Key::"<key id>"`, in `Client::"<client id>"` in `Project::"<org id>/<project id>"`
+  in `Org::"<org id>"`, with `status`, `plan`,
   `user` (`tenant`, `email`, `role`, `is_agent`; empty strings when unset, so policies need no
   `has`), `current_daily_spend` / `current_monthly_spend` (Cedar decimals in the rate card's
   currency, rounded up to Cedar's four places) and `metadata` (org, project, client and key
@@ -19,6 +20,7 @@ entity (from cached state) on top of the compiled base entities.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -132,7 +134,16 @@ class PolicyDecision:
 
 
 class CompiledPolicies:
-    """One manifest's policies, schema and base entities, parsed once."""
+    """One manifest's policies, parsed once, and the static part of every key's entities.
+
+    A request parses only its own entities (org, project, client, key, model: constant in size,
+    however large the manifest). Decisions are cached by everything a policy can read, so a hot
+    key pays for one Cedar evaluation per distinct input; Cedar is deterministic, so a cached
+    decision is exactly the one Cedar would give. `time` is part of that input only when a
+    policy mentions it (to the second).
+    """
+
+    CACHE_SIZE = 10_000
 
     def __init__(self, m: Manifest) -> None:
         self.manifest = m
@@ -141,24 +152,23 @@ class CompiledPolicies:
             self.ids += [p.id] * len(cedarpy.PolicySet.from_str(p.text))
         self.policy_set = cedarpy.PolicySet.from_str("\n".join(p.text for p in m.policies))
         self.reads_spend = any("_spend" in p.text for p in m.policies)
-        base: list[dict[str, Any]] = []
-        for org in m.organizations:
-            base.append({"uid": _uid("Org", org.id), "attrs": {"name": org.name},
-                         "parents": []})
-            for proj in org.projects:
-                base.append({"uid": _uid("Project", proj.id),
-                             "attrs": {"name": proj.name, "plan": proj.plan or ""},
-                             "parents": [_uid("Org", org.id)]})
-                for client in proj.clients:
-                    base.append({"uid": _uid("Client", client.id),
-                                 "attrs": {"name": client.name},
-                                 "parents": [_uid("Project", proj.id)]})
-        for provider in m.providers:
-            for model in provider.models:
-                base.append({"uid": _uid("Model", model.name),
-                             "attrs": {"provider": provider.name}, "parents": []})
-        self.base = cedarpy.Entities.from_json_str(json.dumps(base))
+        self.reads_time = any("time" in p.text for p in m.policies)
+        self._chain: dict[str, str] = {}  # key id → its org, project and client entities
+        for b in m.bindings.values():
+            project_uid = _uid("Project", project_entity_id(b))
+            self._chain[b.key.id] = json.dumps([
+                {"uid": _uid("Org", b.org.id), "attrs": {"name": b.org.name}, "parents": []},
+                {"uid": project_uid, "attrs": {"name": b.project.name,
+                                               "plan": b.project.plan or ""},
+                 "parents": [_uid("Org", b.org.id)]},
+                {"uid": _uid("Client", b.client.id), "attrs": {"name": b.client.name},
+                 "parents": [project_uid]}])[1:-1]
+        self._models = {model.name: json.dumps({"uid": _uid("Model", model.name),
+                                                "attrs": {"provider": provider.name},
+                                                "parents": []})
+                        for provider in m.providers for model in provider.models}
         self._meta_types, _ = metadata_types(m)
+        self._cache: OrderedDict[str, PolicyDecision] = OrderedDict()
 
     def key_entity(self, b: KeyBinding, status: KeyStatus, daily: Decimal,
                    monthly: Decimal) -> dict[str, Any]:
@@ -176,12 +186,27 @@ class CompiledPolicies:
     def evaluate(self, b: KeyBinding, status: KeyStatus, action: str, model: str,
                  context: Mapping[str, Any], daily: Decimal = Decimal(0),
                  monthly: Decimal = Decimal(0)) -> PolicyDecision:
-        entities = self.base.with_added_json_str(
-            json.dumps([self.key_entity(b, status, daily, monthly)]))
+        key_json = json.dumps(self.key_entity(b, status, daily, monthly))
+        context_json = json.dumps(dict(context))
+        seen = {k: v for k, v in context.items() if k != "time" or self.reads_time}
+        cache_key = f"{key_json}|{action}|{model}|{json.dumps(seen)}"
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            self._cache.move_to_end(cache_key)
+            return hit
+        parts = [self._chain[b.key.id], key_json] + (
+            [self._models[model]] if model in self._models else [])
+        entities = cedarpy.Entities.from_json_str(f"[{','.join(parts)}]")
         request = {"principal": f'Key::{json.dumps(b.key.id)}',
                    "action": f'Action::{json.dumps(action)}',
-                   "resource": f'Model::{json.dumps(model)}', "context": dict(context)}
-        result = cedarpy.is_authorized(request, self.policy_set, entities)
+                   "resource": f'Model::{json.dumps(model)}', "context": context_json}
+        decision = self._decide(cedarpy.is_authorized(request, self.policy_set, entities))
+        self._cache[cache_key] = decision
+        if len(self._cache) > self.CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return decision
+
+    def _decide(self, result: cedarpy.AuthzResult) -> PolicyDecision:
         reasons = tuple(dict.fromkeys(self._manifest_id(r) for r in result.diagnostics.reasons))
         errors = tuple(result.diagnostics.errors)
         if result.allowed:
@@ -193,6 +218,11 @@ class CompiledPolicies:
     def _manifest_id(self, cedar_id: str) -> str:
         n = cedar_id.removeprefix("policy")
         return self.ids[int(n)] if n.isdigit() and int(n) < len(self.ids) else cedar_id
+
+
+def project_entity_id(b: KeyBinding) -> str:
+    """Project ids are unique within their org: the entity id is `<org>/<project>`."""
+    return f"{b.org.id}/{b.project.id}"
 
 
 def request_context(model: str, ip: str, at: datetime, stream: bool, path: str
