@@ -163,13 +163,12 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         INGESTED.labels("recorded").inc(len(new))
         INGESTED.labels("duplicate").inc(len(batch) - len(new))
         m = self.manifest.value
-        for item in batch:
-            row = item.row
-            if row.request_id not in new:
-                continue
-            await self.spend.record(m, row, item.hold)
-            if "reserved_tokens" in item.ratelimit and row.key_id and row.model:
-                await self._settle_one(item)
+        fresh = [item for item in batch if item.row.request_id in new]
+        for item in fresh:  # first, so holds are released as soon as possible
+            await self.spend.record(m, item.row, item.hold)
+        await asyncio.gather(*(self._settle_one(item) for item in fresh
+                               if "reserved_tokens" in item.ratelimit and item.row.key_id
+                               and item.row.model))
 
     async def _make_durable(self, rows: list[LedgerRow]) -> set[str]:
         """Write to the ledger, or to the spool while the ledger is away or behind it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def gw(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
             for k in r.scan_iter("tollway:{acme}:*"):
                 r.delete(k)  # a previous run's counters for this org
         except redis.RedisError as e:
+            if os.environ.get("CI"):
+                pytest.fail(f"Redis not reachable: {e}")
             pytest.skip(f"Redis not reachable: {e}")
     with run_gateway(tmp_path, mutate=team_ai(counters)) as g:
         g.issue("da-sk-acme-team")
