@@ -187,7 +187,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return totals[0], totals[1]
         finally:
             await ledger.close()
-    daily, monthly = asyncio.run(spend())
+    try:
+        daily, monthly = asyncio.run(spend())
+    except Exception as e:  # explaining must not need the ledger: say what was assumed
+        print(f"tollway: cannot read spend from the ledger ({e}); assuming none",
+              file=sys.stderr)
+        daily = monthly = Decimal(0)
     result = explain(m, args.key_id, args.model, ip=args.ip, path=args.path,
                      stream=args.stream, daily=daily, monthly=monthly)
     print(result.text())
