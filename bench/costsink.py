@@ -3,7 +3,8 @@
 Access-log entries per second, streamed over gRPC the way Envoy sends them (batches of 100
 entries a message), until every one is priced and committed to the ledger: SQLite and the real
 PostgreSQL, each next to a no-op AccessLogService (reads the stream, writes nothing) measured
-in the same run. The sink runs in its own process, as in production.
+in the same run. The sink runs in its own process, as in production, adding each cost to the
+spend counters in the real Redis.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.e2e.harness import free_port, tcp_open, wait_until
 from tollway.metadata import AUTHZ, USAGE
 
 PG = os.environ.get("TOLLWAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("TOLLWAY_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 
 class Noop(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -113,6 +115,14 @@ async def forget(run: str) -> None:
         await conn.close()
 
 
+def forget_spend() -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS)
+    for k in r.scan_iter("tollway:{acme}:sp:*"):
+        r.delete(k)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--entries", type=int, default=20000)
@@ -127,7 +137,9 @@ def main() -> None:
         for name, ledger in (("SQLite", f"sqlite:///{tmp}/ledger.db"), ("PostgreSQL", PG)):
             noop_port, port = free_port(), free_port()
             doc = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
-            doc["storage"] = {"keys": "sqlite:///keys.db", "ledger": ledger}
+            # costsink alone keeps spend in Redis (memory counters need extauthz in-process)
+            doc["storage"] = {"keys": "sqlite:///keys.db", "ledger": ledger,
+                              "counters": REDIS}
             doc["services"] = {"costsink": f"127.0.0.1:{port}", "metrics_port": free_port()}
             manifest = Path(tmp) / f"{name}.yaml"
             manifest.write_text(yaml.safe_dump(doc))
@@ -151,6 +163,7 @@ def main() -> None:
                              (time.perf_counter() - started)))
                 if name == "PostgreSQL":
                     asyncio.run(forget(run))
+                forget_spend()
             finally:
                 for p in procs:
                     p.terminate()

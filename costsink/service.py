@@ -164,8 +164,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         INGESTED.labels("duplicate").inc(len(batch) - len(new))
         m = self.manifest.value
         fresh = [item for item in batch if item.row.request_id in new]
-        for item in fresh:  # first, so holds are released as soon as possible
-            await self.spend.record(m, item.row, item.hold)
+        # first, so holds are released as soon as possible
+        await self.spend.record(m, [(item.row, item.hold) for item in fresh])
         await asyncio.gather(*(self._settle_one(item) for item in fresh
                                if "reserved_tokens" in item.ratelimit and item.row.key_id
                                and item.row.model))
@@ -192,12 +192,16 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
 
     async def ensure_open(self) -> None:
         if not self.ledger_open:
-            await asyncio.wait_for(self.ledger.open(), LEDGER_TIMEOUT)
+            async with asyncio.timeout(LEDGER_TIMEOUT):
+                await self.ledger.open()
             self.ledger_open = True
 
     async def _append(self, rows: list[LedgerRow]) -> set[str]:
         await self.ensure_open()
-        return await asyncio.wait_for(self.ledger.append(rows), LEDGER_TIMEOUT)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the write completes, and the writer would outlive shutdown
+        async with asyncio.timeout(LEDGER_TIMEOUT):
+            return await self.ledger.append(rows)
 
     async def replay(self) -> bool:
         """Move spooled rows into the ledger, oldest first; False if the ledger is still away."""

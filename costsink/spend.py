@@ -25,7 +25,7 @@ from tollway.budgets import (
     to_units,
 )
 from tollway.manifest import Manifest
-from tollway.spend import SpendStore, SpendUnavailable
+from tollway.spend import Commit, SpendStore, SpendUnavailable
 
 from .ledger import LedgerRow
 
@@ -42,32 +42,38 @@ class SpendRecorder:
         self.store = store
         self._webhooks: set[asyncio.Task[None]] = set()
 
-    async def record(self, m: Manifest, row: LedgerRow, hold: int) -> None:
-        """Add the row's cost to its counters and release its hold; fire crossed alerts."""
-        if not (row.key_id and row.org and row.project) or (not row.cost and not hold):
-            return
-        labels = period_labels(row.at, m.gateway.timezone)
-        counters = counters_for(m, row.org, row.project, row.key_id, row.model, labels)
-        amount = to_units(row.cost) if row.cost else 0
+    async def record(self, m: Manifest, rows: list[tuple[LedgerRow, int]]) -> None:
+        """Add each row's cost to its counters and release its hold (one round trip for the
+        batch); fire the alerts the new totals cross. `rows`: (row, hold placed for it)."""
+        commits, todo = [], []
+        for row, hold in rows:
+            if not (row.key_id and row.org and row.project) or (not row.cost and not hold):
+                continue
+            labels = period_labels(row.at, m.gateway.timezone)
+            counters = counters_for(m, row.org, row.project, row.key_id, row.model, labels)
+            commits.append(Commit(row.org, row.request_id, counters,
+                                  to_units(row.cost) if row.cost else 0))
+            todo.append((row, labels))
         try:
-            spent = await self.store.commit(row.org, row.request_id, counters, amount)
+            results = await self.store.commit_many(commits)
         except SpendUnavailable as e:
-            SPEND_ERRORS.inc()
-            log.error("could not add %s to spend (hold expires by itself): %s",
-                      row.request_id, e)
+            SPEND_ERRORS.inc(len(commits))
+            log.error("could not add %d costs to spend (holds expire by themselves): %s",
+                      len(commits), e)
             return
-        binding = m.bindings.get(row.key_id)
-        if binding is None or not row.model or not amount:
-            return
-        now_spent = dict(zip((c.key for c in counters), spent, strict=True))
-        for b in budgets_for(m, binding, row.model, labels):
-            value = now_spent.get(b.counter.key, 0)
-            for threshold in b.alerts:
-                if value >= b.limit * threshold and await self.store.first_alert(
-                        row.org, b.counter, f"{b.scope}/{b.quota}:{threshold}"):
-                    self._fire(m, b.label, b.scope, b.quota, b.counter.period,
-                               b.counter.label, threshold, from_units(value),
-                               from_units(b.limit))
+        for (row, labels), commit, spent in zip(todo, commits, results, strict=True):
+            binding = m.bindings.get(row.key_id or "")
+            if binding is None or not row.model or not commit.amount:
+                continue
+            now_spent = dict(zip((c.key for c in commit.counters), spent, strict=True))
+            for b in budgets_for(m, binding, row.model, labels):
+                value = now_spent.get(b.counter.key, 0)
+                for threshold in b.alerts:
+                    if value >= b.limit * threshold and await self.store.first_alert(
+                            commit.tag, b.counter, f"{b.scope}/{b.quota}:{threshold}"):
+                        self._fire(m, b.label, b.scope, b.quota, b.counter.period,
+                                   b.counter.label, threshold, from_units(value),
+                                   from_units(b.limit))
 
     def _fire(self, m: Manifest, label: str, scope: str, quota: str, period: str,
               period_label: str, threshold: Decimal, spent: Decimal, limit: Decimal) -> None:

@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from tollway.budgets import Budget, SpendCounter, from_units, to_units
-from tollway.spend import MemorySpendStore, SpendStore
+from tollway.spend import Commit, MemorySpendStore, SpendStore
 from tollway.spend.redis_store import RedisSpendStore
 
 REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -135,3 +135,14 @@ async def test_concurrent_requests_never_overrun_an_enforced_budget(store: Spend
     await asyncio.gather(*(client(c) for c in range(64)))
     ((spent, held),) = await store.read("o", [DAY])
     assert held == 0 and 0 < spent <= limit and admitted > 10
+
+
+async def test_many_commits_at_once_equal_one_by_one(store: SpendStore) -> None:
+    b = budget(1000)
+    for i in range(3):
+        assert (await store.hold("o", f"r{i}", [b], 100, 10_000)).allowed
+    results = await store.commit_many([Commit("o", f"r{i}", [DAY, KEY_DAY], 10 * (i + 1))
+                                       for i in range(3)] + [Commit("o2", "x", [DAY], 7)])
+    assert results[2] == [60, 60] and results[3] == [7]  # values after the batch
+    assert await store.read("o", [DAY, KEY_DAY]) == [(60, 0), (60, 0)]
+    assert await store.read("o2", [DAY]) == [(7, 0)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import importlib
 import logging
 import signal
@@ -131,7 +132,10 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     await asyncio.gather(*(server.stop(grace=5) for server in servers))
     for task in ctx.tasks:
         task.cancel()
-    await asyncio.gather(*ctx.tasks, return_exceptions=True)
+    if ctx.tasks:
+        _, stuck = await asyncio.wait(ctx.tasks, timeout=5)
+        for task in stuck:  # never hang a shutdown on one task; say which
+            log.error("task %s did not stop within 5 s", task.get_name())
     for s in services.values():
         await s.stop()
     await ctx.spend_store().close()
@@ -140,4 +144,5 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
 def run(manifest_path: Path, names: list[str]) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     asyncio.run(serve(manifest_path, names))

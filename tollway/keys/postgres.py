@@ -203,5 +203,6 @@ class PostgresKeyStore(KeyStore):
             await asyncio.sleep(min(timeout, 1.0))  # the caller's poll still catches up
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (3.11)
+                await self._changed.wait()
         self._changed.clear()

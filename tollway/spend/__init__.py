@@ -58,6 +58,14 @@ def hold_states(budgets: list[Budget], values: dict[str, tuple[int, int]], amoun
     return HoldOutcome(allowed=allowed, states=states, amount=amount)
 
 
+@dataclass(frozen=True)
+class Commit:
+    tag: str
+    request_id: str
+    counters: list[SpendCounter]
+    amount: int
+
+
 class SpendStore(abc.ABC):
     shared_in_process = False  # True: only services in this process see the counters
 
@@ -78,6 +86,13 @@ class SpendStore(abc.ABC):
                      amount: int, now_ms: int | None = None) -> list[int]:
         """Add `amount` to each counter, release any hold of `request_id` on it; return the
         counters' new spent values."""
+
+    async def commit_many(self, commits: list[Commit]) -> list[list[int]]:
+        """Several commits; each gets its counters' values after all of them (Redis sends one
+        script call per org for the batch)."""
+        for c in commits:
+            await self.commit(c.tag, c.request_id, c.counters, c.amount)
+        return [[spent for spent, _ in await self.read(c.tag, c.counters)] for c in commits]
 
     @abc.abstractmethod
     async def read(self, tag: str, counters: list[SpendCounter],

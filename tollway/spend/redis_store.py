@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from tollway.budgets import Budget, SpendCounter
 
-from . import HoldOutcome, SpendStore, SpendUnavailable, hold_states
+from . import Commit, HoldOutcome, SpendStore, SpendUnavailable, hold_states
 
 COMMON = """
 local now = tonumber(ARGV[1])
@@ -94,6 +94,36 @@ end
 return out
 """
 
+# A batch of commits of one org in one call. KEYS: hash, zset per distinct counter. ARGV: now,
+# counters, each counter's ttl s, then per commit: request id, amount, k, k counter indexes.
+# Returns each counter's spent after the whole batch.
+COMMIT_BATCH = COMMON + """
+local n = tonumber(ARGV[2])
+for i = 1, n do purge(KEYS[2 * i - 1], KEYS[2 * i]) end
+local p = 3 + n
+while p <= #ARGV do
+  local rid, amount, k = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+  for j = 1, k do
+    local i = tonumber(ARGV[p + 2 + j])
+    local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+    local a = redis.call('HGET', h, 'h:' .. rid)
+    if a then
+      redis.call('HINCRBY', h, 'held', -tonumber(a))
+      redis.call('HDEL', h, 'h:' .. rid)
+      redis.call('ZREM', z, rid)
+    end
+    if amount ~= '0' then redis.call('HINCRBY', h, 'spent', amount) end
+  end
+  p = p + 3 + k
+end
+local out = {}
+for i = 1, n do
+  redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2 + i])
+  out[i] = redis.call('HGET', KEYS[2 * i - 1], 'spent') or '0'
+end
+return out
+"""
+
 # KEYS: hash, zset per counter. ARGV: now. Returns spent, held per counter.
 READ = COMMON + """
 local out = {}
@@ -118,6 +148,7 @@ class RedisSpendStore(SpendStore):
         self._hold = self.client.register_script(HOLD)
         self._commit = self.client.register_script(COMMIT)
         self._read = self.client.register_script(READ)
+        self._commit_batch = self.client.register_script(COMMIT_BATCH)
 
     def _keys(self, tag: str, counters: list[SpendCounter]) -> list[str]:
         out = []
@@ -156,6 +187,27 @@ class RedisSpendStore(SpendStore):
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         return [int(x) for x in raw]
+
+    async def commit_many(self, commits: list[Commit]) -> list[list[int]]:
+        """One script call per org (one Cluster slot) for the whole batch. Each commit gets its
+        counters' values after the batch, which is what alert thresholds compare."""
+        by_tag: dict[str, list[Commit]] = {}
+        for c in commits:
+            by_tag.setdefault(c.tag, []).append(c)
+        after: dict[tuple[str, str], int] = {}
+        try:
+            for tag, group in by_tag.items():
+                counters = list(dict.fromkeys(x for c in group for x in c.counters))
+                index = {x: i + 1 for i, x in enumerate(counters)}
+                args: list[int | str] = [0, len(counters), *(x.ttl_seconds for x in counters)]
+                for c in group:
+                    args += [c.request_id, c.amount, len(c.counters),
+                             *(index[x] for x in c.counters)]
+                raw = await self._commit_batch(keys=self._keys(tag, counters), args=args)
+                after.update({(tag, x.key): int(v) for x, v in zip(counters, raw, strict=True)})
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+        return [[after[(c.tag, x.key)] for x in c.counters] for c in commits]
 
     async def read(self, tag: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:
