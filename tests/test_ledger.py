@@ -53,3 +53,35 @@ async def test_a_large_batch_in_one_call(ledger: Ledger) -> None:
     batch = [row(f"r{i:04d}", at=i) for i in range(1000)]
     assert len(await ledger.append(batch)) == 1000
     assert len(await ledger.rows()) == 1000
+
+
+async def test_spend_totals_are_exact_sums_since_a_time(ledger: Ledger) -> None:
+    await ledger.append([row(f"r{i}", cost=Decimal("0.0000000001") * (i + 1), at=i * 3600)
+                         for i in range(5)] + [row("unpriced", cost=None, at=3)])
+    totals = await ledger.spend_totals(T0 + timedelta(hours=2))
+    assert totals == [("acme", "team-ai", "k1", "gpt-5.4", Decimal("0.0000000012"))]
+
+
+async def test_a_restarted_in_process_store_is_seeded_from_the_ledger(ledger: Ledger) -> None:
+    """With memory counters, a restart must not hand budgets a fresh period."""
+    from costsink.spend import SpendRecorder
+    from tollway.budgets import SpendCounter, to_units
+    from tollway.manifest import loads
+    from tollway.spend import MemorySpendStore
+
+    m = loads("""
+providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,
+             models: [{name: gpt-5.4}]}]
+routes: [{path: /v1/chat/completions, provider: openai}]
+organizations: [{id: acme, projects: [{id: team-ai, clients: [{id: app, keys: [{id: k1}]}]}]}]
+""")
+    await ledger.append([row("a", at=0), row("b", at=60)])
+    store = MemorySpendStore()
+    recorder = SpendRecorder(store)
+    for period in ("day", "month"):
+        await recorder.seed(m, await ledger.spend_totals(T0 - timedelta(hours=1)), period, T0)
+    expected = to_units(Decimal("0.0000246912"))
+    counters = [SpendCounter("project:team-ai", "day", "2026-11-22"),
+                SpendCounter("org:acme", "month", "2026-11"),
+                SpendCounter("key:k1", "month", "2026-11")]
+    assert await store.read("acme", counters) == [(expected, 0)] * 3
