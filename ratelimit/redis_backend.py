@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from tollway.quotas import Rule
+from tollway.redis_client import connect
 
 from .backend import BUCKETS, BackendUnavailable, CounterBackend, Outcome, RuleState
 
@@ -109,11 +109,7 @@ class RedisBackend(CounterBackend):
     def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
                  max_connections: int = 64) -> None:
         self.prefix = prefix
-        # a bounded pool that makes a burst wait (up to `timeout`) for a free connection
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
-            socket_connect_timeout=timeout, retry_on_timeout=False)
-        self.client = redis.Redis(connection_pool=pool)
+        self.client = connect(url, timeout=timeout, max_connections=max_connections)
         self._charge = self.client.register_script(CHARGE)
         self._settle = self.client.register_script(SETTLE)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,20 @@ def require_postgres() -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message + "; install it (apt-get install postgresql) to run these tests")
+
+
+REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+async def require_redis(client: Any) -> None:
+    """Skip (locally) or fail (under CI) when the real Redis does not answer."""
+    try:
+        await client.ping()
+    except Exception as e:
+        await client.aclose()
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis not reachable at {REDIS_URL}: {e}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
 
 
 @pytest.fixture

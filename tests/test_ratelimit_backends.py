@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 import uuid
@@ -13,9 +12,9 @@ import pytest
 
 from ratelimit.backend import BUCKETS, BackendUnavailable, CounterBackend, MemoryBackend
 from ratelimit.redis_backend import RedisBackend
+from tests.conftest import REDIS_URL, require_redis
 from tollway.quotas import Rule
 
-REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 T0 = 1_800_000_000_000  # a fixed "now" in ms, aligned to every bucket width used here
 
 
@@ -27,13 +26,7 @@ def rule(limit: int, period: int = 60, kind: str = "requests", enforce: bool = T
 
 async def _redis_or_skip() -> RedisBackend:
     backend = RedisBackend(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
-    try:
-        await backend.client.ping()
-    except Exception as e:
-        await backend.close()
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis not reachable at {REDIS_URL}: {e}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    await require_redis(backend.client)
     return backend
 
 

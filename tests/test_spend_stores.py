@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -11,11 +10,11 @@ from decimal import Decimal
 
 import pytest
 
+from tests.conftest import REDIS_URL, require_redis
 from tollway.budgets import Budget, SpendCounter, from_units, to_units
 from tollway.spend import Commit, MemorySpendStore, SpendStore
 from tollway.spend.redis_store import RedisSpendStore
 
-REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 T0 = 1_800_000_000_000
 DAY = SpendCounter("project:p", "day", "2027-01-15")
 MONTH = SpendCounter("project:p", "month", "2027-01")
@@ -34,13 +33,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpendStore]:
         yield MemorySpendStore()
         return
     s = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
-    try:
-        await s.client.ping()
-    except Exception as e:
-        await s.close()
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis not reachable at {REDIS_URL}: {e}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
+    await require_redis(s.client)
     yield s
     keys = [k async for k in s.client.scan_iter(f"{s.prefix}:*")]
     if keys:

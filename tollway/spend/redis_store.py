@@ -9,10 +9,10 @@ integers); only the budget comparison happens in Lua's doubles, exact below 2^53
 
 from __future__ import annotations
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from tollway.budgets import Budget, SpendCounter
+from tollway.redis_client import connect
 
 from . import Commit, HoldOutcome, SpendStore, SpendUnavailable, hold_states
 
@@ -141,10 +141,7 @@ class RedisSpendStore(SpendStore):
     def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
                  max_connections: int = 64) -> None:
         self.prefix = prefix
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
-            socket_connect_timeout=timeout, retry_on_timeout=False)
-        self.client = redis.Redis(connection_pool=pool)
+        self.client = connect(url, timeout=timeout, max_connections=max_connections)
         self._hold = self.client.register_script(HOLD)
         self._commit = self.client.register_script(COMMIT)
         self._read = self.client.register_script(READ)

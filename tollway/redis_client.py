@@ -1,0 +1,15 @@
+"""The one way Tollway's services talk to Redis (rate-limit counters and spend alike)."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+
+def connect(url: str, *, timeout: float = 0.25, max_connections: int = 64) -> redis.Redis:
+    """A bounded pool that makes a burst wait (up to `timeout`) for a free connection, and
+    short socket timeouts: a slow Redis must turn into the route's fail-open/closed answer
+    quickly, not into Envoy's own timeout."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry_on_timeout=False)
+    return redis.Redis(connection_pool=pool)
