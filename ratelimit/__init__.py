@@ -6,7 +6,7 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from tollway.manifest import Manifest
-from tollway.refs import resolve_dsn
+from tollway.redis_client import counter_store_url
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 from tollway.spend import SpendStore
@@ -18,14 +18,12 @@ from .usage import UsageService
 
 
 def open_backend(spec: str) -> CounterBackend:
-    url = resolve_dsn(spec)
-    if url == "memory":
+    url = counter_store_url(spec)
+    if url is None:
         return MemoryBackend()
-    if url.startswith(("redis://", "rediss://")):
-        from .redis_backend import RedisBackend
+    from .redis_backend import RedisBackend
 
-        return RedisBackend(url)
-    raise ValueError(f"unsupported counter store {spec!r}: use memory or redis://")
+    return RedisBackend(url)
 
 
 class RateLimit:

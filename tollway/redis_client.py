@@ -13,3 +13,15 @@ def connect(url: str, *, timeout: float = 0.25, max_connections: int = 64) -> re
         url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
         socket_connect_timeout=timeout, retry_on_timeout=False)
     return redis.Redis(connection_pool=pool)
+
+
+def counter_store_url(spec: str) -> str | None:
+    """`storage.counters` resolved: None for the in-process store, else a redis:// URL."""
+    from tollway.refs import resolve_dsn
+
+    url = resolve_dsn(spec)
+    if url == "memory":
+        return None
+    if url.startswith(("redis://", "rediss://")):
+        return url
+    raise ValueError(f"unsupported counter store {spec!r}: use memory or redis://")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from tollway.budgets import Budget, SpendCounter
-from tollway.refs import resolve_dsn
+from tollway.redis_client import counter_store_url
 
 
 class SpendUnavailable(Exception):
@@ -179,11 +179,9 @@ class MemorySpendStore(SpendStore):
 
 
 def open_spend_store(spec: str) -> SpendStore:
-    url = resolve_dsn(spec)
-    if url == "memory":
+    url = counter_store_url(spec)
+    if url is None:
         return MemorySpendStore()
-    if url.startswith(("redis://", "rediss://")):
-        from .redis_store import RedisSpendStore
+    from .redis_store import RedisSpendStore
 
-        return RedisSpendStore(url)
-    raise ValueError(f"unsupported counter store {spec!r}: use memory or redis://")
+    return RedisSpendStore(url)
