@@ -8,6 +8,7 @@ cost when the access log arrives (docs/architecture.md#budgets).
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -48,7 +49,9 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     # an unpriced model costs nothing countable, but a used-up budget still refuses it
     amount = max(1, to_units(cost, round_up=True)) if cost is not None else 1
     try:
-        outcome = await store.hold(b.org.id, facts.request_id, budgets, amount,
+        # Envoy always sets x-request-id; without one, a hold of its own (released by expiry)
+        request_id = facts.request_id or f"no-request-id-{uuid.uuid4().hex}"
+        outcome = await store.hold(b.org.id, request_id, budgets, amount,
                                    allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
     except SpendUnavailable as e:
         BUDGET_DECISIONS.labels("store_down").inc()

@@ -36,6 +36,7 @@ class PolicyGate:
         self.spend = spend
         self.cache_seconds = 0.0 if spend.shared_in_process else SPEND_CACHE_SECONDS
         self._cache: dict[str, tuple[float, tuple[int, int]]] = {}
+        self._reported: set[str] = set()  # evaluation errors already logged
 
     async def current_spend(self, b: KeyBinding, labels: dict[str, str]) -> tuple[int, int]:
         key = f"{b.key.id}:{labels['day']}"
@@ -71,8 +72,12 @@ class PolicyGate:
             b, b.status, allow.route.action, allow.model,
             request_context(allow.model, facts.source_ip, now, allow.stream, allow.route.path),
             from_units(daily), from_units(monthly))
-        if decision.errors:
-            log.warning("policy errors for key %s: %s", b.key.id, "; ".join(decision.errors))
+        for error in decision.errors:
+            POLICY_DECISIONS.labels("evaluation_error").inc()
+            if error not in self._reported and len(self._reported) < 1000:
+                self._reported.add(error)  # once each: a broken policy must not flood the log
+                log.warning("a policy failed to evaluate and was skipped (key %s): %s",
+                            b.key.id, error)
         if decision.allowed:
             POLICY_DECISIONS.labels("permit").inc()
             return None

@@ -139,3 +139,14 @@ async def test_many_commits_at_once_equal_one_by_one(store: SpendStore) -> None:
     assert results[2] == [60, 60] and results[3] == [7]  # values after the batch
     assert await store.read("o", [DAY, KEY_DAY]) == [(60, 0), (60, 0)]
     assert await store.read("o2", [DAY]) == [(7, 0)]
+
+
+async def test_many_requests_in_flight_do_not_slow_or_grow_the_memory_store() -> None:
+    store = MemorySpendStore()
+    b = budget(10**12)
+    for i in range(20_000):
+        assert (await store.hold("o", f"r{i}", [b], 5, 60_000, T0 + i)).allowed
+        await store.commit("o", f"r{i}", [DAY], 3, T0 + i)
+    cell = store._cells[f"o:{DAY.key}"]
+    assert cell.held_total == 0 and not cell.holds and len(cell.expiries) <= 64 + 1
+    assert await store.read("o", [DAY], T0) == [(60_000, 0)]

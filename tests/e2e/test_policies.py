@@ -14,6 +14,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+import yaml
 
 from .harness import Gateway, run_gateway
 
@@ -93,6 +94,36 @@ def test_multi_tenant_saas(gateway: Callable[..., Gateway]) -> None:
     # the class of rule, never the policy's text or id
     assert message == "denied by policy: no policy permits this request"
     assert "tenant1" not in message
+
+
+def test_policy_edits_apply_without_a_restart_and_a_broken_one_is_refused(
+        gateway: Callable[..., Gateway]) -> None:
+    gw = gateway(scenario({"tenant1": MULTI_TENANT}, [
+        {"id": "tenant2-app", "user": {"tenant": "tenant2"}, "keys": [{"id": "k-tenant2"}]},
+    ]), "k-tenant2")
+    c = client(gw, "k-tenant2")
+    denied(lambda: ok(c))
+    doc = yaml.safe_load(gw.manifest_path.read_text())
+    doc["policies"][0]["text"] = MULTI_TENANT.replace('"tenant1"', '"tenant2"')
+    gw.write_manifest(doc)
+    eventually(lambda: ok(c))
+    doc["policies"][0]["text"] = 'permit (principal, action, resource) when { principal.oops };'
+    gw.write_manifest(doc)
+    log = gw.manifest_path.parent / "logs" / "services.log"
+    eventually(lambda: "policies[0] ('tenant1'): does not validate" in log.read_text())
+    ok(c)  # the last good policies stay in force
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check() is not False:
+                return
+        except (openai.APIStatusError, AssertionError):
+            pass
+        assert time.monotonic() < deadline, "did not happen in time"
+        time.sleep(0.1)
 
 
 def test_enterprise_gateway(gateway: Callable[..., Gateway]) -> None:

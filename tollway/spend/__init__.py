@@ -12,6 +12,7 @@ docs/architecture.md#budgets for what can still break that.
 from __future__ import annotations
 
 import abc
+import heapq
 import time
 from dataclasses import dataclass, field
 
@@ -106,15 +107,37 @@ class SpendStore(abc.ABC):
 
 @dataclass
 class _Cell:
+    """One counter: spent, and the holds of requests in flight with their running total and a
+    heap of expiries, so a check costs O(log n) however many requests are in flight."""
+
     spent: int = 0
     holds: dict[str, tuple[int, int]] = field(default_factory=dict)  # request → amount, expiry
+    held_total: int = 0
+    expiries: list[tuple[int, str]] = field(default_factory=list)
     alerts: set[str] = field(default_factory=set)
     expires_ms: int = 0
 
     def held(self, now_ms: int) -> int:
-        for rid in [r for r, (_, exp) in self.holds.items() if exp <= now_ms]:
-            del self.holds[rid]
-        return sum(a for a, _ in self.holds.values())
+        while self.expiries and self.expiries[0][0] <= now_ms:
+            exp, rid = heapq.heappop(self.expiries)
+            hold = self.holds.get(rid)
+            if hold is not None and hold[1] == exp:
+                self.release(rid)
+        return self.held_total
+
+    def add_hold(self, rid: str, amount: int, expires_ms: int) -> None:
+        self.release(rid)
+        self.holds[rid] = (amount, expires_ms)
+        self.held_total += amount
+        heapq.heappush(self.expiries, (expires_ms, rid))
+        if len(self.expiries) > 2 * len(self.holds) + 64:  # drop entries of released holds
+            self.expiries = [(exp, r) for r, (_, exp) in self.holds.items()]
+            heapq.heapify(self.expiries)
+
+    def release(self, rid: str) -> None:
+        hold = self.holds.pop(rid, None)
+        if hold is not None:
+            self.held_total -= hold[0]
 
 
 class MemorySpendStore(SpendStore):
@@ -147,7 +170,7 @@ class MemorySpendStore(SpendStore):
                               amount)
         if outcome.allowed:
             for key in {b.counter.key for b in budgets if b.enforce}:
-                cells[key].holds[request_id] = (amount, now + ttl_ms)
+                cells[key].add_hold(request_id, amount, now + ttl_ms)
         return outcome
 
     async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
@@ -156,7 +179,7 @@ class MemorySpendStore(SpendStore):
         out = []
         for c in counters:
             cell = self._cell(tag, c, now)
-            cell.holds.pop(request_id, None)
+            cell.release(request_id)
             cell.spent += amount
             out.append(cell.spent)
         return out
