@@ -7,6 +7,7 @@ cost when the access log arrives (docs/architecture.md#budgets).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from datetime import datetime
 
 from prometheus_client import Counter
 
-from tollway.budgets import budgets_for, from_units, period_labels, to_units
+from tollway.budgets import SpendCounter, budgets_for, from_units, period_labels, to_units
 from tollway.pricing import max_cost
 from tollway.spend import SpendStore, SpendUnavailable
 
@@ -26,12 +27,28 @@ BUDGET_DECISIONS = Counter("tollway_budget_decisions_total",
                            "Budget checks of allowed requests",
                            ["result"])  # held, refused, monitor_over, no_budget, store_down
 
-HOLD_GRACE_MS = 60_000  # past the route timeout: time for the access log to arrive
+HOLD_GRACE_MS = 60_000
+_REPORTED: set[str] = set()  # past the route timeout: time for the access log to arrive
 
 
 @dataclass(frozen=True)
 class Held:
     amount: int  # in budgets.UNIT; 0 when no enforced budget applies
+    tag: str = ""
+    request_id: str = ""
+    counters: tuple[SpendCounter, ...] = ()
+
+
+async def release_hold(store: SpendStore, held: Held) -> None:
+    """Undo a hold for a request that will never reach the provider (Envoy gave up on its
+    Check), so it does not block the budget until it expires."""
+    if not held.amount:
+        return
+    try:
+        await store.commit(held.tag, held.request_id, list(held.counters), 0)
+    except SpendUnavailable as e:
+        log.warning("could not release the hold of %s (it expires by itself): %s",
+                    held.request_id, e)
 
 
 async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
@@ -51,8 +68,15 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     try:
         # Envoy always sets x-request-id; without one, a hold of its own (released by expiry)
         request_id = facts.request_id or f"no-request-id-{uuid.uuid4().hex}"
-        outcome = await store.hold(b.org.id, request_id, budgets, amount,
-                                   allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
+        held = Held(amount, b.org.id, request_id,
+                    tuple(dict.fromkeys(x.counter for x in budgets if x.enforce)))
+        try:
+            outcome = await store.hold(b.org.id, request_id, budgets, amount,
+                                       allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
+        except asyncio.CancelledError:
+            # Envoy cancelled the Check: the hold may have been placed all the same
+            await asyncio.shield(release_hold(store, held))
+            raise
     except SpendUnavailable as e:
         BUDGET_DECISIONS.labels("store_down").inc()
         if allow.route.fail_closed:
@@ -64,12 +88,18 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     for s in outcome.states:
         if not s.budget.enforce and not s.fits(amount):
             BUDGET_DECISIONS.labels("monitor_over").inc()
-            log.warning("budget %s would refuse key %s (monitor): spent %s of %s",
-                        s.budget.label, b.key.id, from_units(s.spent), from_units(s.budget.limit))
+            seen = f"{s.budget.counter.key}/{s.budget.quota}/{b.key.id}"
+            if seen not in _REPORTED:  # once per budget, period and key: not once a request
+                if len(_REPORTED) > 10_000:
+                    _REPORTED.clear()
+                _REPORTED.add(seen)
+                log.warning("budget %s would refuse key %s (monitor): spent %s of %s",
+                            s.budget.label, b.key.id, from_units(s.spent),
+                            from_units(s.budget.limit))
     refused = outcome.refused_by
     if refused is None:
         BUDGET_DECISIONS.labels("held").inc()
-        return Held(amount if any(x.enforce for x in budgets) else 0)
+        return held if held.counters else Held(0)
     BUDGET_DECISIONS.labels("refused").inc()
     currency = m.rate_card.currency if m.rate_card else ""
     bg = refused.budget

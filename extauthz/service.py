@@ -21,7 +21,7 @@ from tollway.metadata import REQUEST
 from tollway.reload import Compiled
 from tollway.spend import SpendStore
 
-from .budget import Held, hold_budget
+from .budget import Held, hold_budget, release_hold
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .keymirror import KeyMirror
 from .policies import PolicyGate
@@ -116,6 +116,11 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
         dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
 
 
+def _past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
+    remaining = context.time_remaining() if context is not None else None
+    return remaining is not None and remaining <= 0.005
+
+
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror, pepper: bytes,
                  spend: SpendStore) -> None:
@@ -141,6 +146,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)
                 held = denied or await hold_budget(self.spend, rt, result, facts, now)
+                if isinstance(held, Held) and held.amount and _past_deadline(context):
+                    # Envoy has stopped waiting: the request gets Envoy's own 503 and never
+                    # reaches the provider, and its log entry will not carry this hold
+                    await release_hold(self.spend, held)
+                    held = Deny("gateway_unavailable", "authorization took too long; retry",
+                                result.route.dialect, result.binding.key.id)
                 if isinstance(held, Held):
                     DECISIONS.labels("allow", "ok").inc()
                     return allow_response(result, facts.headers, held.amount)

@@ -1,0 +1,107 @@
+"""extauthz's budget hold without Envoy: a Check that Envoy has stopped waiting for, or
+cancelled, leaves no hold behind to block the budget until it expires."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import struct_pb2
+
+from extauthz.decision import compile_runtime
+from extauthz.keymirror import KeyMirror
+from extauthz.service import AuthorizationService
+from tests.e2e.harness import base_manifest
+from tollway.budgets import period_labels
+from tollway.keys import KeyRecord, hash_secret
+from tollway.manifest import KeyStatus, parse
+from tollway.metadata import REQUEST
+from tollway.reload import Compiled
+from tollway.spend import MemorySpendStore
+
+PEPPER = b"p" * 32
+
+
+class Context:
+    """What the servicer asks of grpc.aio's context."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def service(store: MemorySpendStore) -> AuthorizationService:
+    os.environ.setdefault("MOCK_PROVIDER_KEY", "x")
+    doc = base_manifest({n: 1000 + i for i, n in enumerate(
+        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
+        "sqlite:///unused")
+    doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "cap", "spend_per_day": 10}]
+    m = parse(doc)
+    mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand below
+    now = datetime.now(UTC)
+    mirror._keys["k-main"] = KeyRecord("k-main", hash_secret(PEPPER, "s"), KeyStatus.ACTIVE,
+                                       None, None, None, now, now, 1)
+    mirror._fresh_at = time.monotonic() + 3600
+    return AuthorizationService(Compiled(compile_runtime, m), mirror, PEPPER, store)
+
+
+def check(rid: str) -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    attrs = req.attributes
+    attrs.context_extensions["route"] = "route0"
+    attrs.request.http.headers.update({"authorization": "Bearer k-main.s",
+                                       "content-length": "100", "x-request-id": rid})
+    body = struct_pb2.Struct()
+    body.update({"model": "gpt-5.4-mini", "max_tokens": 10})
+    attrs.metadata_context.filter_metadata[REQUEST].CopyFrom(body)
+    return req
+
+
+def held(store: MemorySpendStore) -> int:
+    """What the project's daily budget holds for requests in flight."""
+    day = period_labels(datetime.now(UTC), "UTC")["day"]
+    cell = store._cells.get(f"acme:project:team-ai:day:{day}")
+    return cell.held(int(time.time() * 1000)) if cell else 0
+
+
+async def test_an_allowed_check_holds_its_maximum_cost() -> None:
+    store = MemorySpendStore()
+    r = await service(store).Check(check("r1"), Context(0.4))
+    assert r.status.code == 0
+    assert held(store) > 0
+    assert r.dynamic_metadata["budget_hold"] == str(held(store))
+
+
+async def test_a_check_past_envoys_deadline_releases_its_hold() -> None:
+    store = MemorySpendStore()
+    r = await service(store).Check(check("r1"), Context(0.0))
+    assert r.denied_response.status.code == 503
+    assert held(store) == 0
+
+
+async def test_a_cancelled_check_releases_its_hold() -> None:
+    store = MemorySpendStore()
+    svc = service(store)
+    original = store.hold
+
+    async def slow_hold(*args: Any, **kwargs: Any) -> Any:
+        outcome = await original(*args, **kwargs)  # placed, then Envoy gives up
+        await asyncio.sleep(10)
+        return outcome
+    store.hold = slow_hold  # type: ignore[method-assign]
+    task = asyncio.create_task(svc.Check(check("r1"), Context(0.4)))
+    deadline = time.monotonic() + 5
+    while held(store) == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert held(store) == 0
