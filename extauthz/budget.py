@@ -17,7 +17,7 @@ from prometheus_client import Counter
 
 from tollway.budgets import SpendCounter, budgets_for, from_units, period_labels, to_units
 from tollway.pricing import max_cost
-from tollway.spend import SpendStore, SpendUnavailable
+from tollway.spend import HoldOutcome, SpendStore, SpendUnavailable
 
 from .decision import Allow, Deny, RequestFacts, Runtime
 
@@ -51,6 +51,18 @@ async def release_hold(store: SpendStore, held: Held) -> None:
                     held.request_id, e)
 
 
+def max_hold(rt: Runtime, allow: Allow, facts: RequestFacts) -> int:
+    """The request's maximum possible cost in UNIT; an unpriced model holds one unit: it has
+    no countable cost, but a used-up budget still refuses it."""
+    m = rt.manifest
+    catalogue = allow.provider.model(allow.model)
+    assert catalogue is not None
+    size = facts.body_bytes if facts.body_bytes is not None else m.gateway.max_request_bytes
+    output = min(allow.max_tokens or catalogue.max_output_tokens, catalogue.max_output_tokens)
+    cost = max_cost(m.rate_card, allow.provider.name, allow.model, size, output)
+    return max(1, to_units(cost, round_up=True)) if cost is not None else 1
+
+
 async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
                       now: datetime) -> Held | Deny:
     m, b = rt.manifest, allow.binding
@@ -58,25 +70,18 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     if not budgets:
         BUDGET_DECISIONS.labels("no_budget").inc()
         return Held(0)
-    catalogue = allow.provider.model(allow.model)
-    assert catalogue is not None
-    size = facts.body_bytes if facts.body_bytes is not None else m.gateway.max_request_bytes
-    output = min(allow.max_tokens or catalogue.max_output_tokens, catalogue.max_output_tokens)
-    cost = max_cost(m.rate_card, allow.provider.name, allow.model, size, output)
-    # an unpriced model costs nothing countable, but a used-up budget still refuses it
-    amount = max(1, to_units(cost, round_up=True)) if cost is not None else 1
+    amount = max_hold(rt, allow, facts)
+    # Envoy always sets x-request-id; without one, a hold of its own (released by expiry)
+    request_id = facts.request_id or f"no-request-id-{uuid.uuid4().hex}"
+    held = Held(amount, b.org.id, request_id,
+                tuple(dict.fromkeys(x.counter for x in budgets if x.enforce)))
     try:
-        # Envoy always sets x-request-id; without one, a hold of its own (released by expiry)
-        request_id = facts.request_id or f"no-request-id-{uuid.uuid4().hex}"
-        held = Held(amount, b.org.id, request_id,
-                    tuple(dict.fromkeys(x.counter for x in budgets if x.enforce)))
-        try:
-            outcome = await store.hold(b.org.id, request_id, budgets, amount,
-                                       allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
-        except asyncio.CancelledError:
-            # Envoy cancelled the Check: the hold may have been placed all the same
-            await asyncio.shield(release_hold(store, held))
-            raise
+        outcome = await store.hold(b.org.id, request_id, budgets, amount,
+                                   allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
+    except asyncio.CancelledError:
+        # Envoy cancelled the Check: the hold may have been placed all the same
+        await asyncio.shield(release_hold(store, held))
+        raise
     except SpendUnavailable as e:
         BUDGET_DECISIONS.labels("store_down").inc()
         if allow.route.fail_closed:
@@ -85,17 +90,7 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
                         "retry shortly", allow.route.dialect, b.key.id)
         log.error("spend store unreachable, allowing without a hold: %s", e)
         return Held(0)
-    for s in outcome.states:
-        if not s.budget.enforce and not s.fits(amount):
-            BUDGET_DECISIONS.labels("monitor_over").inc()
-            seen = f"{s.budget.counter.key}/{s.budget.quota}/{b.key.id}"
-            if seen not in _REPORTED:  # once per budget, period and key: not once a request
-                if len(_REPORTED) > 10_000:
-                    _REPORTED.clear()
-                _REPORTED.add(seen)
-                log.warning("budget %s would refuse key %s (monitor): spent %s of %s",
-                            s.budget.label, b.key.id, from_units(s.spent),
-                            from_units(s.budget.limit))
+    _report_monitor_budgets(outcome, b.key.id)
     refused = outcome.refused_by
     if refused is None:
         BUDGET_DECISIONS.labels("held").inc()
@@ -108,3 +103,20 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
                 f"{from_units(refused.spent)}, held for requests in flight "
                 f"{from_units(refused.held)}, this request may cost up to "
                 f"{from_units(amount)}", allow.route.dialect, b.key.id)
+
+
+def _report_monitor_budgets(outcome: HoldOutcome, key_id: str) -> None:
+    """Monitor budgets never refuse: count each would-be refusal, log it once per budget,
+    period and key (not once a request)."""
+    for s in outcome.states:
+        if s.budget.enforce or s.fits(outcome.amount):
+            continue
+        BUDGET_DECISIONS.labels("monitor_over").inc()
+        seen = f"{s.budget.counter.key}/{s.budget.quota}/{key_id}"
+        if seen in _REPORTED:
+            continue
+        if len(_REPORTED) > 10_000:
+            _REPORTED.clear()
+        _REPORTED.add(seen)
+        log.warning("budget %s would refuse key %s (monitor): spent %s of %s", s.budget.label,
+                    key_id, from_units(s.spent), from_units(s.budget.limit))
