@@ -17,11 +17,12 @@ import aiohttp
 from prometheus_client import Counter
 
 from tollway.budgets import (
+    Budget,
     base_counters,
-    budgets_for,
     counters_for,
     from_units,
     period_labels,
+    spend_targets,
     to_units,
 )
 from tollway.manifest import Manifest
@@ -45,17 +46,19 @@ class SpendRecorder:
     async def record(self, m: Manifest, rows: list[tuple[LedgerRow, int]]) -> None:
         """Add each row's cost to its counters and release its hold (one round trip for the
         batch); fire the alerts the new totals cross. `rows`: (row, hold placed for it)."""
-        commits, todo = [], []
+        commits: list[Commit] = []
+        budgets: list[list[Budget]] = []
         for n, (row, hold) in enumerate(rows, 1):
             if n % 100 == 0:
                 await asyncio.sleep(0)  # a big batch must not stall extauthz on this loop
             if not (row.key_id and row.org and row.project) or (not row.cost and not hold):
                 continue
-            labels = period_labels(row.at, m.gateway.timezone)
-            counters = counters_for(m, row.org, row.project, row.key_id, row.model, labels)
+            counters, row_budgets = spend_targets(
+                m, row.org, row.project, row.key_id, row.model,
+                period_labels(row.at, m.gateway.timezone))
             commits.append(Commit(row.org, row.request_id, counters,
                                   to_units(row.cost) if row.cost else 0))
-            todo.append((row, labels))
+            budgets.append(row_budgets if row.cost else [])
         try:
             results = await self.store.commit_many(commits)
         except SpendUnavailable as e:
@@ -63,13 +66,10 @@ class SpendRecorder:
             log.error("could not add %d costs to spend (holds expire by themselves): %s",
                       len(commits), e)
             return
-        for (row, labels), commit, spent in zip(todo, commits, results, strict=True):
-            binding = m.bindings.get(row.key_id or "")
-            if binding is None or not row.model or not commit.amount:
-                continue
+        for commit, row_budgets, spent in zip(commits, budgets, results, strict=True):
             now_spent = dict(zip((c.key for c in commit.counters), spent, strict=True))
-            for b in budgets_for(m, binding, row.model, labels):
-                value = now_spent.get(b.counter.key, 0)
+            for b in row_budgets:
+                value = now_spent[b.counter.key]
                 for threshold in b.alerts:
                     if value >= b.limit * threshold and await self.store.first_alert(
                             commit.tag, b.counter, f"{b.scope}/{b.quota}:{threshold}"):

@@ -116,13 +116,18 @@ def budgets_for(m: Manifest, b: KeyBinding, model: str, labels: dict[str, str]
     return out
 
 
+def spend_targets(m: Manifest, org: str, project: str, key_id: str, model: str | None,
+                  labels: dict[str, str]) -> tuple[list[SpendCounter], list[Budget]]:
+    """Every counter a request's cost adds to (its key, project and org, and the counters of
+    the model-narrowed budgets it falls under), and the budgets that read them (while the key
+    is still in the manifest)."""
+    counters = base_counters(org, project, key_id, labels)
+    b = m.bindings.get(key_id)
+    budgets = budgets_for(m, b, model, labels) if model and b is not None else []
+    counters += [c for c in dict.fromkeys(bg.counter for bg in budgets) if c not in counters]
+    return counters, budgets
+
+
 def counters_for(m: Manifest, org: str, project: str, key_id: str, model: str | None,
                  labels: dict[str, str]) -> list[SpendCounter]:
-    """Every counter a request's cost adds to: its key, project and org, and the counters of
-    the model-narrowed budgets it falls under (while the key is still in the manifest)."""
-    out = base_counters(org, project, key_id, labels)
-    b = m.bindings.get(key_id)
-    if model and b is not None:
-        out += [bg.counter for bg in budgets_for(m, b, model, labels)
-                if bg.counter not in out]
-    return out
+    return spend_targets(m, org, project, key_id, model, labels)[0]
