@@ -210,7 +210,6 @@ def test_a_cedar_spend_cap_takes_effect_once_the_ledger_passes_it(
             break
     assert ledger_spend(gw, "k-capped") >= cap, "refused before the ledger reached the cap"
     assert allowed >= 7
-    print(f"cap {cap}: {allowed} requests allowed, ledger {ledger_spend(gw, 'k-capped')}")
     denied(lambda: ok(c, "gpt-5.4-mini"))  # and it stays refused
     out = gw.run_cli("explain", "--", "--key", "k-capped", "--model", "gpt-5.4-mini")
     assert out.returncode == 3, out.stderr
