@@ -140,8 +140,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             if (isinstance(result, Deny) and result.code == "invalid_api_key"
                     and self.mirror.usable):
                 key_id = presented_key_id(facts.headers)
-                if key_id in rt.manifest.bindings and await self.mirror.fetch(key_id):
-                    result = decide(rt, self.mirror, self.pepper, facts, datetime.now(UTC))
+                seen = self.mirror.get(key_id)  # what decide saw: no await in between
+                if key_id in rt.manifest.bindings:
+                    await self.mirror.fetch(key_id)
+                    # the follower may have brought the key while we fetched it: decide again
+                    # whenever the mirror's record changed, whoever changed it
+                    if self.mirror.get(key_id) is not seen:
+                        result = decide(rt, self.mirror, self.pepper, facts,
+                                        datetime.now(UTC))
             if isinstance(result, Allow):
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)

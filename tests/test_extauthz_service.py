@@ -1,5 +1,5 @@
-"""extauthz's budget hold without Envoy: a Check that Envoy has stopped waiting for, or
-cancelled, leaves no hold behind to block the budget until it expires."""
+"""The extauthz servicer without Envoy: a Check that Envoy has stopped waiting for, or
+cancelled, leaves no budget hold behind; a key loaded while a Check fetches it is accepted."""
 
 from __future__ import annotations
 
@@ -105,3 +105,18 @@ async def test_a_cancelled_check_releases_its_hold() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert held(store) == 0
+
+
+async def test_a_key_the_follower_brings_during_the_fetch_is_accepted() -> None:
+    """The mirror's follower can load a newly issued key while a Check fetches it: the
+    fetch then finds nothing newer, and the Check must still see the key."""
+    svc = service(MemorySpendStore())
+    record = svc.mirror._keys.pop("k-main")
+
+    class Store:
+        async def get(self, key_id: str) -> KeyRecord:
+            svc.mirror._keys[key_id] = record  # the follower's refresh, mid-fetch
+            return record
+    svc.mirror.store = Store()  # type: ignore[assignment]
+    r = await svc.Check(check("r1"), Context(0.4))
+    assert r.status.code == 0, r.denied_response.body
