@@ -105,6 +105,11 @@ def test_a_forbid_wins_and_is_named_only_to_the_operator() -> None:
                            daily=Decimal("50.00001")).allowed
     assert cp.evaluate(b, b.status, "completion", "gpt-4o", ctx,
                        daily=Decimal("49.99")).allowed
+    # exactly at the cap's edge, whatever Cedar's four places do to the spend
+    assert cp.evaluate(b, b.status, "completion", "gpt-4o", ctx,
+                       daily=Decimal("49.99999999")).allowed
+    assert not cp.evaluate(b, b.status, "completion", "gpt-4o", ctx,
+                           daily=Decimal("50")).allowed
 
 
 def test_explain_prints_the_decision_and_the_determining_policy() -> None:

@@ -6,7 +6,7 @@ The entity model (docs/policies.md has it with examples):
   in `Org::"<org id>"`, with `status`, `plan`,
   `user` (`tenant`, `email`, `role`, `is_agent`; empty strings when unset, so policies need no
   `has`), `current_daily_spend` / `current_monthly_spend` (Cedar decimals in the rate card's
-  currency, rounded up to Cedar's four places) and `metadata` (org, project, client and key
+  currency, truncated to Cedar's four places) and `metadata` (org, project, client and key
   metadata merged, the narrowest level winning);
 * action `Action::"<route action>"` (`completion`, `embedding`, `responses`, `messages`, ...);
 * resource `Model::"<model>"` with `provider`;
@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 import cedarpy
@@ -120,8 +120,10 @@ def _uid(kind: str, ident: str) -> dict[str, str]:
 
 
 def decimal_literal(amount: Decimal) -> dict[str, Any]:
-    """Cedar decimals have four places: round up, so a cap is never passed by rounding."""
-    text = f"{amount.quantize(Decimal('0.0001'), ROUND_CEILING):f}"
+    """Cedar decimals have four places. Truncating keeps `spend.lessThan(cap)` exact: every
+    cap literal has at most four places, so floor(spend) < cap exactly when spend < cap (rounding
+    up would refuse up to 0.0001 before the cap is reached)."""
+    text = f"{amount.quantize(Decimal('0.0001'), ROUND_FLOOR):f}"
     return {"__extn": {"fn": "decimal", "arg": text}}
 
 
