@@ -7,6 +7,7 @@ with a deadline, never slept for.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -28,10 +29,23 @@ ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_KEY = "sk-provider-secret-0123456789"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, below Linux's ephemeral range (32768-60999): a port the kernel picked
+    from that range could be taken by an outgoing connection before our server binds it."""
+    while True:
+        port = random.randrange(20000, 32000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def wait_until(check: Any, what: str, timeout: float = 20.0, proc: Any = None) -> None:
