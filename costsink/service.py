@@ -167,6 +167,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         fresh = [item for item in batch if item.row.request_id in new]
         # first, so holds are released as soon as possible
         await self.spend.record(m, [(item.row, item.hold) for item in fresh])
+        await self.spend.release_orphans([item.row for item in fresh])
         await asyncio.gather(*(self._settle_one(item) for item in fresh
                                if "reserved_tokens" in item.ratelimit and item.row.key_id
                                and item.row.model))

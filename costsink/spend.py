@@ -34,6 +34,8 @@ log = logging.getLogger("tollway.costsink.spend")
 
 ALERTS = Counter("tollway_budget_alerts_total", "Budget alert thresholds crossed",
                  ["scope", "quota", "period", "threshold"])
+ORPHANS = Counter("tollway_costsink_orphan_holds_released_total",
+                  "Budget holds of requests whose Check Envoy stopped waiting for")
 SPEND_ERRORS = Counter("tollway_costsink_spend_errors_total",
                        "Spend commits that failed (the counter store was unreachable)")
 
@@ -57,7 +59,7 @@ class SpendRecorder:
                 m, row.org, row.project, row.key_id, row.model,
                 period_labels(row.at, m.gateway.timezone))
             commits.append(Commit(row.org, row.request_id, counters,
-                                  to_units(row.cost) if row.cost else 0))
+                                  to_units(row.cost) if row.cost else 0, held=hold > 0))
             budgets.append(row_budgets if row.cost else [])
         try:
             results = await self.store.commit_many(commits)
@@ -76,6 +78,20 @@ class SpendRecorder:
                         self._fire(m, b.label, b.scope, b.quota, b.counter.period,
                                    b.counter.label, threshold, from_units(value),
                                    from_units(b.limit))
+
+    async def release_orphans(self, rows: list[LedgerRow]) -> None:
+        """Rows Envoy answered without extauthz's metadata (it stopped waiting for the Check)
+        may still have a hold, placed by a Check that finished too late: release it now rather
+        than let it block a budget until it expires."""
+        rids = [r.request_id for r in rows if r.org is None and r.deny_reason is None]
+        try:
+            found = await self.store.release_orphans(rids)
+        except SpendUnavailable as e:
+            log.warning("could not look up holds of %d unauthorized requests: %s", len(rids), e)
+            return
+        if found:
+            ORPHANS.inc(found)
+            log.info("released %d holds of requests Envoy stopped waiting for", found)
 
     def _fire(self, m: Manifest, label: str, scope: str, quota: str, period: str,
               period_label: str, threshold: Decimal, spent: Decimal, limit: Decimal) -> None:

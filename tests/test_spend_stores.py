@@ -150,3 +150,16 @@ async def test_many_requests_in_flight_do_not_slow_or_grow_the_memory_store() ->
     cell = store._cells[f"o:{DAY.key}"]
     assert cell.held_total == 0 and not cell.holds and len(cell.expiries) <= 64 + 1
     assert await store.read("o", [DAY], T0) == [(60_000, 0)]
+
+
+async def test_a_hold_is_found_by_its_request_id_alone(store: SpendStore) -> None:
+    """Envoy gave up on the Check: the log entry has neither org nor counters."""
+    b, watch = budget(100), budget(100, MONTH, enforce=False)
+    assert (await store.hold("o", "lost", [b, watch], 60, 60_000)).allowed
+    assert (await store.hold("o", "kept", [b], 30, 60_000)).allowed
+    assert await store.release_orphans(["lost", "never-held"]) == 1
+    assert await store.read("o", [DAY]) == [(0, 30)]
+    assert await store.release_orphans(["lost"]) == 0  # once
+    await store.commit_many([Commit("o", "kept", [DAY], 10, held=True)])
+    assert await store.release_orphans(["kept"]) == 0  # a committed hold leaves no trace
+    assert await store.read("o", [DAY]) == [(10, 0)]

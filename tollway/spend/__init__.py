@@ -65,6 +65,7 @@ class Commit:
     request_id: str
     counters: list[SpendCounter]
     amount: int
+    held: bool = False  # the request placed a hold: its entry in the hold index goes too
 
 
 class SpendStore(abc.ABC):
@@ -99,6 +100,12 @@ class SpendStore(abc.ABC):
     async def read(self, tag: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:
         """(spent, held) of each counter."""
+
+    @abc.abstractmethod
+    async def release_orphans(self, request_ids: list[str]) -> int:
+        """Release the holds of requests whose log entry cannot say where they were held:
+        Envoy stopped waiting for their Check, so the entry carries no metadata. Every hold is
+        indexed by request id for this; returns how many holds were found."""
 
     @abc.abstractmethod
     async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
@@ -148,6 +155,7 @@ class MemorySpendStore(SpendStore):
 
     def __init__(self) -> None:
         self._cells: dict[str, _Cell] = {}
+        self._index: dict[str, tuple[str, list[SpendCounter], int]] = {}  # rid → tag, counters
         self._ops = 0
 
     def _cell(self, tag: str, c: SpendCounter, now_ms: int) -> _Cell:
@@ -160,6 +168,8 @@ class MemorySpendStore(SpendStore):
         if self._ops % 1000 == 0:
             for k in [k for k, c in self._cells.items() if c.expires_ms <= now_ms]:
                 del self._cells[k]
+            for rid in [r for r, (_, _, exp) in self._index.items() if exp <= now_ms]:
+                del self._index[rid]
 
     async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
                    ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
@@ -168,14 +178,17 @@ class MemorySpendStore(SpendStore):
         cells = {b.counter.key: self._cell(tag, b.counter, now) for b in budgets}
         outcome = hold_states(budgets, {k: (c.spent, c.held(now)) for k, c in cells.items()},
                               amount)
-        if outcome.allowed:
-            for key in {b.counter.key for b in budgets if b.enforce}:
-                cells[key].add_hold(request_id, amount, now + ttl_ms)
+        held_on = list(dict.fromkeys(b.counter for b in budgets if b.enforce))
+        if outcome.allowed and held_on:
+            for c in held_on:
+                cells[c.key].add_hold(request_id, amount, now + ttl_ms)
+            self._index[request_id] = (tag, held_on, now + ttl_ms)
         return outcome
 
     async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
                      amount: int, now_ms: int | None = None) -> list[int]:
         now = now_ms if now_ms is not None else int(time.time() * 1000)
+        self._index.pop(request_id, None)
         out = []
         for c in counters:
             cell = self._cell(tag, c, now)
@@ -183,6 +196,15 @@ class MemorySpendStore(SpendStore):
             cell.spent += amount
             out.append(cell.spent)
         return out
+
+    async def release_orphans(self, request_ids: list[str]) -> int:
+        found = 0
+        for rid in request_ids:
+            entry = self._index.pop(rid, None)
+            if entry is not None:
+                await self.commit(entry[0], rid, entry[1], 0)
+                found += 1
+        return found
 
     async def read(self, tag: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:

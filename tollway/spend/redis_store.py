@@ -9,6 +9,9 @@ integers); only the budget comparison happens in Lua's doubles, exact below 2^53
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 from redis.exceptions import RedisError
 
 from tollway.budgets import Budget, SpendCounter
@@ -173,7 +176,35 @@ class RedisSpendStore(SpendStore):
                   for i, c in enumerate(counters)}
         outcome = hold_states(budgets, values, amount)
         assert outcome.allowed == bool(int(raw[0])), "the script and hold_states disagree"
+        if outcome.allowed and held_on:
+            # where this hold lives, for a log entry that cannot say (release_orphans); its
+            # own key, outside the org's slot: the log entry does not know the org either
+            where = json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
+                                      for c in counters if c in held_on]])
+            with contextlib.suppress(RedisError, OSError):  # the hold expires by itself
+                await self.client.set(self._index_key(request_id), where, px=ttl_ms)
         return outcome
+
+    def _index_key(self, request_id: str) -> str:
+        return f"{self.prefix}:hold:{request_id}"
+
+    async def release_orphans(self, request_ids: list[str]) -> int:
+        if not request_ids:
+            return 0
+        try:
+            found = await self.client.mget([self._index_key(r) for r in request_ids])
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+        released = 0
+        for rid, raw in zip(request_ids, found, strict=True):
+            if raw is None:
+                continue
+            tag, specs = json.loads(raw)
+            counters = [SpendCounter(name, period, label, tuple(models))
+                        for name, period, label, models in specs]
+            await self.commit(tag, rid, counters, 0)
+            released += 1
+        return released
 
     async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
                      amount: int, now_ms: int | None = None) -> list[int]:
@@ -181,6 +212,8 @@ class RedisSpendStore(SpendStore):
             raw = await self._commit(keys=self._keys(tag, counters),
                                      args=[now_ms or 0, amount, request_id,
                                            *(c.ttl_seconds for c in counters)])
+            if request_id:
+                await self.client.delete(self._index_key(request_id))
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         return [int(x) for x in raw]
@@ -202,6 +235,12 @@ class RedisSpendStore(SpendStore):
                              *(index[x] for x in c.counters)]
                 raw = await self._commit_batch(keys=self._keys(tag, counters), args=args)
                 after.update({(tag, x.key): int(v) for x, v in zip(counters, raw, strict=True)})
+            indexed = [self._index_key(c.request_id) for c in commits if c.held]
+            if indexed:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key in indexed:  # one by one: the keys lie in different slots
+                        pipe.delete(key)
+                    await pipe.execute()
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         return [[after[(c.tag, x.key)] for x in c.counters] for c in commits]

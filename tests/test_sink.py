@@ -1,8 +1,10 @@
-"""The sink's disk spool: a batch the ledger refuses survives a restart of the sink and is
-replayed in order, once. (The real PostgreSQL outage is tests/e2e/test_ledger_outage.py.)"""
+"""The sink without Envoy: a batch the ledger refuses survives a restart of the sink in the disk
+spool and is replayed in order, once (the real PostgreSQL outage is
+tests/e2e/test_ledger_outage.py); a hold whose log entry cannot name it is released."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -11,6 +13,7 @@ from costsink.ledger import LedgerRow, SqliteLedger
 from costsink.service import AccessLogSink, Entry
 from costsink.spend import SpendRecorder
 from costsink.spool import Spool
+from tollway.budgets import Budget, SpendCounter
 from tollway.manifest import loads
 from tollway.reload import Compiled
 from tollway.spend import MemorySpendStore
@@ -37,9 +40,10 @@ class Unreachable(SqliteLedger):
         raise OSError("connection refused")
 
 
-def sink(ledger: SqliteLedger, spool_dir: Path) -> AccessLogSink:
+def sink(ledger: SqliteLedger, spool_dir: Path,
+         store: MemorySpendStore | None = None) -> AccessLogSink:
     return AccessLogSink(Compiled(lambda m: m, MANIFEST), ledger, Spool(spool_dir),
-                         SpendRecorder(MemorySpendStore()))
+                         SpendRecorder(store or MemorySpendStore()))
 
 
 async def test_spooled_batches_survive_a_restart_and_replay_in_order_once(
@@ -59,3 +63,18 @@ async def test_spooled_batches_survive_a_restart_and_replay_in_order_once(
     assert [r.request_id for r in rows] == [f"r{i}" for i in range(5)]
     assert rows == [row(i) for i in range(5)]  # every field survives the round trip
     await ledger.close()
+
+
+async def test_the_hold_of_a_check_envoy_gave_up_on_is_released(tmp_path: Path) -> None:
+    store = MemorySpendStore()
+    cap = Budget(SpendCounter("project:p", "day", "2027-01-01"), "project:p", "cap", 1000,
+                 True, ())
+    assert (await store.hold("o", "r9", [cap], 600, 600_000)).allowed
+    s = sink(SqliteLedger(tmp_path / "ledger.db"), tmp_path / "spool", store)
+    # Envoy answered 503 itself: the entry has no org, no key, no deny reason
+    unauthorized = replace(row(9), org=None, project=None, client=None, key_id=None,
+                           provider=None, model=None, status=503, cost=None, input_tokens=0,
+                           output_tokens=0)
+    await s.write([Entry(unauthorized, 0, {})])
+    assert await store.read("o", [cap.counter]) == [(0, 0)]
+    await s.ledger.close()
