@@ -9,6 +9,7 @@ integers); only the budget comparison happens in Lua's doubles, exact below 2^53
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 
@@ -149,6 +150,7 @@ class RedisSpendStore(SpendStore):
         self._commit = self.client.register_script(COMMIT)
         self._read = self.client.register_script(READ)
         self._commit_batch = self.client.register_script(COMMIT_BATCH)
+        self._indexing: set[asyncio.Task[None]] = set()
 
     def _keys(self, tag: str, counters: list[SpendCounter]) -> list[str]:
         out = []
@@ -181,9 +183,16 @@ class RedisSpendStore(SpendStore):
             # own key, outside the org's slot: the log entry does not know the org either
             where = json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
                                       for c in counters if c in held_on]])
-            with contextlib.suppress(RedisError, OSError):  # the hold expires by itself
-                await self.client.set(self._index_key(request_id), where, px=ttl_ms)
+            # not awaited: the Check need not wait for it, and an orphan's log entry arrives
+            # long after (Envoy's timeout, then the access-log flush)
+            task = asyncio.create_task(self._index(request_id, where, ttl_ms))
+            self._indexing.add(task)
+            task.add_done_callback(self._indexing.discard)
         return outcome
+
+    async def _index(self, request_id: str, where: str, ttl_ms: int) -> None:
+        with contextlib.suppress(RedisError, OSError):  # the hold expires by itself
+            await self.client.set(self._index_key(request_id), where, px=ttl_ms)
 
     def _index_key(self, request_id: str) -> str:
         return f"{self.prefix}:hold:{request_id}"
@@ -263,4 +272,5 @@ class RedisSpendStore(SpendStore):
             raise SpendUnavailable(f"redis: {e}") from e
 
     async def close(self) -> None:
+        await asyncio.gather(*self._indexing, return_exceptions=True)
         await self.client.aclose()
