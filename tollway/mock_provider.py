@@ -5,7 +5,8 @@ credential each request carried, so tests can prove that the client's key never 
 provider. Token counts are deterministic: input ≈ request bytes / 4, output = min(max_tokens,
 12), and a prompt of 1,024 tokens or more reports its first 1,024-token multiple as cached.
 A chat request with `x-mock-input-tokens: N` reports N input tokens instead (tests use it to
-make the real usage differ from Tollway's estimate). `GET /_mock/seen` lists what it received.
+make the real usage differ from Tollway's estimate), and one with `x-mock-delay-ms: N` answers
+after N ms (tests use it to keep a request in flight). `GET /_mock/seen` lists what it received.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class MockProvider:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         raw, body, rec = await self._parse(request, anthropic=False)
+        delay = request.headers.get("x-mock-delay-ms", "")
+        if delay.isdigit():
+            await asyncio.sleep(min(int(delay), 30_000) / 1000)
         inp, out, cached = self._usage(raw, body, request)
         rec["usage"] = {"input": inp, "output": out, "cached": cached}
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body.get(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +89,18 @@ def test_the_41st_gpt54_request_in_a_minute_is_refused(gw: Gateway) -> None:
 
 def test_tpm_refuses_once_reservations_pass_it(gw: Gateway) -> None:
     c = client(gw)
-    # gpt-5.4 answers at most 32768 tokens; two such reservations pass its 60,000 TPM
-    c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=32768)
-    with pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=32768)
+    # gpt-5.4 answers at most 32768 tokens; two such reservations pass its 60,000 TPM while
+    # the first is still in flight (once it ends, its real usage replaces its reservation)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(c.chat.completions.create, model="gpt-5.4", messages=MESSAGES,
+                            max_tokens=32768, extra_headers={"x-mock-delay-ms": "3000"})
+        deadline = time.monotonic() + 10
+        while not gw.seen():  # the first request has passed the rate limiter
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=32768)
+        first.result()
     assert "60000 tokens" in e.value.message
     c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=10)
 
