@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from prometheus_client import Counter, Histogram
 
 from tollway.errors import error_body
-from tollway.manifest import Manifest
+from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
 from tollway.quotas import rules_for
 from tollway.reload import Compiled
@@ -166,6 +166,15 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                                          dynamic_metadata=metadata)
 
 
+async def binding_or_abort(m: Manifest, key_id: str, context: grpc.aio.ServicerContext
+                           ) -> KeyBinding:
+    binding = m.bindings.get(key_id)
+    if binding is None:
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key id {key_id}")
+    assert binding is not None  # abort raised
+    return binding
+
+
 class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: ignore[misc]
     """Corrects a reservation with the real usage, so TPM counts what the provider reported."""
 
@@ -176,10 +185,7 @@ class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: 
     async def Settle(self, request: settle_pb2.SettleRequest,
                      context: grpc.aio.ServicerContext) -> settle_pb2.SettleResponse:
         m = self.manifest.value
-        binding = m.bindings.get(request.key_id)
-        if binding is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key id {request.key_id}")
-        assert binding is not None  # abort raised
+        binding = await binding_or_abort(m, request.key_id, context)
         rules = [r for r in rules_for(m, binding, request.model) if r.kind == "tokens"]
         delta = request.actual_tokens - request.reserved_tokens
         try:

@@ -20,6 +20,7 @@ from tollway.spend import SpendStore, SpendUnavailable
 
 from ._proto import usage_pb2, usage_pb2_grpc
 from .backend import BackendUnavailable, CounterBackend
+from .service import binding_or_abort
 
 
 def key_models(m: Manifest, b: KeyBinding) -> list[str]:
@@ -50,10 +51,7 @@ class UsageService(usage_pb2_grpc.UsageServicer):  # type: ignore[misc]
     async def KeyUsage(self, request: usage_pb2.KeyUsageRequest,
                        context: grpc.aio.ServicerContext) -> usage_pb2.KeyUsageResponse:
         m = self.manifest.value
-        b = m.bindings.get(request.key_id)
-        if b is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key id {request.key_id}")
-        assert b is not None
+        b = await binding_or_abort(m, request.key_id, context)
         models = [request.model] if request.model else key_models(m, b)
         now = datetime.now(ZoneInfo(m.gateway.timezone))
         try:

@@ -26,16 +26,16 @@ if now == 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function purge(h, z)
-  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  for _, rid in ipairs(expired) do
-    local a = redis.call('HGET', h, 'h:' .. rid)
-    if a then
-      redis.call('HINCRBY', h, 'held', -tonumber(a))
-      redis.call('HDEL', h, 'h:' .. rid)
-    end
-    redis.call('ZREM', z, rid)
+local function release(h, z, rid)
+  local a = redis.call('HGET', h, 'h:' .. rid)
+  if a then
+    redis.call('HINCRBY', h, 'held', -tonumber(a))
+    redis.call('HDEL', h, 'h:' .. rid)
   end
+  redis.call('ZREM', z, rid)
+end
+local function purge(h, z)
+  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now)) do release(h, z, rid) end
 end
 local function state(h)
   return {redis.call('HGET', h, 'spent') or '0', redis.call('HGET', h, 'held') or '0'}
@@ -85,12 +85,7 @@ local out = {}
 for i = 1, #KEYS / 2 do
   local h, z = KEYS[2 * i - 1], KEYS[2 * i]
   purge(h, z)
-  local a = redis.call('HGET', h, 'h:' .. rid)
-  if a then
-    redis.call('HINCRBY', h, 'held', -tonumber(a))
-    redis.call('HDEL', h, 'h:' .. rid)
-    redis.call('ZREM', z, rid)
-  end
+  release(h, z, rid)
   redis.call('HINCRBY', h, 'spent', ARGV[2])
   redis.call('EXPIRE', h, ARGV[3 + i])
   out[i] = redis.call('HGET', h, 'spent')
@@ -109,13 +104,8 @@ while p <= #ARGV do
   local rid, amount, k = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
   for j = 1, k do
     local i = tonumber(ARGV[p + 2 + j])
-    local h, z = KEYS[2 * i - 1], KEYS[2 * i]
-    local a = redis.call('HGET', h, 'h:' .. rid)
-    if a then
-      redis.call('HINCRBY', h, 'held', -tonumber(a))
-      redis.call('HDEL', h, 'h:' .. rid)
-      redis.call('ZREM', z, rid)
-    end
+    local h = KEYS[2 * i - 1]
+    release(h, KEYS[2 * i], rid)
     if amount ~= '0' then redis.call('HINCRBY', h, 'spent', amount) end
   end
   p = p + 3 + k
