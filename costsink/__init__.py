@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
-from zoneinfo import ZoneInfo
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from tollway.budgets import period_starts
 from tollway.manifest import Manifest
 from tollway.refs import state_dir
 from tollway.reload import Compiled
@@ -53,10 +53,8 @@ class CostSink:
         except Exception as e:
             log.error("cannot read spend from the ledger, budgets start from zero: %s", e)
             return
-        now = datetime.now(ZoneInfo(m.gateway.timezone))
-        starts = {"day": now.replace(hour=0, minute=0, second=0, microsecond=0)}
-        starts["month"] = starts["day"].replace(day=1)
-        for period, since in starts.items():
+        now = datetime.now(UTC)
+        for period, since in period_starts(now, m.gateway.timezone).items():
             totals = await self.ledger.spend_totals(since.astimezone(UTC))
             await self.spend.seed(m, totals, period, now)
         log.info("spend counters seeded from the ledger (%s)",

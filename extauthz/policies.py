@@ -16,7 +16,7 @@ from datetime import datetime
 
 from prometheus_client import Counter
 
-from tollway.budgets import base_counters, from_units, period_labels
+from tollway.budgets import from_units, key_counters, period_labels
 from tollway.manifest import KeyBinding
 from tollway.policy import request_context
 from tollway.spend import SpendStore, SpendUnavailable
@@ -43,7 +43,7 @@ class PolicyGate:
         hit = self._cache.get(key)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        day, month = base_counters(b.org.id, b.project.id, b.key.id, labels)[:2]
+        day, month = key_counters(b.key.id, labels)
         ((daily, _), (monthly, _)) = await self.spend.read(b.org.id, [day, month])
         if len(self._cache) > 100_000:
             self._cache.clear()

@@ -12,7 +12,14 @@ from zoneinfo import ZoneInfo
 
 import grpc
 
-from tollway.budgets import Budget, base_counters, budgets_for, from_units, period_labels
+from tollway.budgets import (
+    Budget,
+    budgets_for,
+    from_units,
+    key_counters,
+    period_labels,
+    period_starts,
+)
 from tollway.manifest import KeyBinding, Manifest
 from tollway.quotas import Rule, rules_for
 from tollway.reload import Compiled
@@ -31,12 +38,11 @@ def key_models(m: Manifest, b: KeyBinding) -> list[str]:
 
 
 def seconds_to_next(period: str, now: datetime, timezone: str) -> float:
-    local = now.astimezone(ZoneInfo(timezone))
-    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    start = period_starts(now, timezone)[period]
     if period == "day":
-        nxt = day + timedelta(days=1)
+        nxt = start + timedelta(days=1)
     else:
-        nxt = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+        nxt = (start + timedelta(days=32)).replace(day=1)
     # compared in UTC: across a DST change a local day is not 24 hours
     return (nxt.astimezone(UTC) - now.astimezone(UTC)).total_seconds()
 
@@ -92,7 +98,7 @@ class UsageService(usage_pb2_grpc.UsageServicer):  # type: ignore[misc]
             for bg in budgets_for(m, b, model, labels):
                 budgets.setdefault((bg.scope, bg.quota, bg.counter.period), (bg, []))[1] \
                     .append(model)
-        own = base_counters(b.org.id, b.project.id, b.key.id, labels)[:2]  # the key's day, month
+        own = key_counters(b.key.id, labels)  # the key's day, month
         listed = list(budgets.values())
         values = await self.spend.read(b.org.id, own + [bg.counter for bg, _ in listed])
         out = []

@@ -39,6 +39,12 @@ def period_labels(at: datetime, timezone: str) -> dict[str, str]:
     return dict(_labels(int(at.timestamp()) // 60, timezone))
 
 
+def period_starts(at: datetime, timezone: str) -> dict[str, datetime]:
+    """When the calendar day and month containing `at` began, in the manifest's time zone."""
+    day = at.astimezone(ZoneInfo(timezone)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return {"day": day, "month": day.replace(day=1)}
+
+
 @lru_cache(maxsize=64)
 def _labels(minute: int, timezone: str) -> tuple[tuple[str, str], ...]:
     local = datetime.fromtimestamp(minute * 60, ZoneInfo(timezone))
@@ -95,6 +101,11 @@ def base_counters(org: str, project: str, key_id: str, labels: dict[str, str]
     return [SpendCounter(f"{level}:{ident}", period, label)
             for level, ident in (("key", key_id), ("project", project), ("org", org))
             for period, label in labels.items()]
+
+
+def key_counters(key_id: str, labels: dict[str, str]) -> list[SpendCounter]:
+    """The key's own counters, in the order of `labels` (what Cedar and `tollway usage` read)."""
+    return [SpendCounter(f"key:{key_id}", period, label) for period, label in labels.items()]
 
 
 def budgets_for(m: Manifest, b: KeyBinding, model: str, labels: dict[str, str]

@@ -170,12 +170,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from costsink.ledger import open_ledger
+    from tollway.budgets import period_starts
     from tollway.explain import explain
 
     m = _manifest(args)
-    tz = ZoneInfo(m.gateway.timezone)
-    now = datetime.now(tz)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    starts = period_starts(datetime.now(UTC), m.gateway.timezone)
 
     async def spend() -> tuple[Decimal, Decimal]:
         ledger = open_ledger(m.storage.ledger)
@@ -183,7 +182,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         try:
             totals = [sum((t[4] for t in await ledger.spend_totals(since)
                            if t[2] == args.key_id), Decimal(0))
-                      for since in (day, day.replace(day=1))]
+                      for since in (starts["day"], starts["month"])]
             return totals[0], totals[1]
         finally:
             await ledger.close()
