@@ -43,6 +43,11 @@ class LedgerRow:
     stream: bool
     client_disconnected: bool
     deny_reason: str | None
+    reasoning_tokens: int = 0  # part of output_tokens, shown apart
+    cache_creation_1h_tokens: int = 0  # part of cache_creation_tokens, priced apart
+    # the provider's usage was not seen (the client hung up, the stream broke, the body could
+    # not be read): the tokens are Tollway's estimate (docs/architecture.md#estimates)
+    estimated: bool = False
 
 
 COLUMNS = [f.name for f in fields(LedgerRow)]
@@ -81,12 +86,25 @@ CREATE TABLE IF NOT EXISTS tollway_ledger (
     cached_input_tokens BIGINT NOT NULL, cache_creation_tokens BIGINT NOT NULL,
     cost NUMERIC(20, 10), currency TEXT, rate_card_version TEXT,
     latency_ms INTEGER NOT NULL, stream BOOLEAN NOT NULL, client_disconnected BOOLEAN NOT NULL,
-    deny_reason TEXT
+    deny_reason TEXT,
+    reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_creation_1h_tokens BIGINT NOT NULL DEFAULT 0,
+    estimated BOOLEAN NOT NULL DEFAULT FALSE
 );
 CREATE INDEX IF NOT EXISTS tollway_ledger_at ON tollway_ledger (at);
 """
-SQLITE_SCHEMA = PG_SCHEMA.replace("TIMESTAMPTZ", "TEXT").replace("NUMERIC(20, 10)", "TEXT") \
-    .replace("BIGINT", "INTEGER").replace("BOOLEAN", "INTEGER")
+# columns added since the first release: a ledger created before them gains them at open
+ADDED_COLUMNS = [("reasoning_tokens", "BIGINT NOT NULL DEFAULT 0"),
+                 ("cache_creation_1h_tokens", "BIGINT NOT NULL DEFAULT 0"),
+                 ("estimated", "BOOLEAN NOT NULL DEFAULT FALSE")]
+
+
+def _sqlite_type(sql: str) -> str:
+    return sql.replace("TIMESTAMPTZ", "TEXT").replace("NUMERIC(20, 10)", "TEXT") \
+        .replace("BIGINT", "INTEGER").replace("BOOLEAN", "INTEGER").replace("FALSE", "0")
+
+
+SQLITE_SCHEMA = _sqlite_type(PG_SCHEMA)
 
 
 class SqliteLedger(Ledger):
@@ -95,6 +113,14 @@ class SqliteLedger(Ledger):
 
     async def open(self) -> None:
         await self._worker.open()
+
+        def migrate(db: sqlite3.Connection) -> None:
+            have = {r[1] for r in db.execute("PRAGMA table_info(tollway_ledger)")}
+            for name, sql in ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE tollway_ledger ADD COLUMN {name} "
+                               f"{_sqlite_type(sql)}")
+        await self._worker.run(migrate)
 
     async def close(self) -> None:
         await self._worker.close()
@@ -130,8 +156,8 @@ class SqliteLedger(Ledger):
                 v = dict(zip(COLUMNS, r, strict=True))
                 v["at"] = datetime.fromisoformat(v["at"])
                 v["cost"] = Decimal(v["cost"]) if v["cost"] is not None else None
-                v["stream"], v["client_disconnected"] = bool(v["stream"]), bool(
-                    v["client_disconnected"])
+                for flag in ("stream", "client_disconnected", "estimated"):
+                    v[flag] = bool(v[flag])
                 out.append(LedgerRow(**v))
             return out
         return await self._worker.run(q)
@@ -180,6 +206,9 @@ class PostgresLedger(Ledger):
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(7146026)")
             await conn.execute(PG_SCHEMA)
+            for name, sql in ADDED_COLUMNS:
+                await conn.execute(f"ALTER TABLE tollway_ledger ADD COLUMN IF NOT EXISTS "
+                                   f"{name} {sql}")
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -221,7 +250,7 @@ class PostgresLedger(Ledger):
 
 _PG_TYPES = ["text", "timestamptz", "text", "text", "text", "text", "text", "text", "text",
              "int", "bigint", "bigint", "bigint", "bigint", "numeric", "text", "text", "int",
-             "bool", "bool", "text"]
+             "bool", "bool", "text", "bigint", "bigint", "bool"]
 
 
 def open_ledger(spec: str) -> Ledger:

@@ -13,23 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import grpc
-from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from google.protobuf import json_format
 from prometheus_client import Counter, Gauge
 
 from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
-from tollway.manifest.model import Dialect
-from tollway.metadata import AUTHZ, RATELIMIT, USAGE
-from tollway.pricing import Usage, price
 from tollway.reload import Compiled
 
+from .entry import Entry, to_entry
 from .ledger import Ledger, LedgerRow
 from .spend import SpendRecorder
 from .spool import Spool
@@ -37,8 +31,6 @@ from .spool import Spool
 log = logging.getLogger("tollway.costsink")
 
 INGESTED = Counter("tollway_costsink_entries_total", "Access-log entries ingested", ["result"])
-PRICING_MISSES = Counter("tollway_costsink_pricing_misses_total",
-                         "Entries whose model is not on the rate card", ["provider", "model"])
 QUEUE = Gauge("tollway_costsink_queue_depth", "Entries waiting for the ledger writer")
 LAG = Gauge("tollway_costsink_lag_seconds", "Age of the newest entry written to the ledger")
 SPOOL_DEPTH = Gauge("tollway_costsink_spool_depth",
@@ -47,63 +39,6 @@ SPOOL_DEPTH = Gauge("tollway_costsink_spool_depth",
 BATCH = 500
 LEDGER_TIMEOUT = 5.0  # a write slower than this goes to the spool instead
 REPLAY_INTERVAL = 1.0
-
-
-def _ns(entry: accesslog_pb2.HTTPAccessLogEntry, name: str) -> dict[str, Any]:
-    s = entry.common_properties.metadata.filter_metadata.get(name)
-    return json_format.MessageToDict(s) if s is not None else {}
-
-
-def _ms(d: Any) -> int:
-    return int(d.seconds * 1000 + d.nanos // 1_000_000)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One access-log entry, read: its ledger row and what settling its reservation needs."""
-
-    row: LedgerRow
-    actual_tokens: int  # every token the provider processed, as TPM counts them
-    ratelimit: dict[str, Any]  # reserved_tokens and charged_at_ms, when it was rate limited
-    hold: int = 0  # the budget hold extauthz placed, in budgets.UNIT
-
-
-def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
-    authz, usage_md, rl = _ns(entry, AUTHZ), _ns(entry, USAGE), _ns(entry, RATELIMIT)
-    usage = Usage(input_tokens=int(usage_md.get("input_tokens", 0)),
-                  output_tokens=int(usage_md.get("output_tokens", 0)),
-                  cached_input_tokens=int(usage_md.get("cached_input_tokens", 0)),
-                  cache_creation_tokens=int(usage_md.get("cache_creation_input_tokens", 0)))
-    provider, model = authz.get("provider"), authz.get("model")
-    dialect = Dialect(authz.get("dialect", "openai"))
-    card = m.rate_card
-    cost = None
-    if provider and model:
-        cost = price(card, provider, model, dialect, usage)
-        if cost is None:
-            PRICING_MISSES.labels(provider, model).inc()
-    common = entry.common_properties
-    flags = common.response_flags
-    row = LedgerRow(
-        request_id=entry.request.request_id,
-        at=common.start_time.ToDatetime(tzinfo=UTC) if common.HasField("start_time")
-        else datetime.now(UTC),
-        org=authz.get("org"), project=authz.get("project"), client=authz.get("client"),
-        key_id=authz.get("key_id"), provider=provider, model=model, route=authz.get("route"),
-        status=entry.response.response_code.value,
-        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-        cached_input_tokens=usage.cached_input_tokens,
-        cache_creation_tokens=usage.cache_creation_tokens,
-        cost=cost, currency=card.currency if card else None,
-        rate_card_version=card.version if card else None,
-        latency_ms=_ms(common.time_to_last_downstream_tx_byte),
-        stream=bool(authz.get("stream", False)),
-        client_disconnected=flags.downstream_connection_termination
-        or flags.downstream_remote_reset,
-        deny_reason=authz.get("deny_reason"),
-    )
-    return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl,
-                 hold=int(authz.get("budget_hold", 0)))
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

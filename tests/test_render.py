@@ -40,8 +40,15 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
     tls = cluster["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.openai.com"
     filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
-    assert filters == ["envoy.filters.http.json_to_metadata", "envoy.filters.http.ext_authz",
+    codings = ["gzip", "brotli", "zstd"]
+    # compressors first (last on the way out), decompressors just before the router (first on
+    # the way back), so the usage filter always reads the provider's answer decoded
+    assert filters == [*(f"envoy.filters.http.compressor.{c}" for c in codings),
+                       "envoy.filters.http.json_to_metadata", "envoy.filters.http.ext_authz",
                        "envoy.filters.http.lua", "envoy.filters.http.ratelimit",
+                       *(f"envoy.filters.http.decompressor.{c}" for c in codings),
                        "envoy.filters.http.router"]
+    assert chat["request_headers_to_add"][0]["header"] == {"key": "accept-encoding",
+                                                           "value": "identity"}
     assert hcm["typed_config"]["access_log"][0]["name"] == "envoy.access_loggers.http_grpc"
     assert "OPENAI_API_KEY" not in yaml.safe_dump(doc)  # credentials never reach Envoy's config

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from costsink.entry import Entry
 from costsink.ledger import LedgerRow, SqliteLedger
-from costsink.service import AccessLogSink, Entry
+from costsink.service import AccessLogSink
 from costsink.spend import SpendRecorder
 from costsink.spool import Spool
 from tollway.budgets import Budget, SpendCounter

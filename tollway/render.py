@@ -1,9 +1,15 @@
 """`tollway render`: the manifest → a complete Envoy bootstrap.
 
-The request path reads top to bottom in the filter chain: json_to_metadata (model, stream,
-max_tokens from the body) → ext_authz → Lua usage filter → rate limit → router, and every
-request's access-log entry goes to costsink. Route identity reaches ext_authz as
-`context_extensions.route`, so the service never has to match paths itself.
+The request path reads top to bottom in the filter chain: compressors (the client's answer, in
+an encoding it accepts) → json_to_metadata (model, stream, max_tokens from the body) → ext_authz
+→ Lua usage filter → rate limit → decompressors (the provider's answer, plain for the usage
+filter) → router, and every request's access-log entry goes to costsink. Route identity reaches
+ext_authz as `context_extensions.route`, so the service never has to match paths itself.
+
+Encodings: the provider is asked for `identity` (the usage filter then reads plain bytes and
+Envoy decodes nothing on the hot path); a provider or CDN that compresses all the same is
+decoded by the decompressors (gzip, br, zstd: every coding Envoy can decode), and the client
+gets the answer re-encoded by the compressors in the best coding its Accept-Encoding allows.
 """
 
 from __future__ import annotations
@@ -42,6 +48,51 @@ def _typed(kind: str, **fields: Any) -> dict[str, Any]:
 
 def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+# every coding Envoy has both a compressor and a decompressor for, the client's favourite first
+# when its Accept-Encoding weighs them equally; deflate has neither, so a client that accepts
+# only deflate gets identity (always acceptable unless it says identity;q=0)
+CODINGS = [
+    ("gzip", "envoy.extensions.compression.gzip.compressor.v3.Gzip",
+     "envoy.extensions.compression.gzip.decompressor.v3.Gzip"),
+    ("brotli", "envoy.extensions.compression.brotli.compressor.v3.Brotli",
+     "envoy.extensions.compression.brotli.decompressor.v3.Brotli"),
+    ("zstd", "envoy.extensions.compression.zstd.compressor.v3.Zstd",
+     "envoy.extensions.compression.zstd.decompressor.v3.Zstd"),
+]
+COMPRESSIBLE = ["application/json", "text/event-stream"]
+
+
+def _compressors() -> list[dict[str, Any]]:
+    """The client's answer in an encoding it accepts. SSE is compressed chunk by chunk (each
+    chunk is flushed), so a stream still arrives as it is generated."""
+    return [{
+        "name": f"envoy.filters.http.compressor.{name}",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.compressor.v3.Compressor",
+            compressor_library={"name": name, "typed_config": _typed(library)},
+            choose_first=name == "gzip",
+            # each compressor reads the client's Accept-Encoding; the route then replaces it
+            # with identity for the provider (see _route)
+            response_direction_config={
+                "common_config": {"min_content_length": 0, "content_type": COMPRESSIBLE}}),
+    } for name, library, _ in CODINGS]
+
+
+def _decompressors() -> list[dict[str, Any]]:
+    """A provider answer that arrives compressed all the same is decoded before the usage filter
+    reads it. Request bodies pass untouched, and nothing is advertised upstream."""
+    return [{
+        "name": f"envoy.filters.http.decompressor.{name}",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.decompressor.v3.Decompressor",
+            decompressor_library={"name": name, "typed_config": _typed(library)},
+            request_direction_config={"common_config": {"enabled": {
+                "default_value": False, "runtime_key": "tollway.none"}},
+                "advertise_accept_encoding": False},
+            response_direction_config={"common_config": {"ignore_no_transform_header": True}}),
+    } for name, _, library in CODINGS]
 
 
 def _json_to_metadata() -> dict[str, Any]:
@@ -136,6 +187,9 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
                                     "metadata_key": {"key": AUTHZ,
                                                      "path": [{"key": k}]}}}
                       for k in DESCRIPTOR_KEYS]}]},
+        # the usage filter reads the provider's answer as it streams: ask for it plain
+        "request_headers_to_add": [{"header": {"key": "accept-encoding", "value": "identity"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
         "metadata": {"filter_metadata": {"tollway": {
             "route": r.name, "dialect": r.dialect.value, "provider": p.name,
             "action": r.action}}},
@@ -245,10 +299,12 @@ def render(m: Manifest) -> dict[str, Any]:
     listener["per_connection_buffer_limit_bytes"] = m.gateway.max_request_bytes
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [
+        *_compressors(),
         _json_to_metadata(),
         _ext_authz(),
         _usage_lua(),
         _ratelimit(),
+        *_decompressors(),
         _router(),
     ]
     hcm["route_config"] = {

@@ -428,6 +428,10 @@ def _route(n: Node, providers: dict[str, Provider], index: int) -> Route:
     )
 
 
+CACHE_WRITE_5M = Decimal("1.25")  # x the input price, as Anthropic prices 5-minute cache writes
+CACHE_WRITE_1H = Decimal("2")  # and 1-hour ones
+
+
 def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
     if not n.value:
         return None
@@ -435,12 +439,22 @@ def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
     prices = []
     seen: set[tuple[str, str]] = set()
     for p in n.items("prices", required=True):
-        p.check_keys({"provider", "model", "input", "output", "cached_input"})
-        price = Price(provider=p.text("provider"), model=p.text("model"),
-                      input=p.decimal("input") or Decimal(0),
+        p.check_keys({"provider", "model", "input", "output", "cached_input", "cache_write",
+                      "cache_write_1h"})
+        base = p.decimal("input") or Decimal(0)
+        prov = providers.get(p.text("provider"))
+        # Anthropic prices cache writes at published multiples of the input price; a
+        # provider that never writes to a cache gets the input price (it bounds budget holds)
+        anthropic = prov is not None and prov.dialect is Dialect.ANTHROPIC
+        write_5m, write_1h = (p.decimal("cache_write", required=False),
+                              p.decimal("cache_write_1h", required=False))
+        price = Price(provider=p.text("provider"), model=p.text("model"), input=base,
                       output=p.decimal("output") or Decimal(0),
-                      cached_input=p.decimal("cached_input", required=False))
-        prov = providers.get(price.provider)
+                      cached_input=p.decimal("cached_input", required=False),
+                      cache_write=write_5m if write_5m is not None
+                      else base * (CACHE_WRITE_5M if anthropic else 1),
+                      cache_write_1h=write_1h if write_1h is not None
+                      else base * (CACHE_WRITE_1H if anthropic else 1))
         if price.provider and prov is None:
             p.fail("provider", f"unknown provider '{price.provider}'")
         elif prov is not None and price.model and prov.model(price.model) is None:

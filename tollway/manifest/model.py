@@ -78,11 +78,15 @@ class Route:
 
 @dataclass(frozen=True)
 class Price:
+    """Per million tokens, in the rate card's currency."""
+
     provider: str
     model: str
     input: Decimal
-    output: Decimal
-    cached_input: Decimal | None
+    output: Decimal  # reasoning tokens are output tokens, and priced so
+    cached_input: Decimal | None  # None: cache reads at the input price
+    cache_write: Decimal  # Anthropic 5-minute cache writes
+    cache_write_1h: Decimal  # Anthropic 1-hour cache writes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,136 @@
+"""One access-log entry → its ledger row: the provider's usage, priced; or, where that usage was
+not seen, an estimate flagged as one.
+
+The provider bills a request it answered whether or not its usage reached the gateway: the
+client may hang up before the body (Envoy then stops reading it), a stream may break, an
+OpenAI-compatible server may not report usage at all. Such a request is charged an estimate
+rather than nothing, and its row says `estimated` (docs/architecture.md#estimates):
+- input: what the provider did report (Anthropic reports input at the start of a stream), else
+  the request body's bytes / 4, as the token reservation estimates it;
+- output: for a stream, the larger of what the provider reported and the events that streamed
+  (about one token each), at most the request's output cap; otherwise the output cap
+  (`max_tokens`, or the model's own cap): the most the provider can have billed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import json_format
+from prometheus_client import Counter
+
+from tollway.manifest import Manifest
+from tollway.manifest.model import Dialect
+from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
+from tollway.pricing import Usage, price
+
+from .ledger import LedgerRow
+
+PRICING_MISSES = Counter("tollway_costsink_pricing_misses_total",
+                         "Entries whose model is not on the rate card", ["provider", "model"])
+ESTIMATES = Counter("tollway_costsink_estimated_total",
+                    "Requests the provider answered whose usage the gateway did not see, "
+                    "charged an estimate", ["provider", "model"])
+
+BYTES_PER_TOKEN = 4  # the reservation's estimate of input tokens from request bytes
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One access-log entry, read: its ledger row and what settling its reservation needs."""
+
+    row: LedgerRow
+    actual_tokens: int  # every token the provider processed, as TPM counts them
+    ratelimit: dict[str, Any]  # reserved_tokens and charged_at_ms, when it was rate limited
+    hold: int = 0  # the budget hold extauthz placed, in budgets.UNIT
+
+
+def _ns(entry: accesslog_pb2.HTTPAccessLogEntry, name: str) -> dict[str, Any]:
+    s = entry.common_properties.metadata.filter_metadata.get(name)
+    return json_format.MessageToDict(s) if s is not None else {}
+
+
+def _ms(d: Any) -> int:
+    return int(d.seconds * 1000 + d.nanos // 1_000_000)
+
+
+def _int(md: dict[str, Any], name: str) -> int:
+    return int(md.get(name, 0))
+
+
+def reported_usage(md: dict[str, Any]) -> Usage:
+    """The provider's own numbers, as the usage filter found them."""
+    return Usage(input_tokens=_int(md, "input_tokens"), output_tokens=_int(md, "output_tokens"),
+                 cached_input_tokens=_int(md, "cached_input_tokens"),
+                 cache_creation_tokens=_int(md, "cache_creation_input_tokens"),
+                 cache_creation_1h_tokens=_int(md, "cache_creation_1h_tokens"),
+                 reasoning_tokens=_int(md, "reasoning_tokens"))
+
+
+def estimated_usage(m: Manifest, provider: str, model: str, md: dict[str, Any],
+                    request: dict[str, Any], body_bytes: int, stream: bool) -> Usage:
+    seen = reported_usage(md)
+    catalogue = m.provider(provider).model(model)
+    cap = catalogue.max_output_tokens if catalogue else 0
+    asked = int(request.get("max_tokens", 0) or 0)
+    if asked > 0:
+        cap = min(cap, asked) if cap else asked
+    output = min(cap, max(seen.output_tokens, _int(md, "events"))) if stream else cap
+    if "input_tokens" in md:  # reported before the answer broke off: the provider's numbers
+        return Usage(seen.input_tokens, output, seen.cached_input_tokens,
+                     seen.cache_creation_tokens, seen.cache_creation_1h_tokens)
+    return Usage(input_tokens=-(-body_bytes // BYTES_PER_TOKEN), output_tokens=output)
+
+
+def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
+    authz, usage_md, rl = _ns(entry, AUTHZ), _ns(entry, USAGE), _ns(entry, RATELIMIT)
+    common = entry.common_properties
+    flags = common.response_flags
+    status = entry.response.response_code.value
+    provider, model = authz.get("provider"), authz.get("model")
+    dialect = Dialect(authz.get("dialect", "openai"))
+    stream = bool(authz.get("stream", False))
+    # the provider was sent the request and answered it (or was cut off while it did)
+    billed = bool(provider and model and not authz.get("deny_reason")
+                  and common.HasField("time_to_first_upstream_tx_byte")
+                  and (200 <= status < 300 or status == 0))
+    estimated = billed and usage_md.get("usage_final") is not True
+    if estimated:
+        assert provider and model
+        usage = estimated_usage(m, provider, model, usage_md, _ns(entry, REQUEST),
+                                entry.request.request_body_bytes, stream)
+        ESTIMATES.labels(provider, model).inc()
+    else:
+        usage = reported_usage(usage_md)
+    card = m.rate_card
+    cost = None
+    if provider and model:
+        cost = price(card, provider, model, dialect, usage)
+        if cost is None:
+            PRICING_MISSES.labels(provider, model).inc()
+    row = LedgerRow(
+        request_id=entry.request.request_id,
+        at=common.start_time.ToDatetime(tzinfo=UTC) if common.HasField("start_time")
+        else datetime.now(UTC),
+        org=authz.get("org"), project=authz.get("project"), client=authz.get("client"),
+        key_id=authz.get("key_id"), provider=provider, model=model, route=authz.get("route"),
+        status=status,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_creation_tokens=usage.cache_creation_tokens,
+        cost=cost, currency=card.currency if card else None,
+        rate_card_version=card.version if card else None,
+        latency_ms=_ms(common.time_to_last_downstream_tx_byte),
+        stream=stream,
+        client_disconnected=flags.downstream_connection_termination
+        or flags.downstream_remote_reset,
+        deny_reason=authz.get("deny_reason") or usage_md.get("refused"),
+        reasoning_tokens=usage.reasoning_tokens,
+        cache_creation_1h_tokens=usage.cache_creation_1h_tokens,
+        estimated=estimated,
+    )
+    return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl,
+                 hold=int(authz.get("budget_hold", 0)))
