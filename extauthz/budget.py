@@ -15,7 +15,7 @@ from datetime import datetime
 
 from prometheus_client import Counter
 
-from tollway.budgets import SpendCounter, budgets_for, from_units, period_labels, to_units
+from tollway.budgets import Budget, SpendCounter, budgets_for, from_units, period_labels, to_units
 from tollway.pricing import max_cost
 from tollway.spend import HoldOutcome, SpendStore, SpendUnavailable
 
@@ -25,9 +25,14 @@ log = logging.getLogger("tollway.extauthz.budget")
 
 BUDGET_DECISIONS = Counter("tollway_budget_decisions_total",
                            "Budget checks of allowed requests",
-                           ["result"])  # held, refused, monitor_over, no_budget, store_down
+                           ["result"])  # held, refused, in_flight, monitor_over, no_budget,
+# store_down
 
 HOLD_GRACE_MS = 60_000
+# a request refused only by other requests' holds waits this long for them to settle (within
+# Envoy's 0.5 s ext_authz timeout; the access log flushes every 0.1 s), polling the store
+SETTLE_WAIT = 0.3
+SETTLE_POLL = 0.02
 _REPORTED: set[str] = set()  # past the route timeout: time for the access log to arrive
 
 
@@ -76,8 +81,8 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     held = Held(amount, b.org.id, request_id,
                 tuple(dict.fromkeys(x.counter for x in budgets if x.enforce)))
     try:
-        outcome = await store.hold(b.org.id, request_id, budgets, amount,
-                                   allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
+        outcome = await _hold_settling(store, b.org.id, request_id, budgets, amount,
+                                       allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
     except asyncio.CancelledError:
         # Envoy cancelled the Check: the hold may have been placed all the same
         await asyncio.shield(release_hold(store, held))
@@ -95,14 +100,38 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     if refused is None:
         BUDGET_DECISIONS.labels("held").inc()
         return held if held.counters else Held(0)
-    BUDGET_DECISIONS.labels("refused").inc()
     currency = m.rate_card.currency if m.rate_card else ""
-    bg = refused.budget
+    over = outcome.over_budget
+    if over is None:
+        BUDGET_DECISIONS.labels("in_flight").inc()
+        bg = refused.budget
+        return Deny("budget_in_flight",
+                    f"{bg.label} ({from_units(bg.limit)} {currency}) has room for this request "
+                    f"once requests in flight settle: spent {from_units(refused.spent)}, held "
+                    f"{from_units(refused.held)}, this request may cost up to "
+                    f"{from_units(amount)}; retry after 1 s", allow.route.dialect, b.key.id)
+    BUDGET_DECISIONS.labels("refused").inc()
+    bg = over.budget
     return Deny("budget_exceeded",
                 f"budget exceeded: {bg.label} is {from_units(bg.limit)} {currency}; spent "
-                f"{from_units(refused.spent)}, held for requests in flight "
-                f"{from_units(refused.held)}, this request may cost up to "
+                f"{from_units(over.spent)}, and this request may cost up to "
                 f"{from_units(amount)}", allow.route.dialect, b.key.id)
+
+
+async def _hold_settling(store: SpendStore, tag: str, request_id: str, budgets: list[Budget],
+                         amount: int, ttl_ms: int) -> HoldOutcome:
+    """Hold `amount`; where only the holds of other requests stand in the way, try again
+    until they settle or SETTLE_WAIT passes. A sequential client's previous request has
+    finished, but its hold lasts until its access-log entry reaches costsink (one flush
+    interval): that hold must not refuse the next request."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_WAIT
+    while True:
+        outcome = await store.hold(tag, request_id, budgets, amount, ttl_ms)
+        if (outcome.allowed or outcome.over_budget is not None
+                or loop.time() + SETTLE_POLL > deadline):
+            return outcome
+        await asyncio.sleep(SETTLE_POLL)
 
 
 def _report_monitor_budgets(outcome: HoldOutcome, key_id: str) -> None:

@@ -105,7 +105,7 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
     status = status_of(deny.code)
     headers = [_header("content-type", "application/json"),
                _header("x-tollway-error", deny.code)]
-    if status == 503:
+    if status in (429, 503):  # the only 429 extauthz answers is budget_in_flight
         headers.append(_header("retry-after", "1"))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.UNAVAILABLE if status == 503

@@ -30,6 +30,8 @@ _KINDS = [
     ErrorKind("policy_denied", 403, "permission_error", "permission_error"),
     ErrorKind("budget_exceeded", 402, "insufficient_quota", "billing_error"),
     ErrorKind("rate_limit_exceeded", 429, "rate_limit_error", "rate_limit_error"),
+    # what is left of a budget is held by requests in flight: retry once they settle
+    ErrorKind("budget_in_flight", 429, "rate_limit_error", "rate_limit_error"),
     ErrorKind("invalid_request_error", 400, "invalid_request_error", "invalid_request_error"),
     ErrorKind("request_too_large", 413, "invalid_request_error", "request_too_large"),
     ErrorKind("not_found", 404, "invalid_request_error", "not_found_error"),

@@ -30,7 +30,9 @@ EXTAUTHZ_CLUSTER = "tollway_extauthz"
 EXTAUTHZ_TIMEOUT = "0.5s"
 RATELIMIT_CLUSTER = "tollway_ratelimit"
 COSTSINK_CLUSTER = "tollway_costsink"
-ACCESS_LOG_FLUSH = "0.2s"  # how long an entry may wait in Envoy before it is sent
+# how long an entry may wait in Envoy before it is sent: a finished request's budget hold is
+# released once its entry reaches costsink, and extauthz waits up to budget.SETTLE_WAIT for that
+ACCESS_LOG_FLUSH = "0.1s"
 RATELIMIT_TIMEOUT = "0.5s"
 # what the rate-limit service reads from extauthz's metadata, one descriptor per request
 DESCRIPTOR_KEYS = ("org", "project", "key_id", "model", "route", "dialect", "reserve_tokens")

@@ -1,10 +1,12 @@
 """Budgets end to end: holds keep 64 concurrent clients inside an enforced budget, the SDK sees
-402 budget_exceeded, monitor budgets only report, an alert threshold fires once."""
+402 budget_exceeded only when spend really leaves no room (429 budget_in_flight while requests
+in flight hold the rest), monitor budgets only report, an alert threshold fires once."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -26,6 +28,7 @@ BUDGET = Decimal("0.01")  # USD per day
 # the most one request below can cost: its body (under 200 bytes) at the input price plus
 # max_tokens=10 at the output price of gpt-5.4-mini
 MAX_HOLD = (200 * Decimal("0.75") + 10 * Decimal("4.50")) / 1_000_000
+SMALL = Decimal("0.05")  # the sequential client's daily budget
 
 
 class Webhook(BaseHTTPRequestHandler):
@@ -69,10 +72,13 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
             {"id": "watched", "quotas": [{"name": "soft-cap", "spend_per_day": "0.0001",
                                           "enforcement": "monitor"}],
              "clients": [{"id": "watched-app", "keys": [{"id": "k-watched"}]}]},
+            {"id": "small", "quotas": [{"name": "small-cap", "spend_per_day": str(SMALL)}],
+             "clients": [{"id": "small-app", "keys": [{"id": "k-small"}]}]},
         ]
     with run_gateway(tmp_path_factory.mktemp("budgets"), mutate=mutate) as g:
         g.issue("k-tight")
         g.issue("k-watched")
+        g.issue("k-small")
         yield g
 
 
@@ -142,11 +148,12 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
         list(pool.map(run, range(64)))
 
     assert refusals, "the budget never refused"
-    assert {e.status_code for e in refusals} == {402}, {
-        (e.status_code, str(e.message)[:120]) for e in refusals if e.status_code != 402}
-    body = refusals[0].body
-    assert isinstance(body, dict) and body["code"] == "budget_exceeded"
-    assert "tight/daily-cap" in body["message"]
+    # 402 when spend leaves no room; 429 while what is left is held by requests in flight
+    codes = {(e.status_code, e.body["code"] if isinstance(e.body, dict) else None)
+             for e in refusals}
+    assert codes <= {(402, "budget_exceeded"), (429, "budget_in_flight")}, codes
+    final = next(e for e in refusals if e.status_code == 402)
+    assert isinstance(final.body, dict) and "tight/daily-cap" in final.body["message"]
 
     # every admitted request reaches the ledger, and together they stay within the budget
     wait_for_ledger(gw, len(ok))
@@ -184,6 +191,44 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     assert 0 < rpm["resetsInSeconds"] <= 61
     table = gw.cli("usage", "--", "--key", "k-tight")
     assert "spend_per_day 0.01 USD" in table and "daily-cap" in table
+
+
+def test_a_sequential_client_is_refused_only_when_spend_leaves_no_room(gw: Gateway) -> None:
+    """Nothing in flight: the previous request's hold settles within moments of its answer,
+    so it never refuses the next one; the first 402 comes when the ledger's spend plus this
+    request's hold passes the budget, not before."""
+    c = client(gw, "k-small", retries=2)  # the SDK's default: a 429 is retried after Retry-After
+    prompt = "word " * 400  # ~2 KB
+    in_flight_refusals = 0
+    for n in range(1000):
+        try:
+            r = c.chat.completions.with_raw_response.create(
+                model="gpt-5.4-mini", max_tokens=12,
+                messages=[{"role": "user", "content": prompt}])
+            in_flight_refusals += int(r.retries_taken > 0)
+        except openai.APIStatusError as e:
+            assert e.status_code == 402, (n, e.status_code, e.message)
+            refusal = str(e.message)
+            break
+    else:
+        pytest.fail("the budget never refused")
+    hold = Decimal(re.search(r"may cost up to ([0-9.]+)", refusal).group(1))  # type: ignore[union-attr]
+    said_spent = Decimal(re.search(r"spent ([0-9.]+)", refusal).group(1))  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while project_spend(gw, "small")[1] < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    spent, count = project_spend(gw, "small")
+    assert count == n and spent == said_spent
+    assert spent + hold > SMALL, f"402 at {spent} spent + {hold} held of {SMALL}"
+    assert spent <= SMALL
+    # what was once seen: a 402 at 29 % of the budget, refused by the finished requests' holds
+    assert spent > SMALL - hold
+    # those holds settle while the next Check waits (0.3 s); without that wait about one
+    # request in twelve got a 429 here. A few are tolerated: two cores under a test suite
+    assert in_flight_refusals <= 3, in_flight_refusals
+    print(f"sequential client: {n} requests, first 402 at {spent} of {SMALL} "
+          f"(hold {hold}); requests retried after a 429: {in_flight_refusals}")
 
 
 def test_alert_thresholds_fire_once_each(gw: Gateway) -> None:

@@ -50,6 +50,13 @@ class HoldOutcome:
             return None
         return next(s for s in self.states if s.budget.enforce and not s.fits(self.amount))
 
+    @property
+    def over_budget(self) -> BudgetState | None:
+        """An enforced budget that this request would overrun even if every hold of the
+        requests in flight were released: a true 402."""
+        return next((s for s in self.states if s.budget.enforce
+                     and s.spent + self.amount > s.budget.limit), None)
+
 
 def hold_states(budgets: list[Budget], values: dict[str, tuple[int, int]], amount: int
                 ) -> HoldOutcome:
