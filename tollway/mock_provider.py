@@ -17,14 +17,16 @@ It stands in for the providers in tests, benchmarks and `tollway up`. What it do
 Token counts are deterministic: input = max(1, request bytes / 4), output = min(max_tokens, 12).
 It bills every request it answered with a 2xx, by the `x-request-id` the gateway sent, whether
 or not the client stayed to read the answer: `GET /_mock/bill`. `GET /_mock/seen` lists what it
-received (`DELETE` clears both).
+received (`?request_id=` for one request; `DELETE` clears both).
 
 Test hooks (request headers): `x-mock-input-tokens: N` reports N input tokens (usage that
 differs from Tollway's estimate); `x-mock-delay-ms: N` answers after N ms; `x-mock-status: 429`
 (or 500, 503, 529) answers with that error as the provider does (not billed);
 `x-mock-fail-after: N` ends a stream with the provider's error event after N content events
 (billed for what it generated); `x-mock-force-encoding: CODING` compresses with CODING
-whatever the request accepted, as a misbehaving CDN does.
+whatever the request accepted, as a misbehaving CDN does; `x-mock-stall-ms: N` pauses N ms
+after the response headers (a stream: after its first event), so a client can hang up before
+the usage passes.
 """
 
 from __future__ import annotations
@@ -236,7 +238,19 @@ class MockProvider:
         out = {"content-type": "application/json", **_own_request_id(request), **(headers or {})}
         if coding != "identity":
             out["content-encoding"] = coding
-        return web.Response(body=data, status=status, headers=out)
+        stall = _stall(request)
+        if not stall:
+            return web.Response(body=data, status=status, headers=out)
+        resp = web.StreamResponse(status=status, headers=out)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        try:
+            await asyncio.sleep(stall)
+            await resp.write(data)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client (the gateway) hung up; the bill stands
+        return resp
 
     async def _sse(self, request: web.Request, events: list[tuple[str | None, Any]],
                    fail_after: int | None = None, failure: tuple[str | None, Any] | None = None
@@ -258,9 +272,11 @@ class MockProvider:
                 await resp.write(compress(f"{prefix}data: {payload}\n\n".encode()))
                 if fail_after is not None and n == fail_after:
                     break
+                if n == 0 and _stall(request):
+                    await asyncio.sleep(_stall(request))
             await resp.write(finish())
             await resp.write_eof()
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:
             pass  # the client (the gateway) hung up; the bill stands
         return resp
 
@@ -431,7 +447,9 @@ class MockProvider:
         if request.method == "DELETE":
             self.seen.clear()
             self.bill.clear()
-        return web.json_response(self.seen)
+        rid = request.query.get("request_id")
+        return web.json_response([s for s in self.seen if s["request_id"] == rid]
+                                 if rid else self.seen)
 
     async def bill_handler(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({rid: asdict(b) for rid, b in self.bill.items()})
@@ -466,6 +484,11 @@ def _own_request_id(request: web.Request) -> dict[str, str]:
     rid = f"req_{uuid.uuid4().hex[:24]}"
     return {"request-id": rid} if request.path.startswith("/v1/messages") else {
         "x-request-id": rid}
+
+
+def _stall(request: web.Request) -> float:
+    v = request.headers.get("x-mock-stall-ms", "")
+    return min(int(v), 30_000) / 1000 if v.isdigit() else 0.0
 
 
 def _fail_after(request: web.Request) -> int | None:
