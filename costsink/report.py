@@ -1,7 +1,9 @@
 """`tollway spend`: the ledger summed by org / project / key / model / day, for a period.
 
 Sums are exact decimals in the ledger's currency; requests whose model was not on the rate
-card are counted in `unpriced`, so a total is never silently short.
+card are counted in `unpriced`, so a total is never silently short, and requests charged an
+estimate (the provider's usage never reached the gateway) in `estimated`, so a total that is
+partly estimated says so.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ class Line:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     cost: Decimal = field(default_factory=Decimal)
     unpriced: int = 0
+    estimated: int = 0
 
 
 def summarize(rows: Iterable[LedgerRow], by: list[str], tz: ZoneInfo) -> list[Line]:
@@ -45,6 +50,9 @@ def summarize(rows: Iterable[LedgerRow], by: list[str], tz: ZoneInfo) -> list[Li
         line.input_tokens += r.input_tokens
         line.output_tokens += r.output_tokens
         line.cached_input_tokens += r.cached_input_tokens
+        line.cache_write_tokens += r.cache_creation_tokens
+        line.reasoning_tokens += r.reasoning_tokens
+        line.estimated += r.estimated
         if r.cost is None:
             line.unpriced += r.model is not None and r.status < 400
         else:
@@ -54,9 +62,11 @@ def summarize(rows: Iterable[LedgerRow], by: list[str], tz: ZoneInfo) -> list[Li
 
 def render(lines: list[Line], by: list[str], fmt: str, currency: str) -> str:
     header = [*by, "requests", "input_tokens", "output_tokens", "cached_input_tokens",
-              f"cost_{currency.lower()}", "unpriced"]
+              "cache_write_tokens", "reasoning_tokens", f"cost_{currency.lower()}", "unpriced",
+              "estimated"]
     table = [[*ln.group, ln.requests, ln.input_tokens, ln.output_tokens,
-              ln.cached_input_tokens, ln.cost, ln.unpriced] for ln in lines]
+              ln.cached_input_tokens, ln.cache_write_tokens, ln.reasoning_tokens, ln.cost,
+              ln.unpriced, ln.estimated] for ln in lines]
     if fmt == "json":
         return json.dumps([dict(zip(header, [str(v) if isinstance(v, Decimal) else v
                                              for v in row], strict=True)) for row in table],

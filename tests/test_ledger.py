@@ -36,6 +36,40 @@ async def test_rows_round_trip_exactly(ledger: Ledger) -> None:
     assert await ledger.rows() == rows  # decimals, times, flags all exactly as written
 
 
+async def test_estimated_rows_and_their_token_columns_round_trip(ledger: Ledger) -> None:
+    from dataclasses import replace
+
+    rows = [replace(row("e"), reasoning_tokens=7, cache_creation_1h_tokens=5, estimated=True)]
+    await ledger.append(rows)
+    assert await ledger.rows() == rows
+
+
+async def test_a_ledger_from_before_the_estimate_columns_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    db.executescript("""CREATE TABLE tollway_ledger (request_id TEXT PRIMARY KEY, at TEXT NOT NULL,
+        org TEXT, project TEXT, client TEXT, key_id TEXT, provider TEXT, model TEXT, route TEXT,
+        status INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL, cost TEXT,
+        currency TEXT, rate_card_version TEXT, latency_ms INTEGER NOT NULL,
+        stream INTEGER NOT NULL, client_disconnected INTEGER NOT NULL, deny_reason TEXT);
+        INSERT INTO tollway_ledger VALUES ('old', '2026-11-01T00:00:00+00:00', 'acme', 'p', 'c',
+        'k', 'openai', 'gpt-5.4', 'route0', 200, 10, 2, 0, 0, '0.001', 'USD', 'v1', 5, 0, 0,
+        NULL);""")
+    db.close()
+    lg = SqliteLedger(old)
+    await lg.open()
+    try:
+        await lg.append([row("new")])
+        got = {r.request_id: r for r in await lg.rows()}
+        assert not got["old"].estimated and got["old"].reasoning_tokens == 0
+        assert got["new"] == row("new")
+    finally:
+        await lg.close()
+
+
 async def test_append_is_idempotent_on_the_request_id(ledger: Ledger) -> None:
     assert await ledger.append([row("a"), row("b", at=1)]) == {"a", "b"}
     assert await ledger.append([row("b", at=1), row("c", at=2)]) == {"c"}
