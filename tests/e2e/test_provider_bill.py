@@ -340,6 +340,14 @@ def test_the_ledger_equals_the_providers_bill(gw: Gateway) -> None:
     seen_encodings = Counter(s["headers"].get("accept-encoding") for s in
                              httpx.get(f"{gw.mock_url}/_mock/seen").json())
     assert set(seen_encodings) == {"identity"}, seen_encodings  # asked of the provider
+    # and the report says which part of the spend is estimated
+    month = next(iter(rows.values()))["at"][:7]
+    report = json.loads(gw.cli("spend", "--period", month, "--by", "key", "--format", "json"))
+    line = next(ln for ln in report if ln["key"] == "k-main")
+    assert line["estimated"] == sum(bool(r["estimated"]) for r in rows.values()
+                                    if r["key_id"] == "k-main")
+    assert line["reasoning_tokens"] == sum(r["reasoning_tokens"] for r in rows.values()
+                                           if r["key_id"] == "k-main") > 0
     print(f"\nledger vs the provider's bill over {total} requests: {dict(outcome)}")
 
 
