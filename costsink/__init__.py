@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from tollway.budgets import period_starts
 from tollway.manifest import Manifest
 from tollway.refs import state_dir
 from tollway.reload import Compiled
@@ -38,27 +36,13 @@ class CostSink:
 
     async def start(self) -> None:
         # a ledger that is down at start does not stop the sink: entries go to the spool
-        up_to_date = await self.sink.replay()
-        if self.ctx.spend_store().shared_in_process:
-            await self._seed_spend(up_to_date)
+        await self.sink.replay()
+        # an in-process store starts empty, and Redis may have lost its data: either way the
+        # counters of this day and month are rebuilt from the ledger before the first commit
+        await self.sink.rebuild_spend_if_lost()
         self.ctx.tasks.append(asyncio.create_task(self.sink.write_forever(), name="ledger"))
         self.ctx.tasks.append(asyncio.create_task(self.sink.replay_forever(), name="spool"))
-
-    async def _seed_spend(self, ledger_reachable: bool) -> None:
-        """An in-process counter store starts empty: fill it with this day's and month's spend
-        from the ledger, or a restart would hand every budget a fresh period."""
-        m = self.ctx.manifest
-        try:
-            await self.sink.ensure_open()
-        except Exception as e:
-            log.error("cannot read spend from the ledger, budgets start from zero: %s", e)
-            return
-        now = datetime.now(UTC)
-        for period, since in period_starts(now, m.gateway.timezone).items():
-            totals = await self.ledger.spend_totals(since.astimezone(UTC))
-            await self.spend.seed(m, totals, period, now)
-        log.info("spend counters seeded from the ledger (%s)",
-                 "up to date" if ledger_reachable else "spool pending")
+        self.ctx.tasks.append(asyncio.create_task(self.sink.keep_spend_true(), name="spend"))
 
     async def stop(self) -> None:
         await self.sink.drain()

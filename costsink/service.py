@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.reload import Compiled
+from tollway.spend import SpendUnavailable
 
 from .entry import Entry, to_entry
 from .ledger import Ledger, LedgerRow
@@ -39,6 +40,7 @@ SPOOL_DEPTH = Gauge("tollway_costsink_spool_depth",
 BATCH = 500
 LEDGER_TIMEOUT = 5.0  # a write slower than this goes to the spool instead
 REPLAY_INTERVAL = 1.0
+SPEND_CHECK_INTERVAL = 1.0  # how often missed costs are retried and the store's data checked
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -95,13 +97,14 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             await self.write(batch)
 
     async def write(self, batch: list[Entry]) -> None:
-        new = await self._make_durable([item.row for item in batch])
-        INGESTED.labels("recorded").inc(len(new))
-        INGESTED.labels("duplicate").inc(len(batch) - len(new))
-        m = self.manifest.value
-        fresh = [item for item in batch if item.row.request_id in new]
-        # first, so holds are released as soon as possible
-        await self.spend.record(m, [(item.row, item.hold) for item in fresh])
+        async with self.spend.lock:  # a rebuild never sees a row whose spend is not in yet
+            new = await self._make_durable([item.row for item in batch])
+            INGESTED.labels("recorded").inc(len(new))
+            INGESTED.labels("duplicate").inc(len(batch) - len(new))
+            m = self.manifest.value
+            fresh = [item for item in batch if item.row.request_id in new]
+            # first, so holds are released as soon as possible
+            await self.spend.record(m, [(item.row, item.hold) for item in fresh])
         await self.spend.release_orphans([item.row for item in fresh])
         await asyncio.gather(*(self._settle_one(item) for item in fresh
                                if "reserved_tokens" in item.ratelimit and item.row.key_id
@@ -162,6 +165,33 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             await asyncio.sleep(REPLAY_INTERVAL)
             if not self.spool.empty():
                 await self.replay()
+
+    async def keep_spend_true(self) -> None:
+        """Spend converges on the ledger: costs the counter store missed are retried until
+        it takes them, and when it has lost its data (a Redis restart without persistence),
+        the current day's and month's counters are rebuilt from the ledger."""
+        while True:
+            await self.rebuild_spend_if_lost()
+            await asyncio.sleep(SPEND_CHECK_INTERVAL)
+            await self.spend.retry(self.manifest.value)
+
+    async def rebuild_spend_if_lost(self) -> None:
+        # the ledger lacks what is still spooled, though that spend was counted: wait for it
+        if not self.spool.empty():
+            return
+        try:
+            if not await self.spend.store.claim_rebuild():
+                return
+        except SpendUnavailable:
+            return  # retried next time
+        async with self.spend.lock:
+            try:
+                await self.ensure_open()
+                n = await self.spend.rebuild(self.manifest.value, self.ledger, datetime.now(UTC))
+                log.info("spend rebuilt from the ledger: %d counters of this day and month", n)
+            except Exception as e:
+                log.error("could not rebuild spend from the ledger, retrying: %s", e)
+                await self.spend.store.unclaim_rebuild()
 
     async def _settle_one(self, item: Entry) -> None:
         row, rl = item.row, item.ratelimit

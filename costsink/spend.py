@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
+from collections import defaultdict
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -18,17 +19,18 @@ from prometheus_client import Counter
 
 from tollway.budgets import (
     Budget,
-    base_counters,
+    SpendCounter,
     counters_for,
     from_units,
     period_labels,
+    period_starts,
     spend_targets,
     to_units,
 )
 from tollway.manifest import Manifest
 from tollway.spend import Commit, SpendStore, SpendUnavailable
 
-from .ledger import LedgerRow
+from .ledger import Ledger, LedgerRow
 
 log = logging.getLogger("tollway.costsink.spend")
 
@@ -44,12 +46,19 @@ class SpendRecorder:
     def __init__(self, store: SpendStore) -> None:
         self.store = store
         self._webhooks: set[asyncio.Task[None]] = set()
+        # batches the store could not take, oldest first: each is retried as it was sent,
+        # never merged with another, so the store can tell a batch it has already applied
+        # (see commit_many)
+        self.pending: list[list[tuple[Commit, list[Budget]]]] = []
+        # held across a batch's ledger write and its spend commit, and across a rebuild: a
+        # rebuild reads the ledger, so it must never see a batch whose spend is not in yet
+        self.lock = asyncio.Lock()
 
     async def record(self, m: Manifest, rows: list[tuple[LedgerRow, int]]) -> None:
         """Add each row's cost to its counters and release its hold (one round trip for the
-        batch); fire the alerts the new totals cross. `rows`: (row, hold placed for it)."""
-        commits: list[Commit] = []
-        budgets: list[list[Budget]] = []
+        batch); fire the alerts the new totals cross. `rows`: (row, hold placed for it). What
+        the store cannot take now is kept and retried (`retry`), never dropped."""
+        batch: list[tuple[Commit, list[Budget]]] = []
         for n, (row, hold) in enumerate(rows, 1):
             if n % 100 == 0:
                 await asyncio.sleep(0)  # a big batch must not stall extauthz on this loop
@@ -58,17 +67,34 @@ class SpendRecorder:
             counters, row_budgets = spend_targets(
                 m, row.org, row.project, row.key_id, row.model,
                 period_labels(row.at, m.gateway.timezone))
-            commits.append(Commit(row.org, row.request_id, counters,
-                                  to_units(row.cost) if row.cost else 0, held=hold > 0))
-            budgets.append(row_budgets if row.cost else [])
-        try:
-            results = await self.store.commit_many(commits)
-        except SpendUnavailable as e:
-            SPEND_ERRORS.inc(len(commits))
-            log.error("could not add %d costs to spend (holds expire by themselves): %s",
-                      len(commits), e)
+            batch.append((Commit(row.org, row.request_id, counters,
+                                 to_units(row.cost) if row.cost else 0, held=hold > 0),
+                          row_budgets if row.cost else []))
+        if not batch:
             return
-        for commit, row_budgets, spent in zip(commits, budgets, results, strict=True):
+        if self.pending:  # the store is away: queue behind what failed before
+            self.pending.append(batch)
+            return
+        if not await self._apply(m, batch):
+            self.pending.append(batch)
+
+    async def retry(self, m: Manifest) -> None:
+        while self.pending:
+            if not await self._apply(m, self.pending[0]):
+                return
+            self.pending.pop(0)
+            if not self.pending:
+                log.info("the counter store took the costs it had missed")
+
+    async def _apply(self, m: Manifest, batch: list[tuple[Commit, list[Budget]]]) -> bool:
+        try:
+            results = await self.store.commit_many([c for c, _ in batch])
+        except SpendUnavailable as e:
+            SPEND_ERRORS.inc(len(batch))
+            log.error("could not add %d costs to spend; retrying until the counter store "
+                      "takes them: %s", len(batch), e)
+            return False
+        for (commit, row_budgets), spent in zip(batch, results, strict=True):
             now_spent = dict(zip((c.key for c in commit.counters), spent, strict=True))
             for b in row_budgets:
                 value = now_spent[b.counter.key]
@@ -78,6 +104,27 @@ class SpendRecorder:
                         self._fire(m, b.label, b.scope, b.quota, b.counter.period,
                                    b.counter.label, threshold, from_units(value),
                                    from_units(b.limit))
+        return True
+
+    async def rebuild(self, m: Manifest, ledger: Ledger, now: datetime) -> int:
+        """Set every counter of the current day and month to what the ledger holds: after the
+        counter store lost its data, or an in-process store's start. The caller holds `lock`;
+        commits still pending are in the ledger already, so they are dropped. Returns how many
+        counters were set."""
+        totals: dict[tuple[str, SpendCounter], int] = defaultdict(int)
+        for period, since in period_starts(now, m.gateway.timezone).items():
+            labels = {period: period_labels(now, m.gateway.timezone)[period]}
+            for org, project, key_id, model, cost in await ledger.spend_totals(
+                    since.astimezone(UTC)):
+                for c in counters_for(m, org, project, key_id, model, labels):
+                    totals[(org, c)] += to_units(cost)
+        by_tag: dict[str, list[tuple[SpendCounter, int]]] = defaultdict(list)
+        for (tag, c), units in totals.items():
+            by_tag[tag].append((c, units))
+        for tag, values in by_tag.items():
+            await self.store.set_spent(tag, values)
+        self.pending = []
+        return len(totals)
 
     async def release_orphans(self, rows: list[LedgerRow]) -> None:
         """Rows Envoy answered without extauthz's metadata (it stopped waiting for the Check)
@@ -117,15 +164,6 @@ class SpendRecorder:
                     log.error("alert webhook %s answered %s", url, r.status)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.error("alert webhook %s failed: %s", url, e)
-
-    async def seed(self, m: Manifest, totals: list[tuple[str, str, str, str | None, Decimal]],
-                   period: str, at: datetime) -> None:
-        """Start an empty in-process store from the ledger's totals for the current period."""
-        labels = {period: period_labels(at, m.gateway.timezone)[period]}
-        for org, project, key_id, model, cost in totals:
-            counters = counters_for(m, org, project, key_id, model, labels) if model else \
-                base_counters(org, project, key_id, labels)
-            await self.store.commit(org, "", counters, to_units(cost))
 
     async def close(self) -> None:
         await asyncio.gather(*self._webhooks, return_exceptions=True)

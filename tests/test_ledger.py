@@ -96,8 +96,9 @@ async def test_spend_totals_are_exact_sums_since_a_time(ledger: Ledger) -> None:
     assert totals == [("acme", "team-ai", "k1", "gpt-5.4", Decimal("0.0000000012"))]
 
 
-async def test_a_restarted_in_process_store_is_seeded_from_the_ledger(ledger: Ledger) -> None:
-    """With memory counters, a restart must not hand budgets a fresh period."""
+async def test_spend_is_rebuilt_from_the_ledger(ledger: Ledger) -> None:
+    """A restarted in-process store, or a Redis that lost its data, must not hand budgets a
+    fresh period: this day's and month's counters are set to what the ledger holds."""
     from costsink.spend import SpendRecorder
     from tollway.budgets import SpendCounter, to_units
     from tollway.manifest import loads
@@ -112,10 +113,10 @@ organizations: [{id: acme, projects: [{id: team-ai, clients: [{id: app, keys: [{
     await ledger.append([row("a", at=0), row("b", at=60)])
     store = MemorySpendStore()
     recorder = SpendRecorder(store)
-    for period in ("day", "month"):
-        await recorder.seed(m, await ledger.spend_totals(T0 - timedelta(hours=1)), period, T0)
-    expected = to_units(Decimal("0.0000246912"))
     counters = [SpendCounter("project:team-ai", "day", "2026-11-22"),
                 SpendCounter("org:acme", "month", "2026-11"),
                 SpendCounter("key:k1", "month", "2026-11")]
+    await store.commit("acme", "", counters, 999)  # whatever was there is replaced
+    assert await recorder.rebuild(m, ledger, T0 + timedelta(minutes=5)) == 6  # 3 x day, month
+    expected = to_units(Decimal("0.0000246912"))
     assert await store.read("acme", counters) == [(expected, 0)] * 3

@@ -165,3 +165,32 @@ async def test_a_hold_is_found_by_its_request_id_alone(store: SpendStore) -> Non
     await store.commit_many([Commit("o", "kept", [DAY], 10, held=True)])
     assert await store.release_orphans(["kept"]) == 0  # a committed hold leaves no trace
     assert await store.read("o", [DAY]) == [(10, 0)]
+
+
+async def test_a_rebuild_is_claimed_once_until_given_back(store: SpendStore) -> None:
+    assert await store.claim_rebuild()
+    assert not await store.claim_rebuild()  # another replica, or the next check
+    await store.unclaim_rebuild()  # the rebuild failed
+    assert await store.claim_rebuild()
+
+
+async def test_set_spent_replaces_spent_and_keeps_holds(store: SpendStore) -> None:
+    await store.commit("o", "", [DAY], 50)
+    assert (await store.hold("o", "r", [budget(1000)], 100, 10_000)).allowed
+    await store.set_spent("o", [(DAY, 7), (MONTH, 9)])
+    assert await store.read("o", [DAY, MONTH]) == [(7, 100), (9, 0)]
+
+
+async def test_a_retried_batch_is_applied_once() -> None:
+    """A timeout hides whether Redis ran the script: the same batch sent again adds nothing."""
+    s = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    await require_redis(s.client)
+    try:
+        batch = [Commit("o", "r1", [DAY], 10), Commit("o", "r2", [DAY, KEY_DAY], 5)]
+        assert await s.commit_many(batch) == [[15], [15, 5]]
+        assert await s.commit_many(batch) == [[15], [15, 5]]
+        assert await s.commit_many([Commit("o", "r3", [DAY], 1)]) == [[16]]
+    finally:
+        keys = [k async for k in s.client.scan_iter(f"{s.prefix}:*")]
+        await s.client.delete(*keys)
+        await s.close()

@@ -104,6 +104,8 @@ def cmd_spend(args: argparse.Namespace) -> int:
     from costsink.report import GROUPS, render, summarize
 
     m = _manifest(args)
+    if args.rebuild:
+        return _rebuild_spend(m)
     tz = ZoneInfo(m.gateway.timezone)
     by = args.by.split(",")
     for g in by:
@@ -121,6 +123,32 @@ def cmd_spend(args: argparse.Namespace) -> int:
     lines = summarize(asyncio.run(go()), by, tz)
     currency = m.rate_card.currency if m.rate_card else "USD"
     print(render(lines, by, args.format, currency))
+    return 0
+
+
+def _rebuild_spend(m: Manifest) -> int:
+    """Set this day's and month's spend counters in the counter store to the ledger's sums.
+    Costsink does this by itself when Redis has lost its data; this is for an operator who
+    knows the counters are wrong. Exact while no costsink commits at the same moment."""
+    from costsink.ledger import open_ledger
+    from costsink.spend import SpendRecorder
+    from tollway.spend import open_spend_store
+
+    store = open_spend_store(m.storage.counters)
+    if store.shared_in_process:
+        raise CliError("storage.counters is 'memory': the counters live in `tollway serve`, "
+                       "which rebuilds them from the ledger each time it starts")
+
+    async def go() -> int:
+        ledger = open_ledger(m.storage.ledger)
+        await ledger.open()
+        try:
+            return await SpendRecorder(store).rebuild(m, ledger, datetime.now(UTC))
+        finally:
+            await ledger.close()
+            await store.close()
+    n = asyncio.run(go())
+    print(f"spend rebuilt from the ledger: {n} counters of this day and month")
     return 0
 
 
@@ -331,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="org,project,key,model",
                    help="comma-separated: org,project,key,model,day")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--rebuild", action="store_true",
+                   help="instead of a report: set this day's and month's spend counters in "
+                        "Redis to what the ledger holds")
     p.set_defaults(func=cmd_spend)
     p = sub.add_parser("usage", help="a key's limits, what is left and when each resets")
     with_manifest(p)

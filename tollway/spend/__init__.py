@@ -118,6 +118,20 @@ class SpendStore(abc.ABC):
     async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
         """True exactly once per counter (and so per period) and mark: alerts fire once."""
 
+    @abc.abstractmethod
+    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
+        """Set counters' spent (holds untouched): a rebuild from the ledger."""
+
+    @abc.abstractmethod
+    async def claim_rebuild(self) -> bool:
+        """True when the store has lost (or never had) its data since the last rebuild, for
+        exactly one caller: that one rebuilds spend from the ledger. A store that keeps no
+        data across restarts of its process (memory) is rebuilt at start instead."""
+
+    @abc.abstractmethod
+    async def unclaim_rebuild(self) -> None:
+        """The claimed rebuild failed: the next claim must succeed again."""
+
 
 @dataclass
 class _Cell:
@@ -164,6 +178,7 @@ class MemorySpendStore(SpendStore):
         self._cells: dict[str, _Cell] = {}
         self._index: dict[str, tuple[str, list[SpendCounter], int]] = {}  # rid → tag, counters
         self._ops = 0
+        self._rebuilt = False
 
     def _cell(self, tag: str, c: SpendCounter, now_ms: int) -> _Cell:
         cell = self._cells.setdefault(f"{tag}:{c.key}", _Cell())
@@ -228,6 +243,18 @@ class MemorySpendStore(SpendStore):
             return False
         cell.alerts.add(mark)
         return True
+
+    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
+        now = int(time.time() * 1000)
+        for c, spent in values:
+            self._cell(tag, c, now).spent = spent
+
+    async def claim_rebuild(self) -> bool:
+        claimed, self._rebuilt = not self._rebuilt, True
+        return claimed
+
+    async def unclaim_rebuild(self) -> None:
+        self._rebuilt = False
 
 
 def open_spend_store(spec: str) -> SpendStore:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 
 from redis.exceptions import RedisError
@@ -93,14 +94,16 @@ end
 return out
 """
 
-# A batch of commits of one org in one call. KEYS: hash, zset per distinct counter. ARGV: now,
-# counters, each counter's ttl s, then per commit: request id, amount, k, k counter indexes.
+# A batch of commits of one org in one call, applied once: KEYS: hash, zset per distinct
+# counter, then the batch's marker (named by its request ids: a retried batch finds it). ARGV:
+# now, counters, each counter's ttl s, then per commit: request id, amount, k, k counter indexes.
 # Returns each counter's spent after the whole batch.
 COMMIT_BATCH = COMMON + """
 local n = tonumber(ARGV[2])
+local fresh = redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', 172800)
 for i = 1, n do purge(KEYS[2 * i - 1], KEYS[2 * i]) end
 local p = 3 + n
-while p <= #ARGV do
+while fresh and p <= #ARGV do
   local rid, amount, k = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
   for j = 1, k do
     local i = tonumber(ARGV[p + 2 + j])
@@ -219,7 +222,9 @@ class RedisSpendStore(SpendStore):
 
     async def commit_many(self, commits: list[Commit]) -> list[list[int]]:
         """One script call per org (one Cluster slot) for the whole batch. Each commit gets its
-        counters' values after the batch, which is what alert thresholds compare."""
+        counters' values after the batch, which is what alert thresholds compare. A batch
+        retried after an error that hid whether it was applied (a timeout) is applied once:
+        the script marks it applied for two days, by its request ids."""
         by_tag: dict[str, list[Commit]] = {}
         for c in commits:
             by_tag.setdefault(c.tag, []).append(c)
@@ -232,7 +237,11 @@ class RedisSpendStore(SpendStore):
                 for c in group:
                     args += [c.request_id, c.amount, len(c.counters),
                              *(index[x] for x in c.counters)]
-                raw = await self._commit_batch(keys=self._keys(tag, counters), args=args)
+                marker = hashlib.sha256("\n".join(c.request_id for c in group).encode())
+                raw = await self._commit_batch(
+                    keys=[*self._keys(tag, counters),
+                          f"{self.prefix}:{{{tag}}}:applied:{marker.hexdigest()[:32]}"],
+                    args=args)
                 after.update({(tag, x.key): int(v) for x, v in zip(counters, raw, strict=True)})
             indexed = [self._index_key(c.request_id) for c in commits if c.held]
             if indexed:
@@ -260,6 +269,30 @@ class RedisSpendStore(SpendStore):
             return bool(await self.client.hsetnx(key, f"a:{mark}", 1))
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
+
+    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for c, spent in values:
+                    key = self._keys(tag, [c])[0]
+                    pipe.hset(key, "spent", spent)
+                    pipe.expire(key, c.ttl_seconds)
+                await pipe.execute()
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+
+    async def claim_rebuild(self) -> bool:
+        """The marker lives as long as Redis keeps its data: a restart without persistence, a
+        FLUSHALL or a failover to an empty replica removes it, and the first costsink to notice
+        claims the rebuild."""
+        try:
+            return bool(await self.client.set(f"{self.prefix}:spend:rebuilt", "1", nx=True))
+        except (RedisError, OSError) as e:
+            raise SpendUnavailable(f"redis: {e}") from e
+
+    async def unclaim_rebuild(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.delete(f"{self.prefix}:spend:rebuilt")
 
     async def close(self) -> None:
         await asyncio.gather(*self._indexing, return_exceptions=True)
