@@ -8,11 +8,13 @@ import logging
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from tollway.access_log import access_log_path
 from tollway.manifest import Manifest
 from tollway.refs import state_dir
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
+from .durable_log import DurableLog
 from .ledger import Ledger, open_ledger
 from .service import AccessLogSink
 from .spend import SpendRecorder
@@ -29,7 +31,9 @@ class CostSink:
         self.ctx = ctx
         self.ledger = ledger
         self.spend = SpendRecorder(ctx.spend_store())
-        self.sink = AccessLogSink(manifest, ledger, spool, self.spend)
+        self.sink = AccessLogSink(
+            manifest, ledger, spool, self.spend,
+            DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"))
 
     def register(self, server: grpc.aio.Server) -> None:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.sink, server)
@@ -43,6 +47,8 @@ class CostSink:
         self.ctx.tasks.append(asyncio.create_task(self.sink.write_forever(), name="ledger"))
         self.ctx.tasks.append(asyncio.create_task(self.sink.replay_forever(), name="spool"))
         self.ctx.tasks.append(asyncio.create_task(self.sink.keep_spend_true(), name="spend"))
+        self.ctx.tasks.append(asyncio.create_task(self.sink.reconcile_forever(),
+                                                  name="durable-log"))
 
     async def stop(self) -> None:
         await self.sink.drain()

@@ -24,6 +24,7 @@ from tollway.manifest import Manifest
 from tollway.reload import Compiled
 from tollway.spend import SpendUnavailable
 
+from .durable_log import RECONCILE_INTERVAL, DurableLog
 from .entry import Entry, to_entry
 from .ledger import Ledger, LedgerRow
 from .spend import SpendRecorder
@@ -45,11 +46,12 @@ SPEND_CHECK_INTERVAL = 1.0  # how often missed costs are retried and the store's
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, manifest: Compiled[Manifest], ledger: Ledger, spool: Spool,
-                 spend: SpendRecorder) -> None:
+                 spend: SpendRecorder, durable_log: DurableLog | None = None) -> None:
         self.manifest = manifest
         self.ledger = ledger
         self.spool = spool
         self.spend = spend
+        self.durable_log = durable_log
         self.queue: asyncio.Queue[Entry] = asyncio.Queue()
         self.ledger_open = False
         self._inflight: list[Entry] = []
@@ -105,6 +107,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             fresh = [item for item in batch if item.row.request_id in new]
             # first, so holds are released as soon as possible
             await self.spend.record(m, [(item.row, item.hold) for item in fresh])
+        if self.durable_log is not None:  # the file's copies of these can be skipped
+            self.durable_log.durable([item.row.request_id for item in batch])
         await self.spend.release_orphans([item.row for item in fresh])
         await asyncio.gather(*(self._settle_one(item) for item in fresh
                                if "reserved_tokens" in item.ratelimit and item.row.key_id
@@ -165,6 +169,18 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             await asyncio.sleep(REPLAY_INTERVAL)
             if not self.spool.empty():
                 await self.replay()
+
+    async def reconcile_forever(self) -> None:
+        """Envoy's access-log file behind the gRPC stream: what the stream lost (costsink was
+        down, restarting, or unreachable) reaches the ledger all the same."""
+        assert self.durable_log is not None
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            try:
+                await self.durable_log.reconcile(self.manifest.value, self.write)
+            except OSError as e:
+                log.error("cannot read Envoy's access-log file %s: %s",
+                          self.durable_log.path, e)
 
     async def keep_spend_true(self) -> None:
         """Spend converges on the ledger: costs the counter store missed are retried until

@@ -16,7 +16,10 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_envoy_accepts_the_rendering(path: Path, tmp_path: Path) -> None:
+def test_envoy_accepts_the_rendering(path: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Envoy opens its access-log file at start: its directory (the state dir) must exist
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
     config = tmp_path / "envoy.yaml"
     config.write_text(render_yaml(load(path)))
     out = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config),

@@ -74,7 +74,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if n not in SERVICE_NAMES:
             raise CliError(f"unknown service {n!r}: choose from {', '.join(SERVICE_NAMES)}")
     _manifest(args)  # refuse a bad manifest with its own message before anything starts
-    run(_manifest_path(args), names)
+    metrics = None
+    if args.metrics:
+        host, _, port = args.metrics.rpartition(":")
+        if not port.isdigit() or not host:
+            raise CliError(f"--metrics {args.metrics!r}: use HOST:PORT, e.g. 0.0.0.0:9464")
+        metrics = (host.strip("[]"), int(port))
+    run(_manifest_path(args), names, metrics)
     return 0
 
 
@@ -352,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_manifest(p)
     p.add_argument("--services", default="extauthz,ratelimit,costsink",
                    help="comma-separated: extauthz,ratelimit,costsink (default: all)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="where to serve Prometheus metrics (default: 127.0.0.1 and the "
+                        "manifest's services.metrics_port); one per process")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("spend", help="spend from the ledger, grouped, for a month or a day")
     with_manifest(p)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from tollway.access_log import FILE_FORMAT, access_log_path
 from tollway.errors import error_body
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
@@ -172,6 +173,17 @@ def _access_log() -> dict[str, Any]:
     }
 
 
+def _file_access_log(path: str) -> dict[str, Any]:
+    """The durable twin of the gRPC access log: the same facts, appended to a local file that
+    costsink reconciles into the ledger (see tollway/access_log.py)."""
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": _typed(
+            "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path,
+            log_format={"json_format": FILE_FORMAT}),
+    }
+
+
 def _router() -> dict[str, Any]:
     return {"name": "envoy.filters.http.router",
             "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
@@ -319,7 +331,7 @@ def render(m: Manifest) -> dict[str, Any]:
         # behind a load balancer: the client address is taken from X-Forwarded-For, that many
         # hops from the right; Envoy reports it as x-envoy-external-address
         hcm["xff_num_trusted_hops"] = m.gateway.trusted_proxy_hops
-    hcm["access_log"] = [_access_log()]
+    hcm["access_log"] = [_access_log(), _file_access_log(str(access_log_path(m.gateway)))]
     clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz),
                 _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit),
                 _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink)]

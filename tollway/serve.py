@@ -67,6 +67,7 @@ def _address(manifest: Manifest, name: str) -> str:
 
 
 async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
+                metrics_address: tuple[str, int] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     from tollway.manifest import load
 
@@ -114,7 +115,8 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
                 await hs.set(n, health_pb2.HealthCheckResponse.SERVING)
         await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     if metrics:
-        start_http_server(ctx.manifest.services.metrics_port, addr="127.0.0.1")
+        host, port = metrics_address or ("127.0.0.1", ctx.manifest.services.metrics_port)
+        start_http_server(port, addr=host)
     ctx.tasks.append(asyncio.create_task(watcher.run(), name="manifest-watcher"))
     log.info("serving %s on %s", ", ".join(names), ", ".join(by_address))
 
@@ -141,8 +143,9 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     await ctx.spend_store().close()
 
 
-def run(manifest_path: Path, names: list[str]) -> None:
+def run(manifest_path: Path, names: list[str],
+        metrics_address: tuple[str, int] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
-    asyncio.run(serve(manifest_path, names))
+    asyncio.run(serve(manifest_path, names, metrics_address=metrics_address))

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tollway.access_log import ENVOY_ARGS, access_log_path
 from tollway.manifest import Manifest
 from tollway.render import render_yaml
 
@@ -129,8 +130,10 @@ def up(manifest_path: Path, m: Manifest) -> int:
                 proc.kill()
 
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    # a closed terminal or a dropped SSH session (SIGHUP) stops the gateway like ^C: the
+    # children run in sessions of their own, so only this process hears it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.set())
     try:
         deadline = time.monotonic() + 30
         started_mocks: set[tuple[str, int]] = set()
@@ -154,8 +157,10 @@ def up(manifest_path: Path, m: Manifest) -> int:
 
         config = workdir / "envoy.yaml"
         config.write_text(render_yaml(m))
+        # Envoy opens its access-log file at start, but does not create the directory
+        access_log_path(m.gateway).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
-                                "--base-id", str(os.getpid() % 60000)])
+                                "--base-id", str(os.getpid() % 60000), *ENVOY_ARGS])
         _wait_ready(f"http://127.0.0.1:{m.gateway.admin_port}/ready", envoy, deadline)
 
         host, port = m.gateway.listen

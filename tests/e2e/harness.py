@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import yaml
 
+from tollway.access_log import ENVOY_ARGS
 from tollway.render import render_yaml
 from tollway.up import envoy_binary
 
@@ -117,6 +119,17 @@ class Gateway:
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     issued: dict[str, str] = field(default_factory=dict)
+    # each process by name, and how to start it again (tests kill and restart them)
+    named: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    starters: dict[str, Any] = field(default_factory=dict)
+
+    def kill(self, name: str) -> None:
+        """kill -9, as an OOM killer or a node failure does."""
+        self.named[name].kill()
+        self.named[name].wait()
+
+    def start(self, name: str) -> None:
+        self.starters[name]()
 
     def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `tollway <command...> --manifest M <rest...>`; `args` ends the command at '--'."""
@@ -145,12 +158,40 @@ class Gateway:
         tmp.replace(self.manifest_path)  # atomic, like a ConfigMap symlink swap
 
 
+class PrivateRedis:
+    """A Redis of a test's own, to stall, kill and restart without touching the shared one."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port, self.dir = free_port(), tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # no persistence: a restart loses every counter, as an unconfigured Redis does
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
+            stdout=subprocess.DEVNULL)
+        wait_until(lambda: tcp_open(self.port), "redis", proc=self.proc)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # kill -9
+        self.proc.wait()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
 @contextmanager
-def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
-                mutate: Any = None) -> Iterator[Gateway]:
+def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = None,
+                split: bool = False) -> Iterator[Gateway]:
+    """`split`: costsink in a process of its own (needs Redis counters), as an operator
+    running the services apart has it; `gw.kill("costsink")`, `gw.start("costsink")`."""
     ports = {n: free_port() for n in ("mock", "gateway", "admin", "extauthz", "ratelimit",
-                                      "costsink", "metrics")}
+                                      "costsink", "metrics", "metrics2")}
     doc = base_manifest(ports, keys_dsn)
+    # absolute: this process renders Envoy's config, and its state dir is not the gateway's
+    doc["gateway"]["access_log_file"] = str(tmp / "state" / "envoy-access.jsonl")
     if mutate:
         mutate(doc)
     manifest_path = tmp / "manifest.yaml"
@@ -164,27 +205,31 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
     logs.mkdir(exist_ok=True)
 
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        out = (logs / f"{name}.log").open("wb")
+        out = (logs / f"{name}.log").open("ab")
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         gw.procs.append(p)
+        gw.named[name] = p
+        gw.starters[name] = lambda: spawn(name, cmd)
         return p
 
     try:
         mock = spawn("mock", [sys.executable, "-m", "tollway.mock_provider", "--port",
                               str(ports["mock"]), "--expected-key", PROVIDER_KEY])
         wait_until(lambda: tcp_open(ports["mock"]), "mock provider", proc=mock)
-        svc = spawn("services", [sys.executable, "-m", "tollway.cli", "serve", "--manifest",
-                                 str(manifest_path), "--services",
-                                 "extauthz,ratelimit,costsink"])
+        serve = [sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest_path)]
+        svc = spawn("services", [*serve, "--services", "extauthz,ratelimit" if split
+                                 else "extauthz,ratelimit,costsink"])
+        sink = spawn("costsink", [*serve, "--services", "costsink", "--metrics",
+                                  f"127.0.0.1:{ports['metrics2']}"]) if split else svc
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
         wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
-        wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=svc)
+        wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=sink)
         from tollway.manifest import load
 
         config = tmp / "envoy.yaml"
         config.write_text(render_yaml(load(manifest_path)))
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
-                                "--base-id", str(ports["admin"])])
+                                "--base-id", str(ports["admin"]), *ENVOY_ARGS])
 
         def ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready",
@@ -198,7 +243,8 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db",
         raise
     finally:
         for p in reversed(gw.procs):
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in gw.procs:
             try:
                 p.wait(timeout=10)

@@ -7,43 +7,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-import redis
 
-from .harness import Gateway, free_port, run_gateway, tcp_open, wait_until
+from .harness import Gateway, PrivateRedis, run_gateway
 
 pytestmark = pytest.mark.e2e
-
-
-class PrivateRedis:
-    def __init__(self, tmp: Path) -> None:
-        self.port, self.dir = free_port(), tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        # no persistence: a restart loses every counter, as an unconfigured Redis does
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--enable-debug-command", "local"],
-            stdout=subprocess.DEVNULL)
-        wait_until(lambda: tcp_open(self.port), "redis", proc=self.proc)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()  # kill -9
-        self.proc.wait()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
 
 
 @pytest.fixture(scope="module")

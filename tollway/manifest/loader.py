@@ -518,7 +518,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
 
     g = root.child("gateway")
     g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes", "alert_webhook",
-                  "trusted_proxy_hops"})
+                  "trusted_proxy_hops", "access_log_file"})
     tz = g.text("timezone", "UTC")
     try:
         ZoneInfo(tz)
@@ -529,7 +529,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
                       timezone=tz,
                       max_request_bytes=g.integer("max_request_bytes", 4 * 1024 * 1024),
                       alert_webhook=g.opt_str("alert_webhook"),
-                      trusted_proxy_hops=g.integer("trusted_proxy_hops", 0, minimum=0))
+                      trusted_proxy_hops=g.integer("trusted_proxy_hops", 0, minimum=0),
+                      access_log_file=g.text("access_log_file", "envoy-access.jsonl"))
     if gateway.alert_webhook and not gateway.alert_webhook.startswith(("http://", "https://")):
         g.fail("alert_webhook", "must be an http:// or https:// URL")
 

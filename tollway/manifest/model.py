@@ -225,6 +225,9 @@ class Gateway:
     max_request_bytes: int
     alert_webhook: str | None = None  # budget alerts are POSTed here as JSON
     trusted_proxy_hops: int = 0  # proxies in front of Envoy that append to X-Forwarded-For
+    # Envoy's durable access log, which costsink reconciles into the ledger; relative paths
+    # live in the state dir (tollway.access_log.access_log_path)
+    access_log_file: str = "envoy-access.jsonl"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,159 @@
+"""Envoy's access-log file → the ledger: the path that does not depend on costsink being up.
+
+Envoy's gRPC access log drops what it cannot send: every entry Envoy produces while costsink is
+down or restarting is gone from that stream. Each Envoy therefore also appends every entry to a
+file (tollway/access_log.py), and this reconciler reads that file behind the gRPC stream:
+
+- it reads only what Envoy wrote at least RECONCILE_DELAY ago, by which time the gRPC stream has
+  normally delivered the same entry and the sink has made it durable; such lines are skipped by
+  request id, without parsing the rest;
+- any other line is written through the sink like a gRPC entry; the ledger ignores a request id
+  it holds, so nothing is recorded twice, and spend, holds and token settlement follow a row the
+  first time it is recorded, whichever path brought it;
+- its position in each file is checkpointed (fsynced, renamed) only after those lines are
+  durable (in the ledger or the spool), so a crash of costsink re-reads from the last
+  checkpoint: at most reads twice, never skips.
+
+A file that shrinks (truncated by log rotation with copytruncate) is read again from its start;
+a rotated file is not followed: rotate with copytruncate, or after costsink has caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from tollway.access_log import entry_from_line, request_id_of
+from tollway.manifest import Manifest
+
+from .entry import Entry, to_entry
+
+log = logging.getLogger("tollway.costsink.durable_log")
+
+RECOVERED = Counter("tollway_costsink_recovered_total",
+                    "Entries the gRPC access log did not deliver, read from Envoy's file")
+BEHIND = Gauge("tollway_costsink_durable_log_behind_bytes",
+               "Bytes of Envoy's access-log file not yet reconciled")
+
+RECONCILE_DELAY = 5.0  # seconds a line is left to the gRPC stream before the file counts
+RECONCILE_INTERVAL = 1.0
+RECENT_TTL = 600.0  # how long a request id made durable by the gRPC stream is remembered
+READ_CHUNK = 4 * 1024 * 1024
+
+Write = Callable[[list[Entry]], Awaitable[None]]  # the sink's own write: durable on return
+
+
+@dataclass
+class _Position:
+    offset: int = 0
+    inode: int = 0
+
+
+class DurableLog:
+    def __init__(self, path: Path, checkpoint: Path) -> None:
+        self.path = path
+        self.checkpoint = checkpoint
+        self.recent: dict[str, float] = {}  # request id → when the gRPC path made it durable
+        self._sizes: list[tuple[float, int]] = []  # (when, file size) samples
+        self.position = self._load()
+
+    # -- what the gRPC path made durable ---------------------------------------------------------
+
+    def durable(self, request_ids: list[str]) -> None:
+        now = time.monotonic()
+        for rid in request_ids:
+            self.recent[rid] = now
+        if len(self.recent) > 1024 and next(iter(self.recent.values())) < now - RECENT_TTL:
+            cutoff = now - RECENT_TTL
+            self.recent = {r: t for r, t in self.recent.items() if t >= cutoff}
+
+    # -- the checkpoint --------------------------------------------------------------------------
+
+    def _load(self) -> _Position:
+        try:
+            doc = json.loads(self.checkpoint.read_text())
+            return _Position(int(doc["offset"]), int(doc["inode"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return _Position()
+
+    def _save(self) -> None:
+        tmp = self.checkpoint.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"offset": self.position.offset,
+                                     "inode": self.position.inode}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(self.checkpoint)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _settled_size(self, size: int, delay: float) -> int:
+        """How far the file reached `delay` seconds ago: lines past that are left to the gRPC
+        stream a little longer."""
+        now = time.monotonic()
+        self._sizes.append((now, size))
+        settled = 0
+        while self._sizes and self._sizes[0][0] <= now - delay:
+            settled = self._sizes.pop(0)[1]
+        if settled:
+            self._sizes.insert(0, (now - delay, settled))
+        return min(settled, size)
+
+    def _read(self, delay: float) -> tuple[list[bytes], int]:
+        """Complete lines from the checkpoint up to what settled; runs in a thread."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return [], self.position.offset
+        if st.st_ino != self.position.inode or st.st_size < self.position.offset:
+            if self.position.inode:
+                log.warning("%s was replaced or truncated: reading it from its start", self.path)
+            self.position = _Position(0, st.st_ino)
+            self._sizes.clear()
+        end = self._settled_size(st.st_size, delay)
+        BEHIND.set(st.st_size - self.position.offset)
+        if end <= self.position.offset:
+            return [], self.position.offset
+        with self.path.open("rb") as f:
+            f.seek(self.position.offset)
+            data = f.read(min(end - self.position.offset, READ_CHUNK))
+        complete = data.rfind(b"\n") + 1  # a line Envoy is still writing waits
+        return data[:complete].splitlines(), self.position.offset + complete
+
+    async def reconcile(self, m: Manifest, write: Write, delay: float = RECONCILE_DELAY) -> int:
+        """Write what the gRPC stream did not deliver; returns how many entries that was."""
+        recovered = 0
+        while True:
+            lines, end = await asyncio.to_thread(self._read, delay)
+            if not lines:
+                if end != self.position.offset:  # only blank lines
+                    self.position.offset = end
+                return recovered
+            missing: list[Entry] = []
+            for line in lines:
+                rid = request_id_of(line)
+                if not line.strip() or (rid and rid in self.recent):
+                    continue
+                try:
+                    missing.append(to_entry(m, entry_from_line(line)))
+                except Exception:
+                    log.exception("unreadable line in %s at byte %d", self.path,
+                                  self.position.offset)
+            if missing:
+                await write(missing)  # durable (ledger or spool) when this returns
+                RECOVERED.inc(len(missing))
+                recovered += len(missing)
+                log.warning("recorded %d requests the gRPC access log did not deliver",
+                            len(missing))
+            self.position.offset = end
+            await asyncio.to_thread(self._save)

@@ -1,0 +1,91 @@
+"""Envoy's file access log: the same facts as the gRPC access-log entry, one JSON line each.
+
+Envoy's gRPC access log is fire-and-forget: while costsink is unreachable, entries are dropped.
+So every Envoy also writes each entry to a local file (rendered from FILE_FORMAT), and costsink
+reconciles that file into the ledger by request id (costsink/durable_log.py). A line read back
+becomes the very HTTPAccessLogEntry the gRPC stream would have carried, so one function
+(costsink.entry.to_entry) reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import json_format, struct_pb2
+
+from tollway.manifest.model import Gateway
+from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
+from tollway.refs import state_dir
+
+# how often Envoy writes its access-log file buffer out (`--file-flush-interval-msec`, an
+# Envoy command-line option): what a crash of Envoy itself may lose from the file
+ENVOY_FILE_FLUSH_MS = 1000
+ENVOY_ARGS = ["--file-flush-interval-msec", str(ENVOY_FILE_FLUSH_MS)]
+
+
+def access_log_path(g: Gateway) -> Path:
+    p = Path(g.access_log_file)
+    return p if p.is_absolute() else state_dir() / p
+
+FILE_FORMAT: dict[str, str] = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "start_time": "%START_TIME(%s.%6f)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "duration_ms": "%DURATION%",
+    "upstream_sent": "%UPSTREAM_WIRE_BYTES_SENT%",
+    "md_authz": f"%DYNAMIC_METADATA({AUTHZ})%",
+    "md_usage": f"%DYNAMIC_METADATA({USAGE})%",
+    "md_ratelimit": f"%DYNAMIC_METADATA({RATELIMIT})%",
+    "md_request": f"%DYNAMIC_METADATA({REQUEST})%",
+}
+_NAMESPACES = {"md_authz": AUTHZ, "md_usage": USAGE, "md_ratelimit": RATELIMIT,
+               "md_request": REQUEST}
+
+
+_REQUEST_ID = re.compile(rb'"request_id":"([^"]*)"')
+
+
+def request_id_of(line: bytes) -> str | None:
+    """A line's request id without parsing the rest of it: most lines are skipped."""
+    m = _REQUEST_ID.search(line)
+    return m.group(1).decode() if m else None
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def entry_from_line(line: str | bytes) -> accesslog_pb2.HTTPAccessLogEntry:
+    """One file line → the gRPC access-log entry it stands for (the fields Tollway reads)."""
+    doc = json.loads(line)
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.request.request_id = doc.get("request_id") or ""
+    e.request.request_body_bytes = _int(doc.get("bytes_received"))
+    e.response.response_code.value = _int(doc.get("status"))
+    common = e.common_properties
+    started = float(doc.get("start_time") or 0)
+    if started:
+        common.start_time.FromDatetime(datetime.fromtimestamp(started, UTC))
+    common.time_to_last_downstream_tx_byte.FromMilliseconds(_int(doc.get("duration_ms")))
+    if _int(doc.get("upstream_sent")) > 0:
+        common.time_to_first_upstream_tx_byte.FromMilliseconds(0)
+    flags = str(doc.get("flags") or "").split(",")
+    common.response_flags.downstream_connection_termination = "DC" in flags
+    common.response_flags.downstream_remote_reset = "DR" in flags
+    for field, ns in _NAMESPACES.items():
+        md = doc.get(field)
+        if isinstance(md, dict) and md:
+            s = struct_pb2.Struct()
+            json_format.ParseDict(md, s)
+            common.metadata.filter_metadata[ns].CopyFrom(s)
+    return e
