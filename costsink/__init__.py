@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -10,7 +11,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from tollway.access_log import access_log_path
 from tollway.manifest import Manifest
-from tollway.refs import state_dir
+from tollway.refs import private_file, state_dir
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
@@ -58,6 +59,8 @@ class CostSink:
 
 
 async def build(ctx: ServiceContext) -> CostSink:
+    with contextlib.suppress(OSError):  # Envoy appends to it; created here, it is 0600
+        private_file(access_log_path(ctx.manifest.gateway))
     manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
     return CostSink(ctx, manifest, open_ledger(ctx.manifest.storage.ledger),
                     Spool(state_dir() / "spool"))

@@ -37,7 +37,7 @@ def row_from_json(d: dict[str, Any]) -> LedgerRow:
 class Spool:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._seq = max((int(p.stem) for p in self.files()), default=0)
         self.depth = sum(self._count(p) for p in self.files())
 
@@ -56,7 +56,7 @@ class Spool:
         self._seq += 1
         final = self.dir / f"{self._seq:020d}.jsonl"
         tmp = final.with_suffix(".tmp")
-        with tmp.open("w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             for row in rows:
                 f.write(json.dumps(row_to_json(row)) + "\n")
             f.flush()

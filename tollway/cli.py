@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyRecord, StoreUnavailable
 from tollway.manifest import KeyStatus, Manifest, ManifestError, load
-from tollway.refs import UnresolvedReference, pepper
+from tollway.refs import UnresolvedReference, pepper, private_files
 
 DURATION = re.compile(r"^(\d+)([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -419,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    private_files()
     try:
         code = args.func(args)
     except ManifestError as e:

@@ -6,6 +6,7 @@ credential, pepper or DSN in it may be a reference, resolved here, at the moment
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -18,6 +19,23 @@ class UnresolvedReference(Exception):
 def state_dir() -> Path:
     """Where the embedded default keeps its SQLite files and pepper (TOLLWAY_STATE_DIR)."""
     return Path(os.environ.get("TOLLWAY_STATE_DIR", ".tollway")).absolute()
+
+
+def private_files() -> None:
+    """Keys, ledger, spool and pepper are nobody else's business: every file Tollway (and an
+    Envoy it starts) creates is 0600, every directory 0700, and a state dir made before this
+    rule is closed too."""
+    os.umask(0o077)
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        state_dir().chmod(0o700)
+
+
+def private_file(path: Path) -> None:
+    """Create `path` 0600 if it is missing (a database, a log another process will append
+    to), or make an existing one 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
 
 
 def resolve(ref: str) -> str:
@@ -51,7 +69,7 @@ def pepper(ref: str, *, create: bool = False) -> bytes:
     if create and ref.startswith("file:"):
         path = state_dir() / ref[5:]
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32))

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from tollway.refs import private_file
+
 T = TypeVar("T")
 
 
@@ -25,7 +27,7 @@ class SqliteWorker:
 
     async def open(self) -> None:
         def connect() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # SQLite gives its -wal and -shm files the same mode
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                  timeout=5)
             db.execute("PRAGMA journal_mode=WAL")

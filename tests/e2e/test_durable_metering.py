@@ -137,3 +137,14 @@ def test_no_served_request_is_lost_or_doubled(gw: Gateway) -> None:
     print(f"\nserved {len(served)} ({served_while_down} while costsink was down), "
           f"{load.failed} not served (Envoy restarting), {recovered} recovered from the file, "
           "0 lost, 0 doubled")
+
+
+def test_state_files_are_private(gw: Gateway) -> None:
+    """Keys, ledger, spool, pepper, checkpoints and Envoy's access log: 0600 in 0700."""
+    state = gw.manifest_path.parent / "state"
+    found = list(state.rglob("*"))
+    assert any(p.name == "ledger.db" for p in found) and any(p.name == "keys.db" for p in found)
+    assert any(p.name == "envoy-access.jsonl" for p in found)
+    for p in [state, *found]:
+        want = 0o700 if p.is_dir() else 0o600
+        assert p.stat().st_mode & 0o777 == want, f"{p}: {oct(p.stat().st_mode & 0o777)}"
