@@ -31,7 +31,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from tollway.access_log import entry_from_line, request_id_of
+from tollway.access_log import entry_from_line, line_request_id
 from tollway.manifest import Manifest
 
 from .entry import Entry, to_entry
@@ -141,7 +141,7 @@ class DurableLog:
                 return recovered
             missing: list[Entry] = []
             for line in lines:
-                rid = request_id_of(line)
+                rid = line_request_id(line)
                 if not line.strip() or (rid and rid in self.recent):
                     continue
                 try:

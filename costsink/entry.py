@@ -85,6 +85,17 @@ def estimated_usage(m: Manifest, provider: str, model: str, md: dict[str, Any],
     return Usage(input_tokens=-(-body_bytes // BYTES_PER_TOKEN), output_tokens=output)
 
 
+def request_id_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """Envoy's request id; a request Envoy refused before it had one (a protocol error) is
+    named by when and from where it came, the same from the gRPC stream and the file."""
+    if entry.request.request_id:
+        return str(entry.request.request_id)
+    c = entry.common_properties
+    sa = c.downstream_remote_address.socket_address
+    micros = c.start_time.seconds * 1_000_000 + c.start_time.nanos // 1000
+    return f"envoy-{micros}-{sa.address}-{sa.port_value}"
+
+
 def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
     authz, usage_md, rl = _ns(entry, AUTHZ), _ns(entry, USAGE), _ns(entry, RATELIMIT)
     common = entry.common_properties
@@ -112,7 +123,7 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
         if cost is None:
             PRICING_MISSES.labels(provider, model).inc()
     row = LedgerRow(
-        request_id=entry.request.request_id,
+        request_id=request_id_of(entry),
         at=common.start_time.ToDatetime(tzinfo=UTC) if common.HasField("start_time")
         else datetime.now(UTC),
         org=authz.get("org"), project=authz.get("project"), client=authz.get("client"),

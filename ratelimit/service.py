@@ -158,7 +158,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             return rls_pb2.RateLimitResponse(
                 overall_code=OVER_LIMIT,
                 response_headers_to_add=[*headers, _header("retry-after", retry_after),
-                                         _header("content-type", "application/json")],
+                                         _header("content-type", "application/json"),
+                                         _header("x-tollway-error", "rate_limit_exceeded")],
                 raw_body=error_body(req.dialect, "rate_limit_exceeded", message).encode(),
                 dynamic_metadata=metadata)
         metadata.update({"reserved_tokens": req.reserve_tokens, "charged_at_ms": charged_at})

@@ -34,7 +34,7 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     chat = routes[0]
-    assert chat["match"] == {"path": "/v1/chat/completions"}
+    assert chat["match"]["path"] == "/v1/chat/completions"
     per_route = chat["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
     assert per_route["check_settings"]["context_extensions"] == {"route": "route0"}
     assert routes[-1]["name"] == "not_found"

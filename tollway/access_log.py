@@ -40,6 +40,7 @@ FILE_FORMAT: dict[str, str] = {
     "bytes_received": "%BYTES_RECEIVED%",
     "duration_ms": "%DURATION%",
     "upstream_sent": "%UPSTREAM_WIRE_BYTES_SENT%",
+    "downstream": "%DOWNSTREAM_REMOTE_ADDRESS%",
     "md_authz": f"%DYNAMIC_METADATA({AUTHZ})%",
     "md_usage": f"%DYNAMIC_METADATA({USAGE})%",
     "md_ratelimit": f"%DYNAMIC_METADATA({RATELIMIT})%",
@@ -52,7 +53,7 @@ _NAMESPACES = {"md_authz": AUTHZ, "md_usage": USAGE, "md_ratelimit": RATELIMIT,
 _REQUEST_ID = re.compile(rb'"request_id":"([^"]*)"')
 
 
-def request_id_of(line: bytes) -> str | None:
+def line_request_id(line: bytes) -> str | None:
     """A line's request id without parsing the rest of it: most lines are skipped."""
     m = _REQUEST_ID.search(line)
     return m.group(1).decode() if m else None
@@ -79,6 +80,10 @@ def entry_from_line(line: str | bytes) -> accesslog_pb2.HTTPAccessLogEntry:
     common.time_to_last_downstream_tx_byte.FromMilliseconds(_int(doc.get("duration_ms")))
     if _int(doc.get("upstream_sent")) > 0:
         common.time_to_first_upstream_tx_byte.FromMilliseconds(0)
+    host, _, port = str(doc.get("downstream") or "").rpartition(":")
+    if port.isdigit():
+        common.downstream_remote_address.socket_address.address = host.strip("[]")
+        common.downstream_remote_address.socket_address.port_value = int(port)
     flags = str(doc.get("flags") or "").split(",")
     common.response_flags.downstream_connection_termination = "DC" in flags
     common.response_flags.downstream_remote_reset = "DR" in flags

@@ -35,6 +35,11 @@ _KINDS = [
     ErrorKind("invalid_request_error", 400, "invalid_request_error", "invalid_request_error"),
     ErrorKind("request_too_large", 413, "invalid_request_error", "request_too_large"),
     ErrorKind("not_found", 404, "invalid_request_error", "not_found_error"),
+    ErrorKind("method_not_allowed", 405, "invalid_request_error", "invalid_request_error"),
+    # Envoy's own refusals of what is not acceptable HTTP (rendered as local replies)
+    ErrorKind("protocol_error", 400, "invalid_request_error", "invalid_request_error"),
+    ErrorKind("upgrade_required", 426, "invalid_request_error", "invalid_request_error"),
+    ErrorKind("headers_too_large", 431, "invalid_request_error", "request_too_large"),
     ErrorKind("gateway_unavailable", 503, "server_error", "api_error"),
     ErrorKind("upstream_unavailable", 503, "server_error", "api_error"),
 ]

@@ -24,7 +24,7 @@ from tollway.access_log import FILE_FORMAT, access_log_path
 from tollway.errors import error_body
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
-from tollway.metadata import AUTHZ, RATELIMIT, REQUEST
+from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 EXTAUTHZ_CLUSTER = "tollway_extauthz"
@@ -193,7 +193,9 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
     p = m.provider(r.provider)
     return {
         "name": r.name,
-        "match": {"path": r.path},
+        # every provider endpoint Tollway meters is a POST; other methods: _wrong_method
+        "match": {"path": r.path, "headers": [{"name": ":method",
+                                               "string_match": {"exact": "POST"}}]},
         "route": {"cluster": f"provider_{p.name}", "timeout": f"{r.timeout_seconds}s",
                   "host_rewrite_literal": p.upstream.sni or p.upstream.host,
                   "rate_limits": [{"actions": [
@@ -213,6 +215,23 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
     }
 
 
+def _wrong_method(r: Any) -> dict[str, Any]:
+    """A route's path with another method than POST: the gateway's own 405, never the
+    provider's (a PUT with a valid key must not reach it)."""
+    return {
+        "name": f"{r.name}_method",
+        "match": {"path": r.path},
+        "direct_response": {"status": 405, "body": {"inline_string": error_body(
+            r.dialect, "method_not_allowed", f"{r.path} takes POST")}},
+        "response_headers_to_add": [
+            {"header": {"key": k, "value": v}} for k, v in (
+                ("content-type", "application/json"), ("x-tollway-error", "method_not_allowed"),
+                ("allow", "POST"))],
+        "typed_per_filter_config": {AUTHZ: _typed(
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True)},
+    }
+
+
 def _not_found() -> dict[str, Any]:
     return {
         "name": "not_found",
@@ -220,31 +239,53 @@ def _not_found() -> dict[str, Any]:
         "direct_response": {"status": 404, "body": {"inline_string": error_body(
             Dialect.OPENAI, "not_found", "no such endpoint on this gateway")}},
         "response_headers_to_add": [{"header": {"key": "content-type",
-                                                "value": "application/json"}}],
+                                                "value": "application/json"}},
+                                    {"header": {"key": "x-tollway-error",
+                                                "value": "not_found"}}],
         "typed_per_filter_config": {AUTHZ: _typed(
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True)},
     }
 
 
+# answers Tollway's own filters give (ext_authz denials, the usage filter's 400) carry their
+# reason in metadata: a mapper for a bare status must leave those as they are
+_OWN_REFUSALS = [(AUTHZ, "deny_reason"), (USAGE, "refused")]
+
+
+def _none_of_ours() -> dict[str, Any]:
+    return {"and_filter": {"filters": [{"metadata_filter": {
+        "matcher": {"filter": ns, "path": [{"key": key}],
+                    "value": {"string_match": {"exact": "\u0000never"}}},
+        "match_if_key_not_found": True}} for ns, key in _OWN_REFUSALS]}}
+
+
 def _local_replies(m: Manifest) -> dict[str, Any]:
-    """Envoy's own refusals (body too large, auth service down, provider down) in the
-    provider's error shape, so that the SDKs raise their usual exceptions for them too."""
+    """Envoy's own answers (a body too large, a request that is not acceptable HTTP, the auth
+    service or the provider unreachable) in the provider's error shape with x-tollway-error,
+    so that the SDKs raise their usual exceptions for them too."""
     anthropic_paths = [r.path for r in m.routes if r.dialect is Dialect.ANTHROPIC]
-    cases = [
+    # status, what else must hold, code, message
+    cases: list[tuple[int, dict[str, Any] | None, str, str]] = [
         (413, None, "request_too_large",
          f"request body exceeds {m.gateway.max_request_bytes} bytes"),
-        (503, ["UAEX", "RLSE"], "gateway_unavailable",
+        (503, {"response_flag_filter": {"flags": ["UAEX", "RLSE"]}}, "gateway_unavailable",
          "the gateway cannot authorize requests right now"),
         (503, None, "upstream_unavailable", "the provider could not be reached"),
         (504, None, "upstream_unavailable", "the provider did not answer in time"),
+        # what Envoy's codec or path checks refuse (flagged DPE, but only after this runs)
+        (400, _none_of_ours(), "protocol_error",
+         "the request is not acceptable HTTP: a header name or value, the method, the path "
+         "(escaped slashes, NUL), the host, the framing or the content-length"),
+        (426, None, "upgrade_required", "use HTTP/1.1 or HTTP/2"),
+        (431, None, "headers_too_large", "the request headers are too large or too many"),
     ]
     mappers = []
-    for status, flags, code, message in cases:
+    for status, condition, code, message in cases:
         for dialect in (Dialect.ANTHROPIC, Dialect.OPENAI):
             filters: list[dict[str, Any]] = [{"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": status, "runtime_key": "tollway.none"}}}}]
-            if flags:
-                filters.append({"response_flag_filter": {"flags": flags}})
+            if condition:
+                filters.append(condition)
             if dialect is Dialect.ANTHROPIC:
                 if not anthropic_paths:
                     continue
@@ -257,6 +298,8 @@ def _local_replies(m: Manifest) -> dict[str, Any]:
             mappers.append({
                 "filter": filters[0] if len(filters) == 1
                 else {"and_filter": {"filters": filters}},
+                "headers_to_add": [{"header": {"key": "x-tollway-error", "value": code},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
                 "body_format_override": {
                     "text_format_source": {"inline_string": error_body(dialect, code, message)},
                     "content_type": "application/json"},
@@ -324,7 +367,8 @@ def render(m: Manifest) -> dict[str, Any]:
     hcm["route_config"] = {
         "name": "tollway",
         "virtual_hosts": [{"name": "tollway", "domains": ["*"],
-                           "routes": [*(_route(m, r) for r in m.routes), _not_found()]}],
+                           "routes": [*(_route(m, r) for r in m.routes),
+                                      *(_wrong_method(r) for r in m.routes), _not_found()]}],
     }
     hcm["local_reply_config"] = _local_replies(m)
     if m.gateway.trusted_proxy_hops:
