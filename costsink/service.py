@@ -23,6 +23,7 @@ from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.reload import Compiled
 from tollway.spend import SpendUnavailable
+from tollway.tls import ServiceChannel, target
 
 from .durable_log import RECONCILE_INTERVAL, DurableLog
 from .entry import Entry, to_entry
@@ -55,8 +56,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         self.queue: asyncio.Queue[Entry] = asyncio.Queue()
         self.ledger_open = False
         self._inflight: list[Entry] = []
-        self._settle: settle_pb2_grpc.TokenSettlementStub | None = None
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: ServiceChannel | None = None
         SPOOL_DEPTH.set(spool.depth)
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[
@@ -76,11 +76,11 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         return als_pb2.StreamAccessLogsResponse()
 
     def _stub(self) -> settle_pb2_grpc.TokenSettlementStub:
-        if self._settle is None:
-            host, port = self.manifest.value.services.ratelimit
-            self._channel = grpc.aio.insecure_channel(f"{host}:{port}")
-            self._settle = settle_pb2_grpc.TokenSettlementStub(self._channel)
-        return self._settle
+        """Settle is served only to holders of a client certificate (with services.tls)."""
+        services = self.manifest.value.services
+        if self._channel is None:
+            self._channel = ServiceChannel(target(*services.ratelimit), services.tls)
+        return settle_pb2_grpc.TokenSettlementStub(self._channel.get())
 
     async def write_forever(self) -> None:
         while True:

@@ -55,14 +55,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from tollway.render import render_yaml
+    from tollway.render import render_yaml, write_config
 
-    text = render_yaml(_manifest(args))
+    m = _manifest(args)
     if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
+        for path in write_config(m, Path(args.output)):
+            print(f"wrote {path}", file=sys.stderr)
+    elif m.services.tls:
+        raise CliError("services.tls: use --output FILE (Envoy reads its certificates through "
+                       "files written beside it)")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(render_yaml(m))
     return 0
 
 
@@ -173,10 +176,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from ratelimit._proto import usage_pb2, usage_pb2_grpc
+    from tollway.tls import blocking_channel, target
 
     m = _manifest(args)
     host, port = m.services.ratelimit
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    with blocking_channel(target(host, port), m.services.tls) as channel:
         try:
             r = usage_pb2_grpc.UsageStub(channel).KeyUsage(
                 usage_pb2.KeyUsageRequest(key_id=args.key_id, model=args.model or ""),

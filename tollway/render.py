@@ -23,7 +23,7 @@ import yaml
 from tollway.access_log import FILE_FORMAT, access_log_path
 from tollway.errors import error_body
 from tollway.manifest import Manifest
-from tollway.manifest.model import Dialect
+from tollway.manifest.model import Dialect, ServiceTls
 from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -307,8 +307,43 @@ def _local_replies(m: Manifest) -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def _grpc_cluster(name: str, host: str, port: int) -> dict[str, Any]:
-    return {
+# beside the rendered bootstrap when services.tls is set: one file per secret (Envoy's rule)
+SDS_FILES = {"tollway_client_cert": "tollway-sds-cert.yaml", "tollway_ca": "tollway-sds-ca.yaml"}
+_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def render_sds(tls: ServiceTls) -> dict[str, dict[str, Any]]:
+    """The file-based SDS documents Envoy reads its client certificate and the CA from, by
+    file name: a secret delivered this way is re-read when the files change (a static one
+    never is)."""
+    secrets = {
+        "tollway_client_cert": {"tls_certificate": {
+            "certificate_chain": {"filename": tls.cert}, "private_key": {"filename": tls.key}}},
+        "tollway_ca": {"validation_context": {"trusted_ca": {"filename": tls.ca}}},
+    }
+    return {SDS_FILES[name]: {"resources": [{"@type": _SECRET, "name": name, **secret}]}
+            for name, secret in secrets.items()}
+
+
+def _mtls(tls: ServiceTls, sds_dir: str) -> dict[str, Any]:
+    def source(name: str) -> dict[str, Any]:
+        return {"name": name, "sds_config": {
+            "path_config_source": {
+                "path": str(Path(sds_dir) / SDS_FILES[name]),
+                # a Kubernetes Secret is updated by swapping a symlink in its directory
+                "watched_directory": {"path": str(Path(tls.cert).parent)}},
+            "resource_api_version": "V3"}}
+    return {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        common_tls_context={
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [source("tollway_client_cert")],
+            "validation_context_sds_secret_config": source("tollway_ca")})}
+
+
+def _grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if host[0].isdigit() or ":" in host else "STRICT_DNS",
         "connect_timeout": "0.25s",
@@ -319,6 +354,9 @@ def _grpc_cluster(name: str, host: str, port: int) -> dict[str, Any]:
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket(host, port)}}]}]},
     }
+    if transport:
+        cluster["transport_socket"] = transport
+    return cluster
 
 
 def _provider_cluster(p: Any) -> dict[str, Any]:
@@ -346,7 +384,13 @@ def _provider_cluster(p: Any) -> dict[str, Any]:
     return cluster
 
 
-def render(m: Manifest) -> dict[str, Any]:
+def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:
+    """The bootstrap. With services.tls, `sds_dir` is where render_sds's documents will be
+    (write_config puts them beside the bootstrap)."""
+    tls = m.services.tls
+    if tls and not sds_dir:
+        raise ValueError("services.tls needs the SDS files' directory (write_config writes "
+                         "them all)")
     doc: dict[str, Any] = copy.deepcopy(
         yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml").read_text()))
     doc["admin"]["address"] = _socket("127.0.0.1", m.gateway.admin_port)
@@ -376,14 +420,28 @@ def render(m: Manifest) -> dict[str, Any]:
         # hops from the right; Envoy reports it as x-envoy-external-address
         hcm["xff_num_trusted_hops"] = m.gateway.trusted_proxy_hops
     hcm["access_log"] = [_access_log(), _file_access_log(str(access_log_path(m.gateway)))]
-    clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz),
-                _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit),
-                _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink)]
+    transport = _mtls(tls, sds_dir) if tls and sds_dir else None
+    clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
+                _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
+                _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport)]
     clusters += [_provider_cluster(p) for p in m.providers]
     doc["static_resources"]["clusters"] = clusters
     return doc
 
 
-def render_yaml(m: Manifest) -> str:
+def render_yaml(m: Manifest, sds_dir: str | None = None) -> str:
     header = (f"# Rendered by `tollway render` from {m.source or 'a manifest'}; do not edit.\n")
-    return header + yaml.safe_dump(render(m), sort_keys=False, width=100)
+    return header + yaml.safe_dump(render(m, sds_dir), sort_keys=False, width=100)
+
+
+def write_config(m: Manifest, path: Path) -> list[Path]:
+    """The bootstrap at `path`, and with services.tls the SDS documents beside it; returns
+    the files written. In Kubernetes they all go into Envoy's ConfigMap."""
+    tls = m.services.tls
+    directory = path.absolute().parent
+    path.write_text(render_yaml(m, str(directory) if tls else None))
+    written = [path]
+    for name, doc in (render_sds(tls) if tls else {}).items():
+        (directory / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+        written.append(directory / name)
+    return written

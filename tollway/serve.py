@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 from tollway.manifest import Manifest
 from tollway.reload import ManifestWatcher
 from tollway.spend import SpendStore, open_spend_store
+from tollway.tls import server_credentials
 
 log = logging.getLogger("tollway.serve")
 
@@ -98,7 +99,10 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
         reflection.enable_server_reflection(
             [*grpc_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
-        if server.add_insecure_port(address) == 0:
+        tls = ctx.manifest.services.tls
+        bound = server.add_secure_port(address, server_credentials(tls)) if tls \
+            else server.add_insecure_port(address)
+        if bound == 0:
             raise OSError(f"cannot listen on {address}")
         servers.append(server)
         health_servicers.append(health_servicer)

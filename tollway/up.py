@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tollway.access_log import ENVOY_ARGS, access_log_path
 from tollway.manifest import Manifest
-from tollway.render import render_yaml
+from tollway.render import write_config
 
 
 class UpError(Exception):
@@ -156,7 +156,7 @@ def up(manifest_path: Path, m: Manifest) -> int:
         _wait_tcp(*m.services.costsink, services, "costsink", deadline)
 
         config = workdir / "envoy.yaml"
-        config.write_text(render_yaml(m))
+        write_config(m, config)
         # Envoy opens its access-log file at start, but does not create the directory
         access_log_path(m.gateway).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",

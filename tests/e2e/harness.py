@@ -24,7 +24,7 @@ import redis
 import yaml
 
 from tollway.access_log import ENVOY_ARGS
-from tollway.render import render_yaml
+from tollway.render import write_config
 from tollway.up import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,7 +227,7 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
         from tollway.manifest import load
 
         config = tmp / "envoy.yaml"
-        config.write_text(render_yaml(load(manifest_path)))
+        write_config(load(manifest_path), config)
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
                                 "--base-id", str(ports["admin"]), *ENVOY_ARGS])
 

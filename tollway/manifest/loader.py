@@ -43,6 +43,7 @@ from .model import (
     RateCard,
     Route,
     Services,
+    ServiceTls,
     Storage,
     Upstream,
     User,
@@ -535,11 +536,16 @@ def parse(doc: Any, source: str = "") -> Manifest:
         g.fail("alert_webhook", "must be an http:// or https:// URL")
 
     s = root.child("services")
-    s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port"})
+    s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port", "tls"})
+    tls = None
+    if s.value.get("tls") is not None:
+        t = s.child("tls")
+        t.check_keys({"ca", "cert", "key"})
+        tls = ServiceTls(ca=t.text("ca"), cert=t.text("cert"), key=t.text("key"))
     services = Services(extauthz=_host_port(s, "extauthz", "127.0.0.1:50051"),
                         ratelimit=_host_port(s, "ratelimit", "127.0.0.1:50052"),
                         costsink=_host_port(s, "costsink", "127.0.0.1:50053"),
-                        metrics_port=s.integer("metrics_port", 9464))
+                        metrics_port=s.integer("metrics_port", 9464), tls=tls)
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper"})

@@ -200,6 +200,17 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class ServiceTls:
+    """Mutual TLS between Envoy and the services (and costsink → ratelimit): PEM files, as
+    Kubernetes Secrets and cert-manager mount them (ca.crt, tls.crt, tls.key), re-read when
+    they change. One certificate serves as server and client certificate alike."""
+
+    ca: str  # the CA every peer's certificate must chain to
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
 class Services:
     """Where Envoy reaches Tollway's gRPC services, and where they expose metrics."""
 
@@ -207,6 +218,7 @@ class Services:
     ratelimit: tuple[str, int]
     costsink: tuple[str, int]
     metrics_port: int
+    tls: ServiceTls | None = None  # None: plaintext, for loopback only
 
 
 @dataclass(frozen=True)
