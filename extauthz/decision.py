@@ -74,6 +74,7 @@ class Deny:
     message: str
     dialect: Dialect
     key_id: str | None = None
+    retry_after: int = 1  # seconds, for the codes answered with Retry-After (429, 503)
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:

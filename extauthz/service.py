@@ -23,6 +23,7 @@ from tollway.spend import SpendStore
 
 from .budget import Held, hold_budget, release_hold
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
+from .guessing import GuessThrottle
 from .keymirror import KeyMirror
 from .policies import PolicyGate
 
@@ -105,8 +106,8 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
     status = status_of(deny.code)
     headers = [_header("content-type", "application/json"),
                _header("x-tollway-error", deny.code)]
-    if status in (429, 503):  # the only 429 extauthz answers is budget_in_flight
-        headers.append(_header("retry-after", "1"))
+    if status in (429, 503):
+        headers.append(_header("retry-after", str(deny.retry_after)))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.UNAVAILABLE if status == 503
                                  else code_pb2.PERMISSION_DENIED),
@@ -129,6 +130,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self.pepper = pepper
         self.spend = spend
         self.policies = PolicyGate(spend)
+        self.guesses = GuessThrottle()
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
@@ -148,6 +150,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     if self.mirror.get(key_id) is not seen:
                         result = decide(rt, self.mirror, self.pepper, facts,
                                         datetime.now(UTC))
+                    if isinstance(result, Deny) and result.code == "invalid_api_key":
+                        wait = self.guesses.wrong_secret(key_id)
+                        if wait is not None:
+                            result = Deny("too_many_failed_attempts",
+                                          f"too many wrong secrets for key {key_id}; retry "
+                                          f"in {wait} s", result.dialect, retry_after=wait)
             if isinstance(result, Allow):
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)

@@ -32,6 +32,8 @@ _KINDS = [
     ErrorKind("rate_limit_exceeded", 429, "rate_limit_error", "rate_limit_error"),
     # what is left of a budget is held by requests in flight: retry once they settle
     ErrorKind("budget_in_flight", 429, "rate_limit_error", "rate_limit_error"),
+    # repeated wrong secrets for one key id (the right secret still passes)
+    ErrorKind("too_many_failed_attempts", 429, "rate_limit_error", "rate_limit_error"),
     ErrorKind("invalid_request_error", 400, "invalid_request_error", "invalid_request_error"),
     ErrorKind("request_too_large", 413, "invalid_request_error", "request_too_large"),
     ErrorKind("not_found", 404, "invalid_request_error", "not_found_error"),

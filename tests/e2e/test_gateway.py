@@ -320,3 +320,28 @@ def _create_schema(name: str) -> None:
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{name}"')
         await conn.close()
     asyncio.run(go())
+
+
+def test_wrong_secrets_are_throttled_without_locking_the_holder_out(gw: Gateway) -> None:
+    """Past 10 wrong secrets a minute for one key id, wrong ones get 429 (counted); the right
+    secret passes all along."""
+    import yaml
+
+    key = gw.issued["k-rotate"]
+    key_id, _ = key.split(".", 1)
+    oai = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    statuses = []
+    for n in range(30):
+        r = httpx.post(f"{gw.url}/v1/chat/completions",
+                       json={"model": "gpt-5.4-mini", "messages": []},
+                       headers={"authorization": f"Bearer {key_id}.guess{n}"})
+        statuses.append((r.status_code, r.headers["x-tollway-error"]))
+        if n % 5 == 0:  # the holder, in the middle of it
+            oai.chat.completions.create(model="gpt-5.4-mini",
+                                        messages=[{"role": "user", "content": "hi"}])
+    assert statuses[:10] == [(401, "invalid_api_key")] * 10
+    assert statuses[10:] == [(429, "too_many_failed_attempts")] * 20
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    metrics_port = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'tollway_extauthz_wrong_secrets_total{result="throttled"} 20.0' in text
