@@ -1,6 +1,6 @@
 """Tokens → money, with the rate card in force. Exact decimals; no float ever touches money.
 
-Priced as the providers bill (their published pricing pages, checked 2026-11):
+Priced as the providers' pricing documentation states it:
 - OpenAI (chat, completions, responses, embeddings): input (prompt) tokens include the cached
   ones, so the uncached part is input - cached, at the input price; cached at the cached-input
   price; output tokens include the reasoning tokens, all at the output price. Reasoning tokens

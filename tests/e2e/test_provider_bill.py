@@ -208,12 +208,19 @@ class Kinds:
         return r.headers["x-request-id"], "exact"
 
     def cdn_compressed(self) -> Sent:
-        """The provider compresses whatever was asked: Envoy decodes gzip, br and zstd."""
+        """The provider compresses whatever was asked: Envoy decodes gzip, br and zstd, for
+        either dialect, JSON and SSE."""
         coding = self.rng.choice(["gzip", "br", "zstd"])
         stream = self.rng.random() < 0.5
-        r = self.raw(json.dumps({"model": "gpt-5.4-mini", "stream": stream,
-                                 "messages": self.messages()}),
-                     headers={"x-mock-force-encoding": coding})
+        if self.rng.random() < 0.5:
+            r = self.raw(json.dumps({"model": "gpt-5.4-mini", "stream": stream,
+                                     "messages": self.messages()}),
+                         headers={"x-mock-force-encoding": coding})
+        else:
+            r = self.raw(json.dumps({"model": "claude-haiku", "stream": stream,
+                                     "max_tokens": 9, "messages": self.messages()}),
+                         path="/v1/messages", headers={"x-mock-force-encoding": coding,
+                                                       "anthropic-version": "2023-06-01"})
         assert r.status_code == 200, r.text
         return r.headers["x-request-id"], "exact"
 
