@@ -393,7 +393,7 @@ def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:
                          "them all)")
     doc: dict[str, Any] = copy.deepcopy(
         yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml").read_text()))
-    doc["admin"]["address"] = _socket("127.0.0.1", m.gateway.admin_port)
+    doc["admin"]["address"] = _socket(m.gateway.admin_host, m.gateway.admin_port)
     listener = doc["static_resources"]["listeners"][0]
     listener["address"] = _socket(*m.gateway.listen)
     # bounds what json_to_metadata may buffer: a larger body is refused with 413

@@ -26,7 +26,7 @@ from prometheus_client import start_http_server
 from tollway.manifest import Manifest
 from tollway.reload import ManifestWatcher
 from tollway.spend import SpendStore, open_spend_store
-from tollway.tls import server_credentials
+from tollway.tls import server_credentials, target
 
 log = logging.getLogger("tollway.serve")
 
@@ -63,8 +63,8 @@ class Service(Protocol):
 
 
 def _address(manifest: Manifest, name: str) -> str:
-    host, port = getattr(manifest.services, name)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """Where the service binds: services.listen, else the address Envoy dials."""
+    return target(*manifest.services.bind(name))
 
 
 async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
@@ -109,17 +109,20 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
         for n in grpc_names:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    health_only = await _health_port(ctx.manifest)
     for s in services.values():
         await s.start()
     for server in servers:
         await server.start()
     for hs, (_, hosted) in zip(health_servicers, by_address.items(), strict=True):
-        for name in hosted:
-            for n in services[name].grpc_names:
-                await hs.set(n, health_pb2.HealthCheckResponse.SERVING)
-        await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+        for mirror in (hs, *([health_only[1]] if health_only else [])):
+            for name in hosted:
+                for n in services[name].grpc_names:
+                    await mirror.set(n, health_pb2.HealthCheckResponse.SERVING)
+            await mirror.set("", health_pb2.HealthCheckResponse.SERVING)
     if metrics:
-        host, port = metrics_address or ("127.0.0.1", ctx.manifest.services.metrics_port)
+        host, port = metrics_address or (ctx.manifest.services.metrics_host,
+                                         ctx.manifest.services.metrics_port)
         start_http_server(port, addr=host)
     ctx.tasks.append(asyncio.create_task(watcher.run(), name="manifest-watcher"))
     log.info("serving %s on %s", ", ".join(names), ", ".join(by_address))
@@ -133,9 +136,11 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     await stop.wait()
 
     log.info("shutting down")
-    for hs in health_servicers:
+    for hs in (*health_servicers, *([health_only[1]] if health_only else [])):
         await hs.enter_graceful_shutdown()
     await asyncio.gather(*(server.stop(grace=5) for server in servers))
+    if health_only is not None:
+        await health_only[0].stop(grace=1)
     for task in ctx.tasks:
         task.cancel()
     if ctx.tasks:
@@ -145,6 +150,21 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     for s in services.values():
         await s.stop()
     await ctx.spend_store().close()
+
+
+async def _health_port(m: Manifest) -> tuple[grpc.aio.Server, health.aio.HealthServicer] | None:
+    """The gRPC health service alone, plaintext, on services.health: kubelet probes cannot
+    present a client certificate. It reports what the service ports report."""
+    if m.services.health is None:
+        return None
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = target(*m.services.health)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address} (services.health)")
+    await server.start()
+    return server, servicer
 
 
 def run(manifest_path: Path, names: list[str],

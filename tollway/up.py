@@ -83,10 +83,10 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline: float) -> Non
 def planned_ports(m: Manifest) -> list[tuple[str, str, int]]:
     ports = [("gateway listener", *m.gateway.listen),
              ("envoy admin", "127.0.0.1", m.gateway.admin_port),
-             ("extauthz", *m.services.extauthz),
-             ("ratelimit", *m.services.ratelimit),
-             ("costsink", *m.services.costsink),
-             ("metrics", "127.0.0.1", m.services.metrics_port)]
+             ("extauthz", *m.services.bind("extauthz")),
+             ("ratelimit", *m.services.bind("ratelimit")),
+             ("costsink", *m.services.bind("costsink")),
+             ("metrics", m.services.metrics_host, m.services.metrics_port)]
     for p in m.providers:
         if p.mock:
             ports.append((f"mock provider {p.name}", p.upstream.host, p.upstream.port))

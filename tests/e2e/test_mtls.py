@@ -22,9 +22,11 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ratelimit._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 from tests.certs import issue
 
-from .harness import Gateway, run_gateway
+from .harness import Gateway, free_port, run_gateway
 
 pytestmark = pytest.mark.e2e
+
+HEALTH_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,14 @@ def gw(tmp_path_factory: pytest.TempPathFactory, tls_dir: Path) -> Iterator[Gate
     files = issue(tls_dir)
 
     def mutate(doc: dict[str, Any]) -> None:
-        doc["services"]["tls"] = files
+        services = doc["services"]
+        services["tls"] = files
+        # as in a pod: bind every address, while Envoy dials the one it knows (loopback here)
+        services["listen"] = {n: "0.0.0.0:" + services[n].rsplit(":", 1)[1]
+                              for n in ("extauthz", "ratelimit", "costsink")}
+        services["health"] = f"127.0.0.1:{HEALTH_PORT}"
+        services["metrics_host"] = "0.0.0.0"
+        doc["gateway"]["admin_host"] = "0.0.0.0"
         doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "q", "rpm": 1000}]
     with run_gateway(tmp_path_factory.mktemp("mtls"), mutate=mutate) as g:
         g.issue("k-main")
@@ -150,3 +159,46 @@ def test_rotated_certificates_are_picked_up(gw: Gateway, tls_dir: Path) -> None:
         except openai.APIStatusError as e:
             assert time.monotonic() < deadline, f"Envoy never reconnected: {e}"
             time.sleep(0.2)
+
+
+def listening_on_any(port: int) -> bool:
+    """Bound to every address, 0.0.0.0 or dual-stack [::] (gRPC's choice), by the kernel's
+    own tables: nothing is sent off this machine."""
+    for table, any_address in (("tcp", "0" * 8), ("tcp6", "0" * 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and local == f"{any_address}:{port:04X}":
+                return True
+    return False
+
+
+def test_services_bind_apart_from_where_envoy_dials_them(gw: Gateway) -> None:
+    import yaml
+
+    doc = yaml.safe_load(gw.manifest_path.read_text())
+    for name, port in ports(gw).items():
+        assert listening_on_any(port), name
+    assert listening_on_any(doc["services"]["metrics_port"])
+    assert listening_on_any(doc["gateway"]["admin_port"])
+    chat(gw)  # Envoy dials 127.0.0.1 all the same
+
+
+def test_kubelet_probes_get_health_in_plaintext(gw: Gateway) -> None:
+    """A kubelet gRPC probe presents no certificate: the health port answers it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{HEALTH_PORT}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "envoy.service.auth.v3.Authorization",
+                        "envoy.service.ratelimit.v3.RateLimitService",
+                        "envoy.service.accesslog.v3.AccessLogService"):
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=3)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # and nothing but health is served there
+        with pytest.raises(grpc.RpcError) as e:
+            usage_pb2_grpc.UsageStub(ch).KeyUsage(usage_pb2.KeyUsageRequest(key_id="k-main"),
+                                                 timeout=3)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -518,8 +518,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
         root.fail("version", "must be 1")
 
     g = root.child("gateway")
-    g.check_keys({"listen", "admin_port", "timezone", "max_request_bytes", "alert_webhook",
-                  "trusted_proxy_hops", "access_log_file"})
+    g.check_keys({"listen", "admin_port", "admin_host", "timezone", "max_request_bytes",
+                  "alert_webhook", "trusted_proxy_hops", "access_log_file"})
     tz = g.text("timezone", "UTC")
     try:
         ZoneInfo(tz)
@@ -531,12 +531,21 @@ def parse(doc: Any, source: str = "") -> Manifest:
                       max_request_bytes=g.integer("max_request_bytes", 4 * 1024 * 1024),
                       alert_webhook=g.opt_str("alert_webhook"),
                       trusted_proxy_hops=g.integer("trusted_proxy_hops", 0, minimum=0),
-                      access_log_file=g.text("access_log_file", "envoy-access.jsonl"))
+                      access_log_file=g.text("access_log_file", "envoy-access.jsonl"),
+                      admin_host=g.text("admin_host", "127.0.0.1"))
     if gateway.alert_webhook and not gateway.alert_webhook.startswith(("http://", "https://")):
         g.fail("alert_webhook", "must be an http:// or https:// URL")
 
     s = root.child("services")
-    s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port", "tls"})
+    s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port", "metrics_host", "tls",
+                  "listen", "health"})
+    listen: dict[str, tuple[str, int]] = {}
+    if s.value.get("listen") is not None:
+        ln = s.child("listen")
+        ln.check_keys({"extauthz", "ratelimit", "costsink"})
+        listen = {name: _host_port(ln, name, "") for name in ("extauthz", "ratelimit",
+                                                              "costsink")
+                  if ln.value.get(name) is not None}
     tls = None
     if s.value.get("tls") is not None:
         t = s.child("tls")
@@ -545,7 +554,10 @@ def parse(doc: Any, source: str = "") -> Manifest:
     services = Services(extauthz=_host_port(s, "extauthz", "127.0.0.1:50051"),
                         ratelimit=_host_port(s, "ratelimit", "127.0.0.1:50052"),
                         costsink=_host_port(s, "costsink", "127.0.0.1:50053"),
-                        metrics_port=s.integer("metrics_port", 9464), tls=tls)
+                        metrics_port=s.integer("metrics_port", 9464), tls=tls,
+                        listen=MappingProxyType(listen),
+                        metrics_host=s.text("metrics_host", "127.0.0.1"),
+                        health=_host_port(s, "health", "") if s.value.get("health") else None)
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper"})

@@ -219,6 +219,21 @@ class Services:
     costsink: tuple[str, int]
     metrics_port: int
     tls: ServiceTls | None = None  # None: plaintext, for loopback only
+    # where each service binds, when not where it is dialled (a pod binds 0.0.0.0 while Envoy
+    # dials a Service name); missing names bind their dial address
+    listen: MappingProxyType[str, tuple[str, int]] = field(
+        default_factory=lambda: MappingProxyType({}))
+    metrics_host: str = "127.0.0.1"
+    # a plaintext port with the gRPC health service alone, for kubelet probes (they cannot
+    # present a client certificate when services.tls is on)
+    health: tuple[str, int] | None = None
+
+    def dial(self, name: str) -> tuple[str, int]:
+        address: tuple[str, int] = getattr(self, name)
+        return address
+
+    def bind(self, name: str) -> tuple[str, int]:
+        return self.listen.get(name) or self.dial(name)
 
 
 @dataclass(frozen=True)
@@ -240,6 +255,7 @@ class Gateway:
     # Envoy's durable access log, which costsink reconciles into the ledger; relative paths
     # live in the state dir (tollway.access_log.access_log_path)
     access_log_file: str = "envoy-access.jsonl"
+    admin_host: str = "127.0.0.1"  # Envoy's admin interface (0.0.0.0 for kubelet probes)
 
 
 @dataclass(frozen=True)
