@@ -77,3 +77,49 @@ def drop_schema() -> Iterator[str]:
         finally:
             await conn.close()
     asyncio.run(drop())
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of three masters on loopback, for the session: redis+cluster:// URL.
+    Skipped (locally) or failed (under CI) without redis-server and redis-cli."""
+    import shutil
+    import subprocess
+    import time
+
+    from tests.e2e.harness import free_port
+
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        message = "redis-server and redis-cli are needed for the Redis Cluster tests"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    base = tmp_path_factory.mktemp("cluster")
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        d = base / str(port)
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
+             "yes", "--cluster-config-file", str(d / "nodes.conf"), "--save", "",
+             "--appendonly", "no", "--dir", str(d)], stdout=subprocess.DEVNULL))
+    try:
+        deadline = time.monotonic() + 10
+        while any(subprocess.run(["redis-cli", "-p", str(p), "ping"], capture_output=True)
+                  .returncode for p in ports):
+            assert time.monotonic() < deadline, "cluster nodes did not start"
+            time.sleep(0.05)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        while b"cluster_state:ok" not in subprocess.run(
+                ["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                capture_output=True).stdout:
+            assert time.monotonic() < deadline + 20, "the cluster never became ok"
+            time.sleep(0.05)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

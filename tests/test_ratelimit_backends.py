@@ -24,20 +24,22 @@ def rule(limit: int, period: int = 60, kind: str = "requests", enforce: bool = T
                 period=period, enforce=enforce)
 
 
-async def _redis_or_skip() -> RedisBackend:
-    backend = RedisBackend(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+async def _redis_or_skip(url: str = REDIS_URL) -> RedisBackend:
+    backend = RedisBackend(url, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
     await require_redis(backend.client)
     return backend
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CounterBackend]:
-    b: CounterBackend = MemoryBackend() if request.param == "memory" else await _redis_or_skip()
+    b: CounterBackend = (
+        MemoryBackend() if request.param == "memory"
+        else await _redis_or_skip(request.getfixturevalue("redis_cluster"))
+        if request.param == "redis-cluster" else await _redis_or_skip())
     yield b
     if isinstance(b, RedisBackend):
-        keys = [k async for k in b.client.scan_iter(f"{b.prefix}:*")]
-        if keys:
-            await b.client.delete(*keys)
+        for key in [k async for k in b.client.scan_iter(f"{b.prefix}:*")]:
+            await b.client.delete(key)  # one by one: in a cluster they lie in different slots
     await b.close()
 
 

@@ -27,17 +27,18 @@ def budget(limit: int, counter: SpendCounter = DAY, enforce: bool = True,
                   enforce=enforce, alerts=())
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpendStore]:
     if request.param == "memory":
         yield MemorySpendStore()
         return
-    s = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    url = request.getfixturevalue("redis_cluster") if request.param == "redis-cluster" \
+        else REDIS_URL
+    s = RedisSpendStore(url, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
     await require_redis(s.client)
     yield s
-    keys = [k async for k in s.client.scan_iter(f"{s.prefix}:*")]
-    if keys:
-        await s.client.delete(*keys)
+    for key in [k async for k in s.client.scan_iter(f"{s.prefix}:*")]:
+        await s.client.delete(key)  # one by one: in a cluster they lie in different slots
     await s.close()
 
 

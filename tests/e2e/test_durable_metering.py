@@ -80,6 +80,12 @@ def ledger(gw: Gateway) -> dict[str, dict[str, Any]]:
         db.close()
 
 
+def recovered_from_file(gw: Gateway) -> int:
+    log = (gw.manifest_path.parent / "logs" / "costsink.log").read_text()
+    return sum(int(line.split("recorded ")[1].split()[0]) for line in log.splitlines()
+               if "the gRPC access log did not deliver" in line)
+
+
 def restart_envoy(gw: Gateway) -> None:
     port = yaml.safe_load(gw.manifest_path.read_text())["gateway"]["admin_port"]
     gw.named["envoy"].terminate()
@@ -119,10 +125,11 @@ def test_no_served_request_is_lost_or_doubled(gw: Gateway) -> None:
     # once each (the request id is the ledger's key), with its real usage
     assert all(rows[rid]["status"] == 200 and rows[rid]["input_tokens"] > 0
                and not rows[rid]["estimated"] for rid in served)
-    log = (gw.manifest_path.parent / "logs" / "costsink.log").read_text()
-    recovered = sum(int(line.split("recorded ")[1].split()[0]) for line in log.splitlines()
-                    if "the gRPC access log did not deliver" in line)
-    assert recovered >= served_while_down  # the outage really was filled from the file
+    # the outage really was filled from the file (said once the rows are durable: poll)
+    deadline = time.monotonic() + 10
+    while (recovered := recovered_from_file(gw)) < served_while_down:
+        assert time.monotonic() < deadline, f"{recovered} recovered of {served_while_down}"
+        time.sleep(0.1)
 
     # and spend counted each once: the counters equal the ledger
     want = sum((Decimal(r["cost"]) for r in rows.values() if r["cost"]), Decimal(0))

@@ -567,7 +567,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
                       pepper=st.text("pepper", "file:pepper"))
     for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
-                           ("counters", ("memory", "redis:", "rediss:", "env:")),
+                           ("counters", ("memory", "redis:", "rediss:", "redis+cluster:", "env:")),
                            ("pepper", ("env:", "file:"))):
         if not getattr(storage, name).startswith(prefixes):
             st.fail(name, f"must start with one of {', '.join(prefixes)}")

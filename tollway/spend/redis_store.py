@@ -194,7 +194,10 @@ class RedisSpendStore(SpendStore):
         if not request_ids:
             return 0
         try:
-            found = await self.client.mget([self._index_key(r) for r in request_ids])
+            async with self.client.pipeline(transaction=False) as pipe:
+                for r in request_ids:  # one by one: the keys lie in different slots
+                    pipe.get(self._index_key(r))
+                found = await pipe.execute()
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         released = 0
