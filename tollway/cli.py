@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from tollway import __version__
 from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyRecord, StoreUnavailable
 from tollway.manifest import KeyStatus, Manifest, ManifestError, load
 from tollway.refs import UnresolvedReference, pepper, private_files
@@ -239,8 +240,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_mock(args: argparse.Namespace) -> int:
     from tollway import mock_provider
 
-    sys.argv = ["tollway mock-provider", *args.rest]
-    mock_provider.main()
+    mock_provider.run(args)
     return 0
 
 
@@ -342,7 +342,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tollway", description="Multi-tenant LLM gateway on Envoy")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action="version", version=f"tollway {__version__}")
+
+    def show_help(_: argparse.Namespace) -> int:  # bare `tollway`: the help, not an error
+        ap.print_help()
+        return 0
+    ap.set_defaults(func=show_help)
+    sub = ap.add_subparsers(dest="command")
 
     def with_manifest(p: argparse.ArgumentParser, required: bool = False) -> None:
         p.add_argument("--manifest", "-m", required=required,
@@ -356,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("up", help="run the whole gateway locally: Envoy, services, mock provider")
-    with_manifest(p, required=True)
+    with_manifest(p)
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("serve", help="run Tollway's gRPC services")
     with_manifest(p)
@@ -390,8 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="the route's path (default: the first route with the model)")
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_explain)
-    p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider",
+                       description="A provider that speaks OpenAI's and Anthropic's wire "
+                                   "formats, for trying Tollway without a real one. Example: "
+                                   "tollway mock-provider --port 8081")
+    from tollway.mock_provider import add_arguments
+    add_arguments(p)
     p.set_defaults(func=cmd_mock)
 
     keys = sub.add_parser("keys", help="issue and manage client keys")

@@ -522,19 +522,25 @@ async def start(host: str, port: int, expected_key: str | None = None) -> web.Ap
     return runner
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="Mock OpenAI/Anthropic provider")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8081)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=int, default=8081, help="port to listen on (default 8081)")
     ap.add_argument("--expected-key", default=None,
                     help="refuse requests that do not carry this provider key")
-    args = ap.parse_args()
 
+
+def run(args: argparse.Namespace) -> None:
     async def run() -> None:
         await start(args.host, args.port, args.expected_key)
         await asyncio.Event().wait()
 
     asyncio.run(run())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Mock OpenAI/Anthropic provider")
+    add_arguments(ap)
+    run(ap.parse_args())
 
 
 if __name__ == "__main__":

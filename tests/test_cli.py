@@ -1,0 +1,62 @@
+"""What the README tells a new user to type works as written."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tollway import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tollway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tollway.cli", *args], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, **(env or {})})
+
+
+def test_bare_tollway_shows_the_help() -> None:
+    out = tollway()
+    assert out.returncode == 0 and "usage: tollway" in out.stdout and "keys" in out.stdout
+
+
+def test_version() -> None:
+    out = tollway("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"tollway {__version__}"
+
+
+def test_the_manifest_may_come_from_the_environment_for_up_too(tmp_path: Path) -> None:
+    # up with TOLLWAY_MANIFEST reads that manifest (here: refuses a missing one by name)
+    out = tollway("up", env={"TOLLWAY_MANIFEST": str(tmp_path / "nope.yaml")})
+    assert out.returncode == 2 and "nope.yaml" in out.stderr
+    assert "--manifest" not in out.stderr.split("manifest refused")[0]
+
+
+def test_mock_provider_takes_its_options_as_the_readme_shows() -> None:
+    from tests.e2e.harness import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tollway.cli", "mock-provider", "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                       json={"model": "m", "messages": []})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
