@@ -15,7 +15,6 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
-from tollway.deadline import past_deadline
 from tollway.errors import error_body, status_of
 from tollway.manifest.model import Dialect
 from tollway.metadata import REQUEST
@@ -118,6 +117,11 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
         dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
 
 
+def _past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
+    remaining = context.time_remaining() if context is not None else None
+    return remaining is not None and remaining <= 0.005
+
+
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror, pepper: bytes,
                  spend: SpendStore) -> None:
@@ -156,7 +160,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)
                 held = denied or await hold_budget(self.spend, rt, result, facts, now)
-                if isinstance(held, Held) and held.amount and past_deadline(context):
+                if isinstance(held, Held) and held.amount and _past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold
                     await release_hold(self.spend, held)

@@ -19,11 +19,10 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
 from prometheus_client import Counter, Histogram
 
-from tollway.deadline import past_deadline
 from tollway.errors import error_body
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
-from tollway.quotas import Rule, rules_for
+from tollway.quotas import rules_for
 from tollway.reload import Compiled
 
 from ._proto import settle_pb2, settle_pb2_grpc
@@ -39,8 +38,6 @@ BACKEND_LATENCY = Histogram("tollway_ratelimit_backend_seconds", "One atomic cha
 BACKEND_ERRORS = Counter("tollway_ratelimit_backend_errors_total",
                          "Counter backend failures, by what the route decided", ["outcome"])
 
-REFUNDS = Counter("tollway_ratelimit_refunds_total",
-                  "Charges given back because Envoy stopped waiting for the answer")
 SETTLED = Counter("tollway_ratelimit_settled_tokens_total",
                   "Token reservations corrected with real usage", ["direction"])
 
@@ -114,18 +111,6 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self.manifest = manifest
         self.backend = backend
 
-    async def _refund(self, tag: str, rules: list[Rule], costs: list[int],
-                      charged_at: int) -> None:
-        by_cost: dict[int, list[Rule]] = {}
-        for r, c in zip(rules, costs, strict=True):
-            by_cost.setdefault(c, []).append(r)
-        try:
-            for cost, group in by_cost.items():
-                await self.backend.settle(tag, group, charged_at, -cost)
-            REFUNDS.inc()
-        except BackendUnavailable as e:
-            log.warning("could not refund a charge Envoy stopped waiting for: %s", e)
-
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
                               context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
         m = self.manifest.value
@@ -153,11 +138,6 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         finally:
             BACKEND_LATENCY.observe(time.perf_counter() - started)
 
-        if outcome.allowed and past_deadline(context):
-            # Envoy stopped waiting: the request gets its 503 and never reaches the provider,
-            # so it must not count against the limits it was just charged to
-            await self._refund(binding.org.id, rules, costs, charged_at)
-            return rls_pb2.RateLimitResponse(overall_code=OK)
         for s in outcome.states:
             result = ("over_limit" if s.rule.enforce else "would_deny") if s.over else "ok"
             DECISIONS.labels(s.rule.quota, result).inc()
