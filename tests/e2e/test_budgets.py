@@ -187,7 +187,13 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     assert Decimal(cap["remaining"]) == BUDGET - spent
     assert 0 < cap["resetsInSeconds"] <= 86400
     rpm = limits["rpm"]
-    assert int(rpm["used"]) == len(ok) and int(rpm["remaining"]) == 100000 - len(ok)
+    # every admitted request counted once; plus, rarely under this load, one whose rate-limit
+    # answer came after Envoy's 0.5 s timeout: Envoy refused it (503 RLSE), but the charge had
+    # been made (documented: rate limits err towards refusing)
+    late = sum(1 for line in (gw.manifest_path.parent / "state" / "envoy-access.jsonl")
+               .read_text().splitlines() if json.loads(line)["flags"] == "RLSE")
+    assert int(rpm["used"]) == len(ok) + late
+    assert int(rpm["remaining"]) == 100000 - len(ok) - late
     assert 0 < rpm["resetsInSeconds"] <= 61
     table = gw.cli("usage", "--", "--key", "k-tight")
     assert "spend_per_day 0.01 USD" in table and "daily-cap" in table

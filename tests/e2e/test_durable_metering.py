@@ -6,7 +6,6 @@ Services run apart (costsink in a process of its own) on a Redis of the test's o
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import urllib.request
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from .harness import Gateway, PrivateRedis, run_gateway, wait_until
+from .test_metering import ledger
 
 pytestmark = pytest.mark.e2e
 
@@ -69,15 +69,6 @@ class Load:
                     self.failed += 1  # Envoy restarting: not served
                 # paced, not racing: the next request's time on a fixed schedule
                 time.sleep(max(0.0, started + n / RATE - time.monotonic()))
-
-
-def ledger(gw: Gateway) -> dict[str, dict[str, Any]]:
-    db = sqlite3.connect(gw.manifest_path.parent / "state" / "ledger.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return {r["request_id"]: dict(r) for r in db.execute("SELECT * FROM tollway_ledger")}
-    finally:
-        db.close()
 
 
 def recovered_from_file(gw: Gateway) -> int:
