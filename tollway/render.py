@@ -64,7 +64,8 @@ CODINGS = [
     ("zstd", "envoy.extensions.compression.zstd.compressor.v3.Zstd",
      "envoy.extensions.compression.zstd.decompressor.v3.Zstd"),
 ]
-COMPRESSIBLE = ["application/json", "text/event-stream"]
+# what the client's answer may be compressed as (prefixes: "; charset=..." counts too)
+COMPRESSIBLE = [{"prefix": "application/json"}, {"prefix": "text/event-stream"}]
 
 
 def _compressors() -> list[dict[str, Any]]:
@@ -79,7 +80,8 @@ def _compressors() -> list[dict[str, Any]]:
             # each compressor reads the client's Accept-Encoding; the route then replaces it
             # with identity for the provider (see _route)
             response_direction_config={
-                "common_config": {"min_content_length": 0, "content_type": COMPRESSIBLE}}),
+                "common_config": {"min_content_length": 0,
+                                  "content_type_matcher": COMPRESSIBLE}}),
     } for name, library, _ in CODINGS]
 
 
