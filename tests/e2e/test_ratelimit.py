@@ -78,6 +78,7 @@ def test_the_41st_gpt54_request_in_a_minute_is_refused(gw: Gateway) -> None:
     assert e.value.code == "rate_limit_exceeded"
     headers = e.value.response.headers
     assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-tollway-error"] == "rate_limit_exceeded" and headers["x-request-id"]
     assert 1 <= int(headers["retry-after"]) <= 61
     assert "high-capability-model" in e.value.message
     # the other model has its own quota and still answers
