@@ -100,15 +100,22 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
 
     async def write(self, batch: list[Entry]) -> None:
         async with self.spend.lock:  # a rebuild never sees a row whose spend is not in yet
+            if self.durable_log is not None:
+                # the other path (gRPC stream or Envoy's file) may have made some of these
+                # durable while this batch waited for the lock: skip them, or a spooled row
+                # would count as new twice
+                batch = [i for i in batch if i.row.request_id not in self.durable_log.recent]
+                if not batch:
+                    return
             new = await self._make_durable([item.row for item in batch])
             INGESTED.labels("recorded").inc(len(new))
             INGESTED.labels("duplicate").inc(len(batch) - len(new))
             m = self.manifest.value
             fresh = [item for item in batch if item.row.request_id in new]
+            if self.durable_log is not None:  # the file's copies of these can be skipped
+                self.durable_log.durable([item.row.request_id for item in batch])
             # first, so holds are released as soon as possible
             await self.spend.record(m, [(item.row, item.hold) for item in fresh])
-        if self.durable_log is not None:  # the file's copies of these can be skipped
-            self.durable_log.durable([item.row.request_id for item in batch])
         await self.spend.release_orphans([item.row for item in fresh])
         await asyncio.gather(*(self._settle_one(item) for item in fresh
                                if "reserved_tokens" in item.ratelimit and item.row.key_id
@@ -116,7 +123,9 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
 
     async def _make_durable(self, rows: list[LedgerRow]) -> set[str]:
         """Write to the ledger, or to the spool while the ledger is away or behind it.
-        Returns the request ids recorded for the first time."""
+        Returns the request ids recorded for the first time (a spooled row is new unless the
+        spool holds it already; the ledger, once back, ignores what it has)."""
+        already = {r.request_id for r in rows} & self.spool.request_ids
         if self.spool.empty():
             try:
                 new = await self._append(rows)
@@ -132,7 +141,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                 log.error("spool write failed, retrying in 1 s: %s", e)
                 await asyncio.sleep(1.0)
         SPOOL_DEPTH.set(self.spool.depth)
-        return {r.request_id for r in rows}
+        return {r.request_id for r in rows} - already
 
     async def ensure_open(self) -> None:
         if not self.ledger_open:
@@ -158,7 +167,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                 log.warning("ledger still unreachable, %d entries spooled: %s",
                             self.spool.depth, e)
                 return False
-            self.spool.remove(path, len(rows))
+            self.spool.remove(path, rows)
             SPOOL_DEPTH.set(self.spool.depth)
             if self.spool.empty():
                 log.info("spool replayed: the ledger is up to date")

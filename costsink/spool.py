@@ -40,6 +40,9 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._seq = max((int(p.stem) for p in self.files()), default=0)
         self.depth = sum(self._count(p) for p in self.files())
+        # the request ids waiting here: a row spooled twice (the access-log file brought it
+        # again) must not count as new twice
+        self.request_ids: set[str] = {r.request_id for p in self.files() for r in self.read(p)}
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("*.jsonl"))
@@ -71,12 +74,15 @@ class Spool:
 
     async def append(self, rows: list[LedgerRow]) -> None:
         await asyncio.to_thread(self._write, rows)
+        self.request_ids.update(r.request_id for r in rows)
 
     @staticmethod
     def read(path: Path) -> list[LedgerRow]:
         with path.open() as f:
             return [row_from_json(json.loads(line)) for line in f if line.strip()]
 
-    def remove(self, path: Path, count: int) -> None:
+    def remove(self, path: Path, rows: list[LedgerRow]) -> None:
+        """The file `path`, whose `rows` the ledger now holds."""
+        self.request_ids.difference_update(r.request_id for r in rows)
         path.unlink()
-        self.depth -= count
+        self.depth -= len(rows)

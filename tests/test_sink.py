@@ -14,7 +14,7 @@ from costsink.ledger import LedgerRow, SqliteLedger
 from costsink.service import AccessLogSink
 from costsink.spend import SpendRecorder
 from costsink.spool import Spool
-from tollway.budgets import Budget, SpendCounter
+from tollway.budgets import Budget, SpendCounter, to_units
 from tollway.manifest import loads
 from tollway.reload import Compiled
 from tollway.spend import MemorySpendStore
@@ -79,3 +79,19 @@ async def test_the_hold_of_a_check_envoy_gave_up_on_is_released(tmp_path: Path) 
     await s.write([Entry(unauthorized, 0, {})])
     assert await store.read("o", [cap.counter]) == [(0, 0)]
     await s.ledger.close()
+
+
+async def test_a_row_spooled_twice_is_counted_once(tmp_path: Path) -> None:
+    """The ledger is away and the same request arrives again (the gRPC stream and Envoy's
+    access-log file both brought it, or a restarted sink re-read the file): spooled twice, the
+    ledger keeps it once on replay, and its cost is added to spend once."""
+    store = MemorySpendStore()
+    counter = SpendCounter("key:k", "day", "2027-01-01")
+    down = sink(Unreachable(tmp_path / "ledger.db"), tmp_path / "spool", store)
+    await down.write([Entry(row(i), 0, {}) for i in (1, 2)])
+    await down.write([Entry(row(2), 0, {}), Entry(row(3), 0, {})])
+    spent = (await store.read("o", [counter]))[0][0]
+    assert spent == to_units(row(1).cost + row(2).cost + row(3).cost)  # type: ignore[operator]
+    restarted = sink(Unreachable(tmp_path / "ledger.db"), tmp_path / "spool", store)
+    await restarted.write([Entry(row(1), 0, {})])  # the spool on disk knows it too
+    assert (await store.read("o", [counter]))[0][0] == spent
