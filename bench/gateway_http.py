@@ -1,0 +1,96 @@
+"""Benchmark the whole gateway over HTTP with a native load generator.
+
+Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
+
+Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
+1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
+eat the 2 cores the gateway runs on. `--baseline DIR` runs the same against another checkout
+(e.g. `git worktree add /tmp/base <commit>`) in the same invocation, interleaved, so the ratio
+compares like with like. Prints requests/s and p50/p99 per run, then the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# run inside the checkout under test: its harness, its package
+CHILD = """
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, os.environ["BENCH_ROOT"])
+from tests.e2e.harness import run_gateway
+with run_gateway(pathlib.Path(tempfile.mkdtemp())) as gw:
+    key = gw.issue("k-main")
+    body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "word " * 200}]})
+    script = pathlib.Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text("wrk.method = 'POST'\\n"
+                      f"wrk.body = {json.dumps(body)}\\n"
+                      "wrk.headers['content-type'] = 'application/json'\\n"
+                      f"wrk.headers['authorization'] = 'Bearer {key}'\\n"
+                      "wrk.headers['accept-encoding'] = 'gzip'\\n")
+    url = gw.url + "/v1/chat/completions"
+    wrk = ["wrk", "-t1", "-c" + os.environ["BENCH_CONNS"], "-s", str(script)]
+    subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
+    out = subprocess.run([*wrk, "-d" + os.environ["BENCH_SECONDS"] + "s", "--latency", url],
+                         capture_output=True, text=True).stdout
+    print("WRK-OUTPUT-BEGIN")
+    print(out)
+"""
+
+
+def run(checkout: Path, seconds: int, connections: int) -> dict[str, float]:
+    env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
+           "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections)}
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+                         text=True, cwd=checkout, timeout=seconds + 120).stdout
+    text = out.split("WRK-OUTPUT-BEGIN", 1)[-1]
+
+    def ms(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", text)
+        if not m:
+            raise RuntimeError(f"no {label}% latency in wrk's output:\n{text}")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if not rps:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{text}")
+    return {"rps": float(rps.group(1)), "p50_ms": ms("50"), "p99_ms": ms("99"),
+            "non_2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--baseline", type=Path, help="another checkout to measure alongside")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
+    for _ in range(args.rounds):  # interleaved: both see the same machine
+        if args.baseline:
+            runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections))
+        runs["this"].append(run(ROOT, args.seconds, args.connections))
+    for name, results in runs.items():
+        for r in results:
+            print(f"{name:9} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
+                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}")
+    if runs["baseline"]:
+        def mean(k: str, name: str) -> float:
+            return sum(r[k] for r in runs[name]) / len(runs[name])
+        print(json.dumps({k: round(mean(k, "this") / mean(k, "baseline"), 3)
+                          for k in ("rps", "p50_ms", "p99_ms")}))
+
+
+if __name__ == "__main__":
+    main()
