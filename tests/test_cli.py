@@ -60,3 +60,12 @@ def test_mock_provider_takes_its_options_as_the_readme_shows() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_usage_says_what_is_wrong_without_blaming_the_service() -> None:
+    manifest = str(ROOT / "examples" / "quickstart.yaml")
+    out = tollway("usage", "--manifest", manifest, "--key", "ghost")
+    assert out.returncode == 1 and "no key 'ghost'" in out.stderr
+    assert "rate-limit service" not in out.stderr
+    out = tollway("usage", "--manifest", manifest, "--key", "demo-alice", "--model", "nope")
+    assert out.returncode == 1 and "no model 'nope'" in out.stderr and "mock-small" in out.stderr

@@ -180,6 +180,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from tollway.tls import blocking_channel, target
 
     m = _manifest(args)
+    # what the manifest can answer is answered here, not blamed on the service
+    binding = m.bindings.get(args.key_id)
+    if binding is None:
+        raise CliError(f"no key {args.key_id!r} in {m.source}: `tollway keys list` shows them")
+    if args.model and not any(p.model(args.model) for p in m.providers):
+        models = sorted({x.name for p in m.providers for x in p.models})
+        raise CliError(f"no model {args.model!r} in any provider's catalogue: "
+                       f"{', '.join(models)}")
     host, port = m.services.ratelimit
     with blocking_channel(target(host, port), m.services.tls) as channel:
         try:
@@ -189,8 +197,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             raise CliError(f"usage of {args.key_id}: {e.details()} (is the rate-limit service "
                            f"running at {host}:{port}?)") from None
-    if args.format == "json":
-        print(json_format.MessageToJson(r, always_print_fields_with_no_presence=True))
+    if args.format == "json":  # snake_case, like `tollway spend`
+        print(json_format.MessageToJson(r, always_print_fields_with_no_presence=True,
+                                        preserving_proto_field_name=True))
         return 0
     print(f"key {r.key_id} (org {r.org}, project {r.project}): spent {r.spent_today} "
           f"{r.currency} today, {r.spent_this_month} {r.currency} this month")

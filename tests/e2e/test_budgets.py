@@ -180,12 +180,12 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     # what reference 001 shows its customers: each limit, what is left, when it resets
     usage = json.loads(gw.cli("usage", "--", "--key", "k-tight", "--format", "json"))
     limits = {x["name"]: x for x in usage["limits"]}
-    assert Decimal(usage["spentToday"]) == spent
+    assert Decimal(usage["spent_today"]) == spent
     cap = limits["spend_per_day"]
     assert (cap["scope"], cap["quota"], cap["limit"]) == ("project:tight", "daily-cap", "0.01")
     assert Decimal(cap["used"]) == spent and cap["held"] == "0"
     assert Decimal(cap["remaining"]) == BUDGET - spent
-    assert 0 < cap["resetsInSeconds"] <= 86400
+    assert 0 < cap["resets_in_seconds"] <= 86400
     rpm = limits["rpm"]
     # every admitted request counted once; plus, rarely under this load, one whose rate-limit
     # answer came after Envoy's 0.5 s timeout: Envoy refused it (503 RLSE), but the charge had
@@ -194,7 +194,7 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
                .read_text().splitlines() if json.loads(line)["flags"] == "RLSE")
     assert int(rpm["used"]) == len(ok) + late
     assert int(rpm["remaining"]) == 100000 - len(ok) - late
-    assert 0 < rpm["resetsInSeconds"] <= 61
+    assert 0 < rpm["resets_in_seconds"] <= 61
     table = gw.cli("usage", "--", "--key", "k-tight")
     assert "spend_per_day 0.01 USD" in table and "daily-cap" in table
 

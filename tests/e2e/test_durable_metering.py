@@ -127,7 +127,7 @@ def test_no_served_request_is_lost_or_doubled(gw: Gateway) -> None:
     deadline = time.monotonic() + 10
     while True:
         out = gw.run_cli("usage", "--", "--key", "k-main", "--format", "json")
-        got = Decimal(json.loads(out.stdout)["spentThisMonth"]) if out.returncode == 0 else None
+        got = Decimal(json.loads(out.stdout)["spent_this_month"]) if out.returncode == 0 else None
         if got == want:
             break
         assert time.monotonic() < deadline, f"counters {got}, ledger {want}"

@@ -57,7 +57,7 @@ def ledger_spend(gw: Gateway) -> tuple[Decimal, int]:
 def counted_spend(gw: Gateway) -> Decimal | None:
     """What the counters say (None while Redis cannot answer)."""
     out = gw.run_cli("usage", "--", "--key", "k-main", "--format", "json")
-    return Decimal(json.loads(out.stdout)["spentThisMonth"]) if out.returncode == 0 else None
+    return Decimal(json.loads(out.stdout)["spent_this_month"]) if out.returncode == 0 else None
 
 
 def send(gw: Gateway, n: int) -> int:
