@@ -190,15 +190,23 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             except OSError as e:
                 log.error("cannot read Envoy's access-log file %s: %s",
                           self.durable_log.path, e)
+            except Exception:  # never let the durable path stop quietly
+                log.exception("reconciling %s failed; trying again", self.durable_log.path)
 
     async def keep_spend_true(self) -> None:
         """Spend converges on the ledger: costs the counter store missed are retried until
         it takes them, and when it has lost its data (a Redis restart without persistence),
         the current day's and month's counters are rebuilt from the ledger."""
         while True:
-            await self.rebuild_spend_if_lost()
-            await asyncio.sleep(SPEND_CHECK_INTERVAL)
-            await self.spend.retry(self.manifest.value)
+            try:
+                await self.rebuild_spend_if_lost()
+                await asyncio.sleep(SPEND_CHECK_INTERVAL)
+                await self.spend.retry(self.manifest.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let convergence stop quietly
+                log.exception("keeping spend on the ledger failed; trying again")
+                await asyncio.sleep(SPEND_CHECK_INTERVAL)
 
     async def rebuild_spend_if_lost(self) -> None:
         # the ledger lacks what is still spooled, though that spend was counted: wait for it
