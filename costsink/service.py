@@ -202,8 +202,6 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                 await self.rebuild_spend_if_lost()
                 await asyncio.sleep(SPEND_CHECK_INTERVAL)
                 await self.spend.retry(self.manifest.value)
-            except asyncio.CancelledError:
-                raise
             except Exception:  # never let convergence stop quietly
                 log.exception("keeping spend on the ledger failed; trying again")
                 await asyncio.sleep(SPEND_CHECK_INTERVAL)
