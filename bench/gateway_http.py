@@ -1,6 +1,7 @@
 """Benchmark the whole gateway over HTTP with a native load generator.
 
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
+                                  [--accept-encoding gzip|identity]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -47,9 +48,10 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp())) as gw:
 """
 
 
-def run(checkout: Path, seconds: int, connections: int) -> dict[str, float]:
+def run(checkout: Path, seconds: int, connections: int, encoding: str) -> dict[str, float]:
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
-           "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections)}
+           "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
+           "BENCH_ENCODING": encoding}
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                          text=True, cwd=checkout, timeout=seconds + 120).stdout
     text = out.split("WRK-OUTPUT-BEGIN", 1)[-1]
@@ -73,14 +75,18 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--baseline", type=Path, help="another checkout to measure alongside")
+    ap.add_argument("--accept-encoding", default="gzip",
+                    help="what the client accepts (gzip, as the SDKs send; identity: no "
+                         "compression work for the gateway)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
     runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
     for _ in range(args.rounds):  # interleaved: both see the same machine
         if args.baseline:
-            runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections))
-        runs["this"].append(run(ROOT, args.seconds, args.connections))
+            runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
+                                        args.accept_encoding))
+        runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding))
     for name, results in runs.items():
         for r in results:
             print(f"{name:9} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "

@@ -1,11 +1,11 @@
 -- Tollway usage filter.
 --
--- Request: reads the JSON body (already buffered by json_to_metadata) with a strict JSON parser,
--- refuses with 400 what a provider's parser would refuse, refuses a body whose duplicated
--- "model" keys would let ext_authz and the provider see different models, and, for OpenAI
--- streaming completions, makes the provider report usage by setting
--- stream_options.include_usage = true in the member the provider's parser will keep (the last
--- one, with key escapes decoded) -- never by pattern-matching the raw bytes.
+-- Request: for OpenAI streaming completions (the only requests whose usage must be asked for),
+-- reads the JSON body (already buffered by json_to_metadata) with a strict JSON parser and makes
+-- the provider report usage by setting stream_options.include_usage = true in the member the
+-- provider's parser will keep (the last one, with key escapes decoded) -- never by
+-- pattern-matching the raw bytes; refuses with 400 a body it cannot make valid, or whose
+-- duplicated "model" names would let ext_authz and the provider see different models.
 --
 -- Response: follows the body's JSON structure as it streams past (a JSON document, or the
 -- documents of an SSE stream), chunk by chunk, never holding the body, and records the token
@@ -219,7 +219,13 @@ end
 
 function envoy_on_request(request_handle)
   local authz = request_handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
-  if authz == nil or authz["dialect"] == nil then return end  -- not a provider route
+  if authz == nil or authz["dialect"] ~= "openai" or authz["stream"] ~= true then
+    -- nothing to rewrite; json_to_metadata has already refused what is not JSON, and it reads
+    -- duplicated and escaped names as the providers do (the last one wins)
+    return
+  end
+  local path = request_handle:headers():get(":path") or ""
+  if not streams_usage_on_request(path) then return end
   local body = request_handle:body()
   if body == nil or body:length() == 0 then return end
   local text = body:getBytes(0, body:length())
@@ -235,9 +241,7 @@ function envoy_on_request(request_handle)
     return refuse(request_handle, dialect, "the body names more than one model")
   end
   local stream = last(members, "stream")
-  if dialect ~= "openai" or stream == nil or raw_value(text, stream) ~= "true" then return end
-  local path = request_handle:headers():get(":path") or ""
-  if not streams_usage_on_request(path) then return end
+  if stream == nil or raw_value(text, stream) ~= "true" then return end
   local patched, why = with_usage_requested(text, members)
   if patched == false then return refuse(request_handle, dialect, why) end
   if patched == nil then return end
