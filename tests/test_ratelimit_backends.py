@@ -168,3 +168,19 @@ async def test_unreachable_redis_fails_fast() -> None:
         await b.charge("org", [rule(5)], [1], T0)
     assert time.monotonic() - started < 2.0
     await b.close()
+
+
+async def test_retry_after_is_when_the_oldest_counted_request_leaves(
+        backend: CounterBackend) -> None:
+    """40 requests over 3 s fill a 40-a-minute quota; the 41st is told to come back when the
+    first of them leaves the window (60 s after it, within one 1-second bucket), not a whole
+    window after the refusal."""
+    r = rule(40)
+    for i in range(40):
+        assert (await backend.charge("o", [r], [1], now_ms=T0 + i * 75)).allowed
+    for later in (3_000, 10_000, 30_000):
+        refused = await backend.charge("o", [r], [1], now_ms=T0 + later)
+        assert not refused.allowed
+        exact = (60_000 - later) / 1000  # when the request at T0 is 60 s old
+        assert exact <= refused.states[0].retry_seconds <= exact + 1
+    assert (await backend.charge("o", [r], [1], now_ms=T0 + 61_000)).allowed
