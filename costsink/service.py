@@ -57,6 +57,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         self.ledger_open = False
         self._inflight: list[Entry] = []
         self._channel: ServiceChannel | None = None
+        self._settle: tuple[grpc.aio.Channel, settle_pb2_grpc.TokenSettlementStub] | None = None
         SPOOL_DEPTH.set(spool.depth)
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[
@@ -76,11 +77,15 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         return als_pb2.StreamAccessLogsResponse()
 
     def _stub(self) -> settle_pb2_grpc.TokenSettlementStub:
-        """Settle is served only to holders of a client certificate (with services.tls)."""
+        """Settle is served only to holders of a client certificate (with services.tls); the
+        stub lasts as long as its channel (a new one after a certificate rotation)."""
         services = self.manifest.value.services
         if self._channel is None:
             self._channel = ServiceChannel(target(*services.ratelimit), services.tls)
-        return settle_pb2_grpc.TokenSettlementStub(self._channel.get())
+        channel = self._channel.get()
+        if self._settle is None or self._settle[0] is not channel:
+            self._settle = (channel, settle_pb2_grpc.TokenSettlementStub(channel))
+        return self._settle[1]
 
     async def write_forever(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -61,17 +62,26 @@ def server_credentials(tls: ServiceTls) -> grpc.ServerCredentials:
                                                require_client_authentication=True)
 
 
+RECHECK_SECONDS = 1.0  # how often a client looks at its certificate files: not every call
+
+
 class ServiceChannel:
     """A client channel to one of the services: plaintext without `services.tls`, else mutual
-    TLS, reopened when the certificate files change."""
+    TLS, reopened when the certificate files change (looked at once a second at most: a sink
+    settles every entry through it)."""
 
     def __init__(self, target: str, tls: ServiceTls | None) -> None:
         self.target, self.tls = target, tls
         self._channel: grpc.aio.Channel | None = None
         self._stamp: tuple[tuple[int, int, int], ...] | None = None
+        self._checked = 0.0
         self._retired: list[grpc.aio.Channel] = []  # calls already made on them finish
 
     def get(self) -> grpc.aio.Channel:
+        now = time.monotonic()
+        if self._channel is not None and now - self._checked < RECHECK_SECONDS:
+            return self._channel
+        self._checked = now
         stamp = _stamp(self.tls) if self.tls else None
         if self._channel is None or stamp != self._stamp:
             if self._channel is not None:
