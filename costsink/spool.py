@@ -39,18 +39,14 @@ class Spool:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._seq = max((int(p.stem) for p in self.files()), default=0)
-        self.depth = sum(self._count(p) for p in self.files())
         # the request ids waiting here: a row spooled twice (the access-log file brought it
         # again) must not count as new twice
-        self.request_ids: set[str] = {r.request_id for p in self.files() for r in self.read(p)}
+        waiting = [r.request_id for p in self.files() for r in self.read(p)]
+        self.depth = len(waiting)
+        self.request_ids: set[str] = set(waiting)
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("*.jsonl"))
-
-    @staticmethod
-    def _count(path: Path) -> int:
-        with path.open("rb") as f:
-            return sum(1 for _ in f)
 
     def empty(self) -> bool:
         return self.depth == 0
