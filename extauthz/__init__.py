@@ -8,7 +8,6 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tollway.keys import KeyStore, open_key_store
-from tollway.refs import pepper
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
@@ -20,13 +19,12 @@ from .service import AuthorizationService
 class ExtAuthz:
     grpc_names = (external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,)
 
-    def __init__(self, ctx: ServiceContext, store: KeyStore, runtime: Compiled[Runtime],
-                 pepper_value: bytes) -> None:
+    def __init__(self, ctx: ServiceContext, store: KeyStore, runtime: Compiled[Runtime]
+                 ) -> None:
         self.ctx = ctx
         self.store = store
         self.mirror = KeyMirror(store)
-        self.servicer = AuthorizationService(runtime, self.mirror, pepper_value,
-                                             ctx.spend_store())
+        self.servicer = AuthorizationService(runtime, self.mirror, ctx.spend_store())
 
     def register(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
@@ -44,5 +42,4 @@ class ExtAuthz:
 async def build(ctx: ServiceContext) -> ExtAuthz:
     m = ctx.manifest
     runtime = ctx.watcher.subscribe(Compiled(compile_runtime, m))
-    return ExtAuthz(ctx, open_key_store(m.storage.keys), runtime,
-                    pepper(m.storage.pepper, create=True))
+    return ExtAuthz(ctx, open_key_store(m.storage.keys), runtime)

@@ -16,7 +16,7 @@ from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
 from tollway.manifest.model import Dialect
 from tollway.policy import CompiledPolicies
 from tollway.quotas import reserve_tokens
-from tollway.refs import resolve
+from tollway.refs import pepper, resolve
 
 from .keymirror import KeyMirror
 
@@ -30,17 +30,19 @@ class Runtime:
     manifest: Manifest
     credentials: Mapping[str, str]
     routes: Mapping[str, Route]
+    pepper: bytes  # re-read with the credentials: a rotated Secret file takes effect
     policies: CompiledPolicies | None = None
 
 
 def compile_runtime(manifest: Manifest) -> Runtime:
-    """Resolve every provider credential now, so a missing one refuses the manifest up front;
-    parse the Cedar policies once, not per request."""
+    """Resolve every provider credential and the pepper now, so a missing one refuses the
+    manifest up front; parse the Cedar policies once, not per request."""
     credentials = {p.name: resolve(p.credential) for p in manifest.providers}
+    secret = pepper(manifest.storage.pepper, create=True)
     uses_policies = manifest.policies or any(
         p.policies_enabled for o in manifest.organizations for p in o.projects)
     return Runtime(manifest=manifest, credentials=credentials,
-                   routes={r.name: r for r in manifest.routes},
+                   routes={r.name: r for r in manifest.routes}, pepper=secret,
                    policies=CompiledPolicies(manifest) if uses_policies else None)
 
 
@@ -96,7 +98,7 @@ def _short(value: str, limit: int = 64) -> str:
     return clean + ("..." if len(value) > limit else "")
 
 
-def decide(rt: Runtime, mirror: KeyMirror, pepper: bytes, facts: RequestFacts,
+def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
            now: datetime) -> Allow | Deny:
     route = rt.routes.get(facts.route_name or "")
     if route is None:
@@ -118,7 +120,7 @@ def decide(rt: Runtime, mirror: KeyMirror, pepper: bytes, facts: RequestFacts,
         return Deny("gateway_unavailable", "the gateway cannot verify keys right now; retry "
                     "shortly", d, key_id)
     record = mirror.get(key_id)
-    if record is None or not verify_secret(record, pepper, secret, now):
+    if record is None or not verify_secret(record, rt.pepper, secret, now):
         return Deny("invalid_api_key", "invalid API key", d)
 
     status = max(record.status, binding.status, key=lambda s: s.severity)

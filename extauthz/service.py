@@ -123,11 +123,10 @@ def _past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror, pepper: bytes,
+    def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror,
                  spend: SpendStore) -> None:
         self.runtime = runtime
         self.mirror = mirror
-        self.pepper = pepper
         self.spend = spend
         self.policies = PolicyGate(spend)
         self.guesses = GuessThrottle()
@@ -138,7 +137,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         try:
             facts = facts_from(request)
             rt = self.runtime.value
-            result = decide(rt, self.mirror, self.pepper, facts, datetime.now(UTC))
+            result = decide(rt, self.mirror, facts, datetime.now(UTC))
             if (isinstance(result, Deny) and result.code == "invalid_api_key"
                     and self.mirror.usable):
                 key_id = presented_key_id(facts.headers)
@@ -148,7 +147,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     # the follower may have brought the key while we fetched it: decide again
                     # whenever the mirror's record changed, whoever changed it
                     if self.mirror.get(key_id) is not seen:
-                        result = decide(rt, self.mirror, self.pepper, facts,
+                        result = decide(rt, self.mirror, facts,
                                         datetime.now(UTC))
                     if isinstance(result, Deny) and result.code == "invalid_api_key":
                         wait = self.guesses.wrong_secret(key_id)

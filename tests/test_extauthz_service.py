@@ -39,9 +39,11 @@ class Context:
 
 def service(store: MemorySpendStore) -> AuthorizationService:
     os.environ.setdefault("MOCK_PROVIDER_KEY", "x")
+    os.environ["TOLLWAY_TEST_PEPPER"] = PEPPER.decode()
     doc = base_manifest({n: 1000 + i for i, n in enumerate(
         ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
         "sqlite:///unused")
+    doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
     doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "cap", "spend_per_day": 10}]
     m = parse(doc)
     mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand below
@@ -49,7 +51,7 @@ def service(store: MemorySpendStore) -> AuthorizationService:
     mirror._keys["k-main"] = KeyRecord("k-main", hash_secret(PEPPER, "s"), KeyStatus.ACTIVE,
                                        None, None, None, now, now, 1)
     mirror._fresh_at = time.monotonic() + 3600
-    return AuthorizationService(Compiled(compile_runtime, m), mirror, PEPPER, store)
+    return AuthorizationService(Compiled(compile_runtime, m), mirror, store)
 
 
 def check(rid: str) -> external_auth_pb2.CheckRequest:

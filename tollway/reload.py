@@ -1,7 +1,9 @@
 """Hot reload of the manifest.
 
 A ConfigMap update replaces the mounted file (Kubernetes swaps a symlink), so the watcher polls
-the content hash rather than an inode or mtime. A new manifest is compiled by every subscriber
+the content hash rather than an inode or mtime. The hash covers the secret files the manifest
+references too (`file:` provider credentials and pepper): a rotated Kubernetes Secret is
+re-read within a poll, as an edited manifest is. A new manifest is compiled by every subscriber
 before anything is swapped in: if one of them refuses it, none of them sees it, and the last
 good one stays in force.
 """
@@ -18,6 +20,7 @@ from typing import Generic, TypeVar
 from prometheus_client import Counter, Gauge
 
 from tollway.manifest import Manifest, ManifestError, load
+from tollway.refs import state_dir
 
 log = logging.getLogger("tollway.reload")
 
@@ -25,6 +28,12 @@ RELOADS = Counter("tollway_manifest_reloads_total", "Manifest reload attempts", 
 GENERATION = Gauge("tollway_manifest_generation", "How many manifests this process has applied")
 
 T = TypeVar("T")
+
+
+def secret_files(m: Manifest) -> list[Path]:
+    """The files behind the manifest's `file:` references that services read at compile."""
+    refs = [p.credential for p in m.providers] + [m.storage.pepper]
+    return [state_dir() / ref[5:] for ref in refs if ref.startswith("file:")]
 
 
 class Compiled(Generic[T]):
@@ -45,10 +54,17 @@ class ManifestWatcher:
         GENERATION.set(1)
 
     def _read_digest(self) -> str | None:
+        digest = hashlib.sha256()
         try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+            digest.update(self.path.read_bytes())
         except OSError:
             return None
+        for secret in secret_files(self.manifest):
+            try:
+                digest.update(secret.read_bytes())
+            except OSError:
+                digest.update(b"\0missing")  # a missing file is a change; load() will say so
+        return digest.hexdigest()
 
     def subscribe(self, compiled: Compiled[T]) -> Compiled[T]:
         self._subscribers.append(compiled)  # type: ignore[arg-type]
@@ -75,6 +91,7 @@ class ManifestWatcher:
         for s, value in zip(self._subscribers, built, strict=True):
             s.value = value
         self.manifest = manifest
+        self._digest = self._read_digest() or digest  # over the new manifest's secret files
         RELOADS.labels("applied").inc()
         GENERATION.inc()
         log.info("manifest reloaded from %s", self.path)

@@ -1,0 +1,64 @@
+"""A rotated Kubernetes Secret reaches the services without a manifest edit.
+
+Kubernetes updates a Secret mounted as a directory by writing a new timestamped directory and
+swapping the `..data` symlink; the files the manifest references are symlinks through it. The
+test does exactly that on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extauthz.decision import compile_runtime
+from tests.e2e.harness import base_manifest
+from tollway.manifest import load
+from tollway.reload import Compiled, ManifestWatcher
+
+
+def mount_secret(directory: Path, generation: int, files: dict[str, str]) -> None:
+    """What the kubelet does: new data directory, then an atomic swap of `..data`."""
+    data = directory / f"..2026_11_23_{generation}"
+    data.mkdir()
+    for name, value in files.items():
+        (data / name).write_text(value)
+        link = directory / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..data") / name)
+    tmp = directory / "..data_tmp"
+    tmp.symlink_to(data.name)
+    os.replace(tmp, directory / "..data")
+
+
+def test_rotated_secret_files_are_reread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    mount_secret(secrets, 1, {"openai": "sk-old", "pepper": "p" * 32})
+    doc = base_manifest({n: 1000 + i for i, n in enumerate(
+        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
+        "sqlite:///unused")
+    for p in doc["providers"]:
+        p["credential"] = f"file:{secrets / 'openai'}"
+    doc["storage"]["pepper"] = f"file:{secrets / 'pepper'}"
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+
+    watcher = ManifestWatcher(path, load(path))
+    runtime = watcher.subscribe(Compiled(compile_runtime, watcher.manifest))
+    assert runtime.value.credentials["openai"] == "sk-old"
+    assert not watcher.check()  # nothing changed: nothing recompiled
+
+    mount_secret(secrets, 2, {"openai": "sk-new", "pepper": "q" * 32})
+    assert watcher.check()
+    assert runtime.value.credentials["openai"] == "sk-new"
+    assert runtime.value.pepper == b"q" * 32
+
+    # a Secret that loses its key keeps the last good credentials in force
+    os.replace(secrets / "openai", secrets / "gone")
+    assert not watcher.check()
+    assert runtime.value.credentials["openai"] == "sk-new"
