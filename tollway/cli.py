@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -59,6 +62,21 @@ def cmd_render(args: argparse.Namespace) -> int:
     from tollway.render import render_yaml, write_config
 
     m = _manifest(args)
+    if args.dir:
+        from tollway.envoy_files import follow, write_dynamic
+
+        print(f"wrote {write_dynamic(m, Path(args.dir))} and the files it watches",
+              file=sys.stderr)
+        if args.watch:
+            logging.basicConfig(level=logging.INFO,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            follow(_manifest_path(args), m, Path(args.dir), stop)
+        return 0
+    if args.watch:
+        raise CliError("--watch needs --dir (a running Envoy follows only the files there)")
     if args.output:
         for path in write_config(m, Path(args.output)):
             print(f"wrote {path}", file=sys.stderr)
@@ -366,9 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a manifest")
     with_manifest(p)
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("render", help="render Envoy's bootstrap config from a manifest")
+    p = sub.add_parser(
+        "render", help="render Envoy's config from a manifest",
+        description="Print Envoy's whole config as one static bootstrap, or write the dynamic "
+        "layout a running Envoy follows (--dir), and keep it current (--watch).",
+        epilog="examples:\n  tollway render -m manifest.yaml > envoy.yaml\n"
+        "  tollway render -m manifest.yaml --dir /etc/envoy/tollway --watch",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     with_manifest(p)
-    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--output", "-o", help="write the static bootstrap to this file")
+    p.add_argument("--dir", help="write the bootstrap (envoy.yaml) and the listener, route and "
+                   "cluster files Envoy watches into this directory")
+    p.add_argument("--watch", action="store_true",
+                   help="with --dir: re-render whenever the manifest changes; routes and "
+                   "providers then change on the running Envoy without a restart")
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("up", help="run the whole gateway locally: Envoy, services, mock provider")
     with_manifest(p)

