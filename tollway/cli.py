@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import yaml
+
 from tollway import __version__
 from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyRecord, StoreUnavailable
 from tollway.manifest import KeyStatus, Manifest, ManifestError, load
@@ -62,6 +64,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from tollway.render import render_yaml, write_config
 
     m = _manifest(args)
+    if args.target != "envoy":
+        return _render_istio(m, args)
     if args.dir:
         from tollway.envoy_files import follow, write_dynamic
 
@@ -85,6 +89,26 @@ def cmd_render(args: argparse.Namespace) -> int:
                        "files written beside it)")
     else:
         sys.stdout.write(render_yaml(m))
+    return 0
+
+
+def _render_istio(m: Manifest, args: argparse.Namespace) -> int:
+    from tollway import istio
+
+    try:
+        if args.target == "istio-mesh":
+            doc: Any = {"meshConfig": istio.mesh_config(m)} if args.wrap else \
+                istio.mesh_config(m)
+            sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, width=100))
+            return 0
+        selector = dict(pair.split("=", 1) for pair in args.istio_selector.split(","))
+        objects = istio.objects(m, host=args.istio_host, port=args.istio_port,
+                                target_port=args.istio_target_port, selector=selector,
+                                namespace=args.istio_namespace)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    sys.stdout.write(f"# Rendered by `tollway render --target istio` from {m.source}.\n"
+                     + yaml.safe_dump_all(objects, sort_keys=False, width=100))
     return 0
 
 
@@ -398,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true",
                    help="with --dir: re-render whenever the manifest changes; routes and "
                    "providers then change on the running Envoy without a restart")
+    p.add_argument("--target", choices=["envoy", "istio", "istio-mesh"], default="envoy",
+                   help="envoy (default): Tollway's own Envoy; istio: the Gateway, "
+                   "VirtualService, AuthorizationPolicy and EnvoyFilter for an Istio ingress "
+                   "gateway; istio-mesh: the meshConfig extensionProviders entry they need")
+    p.add_argument("--wrap", action="store_true",
+                   help="istio-mesh: under a meshConfig key, for an IstioOperator or Helm "
+                   "values file")
+    p.add_argument("--istio-host", default="*",
+                   help="istio: the hostname Tollway answers on the gateway (default: *)")
+    p.add_argument("--istio-port", type=int, default=80,
+                   help="istio: the Gateway server's port (default: 80)")
+    p.add_argument("--istio-target-port", type=int, default=8080,
+                   help="istio: the gateway pod's port for it (default: 8080, as Istio's "
+                   "default gateway maps 80)")
+    p.add_argument("--istio-namespace", default="istio-system",
+                   help="istio: the gateway's namespace (default: istio-system)")
+    p.add_argument("--istio-selector", default="istio=ingressgateway",
+                   help="istio: the gateway pods' labels, k=v[,k=v] "
+                   "(default: istio=ingressgateway)")
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("up", help="run the whole gateway locally: Envoy, services, mock provider")
     with_manifest(p)

@@ -137,7 +137,7 @@ def _ext_authz() -> dict[str, Any]:
     }
 
 
-def _ratelimit() -> dict[str, Any]:
+def _ratelimit(cluster: str = RATELIMIT_CLUSTER) -> dict[str, Any]:
     return {
         "name": RATELIMIT,
         "typed_config": _typed(
@@ -149,7 +149,7 @@ def _ratelimit() -> dict[str, Any]:
             failure_mode_deny=True,
             status_on_error={"code": 503},
             rate_limit_service={"grpc_service": {"envoy_grpc": {
-                "cluster_name": RATELIMIT_CLUSTER}}, "transport_api_version": "V3"},
+                "cluster_name": cluster}}, "transport_api_version": "V3"},
         ),
     }
 
@@ -163,13 +163,13 @@ def _usage_lua() -> dict[str, Any]:
     }
 
 
-def _access_log() -> dict[str, Any]:
+def _access_log(cluster: str = COSTSINK_CLUSTER) -> dict[str, Any]:
     return {
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": _typed(
             "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             common_config={"log_name": "tollway", "transport_api_version": "V3",
-                           "grpc_service": {"envoy_grpc": {"cluster_name": COSTSINK_CLUSTER}},
+                           "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
                            "buffer_flush_interval": ACCESS_LOG_FLUSH,
                            "buffer_size_bytes": 16384}),
     }
@@ -261,7 +261,7 @@ def _none_of_ours() -> dict[str, Any]:
         "match_if_key_not_found": True}} for ns, key in _OWN_REFUSALS]}}
 
 
-def _local_replies(m: Manifest) -> dict[str, Any]:
+def local_replies(m: Manifest) -> dict[str, Any]:
     """Envoy's own answers (a body too large, a request that is not acceptable HTTP, the auth
     service or the provider unreachable) in the provider's error shape with x-tollway-error,
     so that the SDKs raise their usual exceptions for them too."""
@@ -343,7 +343,7 @@ def _mtls(tls: ServiceTls, sds_dir: str) -> dict[str, Any]:
             "validation_context_sds_secret_config": source("tollway_ca")})}
 
 
-def _grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | None
+def grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | None
                   ) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
@@ -361,7 +361,7 @@ def _grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | N
     return cluster
 
 
-def _provider_cluster(p: Any) -> dict[str, Any]:
+def provider_cluster(p: Any) -> dict[str, Any]:
     up = p.upstream
     cluster: dict[str, Any] = {
         "name": f"provider_{p.name}",
@@ -386,29 +386,31 @@ def _provider_cluster(p: Any) -> dict[str, Any]:
     return cluster
 
 
+def routes(m: Manifest) -> list[dict[str, Any]]:
+    """Every route in match order: the manifest's, their other methods, then 404."""
+    return [*(_route(m, r) for r in m.routes), *(_wrong_method(r) for r in m.routes),
+            _not_found()]
+
+
 def route_config(m: Manifest) -> dict[str, Any]:
-    return {
-        "name": "tollway",
-        "virtual_hosts": [{"name": "tollway", "domains": ["*"],
-                           "routes": [*(_route(m, r) for r in m.routes),
-                                      *(_wrong_method(r) for r in m.routes), _not_found()]}],
-    }
+    return {"name": "tollway",
+            "virtual_hosts": [{"name": "tollway", "domains": ["*"], "routes": routes(m)}]}
 
 
-def http_filters() -> list[dict[str, Any]]:
+def http_filters(ratelimit_cluster: str = RATELIMIT_CLUSTER) -> list[dict[str, Any]]:
     return [
         *_compressors(),
         _json_to_metadata(),
         _ext_authz(),
         _usage_lua(),
-        _ratelimit(),
+        _ratelimit(ratelimit_cluster),
         *_decompressors(),
         _router(),
     ]
 
 
-def access_logs(m: Manifest) -> list[dict[str, Any]]:
-    return [_access_log(), _file_access_log(str(access_log_path(m.gateway)))]
+def access_logs(m: Manifest, costsink_cluster: str = COSTSINK_CLUSTER) -> list[dict[str, Any]]:
+    return [_access_log(costsink_cluster), _file_access_log(str(access_log_path(m.gateway)))]
 
 
 def skeleton(m: Manifest) -> dict[str, Any]:
@@ -428,7 +430,7 @@ def listener(m: Manifest, routes: dict[str, Any]) -> dict[str, Any]:
     hcm["http_filters"] = http_filters()
     del hcm["route_config"]
     hcm.update(routes)
-    hcm["local_reply_config"] = _local_replies(m)
+    hcm["local_reply_config"] = local_replies(m)
     if m.gateway.trusted_proxy_hops:
         # behind a load balancer: the client address is taken from X-Forwarded-For, that many
         # hops from the right; Envoy reports it as x-envoy-external-address
@@ -443,10 +445,10 @@ def clusters(m: Manifest, sds_dir: str | None) -> list[dict[str, Any]]:
         raise ValueError("services.tls needs the SDS files' directory (write_config writes "
                          "them all)")
     transport = _mtls(tls, sds_dir) if tls and sds_dir else None
-    return [_grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
-            _grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
-            _grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport),
-            *(_provider_cluster(p) for p in m.providers)]
+    return [grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
+            grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
+            grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport),
+            *(provider_cluster(p) for p in m.providers)]
 
 
 def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:

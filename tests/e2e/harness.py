@@ -183,9 +183,11 @@ class PrivateRedis:
 
 @contextmanager
 def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = None,
-                split: bool = False) -> Iterator[Gateway]:
+                split: bool = False, envoy_config: Any = None) -> Iterator[Gateway]:
     """`split`: costsink in a process of its own (needs Redis counters), as an operator
-    running the services apart has it; `gw.kill("costsink")`, `gw.start("costsink")`."""
+    running the services apart has it; `gw.kill("costsink")`, `gw.start("costsink")`.
+    `envoy_config(manifest_path, ports) -> Path`: Envoy's config from elsewhere than
+    `tollway render` (an Istio-shaped gateway)."""
     ports = {n: free_port() for n in ("mock", "gateway", "admin", "extauthz", "ratelimit",
                                       "costsink", "metrics", "metrics2")}
     doc = base_manifest(ports, keys_dsn)
@@ -223,12 +225,15 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
         wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
         wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=sink)
-        # Envoy follows the files `tollway render --watch` keeps current, as in a pod
-        config = tmp / "envoy" / "envoy.yaml"
-        renderer = spawn("renderer", [sys.executable, "-m", "tollway.cli", "render",
-                                      "--manifest", str(manifest_path), "--dir",
-                                      str(config.parent), "--watch"])
-        wait_until(config.exists, "tollway render --dir", proc=renderer)
+        if envoy_config:
+            config = envoy_config(manifest_path, ports)
+        else:
+            # Envoy follows the files `tollway render --watch` keeps current, as in a pod
+            config = tmp / "envoy" / "envoy.yaml"
+            renderer = spawn("renderer", [sys.executable, "-m", "tollway.cli", "render",
+                                          "--manifest", str(manifest_path), "--dir",
+                                          str(config.parent), "--watch"])
+            wait_until(config.exists, "tollway render --dir", proc=renderer)
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
                                 "--base-id", str(ports["admin"]), *ENVOY_ARGS])
 
