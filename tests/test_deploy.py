@@ -146,3 +146,33 @@ def test_the_shipped_manifest_renders_a_config_envoy_accepts(
     out = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_compose_runs_the_manifest_it_ships(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """compose.yaml cannot run here (no Docker daemon): its wiring is checked instead."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("TOLLWAY_KEYS_DSN", "TOLLWAY_LEDGER_DSN"):
+        monkeypatch.setenv(name, "postgresql://postgres:tollway@postgres:5432/tollway")
+    monkeypatch.setenv("TOLLWAY_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("TOLLWAY_PEPPER", "p" * 32)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    m = load(ROOT / "deploy" / "compose" / "manifest.yaml")
+    for name in ("extauthz", "ratelimit", "costsink"):
+        host, port = m.services.dial(name)
+        assert host in services, f"Envoy dials {host}, which compose does not run"
+        assert m.services.bind(name) == ("0.0.0.0", port)
+        assert f"--services {name}" in services[name]["command"][-1]
+    envoy = services["envoy"]
+    config = envoy["command"][envoy["command"].index("-c") + 1]
+    renderer = services["renderer"]["command"][-1]
+    assert f"--dir {Path(config).parent}" in renderer and "--watch" in renderer
+    shared = {v.split(":")[0] for v in envoy["volumes"]} & \
+        {v.split(":")[0] for v in services["renderer"]["volumes"]}
+    assert any(Path(config).parent.as_posix() in v for v in services["renderer"]["volumes"]
+               if v.split(":")[0] in shared)
+    log_dir = str(Path(str(m.gateway.access_log_file)).parent)
+    assert any(v.endswith(f":{log_dir}") for v in envoy["volumes"])
+    assert any(v.endswith(f":{log_dir}") for v in services["costsink"]["volumes"])
