@@ -149,8 +149,8 @@ def test_concurrent_clients_on_both_never_overrun_a_budget(replicas: list[Gatewa
                 refused.append(e.status_code)
                 if e.status_code == 402:
                     return
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(run, range(32)))
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(run, range(64)))
     assert 402 in refused and set(refused) <= {402, 429}, set(refused)
     deadline = time.monotonic() + 15
     while not set(admitted) <= set(rows := ledger(replicas[0])):  # every one priced
