@@ -78,7 +78,9 @@ def estimated_usage(m: Manifest, provider: str, model: str, md: dict[str, Any],
     asked = int(request.get("max_tokens", 0) or 0)
     if asked > 0:
         cap = min(cap, asked) if cap else asked
-    output = min(cap, max(seen.output_tokens, _int(md, "events"))) if stream else cap
+    # a stream the provider began answering generated at least one token, even when the
+    # client hung up before the first event reached it
+    output = min(cap, max(seen.output_tokens, _int(md, "events"), 1)) if stream else cap
     if "input_tokens" in md:  # reported before the answer broke off: the provider's numbers
         return Usage(seen.input_tokens, output, seen.cached_input_tokens,
                      seen.cache_creation_tokens, seen.cache_creation_1h_tokens)
