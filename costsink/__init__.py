@@ -31,7 +31,7 @@ class CostSink:
                  spool: Spool) -> None:
         self.ctx = ctx
         self.ledger = ledger
-        self.spend = SpendRecorder(ctx.spend_store())
+        self.spend = SpendRecorder(ctx.spend_store(), ctx.key_mirror())
         self.sink = AccessLogSink(
             manifest, ledger, spool, self.spend,
             DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"))
@@ -40,6 +40,7 @@ class CostSink:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.sink, server)
 
     async def start(self) -> None:
+        await self.ctx.start_key_mirror(required=False)
         # a ledger that is down at start does not stop the sink: entries go to the spool
         await self.sink.replay()
         # an in-process store starts empty, and Redis may have lost its data: either way the

@@ -27,7 +27,8 @@ from tollway.budgets import (
     spend_targets,
     to_units,
 )
-from tollway.manifest import Manifest
+from tollway.keys.mirror import KeyMirror
+from tollway.manifest import KeyBinding, Manifest
 from tollway.spend import Commit, SpendStore, SpendUnavailable
 
 from .ledger import Ledger, LedgerRow
@@ -43,8 +44,9 @@ SPEND_ERRORS = Counter("tollway_costsink_spend_errors_total",
 
 
 class SpendRecorder:
-    def __init__(self, store: SpendStore) -> None:
+    def __init__(self, store: SpendStore, keys: KeyMirror | None = None) -> None:
         self.store = store
+        self.keys = keys  # a runtime key's budgets come from the key mirror
         self._webhooks: set[asyncio.Task[None]] = set()
         # batches the store could not take, oldest first: each is retried as it was sent,
         # never merged with another, so the store can tell a batch it has already applied
@@ -53,6 +55,9 @@ class SpendRecorder:
         # held across a batch's ledger write and its spend commit, and across a rebuild: a
         # rebuild reads the ledger, so it must never see a batch whose spend is not in yet
         self.lock = asyncio.Lock()
+
+    def _binding(self, m: Manifest, key_id: str) -> KeyBinding | None:
+        return self.keys.binding(m, key_id) if self.keys is not None else None
 
     async def record(self, m: Manifest, rows: list[tuple[LedgerRow, int]]) -> None:
         """Add each row's cost to its counters and release its hold (one round trip for the
@@ -66,7 +71,7 @@ class SpendRecorder:
                 continue
             counters, row_budgets = spend_targets(
                 m, row.org, row.project, row.key_id, row.model,
-                period_labels(row.at, m.gateway.timezone))
+                period_labels(row.at, m.gateway.timezone), self._binding(m, row.key_id))
             batch.append((Commit(row.org, row.request_id, counters,
                                  to_units(row.cost) if row.cost else 0, held=hold > 0),
                           row_budgets if row.cost else []))
@@ -116,7 +121,8 @@ class SpendRecorder:
             labels = {period: period_labels(now, m.gateway.timezone)[period]}
             for org, project, key_id, model, cost in await ledger.spend_totals(
                     since.astimezone(UTC)):
-                for c in counters_for(m, org, project, key_id, model, labels):
+                for c in counters_for(m, org, project, key_id, model, labels,
+                                      self._binding(m, key_id)):
                     totals[(org, c)] += to_units(cost)
         by_tag: dict[str, list[tuple[SpendCounter, int]]] = defaultdict(list)
         for (tag, c), units in totals.items():

@@ -2,44 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from tollway.keys import KeyStore, open_key_store
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
 from .decision import Runtime, compile_runtime
-from .keymirror import KeyMirror
 from .service import AuthorizationService
 
 
 class ExtAuthz:
     grpc_names = (external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,)
 
-    def __init__(self, ctx: ServiceContext, store: KeyStore, runtime: Compiled[Runtime]
-                 ) -> None:
+    def __init__(self, ctx: ServiceContext, runtime: Compiled[Runtime]) -> None:
         self.ctx = ctx
-        self.store = store
-        self.mirror = KeyMirror(store)
+        self.mirror = ctx.key_mirror()
         self.servicer = AuthorizationService(runtime, self.mirror, ctx.spend_store())
 
     def register(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
-        await self.store.open()
-        await self.mirror.refresh()
-        self.ctx.tasks.append(
-            asyncio.create_task(self.mirror.follow(), name="key-mirror"))
+        await self.ctx.start_key_mirror(required=True)
 
     async def stop(self) -> None:
-        await self.store.close()
+        return None
 
 
 async def build(ctx: ServiceContext) -> ExtAuthz:
     m = ctx.manifest
     runtime = ctx.watcher.subscribe(Compiled(compile_runtime, m))
-    return ExtAuthz(ctx, open_key_store(m.storage.keys), runtime)
+    return ExtAuthz(ctx, runtime)

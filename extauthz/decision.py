@@ -12,13 +12,12 @@ from datetime import datetime
 from typing import Any
 
 from tollway.keys import split_key, verify_secret
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
 from tollway.manifest.model import Dialect
 from tollway.policy import CompiledPolicies
 from tollway.quotas import reserve_tokens
 from tollway.refs import pepper, resolve
-
-from .keymirror import KeyMirror
 
 MAX_MODEL_LENGTH = 256
 
@@ -98,14 +97,20 @@ def _short(value: str, limit: int = 64) -> str:
     return clean + ("..." if len(value) > limit else "")
 
 
-def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
-           now: datetime) -> Allow | Deny:
-    route = rt.routes.get(facts.route_name or "")
-    if route is None:
-        return Deny("not_found", "no such endpoint on this gateway", Dialect.OPENAI)
-    d = route.dialect
+@dataclass(frozen=True)
+class Caller:
+    """Who an authenticated request comes from."""
 
-    presented = _presented_key(facts.headers)
+    key_id: str
+    binding: KeyBinding
+
+
+def authenticate(m: Manifest, pepper: bytes, mirror: KeyMirror, headers: Mapping[str, str],
+                 dialect: Dialect, now: datetime) -> Caller | Deny:
+    """The key's secret, then its state (revoked, suspended, expired, at every level). The
+    gateway's Check and the key holder's own endpoints (GET /v1/models) both start here."""
+    d = dialect
+    presented = _presented_key(headers)
     if not presented:
         return Deny("invalid_api_key", "missing API key: send Authorization: Bearer <key> "
                     "or x-api-key", d)
@@ -113,14 +118,14 @@ def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
     if parts is None:
         return Deny("invalid_api_key", "invalid API key", d)
     key_id, secret = parts
-    binding = rt.manifest.bindings.get(key_id)
+    binding = mirror.binding(m, key_id)
     if binding is None:
         return Deny("invalid_api_key", "invalid API key", d)
     if not mirror.usable:
         return Deny("gateway_unavailable", "the gateway cannot verify keys right now; retry "
                     "shortly", d, key_id)
     record = mirror.get(key_id)
-    if record is None or not verify_secret(record, rt.pepper, secret, now):
+    if record is None or not verify_secret(record, pepper, secret, now):
         return Deny("invalid_api_key", "invalid API key", d)
 
     status = max(record.status, binding.status, key=lambda s: s.severity)
@@ -132,6 +137,19 @@ def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
     if expiries and now >= min(expiries):
         return Deny("key_expired", f"key {key_id} expired at {min(expiries).isoformat()}",
                     d, key_id)
+    return Caller(key_id, binding)
+
+
+def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
+           now: datetime) -> Allow | Deny:
+    route = rt.routes.get(facts.route_name or "")
+    if route is None:
+        return Deny("not_found", "no such endpoint on this gateway", Dialect.OPENAI)
+    d = route.dialect
+    caller = authenticate(rt.manifest, rt.pepper, mirror, facts.headers, d, now)
+    if isinstance(caller, Deny):
+        return caller
+    key_id, binding = caller.key_id, caller.binding
 
     body = facts.body
     if body.get("body_error"):

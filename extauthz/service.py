@@ -16,6 +16,7 @@ from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
 from tollway.errors import error_body, status_of
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
 from tollway.metadata import REQUEST
 from tollway.reload import Compiled
@@ -24,7 +25,6 @@ from tollway.spend import SpendStore
 from .budget import Held, hold_budget, release_hold
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .guessing import GuessThrottle
-from .keymirror import KeyMirror
 from .policies import PolicyGate
 
 log = logging.getLogger("tollway.extauthz")
@@ -142,7 +142,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     and self.mirror.usable):
                 key_id = presented_key_id(facts.headers)
                 seen = self.mirror.get(key_id)  # what decide saw: no await in between
-                if key_id in rt.manifest.bindings:
+                if key_id in rt.manifest.bindings or self.mirror.get(key_id) is not None:
                     await self.mirror.fetch(key_id)
                     # the follower may have brought the key while we fetched it: decide again
                     # whenever the mirror's record changed, whoever changed it

@@ -31,12 +31,14 @@ class RateLimit:
                   settle_pb2.DESCRIPTOR.services_by_name["TokenSettlement"].full_name,
                   usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name)
 
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
-                 spend: SpendStore) -> None:
+    def __init__(self, ctx: ServiceContext, manifest: Compiled[Manifest],
+                 backend: CounterBackend, spend: SpendStore) -> None:
+        self.ctx = ctx
         self.backend = backend
-        self.servicer = RateLimitService(manifest, backend)
-        self.settlement = TokenSettlementService(manifest, backend)
-        self.usage = UsageService(manifest, backend, spend)
+        keys = ctx.key_mirror()
+        self.servicer = RateLimitService(manifest, backend, keys)
+        self.settlement = TokenSettlementService(manifest, backend, keys)
+        self.usage = UsageService(manifest, backend, spend, keys)
 
     def register(self, server: grpc.aio.Server) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)
@@ -44,7 +46,7 @@ class RateLimit:
         usage_pb2_grpc.add_UsageServicer_to_server(self.usage, server)
 
     async def start(self) -> None:
-        return None
+        await self.ctx.start_key_mirror(required=False)
 
     async def stop(self) -> None:
         await self.backend.close()
@@ -54,4 +56,5 @@ async def build(ctx: ServiceContext) -> RateLimit:
     # counters live as long as the process: a reload swaps the manifest, not the backend, so
     # counters of unchanged quotas (same scope, name and limit) carry on
     manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
-    return RateLimit(manifest, open_backend(ctx.manifest.storage.counters), ctx.spend_store())
+    return RateLimit(ctx, manifest, open_backend(ctx.manifest.storage.counters),
+                     ctx.spend_store())

@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 from prometheus_client import Counter, Histogram
 
 from tollway.errors import error_body
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
 from tollway.quotas import rules_for
@@ -106,16 +107,27 @@ def refusal(req: Request, denied: list[RuleState], costs: dict[str, int]) -> str
             f"per {_duration(r.period)}; retry in {_duration(worst.retry_seconds)}")
 
 
+async def lookup(keys: KeyMirror, m: Manifest, key_id: str) -> KeyBinding | None:
+    """A key's binding: the manifest's, else a runtime key's from the mirror, fetched now if
+    this replica has not seen it yet (extauthz admitted it a moment ago)."""
+    binding = keys.binding(m, key_id)
+    if binding is None and key_id not in m.bindings and await keys.fetch(key_id):
+        binding = keys.binding(m, key_id)
+    return binding
+
+
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend) -> None:
+    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
+                 keys: KeyMirror) -> None:
         self.manifest = manifest
         self.backend = backend
+        self.keys = keys
 
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
                               context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
         m = self.manifest.value
         req = parse(request)
-        binding = m.bindings.get(req.key_id) if req else None
+        binding = await lookup(self.keys, m, req.key_id) if req else None
         if req is None or binding is None:
             return rls_pb2.RateLimitResponse(overall_code=OK)  # extauthz refused it already
         rules = rules_for(m, binding, req.model)
@@ -167,9 +179,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                                          dynamic_metadata=metadata)
 
 
-async def binding_or_abort(m: Manifest, key_id: str, context: grpc.aio.ServicerContext
-                           ) -> KeyBinding:
-    binding = m.bindings.get(key_id)
+async def binding_or_abort(m: Manifest, keys: KeyMirror, key_id: str,
+                           context: grpc.aio.ServicerContext) -> KeyBinding:
+    binding = await lookup(keys, m, key_id)
     if binding is None:
         await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key id {key_id}")
     assert binding is not None  # abort raised
@@ -179,14 +191,16 @@ async def binding_or_abort(m: Manifest, key_id: str, context: grpc.aio.ServicerC
 class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: ignore[misc]
     """Corrects a reservation with the real usage, so TPM counts what the provider reported."""
 
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend) -> None:
+    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
+                 keys: KeyMirror) -> None:
         self.manifest = manifest
         self.backend = backend
+        self.keys = keys
 
     async def Settle(self, request: settle_pb2.SettleRequest,
                      context: grpc.aio.ServicerContext) -> settle_pb2.SettleResponse:
         m = self.manifest.value
-        binding = await binding_or_abort(m, request.key_id, context)
+        binding = await binding_or_abort(m, self.keys, request.key_id, context)
         rules = [r for r in rules_for(m, binding, request.model) if r.kind == "tokens"]
         delta = request.actual_tokens - request.reserved_tokens
         try:

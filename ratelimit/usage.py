@@ -20,6 +20,7 @@ from tollway.budgets import (
     period_labels,
     period_starts,
 )
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.quotas import Rule, rules_for
 from tollway.reload import Compiled
@@ -49,15 +50,16 @@ def seconds_to_next(period: str, now: datetime, timezone: str) -> float:
 
 class UsageService(usage_pb2_grpc.UsageServicer):  # type: ignore[misc]
     def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
-                 spend: SpendStore) -> None:
+                 spend: SpendStore, keys: KeyMirror) -> None:
         self.manifest = manifest
         self.backend = backend
         self.spend = spend
+        self.keys = keys
 
     async def KeyUsage(self, request: usage_pb2.KeyUsageRequest,
                        context: grpc.aio.ServicerContext) -> usage_pb2.KeyUsageResponse:
         m = self.manifest.value
-        b = await binding_or_abort(m, request.key_id, context)
+        b = await binding_or_abort(m, self.keys, request.key_id, context)
         models = [request.model] if request.model else key_models(m, b)
         now = datetime.now(ZoneInfo(m.gateway.timezone))
         try:

@@ -14,11 +14,11 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 
 from extauthz.decision import compile_runtime
-from extauthz.keymirror import KeyMirror
 from extauthz.service import AuthorizationService
 from tests.e2e.harness import base_manifest
 from tollway.budgets import period_labels
 from tollway.keys import KeyRecord, hash_secret
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, parse
 from tollway.metadata import REQUEST
 from tollway.reload import Compiled

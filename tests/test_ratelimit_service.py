@@ -13,6 +13,8 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from ratelimit.backend import MemoryBackend
 from ratelimit.service import RateLimitService, TokenSettlementService
+from tollway.keys.mirror import KeyMirror
+from tollway.keys.sqlite import SqliteKeyStore
 from tollway.manifest import load
 from tollway.reload import Compiled
 
@@ -20,18 +22,23 @@ TEAM_AI = Path(__file__).parent.parent / "examples" / "team-ai.yaml"
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
+async def channel(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
     m = Compiled(lambda x: x, load(TEAM_AI))
     backend = MemoryBackend()
+    store = SqliteKeyStore(tmp_path / "keys.db")  # no runtime keys: the manifest's only
+    await store.open()
+    keys = KeyMirror(store)
     server = grpc.aio.server()
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(m, backend), server)
-    settle_pb2_grpc.add_TokenSettlementServicer_to_server(TokenSettlementService(m, backend),
-                                                          server)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(m, backend, keys),
+                                                        server)
+    settle_pb2_grpc.add_TokenSettlementServicer_to_server(
+        TokenSettlementService(m, backend, keys), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         yield ch
     await server.stop(None)
+    await store.close()
 
 
 def should(model: str, reserve: int) -> rls_pb2.RateLimitRequest:

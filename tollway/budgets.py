@@ -128,17 +128,19 @@ def budgets_for(m: Manifest, b: KeyBinding, model: str, labels: dict[str, str]
 
 
 def spend_targets(m: Manifest, org: str, project: str, key_id: str, model: str | None,
-                  labels: dict[str, str]) -> tuple[list[SpendCounter], list[Budget]]:
+                  labels: dict[str, str], binding: KeyBinding | None = None
+                  ) -> tuple[list[SpendCounter], list[Budget]]:
     """Every counter a request's cost adds to (its key, project and org, and the counters of
     the model-narrowed budgets it falls under), and the budgets that read them (while the key
     is still in the manifest)."""
     counters = base_counters(org, project, key_id, labels)
-    b = m.bindings.get(key_id)
+    b = binding or m.bindings.get(key_id)  # a runtime key's binding comes from the key mirror
     budgets = budgets_for(m, b, model, labels) if model and b is not None else []
     counters += [c for c in dict.fromkeys(bg.counter for bg in budgets) if c not in counters]
     return counters, budgets
 
 
 def counters_for(m: Manifest, org: str, project: str, key_id: str, model: str | None,
-                 labels: dict[str, str]) -> list[SpendCounter]:
-    return spend_targets(m, org, project, key_id, model, labels)[0]
+                 labels: dict[str, str], binding: KeyBinding | None = None
+                 ) -> list[SpendCounter]:
+    return spend_targets(m, org, project, key_id, model, labels, binding)[0]

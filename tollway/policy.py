@@ -157,20 +157,24 @@ class CompiledPolicies:
         self.reads_time = any("time" in p.text for p in m.policies)
         self._chain: dict[str, str] = {}  # key id → its org, project and client entities
         for b in m.bindings.values():
-            project_uid = _uid("Project", project_entity_id(b))
-            self._chain[b.key.id] = json.dumps([
-                {"uid": _uid("Org", b.org.id), "attrs": {"name": b.org.name}, "parents": []},
-                {"uid": project_uid, "attrs": {"name": b.project.name,
-                                               "plan": b.project.plan or ""},
-                 "parents": [_uid("Org", b.org.id)]},
-                {"uid": _uid("Client", b.client.id), "attrs": {"name": b.client.name},
-                 "parents": [project_uid]}])[1:-1]
+            self._chain[b.key.id] = self.chain(b)
         self._models = {model.name: json.dumps({"uid": _uid("Model", model.name),
                                                 "attrs": {"provider": provider.name},
                                                 "parents": []})
                         for provider in m.providers for model in provider.models}
         self._meta_types, _ = metadata_types(m)
         self._cache: OrderedDict[str, PolicyDecision] = OrderedDict()
+
+    @staticmethod
+    def chain(b: KeyBinding) -> str:
+        project_uid = _uid("Project", project_entity_id(b))
+        return json.dumps([
+            {"uid": _uid("Org", b.org.id), "attrs": {"name": b.org.name}, "parents": []},
+            {"uid": project_uid, "attrs": {"name": b.project.name,
+                                           "plan": b.project.plan or ""},
+             "parents": [_uid("Org", b.org.id)]},
+            {"uid": _uid("Client", b.client.id), "attrs": {"name": b.client.name},
+             "parents": [project_uid]}])[1:-1]
 
     def key_entity(self, b: KeyBinding, status: KeyStatus, daily: Decimal,
                    monthly: Decimal) -> dict[str, Any]:
@@ -196,7 +200,9 @@ class CompiledPolicies:
         if hit is not None:
             self._cache.move_to_end(cache_key)
             return hit
-        parts = [self._chain[b.key.id], key_json] + (
+        # a runtime key (admin API) is not in the manifest's table: its chain is built here
+        chain = self._chain.get(b.key.id) if b.key.id in self.manifest.bindings else None
+        parts = [chain or self.chain(b), key_json] + (
             [self._models[model]] if model in self._models else [])
         entities = cedarpy.Entities.from_json_str(f"[{','.join(parts)}]")
         request = {"principal": f'Key::{json.dumps(b.key.id)}',

@@ -23,6 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from tollway.keys import StoreUnavailable, open_key_store
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 from tollway.reload import ManifestWatcher
 from tollway.spend import SpendStore, open_spend_store
@@ -39,10 +41,36 @@ class ServiceContext:
     watcher: ManifestWatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _spend: SpendStore | None = None
+    _keys: KeyMirror | None = None
+    _keys_started: bool = False
 
     @property
     def manifest(self) -> Manifest:
         return self.watcher.manifest
+
+    def key_mirror(self) -> KeyMirror:
+        """One per process: every service that resolves a key's binding reads the same copy
+        of the key store (keys, runtime clients)."""
+        if self._keys is None:
+            self._keys = KeyMirror(open_key_store(self.manifest.storage.keys))
+        return self._keys
+
+    async def start_key_mirror(self, *, required: bool) -> None:
+        """Open the store, load it, follow it. `required` (extauthz): a store that cannot be
+        read at start stops the process. Otherwise (ratelimit, costsink, which must run while
+        the key database is away) the follower keeps trying in the background."""
+        if self._keys_started:
+            return
+        self._keys_started = True
+        mirror = self.key_mirror()
+        try:
+            await mirror.store.open()
+            await mirror.refresh()
+        except StoreUnavailable:
+            if required:
+                raise
+            log.warning("key store unreachable at start; runtime keys resolve once it answers")
+        self.tasks.append(asyncio.create_task(mirror.follow(), name="key-mirror"))
 
     def spend_store(self) -> SpendStore:
         """One per process: with `counters: memory`, extauthz's holds and costsink's commits
@@ -149,6 +177,8 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
             log.error("task %s did not stop within 5 s", task.get_name())
     for s in services.values():
         await s.stop()
+    if ctx._keys is not None:
+        await ctx._keys.store.close()
     await ctx.spend_store().close()
 
 

@@ -16,9 +16,19 @@ from datetime import UTC, datetime, timedelta
 from tollway.manifest.model import KeyStatus
 from tollway.refs import resolve_dsn
 
-from .store import KeyEvent, KeyExists, KeyNotFound, KeyRecord, KeyStore, StoreUnavailable
+from .store import (
+    AuditQuery,
+    KeyEvent,
+    KeyExists,
+    KeyNotFound,
+    KeyRecord,
+    KeyStore,
+    StoredObject,
+    StoreUnavailable,
+)
 
 __all__ = [
+    "AuditQuery",
     "KeyEvent",
     "KeyExists",
     "KeyManager",
@@ -26,6 +36,7 @@ __all__ = [
     "KeyRecord",
     "KeyStore",
     "StoreUnavailable",
+    "StoredObject",
     "hash_secret",
     "open_key_store",
     "split_key",

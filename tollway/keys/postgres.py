@@ -15,7 +15,16 @@ import asyncpg
 
 from tollway.manifest.model import KeyStatus
 
-from .store import KeyEvent, KeyExists, KeyNotFound, KeyRecord, KeyStore, StoreUnavailable
+from .store import (
+    AuditQuery,
+    KeyEvent,
+    KeyExists,
+    KeyNotFound,
+    KeyRecord,
+    KeyStore,
+    StoredObject,
+    StoreUnavailable,
+)
 
 CHANNEL = "tollway_keys"
 
@@ -41,10 +50,28 @@ CREATE TABLE IF NOT EXISTS tollway_key_events (
     actor TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+ALTER TABLE tollway_keys ADD COLUMN IF NOT EXISTS spec TEXT;
+ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS kind TEXT NOT NULL DEFAULT 'key';
+ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS before TEXT NOT NULL DEFAULT '';
+ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS after TEXT NOT NULL DEFAULT '';
+ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS tollway_key_events_target ON tollway_key_events (kind, key_id);
+CREATE TABLE IF NOT EXISTS tollway_objects (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE INDEX IF NOT EXISTS tollway_objects_seq ON tollway_objects (seq);
 """
 
 COLUMNS = ("key_id, secret_hash, status, expires_at, previous_hash, previous_valid_until, "
-           "created_at, updated_at, seq")
+           "created_at, updated_at, seq, spec")
+EVENT_COLUMNS = "key_id, action, at, actor, detail, kind, before, after, source"
+OBJECT_COLUMNS = "kind, id, doc, created_at, updated_at, seq"
 
 CONNECT_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                   asyncio.TimeoutError)
@@ -56,7 +83,18 @@ def _record(row: asyncpg.Record) -> KeyRecord:
                      previous_hash=bytes(row["previous_hash"])
                      if row["previous_hash"] is not None else None,
                      previous_valid_until=row["previous_valid_until"],
-                     created_at=row["created_at"], updated_at=row["updated_at"], seq=row["seq"])
+                     created_at=row["created_at"], updated_at=row["updated_at"], seq=row["seq"],
+                     spec=row["spec"])
+
+
+def _event(r: asyncpg.Record) -> KeyEvent:
+    return KeyEvent(r["key_id"], r["action"], r["at"], r["actor"], r["detail"], r["kind"],
+                    r["before"], r["after"], r["source"])
+
+
+def _object(r: asyncpg.Record) -> StoredObject:
+    return StoredObject(r["kind"], r["id"], r["doc"], r["created_at"], r["updated_at"],
+                        r["seq"])
 
 
 class PostgresKeyStore(KeyStore):
@@ -109,9 +147,9 @@ class PostgresKeyStore(KeyStore):
 
     @staticmethod
     async def _log(conn: asyncpg.Connection, e: KeyEvent) -> None:
-        await conn.execute("INSERT INTO tollway_key_events (key_id, action, at, actor, detail) "
-                           "VALUES ($1, $2, $3, $4, $5)", e.key_id, e.action, e.at, e.actor,
-                           e.detail)
+        await conn.execute(f"INSERT INTO tollway_key_events ({EVENT_COLUMNS}) "
+                           "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", e.key_id, e.action,
+                           e.at, e.actor, e.detail, e.kind, e.before, e.after, e.source)
         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, e.key_id)
 
     async def insert(self, record: KeyRecord, event: KeyEvent) -> KeyRecord:
@@ -119,11 +157,11 @@ class PostgresKeyStore(KeyStore):
             try:
                 row = await conn.fetchrow(
                     f"INSERT INTO tollway_keys ({COLUMNS}) VALUES "
-                    "($1, $2, $3, $4, $5, $6, $7, $8, nextval('tollway_key_seq')) "
+                    "($1, $2, $3, $4, $5, $6, $7, $8, nextval('tollway_key_seq'), $9) "
                     f"RETURNING {COLUMNS}",
                     record.key_id, record.secret_hash, record.status.value, record.expires_at,
                     record.previous_hash, record.previous_valid_until, record.created_at,
-                    record.updated_at)
+                    record.updated_at, record.spec)
             except asyncpg.UniqueViolationError:
                 raise KeyExists(record.key_id) from None
             await self._log(conn, event)
@@ -180,12 +218,69 @@ class PostgresKeyStore(KeyStore):
 
     async def events(self, key_id: str) -> list[KeyEvent]:
         async def q(conn: asyncpg.Connection) -> list[KeyEvent]:
-            rows = await conn.fetch("SELECT key_id, action, at, actor, detail "
-                                    "FROM tollway_key_events WHERE key_id = $1 ORDER BY id",
-                                    key_id)
-            return [KeyEvent(r["key_id"], r["action"], r["at"], r["actor"], r["detail"])
-                    for r in rows]
+            rows = await conn.fetch(f"SELECT {EVENT_COLUMNS} FROM tollway_key_events "
+                                    "WHERE key_id = $1 AND kind = 'key' ORDER BY id", key_id)
+            return [_event(r) for r in rows]
         result: list[KeyEvent] = await self._tx(q)
+        return result
+
+    async def audit(self, query: AuditQuery) -> list[KeyEvent]:
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("kind", query.kind), ("key_id", query.target),
+                              ("actor", query.actor), ("action", query.action),
+                              ("at >=", query.since)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} {'' if ' ' in column else '='} ${len(args)}")
+        args.append(query.limit)
+
+        async def q(conn: asyncpg.Connection) -> list[KeyEvent]:
+            rows = await conn.fetch(
+                f"SELECT {EVENT_COLUMNS} FROM tollway_key_events "
+                f"{'WHERE ' + ' AND '.join(where) if where else ''} "
+                f"ORDER BY id DESC LIMIT ${len(args)}", *args)
+            return [_event(r) for r in rows]
+        result: list[KeyEvent] = await self._tx(q)
+        return result
+
+    async def put_object(self, kind: str, obj_id: str, doc: str, event: KeyEvent, *,
+                         create: bool) -> StoredObject:
+        async def tx(conn: asyncpg.Connection) -> StoredObject:
+            if create:
+                try:
+                    row = await conn.fetchrow(
+                        f"INSERT INTO tollway_objects ({OBJECT_COLUMNS}) VALUES "
+                        "($1, $2, $3, $4, $4, nextval('tollway_key_seq')) "
+                        f"RETURNING {OBJECT_COLUMNS}", kind, obj_id, doc, event.at)
+                except asyncpg.UniqueViolationError:
+                    raise KeyExists(obj_id) from None
+            else:
+                row = await conn.fetchrow(
+                    "UPDATE tollway_objects SET doc = $3, updated_at = $4, "
+                    "seq = nextval('tollway_key_seq') WHERE kind = $1 AND id = $2 "
+                    f"RETURNING {OBJECT_COLUMNS}", kind, obj_id, doc, event.at)
+                if row is None:
+                    raise KeyNotFound(obj_id)
+            await self._log(conn, event)
+            return _object(row)
+        result: StoredObject = await self._tx(tx)
+        return result
+
+    async def get_object(self, kind: str, obj_id: str) -> StoredObject | None:
+        async def q(conn: asyncpg.Connection) -> StoredObject | None:
+            row = await conn.fetchrow(f"SELECT {OBJECT_COLUMNS} FROM tollway_objects "
+                                      "WHERE kind = $1 AND id = $2", kind, obj_id)
+            return _object(row) if row else None
+        result: StoredObject | None = await self._tx(q)
+        return result
+
+    async def objects_since(self, seq: int) -> list[StoredObject]:
+        async def q(conn: asyncpg.Connection) -> list[StoredObject]:
+            rows = await conn.fetch(f"SELECT {OBJECT_COLUMNS} FROM tollway_objects "
+                                    "WHERE seq > $1 ORDER BY seq", seq)
+            return [_object(r) for r in rows]
+        result: list[StoredObject] = await self._tx(q)
         return result
 
     async def _ensure_listener(self) -> None:

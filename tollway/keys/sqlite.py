@@ -12,7 +12,16 @@ from typing import Any, TypeVar
 from tollway.manifest.model import KeyStatus
 from tollway.sqlite_worker import SqliteWorker
 
-from .store import KeyEvent, KeyExists, KeyNotFound, KeyRecord, KeyStore, StoreUnavailable
+from .store import (
+    AuditQuery,
+    KeyEvent,
+    KeyExists,
+    KeyNotFound,
+    KeyRecord,
+    KeyStore,
+    StoredObject,
+    StoreUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -39,10 +48,28 @@ CREATE TABLE IF NOT EXISTS tollway_key_events (
 );
 CREATE TABLE IF NOT EXISTS tollway_key_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER);
 INSERT OR IGNORE INTO tollway_key_seq (id, seq) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS tollway_objects (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE INDEX IF NOT EXISTS tollway_objects_seq ON tollway_objects (seq);
 """
+# columns added after the first release: (table, column, declaration)
+MIGRATIONS = [("tollway_keys", "spec", "TEXT"),
+              ("tollway_key_events", "kind", "TEXT NOT NULL DEFAULT 'key'"),
+              ("tollway_key_events", "before", "TEXT NOT NULL DEFAULT ''"),
+              ("tollway_key_events", "after", "TEXT NOT NULL DEFAULT ''"),
+              ("tollway_key_events", "source", "TEXT NOT NULL DEFAULT ''")]
 
 COLUMNS = ("key_id, secret_hash, status, expires_at, previous_hash, previous_valid_until, "
-           "created_at, updated_at, seq")
+           "created_at, updated_at, seq, spec")
+EVENT_COLUMNS = "key_id, action, at, actor, detail, kind, before, after, source"
+OBJECT_COLUMNS = "kind, id, doc, created_at, updated_at, seq"
 
 
 def _ts(v: str | None) -> datetime | None:
@@ -56,7 +83,16 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
                      expires_at=_ts(row[3]),
                      previous_hash=bytes(row[4]) if row[4] is not None else None,
                      previous_valid_until=_ts(row[5]), created_at=created, updated_at=updated,
-                     seq=row[8])
+                     seq=row[8], spec=row[9])
+
+
+def _event(r: tuple[Any, ...]) -> KeyEvent:
+    return KeyEvent(r[0], r[1], datetime.fromisoformat(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+def _object(r: tuple[Any, ...]) -> StoredObject:
+    return StoredObject(r[0], r[1], r[2], datetime.fromisoformat(r[3]),
+                        datetime.fromisoformat(r[4]), r[5])
 
 
 class SqliteKeyStore(KeyStore):
@@ -77,6 +113,13 @@ class SqliteKeyStore(KeyStore):
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
+        def migrate(db: sqlite3.Connection) -> None:
+            for table, column, declaration in MIGRATIONS:
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        await self._run(migrate)
+
     async def close(self) -> None:
         await self._worker.close()
 
@@ -87,9 +130,10 @@ class SqliteKeyStore(KeyStore):
 
     @staticmethod
     def _log(db: sqlite3.Connection, e: KeyEvent) -> None:
-        db.execute("INSERT INTO tollway_key_events (key_id, action, at, actor, detail) "
-                   "VALUES (?, ?, ?, ?, ?)", (e.key_id, e.action, e.at.isoformat(), e.actor,
-                                              e.detail))
+        db.execute(f"INSERT INTO tollway_key_events ({EVENT_COLUMNS}) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (e.key_id, e.action, e.at.isoformat(), e.actor, e.detail, e.kind, e.before,
+                    e.after, e.source))
 
     async def insert(self, record: KeyRecord, event: KeyEvent) -> KeyRecord:
         def tx(db: sqlite3.Connection) -> KeyRecord:
@@ -97,13 +141,14 @@ class SqliteKeyStore(KeyStore):
             try:
                 seq = self._next_seq(db)
                 db.execute(
-                    f"INSERT INTO tollway_keys ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO tollway_keys ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.key_id, record.secret_hash, record.status.value,
                      record.expires_at.isoformat() if record.expires_at else None,
                      record.previous_hash,
                      record.previous_valid_until.isoformat()
                      if record.previous_valid_until else None,
-                     record.created_at.isoformat(), record.updated_at.isoformat(), seq))
+                     record.created_at.isoformat(), record.updated_at.isoformat(), seq,
+                     record.spec))
                 self._log(db, event)
                 row = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE key_id = ?",
                                  (record.key_id,)).fetchone()
@@ -170,9 +215,71 @@ class SqliteKeyStore(KeyStore):
 
     async def events(self, key_id: str) -> list[KeyEvent]:
         def q(db: sqlite3.Connection) -> list[KeyEvent]:
-            rows = db.execute("SELECT key_id, action, at, actor, detail FROM tollway_key_events "
-                              "WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
-            return [KeyEvent(r[0], r[1], datetime.fromisoformat(r[2]), r[3], r[4]) for r in rows]
+            rows = db.execute(f"SELECT {EVENT_COLUMNS} FROM tollway_key_events "
+                              "WHERE key_id = ? AND kind = 'key' ORDER BY id",
+                              (key_id,)).fetchall()
+            return [_event(r) for r in rows]
+        return await self._run(q)
+
+    async def audit(self, query: AuditQuery) -> list[KeyEvent]:
+        where, args = [], []
+        for column, value in (("kind", query.kind), ("key_id", query.target),
+                              ("actor", query.actor), ("action", query.action)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if query.since is not None:
+            where.append("at >= ?")
+            args.append(query.since.isoformat())
+
+        def q(db: sqlite3.Connection) -> list[KeyEvent]:
+            rows = db.execute(
+                f"SELECT {EVENT_COLUMNS} FROM tollway_key_events "
+                f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY id DESC LIMIT ?",
+                (*args, query.limit)).fetchall()
+            return [_event(r) for r in rows]
+        return await self._run(q)
+
+    async def put_object(self, kind: str, obj_id: str, doc: str, event: KeyEvent, *,
+                         create: bool) -> StoredObject:
+        now = event.at.isoformat()
+
+        def tx(db: sqlite3.Connection) -> StoredObject:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._next_seq(db)
+                if create:
+                    try:
+                        db.execute(f"INSERT INTO tollway_objects ({OBJECT_COLUMNS}) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)", (kind, obj_id, doc, now, now, seq))
+                    except sqlite3.IntegrityError:
+                        raise KeyExists(obj_id) from None
+                elif db.execute("UPDATE tollway_objects SET doc = ?, updated_at = ?, seq = ? "
+                                "WHERE kind = ? AND id = ?",
+                                (doc, now, seq, kind, obj_id)).rowcount == 0:
+                    raise KeyNotFound(obj_id)
+                self._log(db, event)
+                row = db.execute(f"SELECT {OBJECT_COLUMNS} FROM tollway_objects "
+                                 "WHERE kind = ? AND id = ?", (kind, obj_id)).fetchone()
+                db.execute("COMMIT")
+                return _object(row)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return await self._run(tx)
+
+    async def get_object(self, kind: str, obj_id: str) -> StoredObject | None:
+        def q(db: sqlite3.Connection) -> StoredObject | None:
+            row = db.execute(f"SELECT {OBJECT_COLUMNS} FROM tollway_objects "
+                             "WHERE kind = ? AND id = ?", (kind, obj_id)).fetchone()
+            return _object(row) if row else None
+        return await self._run(q)
+
+    async def objects_since(self, seq: int) -> list[StoredObject]:
+        def q(db: sqlite3.Connection) -> list[StoredObject]:
+            rows = db.execute(f"SELECT {OBJECT_COLUMNS} FROM tollway_objects WHERE seq > ? "
+                              "ORDER BY seq", (seq,)).fetchall()
+            return [_object(r) for r in rows]
         return await self._run(q)
 
     async def wait_for_change(self, timeout: float) -> None:

@@ -1,7 +1,9 @@
 """The key store interface and the records it holds.
 
 A store keeps only what the manifest must not: secret hashes, the lifecycle state that the CLI
-changes at runtime, and an audit trail. Every write bumps a global change sequence so that a
+and the admin API change at runtime, the clients and keys created at runtime (their documents
+are the manifest's own schema, validated by the manifest's parser), admin tokens, and an audit
+trail of every change. Every write bumps a global change sequence so that a
 replica can mirror the whole table and catch up with `changes_since(seq)`; PostgreSQL also
 pushes a NOTIFY so the catch-up happens within milliseconds instead of a poll interval.
 """
@@ -38,15 +40,47 @@ class KeyRecord:
     created_at: datetime
     updated_at: datetime
     seq: int
+    # a runtime key's binding and attributes as JSON (org, project, client, and the manifest's
+    # key fields); None for a key the manifest declares
+    spec: str | None = None
 
 
 @dataclass(frozen=True)
 class KeyEvent:
-    key_id: str
-    action: str  # issue, rotate, suspend, resume, revoke, expire
+    """One audit record: who did what to which object, when, from where, before → after.
+    Never holds a secret (documents and specs only; hashes are not audited)."""
+
+    key_id: str  # the object's id (a key, a client, an admin token)
+    action: str  # issue, rotate, suspend, resume, revoke, expire, create, update, ...
     at: datetime
     actor: str
     detail: str
+    kind: str = "key"  # key, client, admin_token
+    before: str = ""  # JSON of the object before the change ("" for a creation)
+    after: str = ""
+    source: str = ""  # the caller's address, or "cli"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A runtime client or an admin token: a JSON document under (kind, id)."""
+
+    kind: str
+    id: str
+    doc: str  # JSON
+    created_at: datetime
+    updated_at: datetime
+    seq: int
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    kind: str | None = None
+    target: str | None = None
+    actor: str | None = None
+    action: str | None = None
+    since: datetime | None = None
+    limit: int = 100
 
 
 class KeyStore(abc.ABC):
@@ -84,3 +118,20 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     async def wait_for_change(self, timeout: float) -> None:
         """Return when a change may have happened, or after `timeout` seconds."""
+
+    @abc.abstractmethod
+    async def put_object(self, kind: str, obj_id: str, doc: str, event: KeyEvent, *,
+                         create: bool) -> StoredObject:
+        """Create (KeyExists if taken) or replace (KeyNotFound if missing) a document, and
+        record the event, atomically; bumps the change sequence like a key write."""
+
+    @abc.abstractmethod
+    async def get_object(self, kind: str, obj_id: str) -> StoredObject | None: ...
+
+    @abc.abstractmethod
+    async def objects_since(self, seq: int) -> list[StoredObject]:
+        """Every document written after `seq`, in sequence order."""
+
+    @abc.abstractmethod
+    async def audit(self, query: AuditQuery) -> list[KeyEvent]:
+        """Audit records matching `query`, newest first."""

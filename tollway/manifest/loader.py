@@ -480,6 +480,19 @@ def _check_models(errors: list[str], path: str, models: tuple[str, ...] | None,
             errors.append(f"{path}[{i}]: unknown model '{m}' (not in any provider's catalogue)")
 
 
+def allowed_models(plans: dict[str, Plan], proj: Project, key: Key) -> tuple[str, ...] | None:
+    """The models a key may use; None: every model of the route's provider."""
+    allowed: tuple[str, ...] | None = None
+    for plan_name, models in ((proj.plan, proj.models), (key.plan, key.models)):
+        # the most specific level that names models wins; a key narrows its project, and an
+        # explicit list beats the list of the plan it names
+        plan = plans.get(plan_name) if plan_name else None
+        level = models if models is not None else (plan.models if plan else None)
+        if level is not None:
+            allowed = level
+    return allowed
+
+
 def _resolve_bindings(m: Manifest, errors: list[str], paths: dict[str, str]) -> dict[str,
                                                                                       KeyBinding]:
     plans = {p.name: p for p in m.plans}
@@ -488,14 +501,7 @@ def _resolve_bindings(m: Manifest, errors: list[str], paths: dict[str, str]) -> 
         for proj in org.projects:
             for client in proj.clients:
                 for key in client.keys:
-                    allowed: tuple[str, ...] | None = None
-                    for plan_name, models in ((proj.plan, proj.models), (key.plan, key.models)):
-                        # the most specific level that names models wins; a key narrows its
-                        # project, and an explicit list beats the list of the plan it names
-                        plan = plans.get(plan_name) if plan_name else None
-                        level = models if models is not None else (plan.models if plan else None)
-                        if level is not None:
-                            allowed = level
+                    allowed = allowed_models(plans, proj, key)
                     out[key.id] = KeyBinding(org=org, project=proj, client=client, key=key,
                                              allowed_models=None if allowed is None
                                              else frozenset(allowed))

@@ -1,4 +1,9 @@
-"""An in-memory mirror of the key table, so a Check never waits on the database.
+"""An in-memory mirror of the key store, so a Check never waits on the database.
+
+It holds every key record and every runtime client, and answers `binding(manifest, key_id)`:
+the manifest's binding, else a runtime key's (tollway/keys/runtime.py), built once per change
+and cached. Every service that needs a key's binding (extauthz, ratelimit, costsink) shares the
+one mirror of its process.
 
 The mirror loads every key once, then follows the store's change sequence: PostgreSQL wakes it
 with NOTIFY within milliseconds; SQLite is polled every 200 ms. Either way a revocation reaches
@@ -14,9 +19,12 @@ import time
 
 from prometheus_client import Gauge
 
-from tollway.keys import KeyRecord, KeyStore, StoreUnavailable
+from tollway.manifest import KeyBinding, Manifest
 
-log = logging.getLogger("tollway.extauthz.keys")
+from . import runtime
+from .store import KeyRecord, KeyStore, StoredObject, StoreUnavailable
+
+log = logging.getLogger("tollway.keys.mirror")
 
 STORE_UP = Gauge("tollway_keystore_up", "1 when the key store answered the last refresh")
 KEYS = Gauge("tollway_keystore_keys", "Keys held in the in-memory mirror")
@@ -30,11 +38,42 @@ class KeyMirror:
         self.max_staleness = max_staleness
         self._keys: dict[str, KeyRecord] = {}
         self._seq = 0
+        self._objects: dict[tuple[str, str], StoredObject] = {}
+        self._object_seq = 0
         self._fresh_at: float | None = None  # monotonic time of the last successful refresh
         self._fetched_at: dict[str, float] = {}
+        # key id → (manifest, key seq, client seq, binding): rebuilt when any of them changes
+        self._bindings: dict[str, tuple[Manifest, int, int, KeyBinding | None]] = {}
 
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
+
+    def object(self, kind: str, obj_id: str) -> StoredObject | None:
+        return self._objects.get((kind, obj_id))
+
+    def objects(self, kind: str) -> list[StoredObject]:
+        return [o for (k, _), o in self._objects.items() if k == kind]
+
+    def runtime_keys(self) -> list[KeyRecord]:
+        return [r for r in self._keys.values() if r.spec is not None]
+
+    def binding(self, m: Manifest, key_id: str) -> KeyBinding | None:
+        """The manifest's binding of `key_id`, else its runtime binding, else None."""
+        found = m.bindings.get(key_id)
+        if found is not None:
+            return found
+        record = self._keys.get(key_id)
+        if record is None or record.spec is None:
+            return None
+        client_id = runtime.client_of(record.spec)
+        client = self._objects.get((runtime.CLIENT, client_id))
+        client_seq = client.seq if client else 0
+        cached = self._bindings.get(key_id)
+        if cached and cached[0] is m and cached[1] == record.seq and cached[2] == client_seq:
+            return cached[3]
+        built = runtime.binding(m, client.doc if client else None, record.spec)
+        self._bindings[key_id] = (m, record.seq, client_seq, built)
+        return built
 
     async def fetch(self, key_id: str) -> bool:
         """Re-read one key now, so a key issued or rotated a moment ago works at once instead
@@ -51,6 +90,14 @@ class KeyMirror:
         known = self._keys.get(key_id)
         if record is None or (known is not None and known.seq >= record.seq):
             return False
+        if record.spec is not None:  # a runtime key needs its client to have a binding
+            client_id = runtime.client_of(record.spec)
+            try:
+                client = await self.store.get_object(runtime.CLIENT, client_id)
+            except StoreUnavailable:
+                return False
+            if client is not None:
+                self._objects[(client.kind, client.id)] = client
         self._keys[key_id] = record
         return True
 
@@ -71,6 +118,9 @@ class KeyMirror:
         for record in changes:
             self._keys[record.key_id] = record
             self._seq = max(self._seq, record.seq)
+        for obj in await self.store.objects_since(self._object_seq):
+            self._objects[(obj.kind, obj.id)] = obj
+            self._object_seq = max(self._object_seq, obj.seq)
         self._fresh_at = time.monotonic()
         STORE_UP.set(1)
         KEYS.set(len(self._keys))
