@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PG_DSN
-from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyStore, verify_secret
+from tollway.keys import (
+    AuditQuery,
+    KeyEvent,
+    KeyExists,
+    KeyManager,
+    KeyNotFound,
+    KeyStore,
+    verify_secret,
+)
 from tollway.keys.postgres import PostgresKeyStore
 from tollway.keys.sqlite import SqliteKeyStore
 from tollway.manifest import KeyStatus
@@ -133,3 +141,46 @@ async def test_wait_for_change_wakes_on_a_write(store: KeyStore, tmp_path: Path)
         await writer
     finally:
         await other.close()
+
+
+async def test_documents_are_created_once_replaced_and_followed(store: KeyStore) -> None:
+    def event(action: str, obj: str, after: str = "") -> KeyEvent:
+        return KeyEvent(obj, action, datetime.now(UTC), "admin:root", "", kind="client",
+                        after=after, source="10.0.0.7")
+    first = await store.put_object("client", "c1", '{"v": 1}', event("create", "c1"),
+                                   create=True)
+    with pytest.raises(KeyExists):
+        await store.put_object("client", "c1", "{}", event("create", "c1"), create=True)
+    with pytest.raises(KeyNotFound):
+        await store.put_object("client", "nobody", "{}", event("update", "nobody"),
+                               create=False)
+    # documents and keys share one change sequence: a mirror follows both in order
+    await KeyManager(store, PEPPER).issue("k1", spec='{"client": "c1"}')
+    second = await store.put_object("client", "c1", '{"v": 2}',
+                                    event("update", "c1", '{"v": 2}'), create=False)
+    assert second.seq > first.seq and second.created_at == first.created_at
+    assert [o.doc for o in await store.objects_since(first.seq)] == ['{"v": 2}']
+    assert (await store.get_object("client", "c1")) == second
+    assert await store.get_object("admin_token", "c1") is None
+    record = await store.get("k1")
+    assert record is not None and record.spec == '{"client": "c1"}'
+    assert first.seq < record.seq < second.seq
+
+
+async def test_the_audit_log_filters_and_never_holds_a_secret(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER, actor="admin:ops", source="10.1.2.3")
+    issued = await km.issue("k1", spec='{"client": "c1", "key": {"id": "k1"}}')
+    await km.set_status("k1", KeyStatus.SUSPENDED, "review")
+    await km.respecify("k1", '{"client": "c1", "key": {"id": "k1", "models": ["m"]}}')
+    await KeyManager(store, PEPPER).issue("k2")
+    everything = await store.audit(AuditQuery())
+    assert [e.action for e in everything] == ["issue", "update", "suspend", "issue"]  # newest first
+    secret = issued.key.split(".", 1)[1]
+    assert all(secret not in f"{e.detail}{e.before}{e.after}" for e in everything)
+    mine = await store.audit(AuditQuery(actor="admin:ops"))
+    assert {e.key_id for e in mine} == {"k1"} and {e.source for e in mine} == {"10.1.2.3"}
+    update = (await store.audit(AuditQuery(target="k1", action="update")))[0]
+    assert '"models"' in update.after and '"models"' not in update.before
+    assert len(await store.audit(AuditQuery(limit=2))) == 2
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert await store.audit(AuditQuery(since=later)) == []

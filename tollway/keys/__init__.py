@@ -80,23 +80,30 @@ class IssuedKey:
 class KeyManager:
     """Issue, rotate, suspend, resume, revoke, expire: each an audited, atomic store write."""
 
-    def __init__(self, store: KeyStore, pepper: bytes, actor: str = "cli") -> None:
+    def __init__(self, store: KeyStore, pepper: bytes, actor: str = "cli",
+                 source: str = "cli") -> None:
         self.store = store
         self.pepper = pepper
         self.actor = actor
+        self.source = source  # where the change came from, for the audit log
 
-    def _event(self, key_id: str, action: str, detail: str = "") -> KeyEvent:
+    def _event(self, key_id: str, action: str, detail: str = "", before: str = "",
+               after: str = "") -> KeyEvent:
         return KeyEvent(key_id=key_id, action=action, at=datetime.now(UTC), actor=self.actor,
-                        detail=detail)
+                        detail=detail, before=before, after=after, source=self.source)
 
-    async def issue(self, key_id: str, *, expires_at: datetime | None = None) -> IssuedKey:
+    async def issue(self, key_id: str, *, expires_at: datetime | None = None,
+                    spec: str | None = None) -> IssuedKey:
+        """`spec`: a runtime key's binding and attributes (tollway/keys/runtime.py)."""
         secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         now = datetime.now(UTC)
         record = KeyRecord(key_id=key_id, secret_hash=hash_secret(self.pepper, secret),
                            status=KeyStatus.ACTIVE, expires_at=expires_at, previous_hash=None,
-                           previous_valid_until=None, created_at=now, updated_at=now, seq=0)
+                           previous_valid_until=None, created_at=now, updated_at=now, seq=0,
+                           spec=spec)
         detail = f"expires_at={expires_at.isoformat()}" if expires_at else ""
-        stored = await self.store.insert(record, self._event(key_id, "issue", detail))
+        stored = await self.store.insert(record, self._event(key_id, "issue", detail,
+                                                             after=spec or ""))
         return IssuedKey(key=f"{key_id}.{secret}", record=stored)
 
     async def rotate(self, key_id: str, *, grace: timedelta = timedelta(0)) -> IssuedKey:
@@ -123,6 +130,15 @@ class KeyManager:
                   KeyStatus.REVOKED: "revoke"}[status]
         return await self.store.update(key_id, self._event(key_id, action, reason),
                                        status=status)
+
+    async def respecify(self, key_id: str, spec: str) -> KeyRecord:
+        """Replace a runtime key's document (models, quotas, plan, metadata)."""
+        current = await self.store.get(key_id)
+        if current is None:
+            raise KeyNotFound(key_id)
+        return await self.store.update(key_id, self._event(key_id, "update",
+                                                           before=current.spec or "",
+                                                           after=spec), spec=spec)
 
     async def expire(self, key_id: str, at: datetime | None) -> KeyRecord:
         detail = f"expires_at={at.isoformat()}" if at else "expiry cleared"

@@ -173,7 +173,7 @@ class PostgresKeyStore(KeyStore):
                      secret_hash: bytes | None = None, previous_hash: bytes | None = None,
                      previous_valid_until: datetime | None = None,
                      expires_at: datetime | None = None,
-                     clear_expiry: bool = False) -> KeyRecord:
+                     clear_expiry: bool = False, spec: str | None = None) -> KeyRecord:
         sets: list[str] = []
         args: list[Any] = []
 
@@ -187,6 +187,8 @@ class PostgresKeyStore(KeyStore):
                      f"previous_valid_until = {arg(previous_valid_until)}"]
         if expires_at is not None or clear_expiry:
             sets.append(f"expires_at = {arg(expires_at)}")
+        if spec is not None:
+            sets.append(f"spec = {arg(spec)}")
         sets += [f"updated_at = {arg(event.at)}", "seq = nextval('tollway_key_seq')"]
         where = arg(key_id)
 

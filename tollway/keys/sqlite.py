@@ -166,7 +166,7 @@ class SqliteKeyStore(KeyStore):
                      secret_hash: bytes | None = None, previous_hash: bytes | None = None,
                      previous_valid_until: datetime | None = None,
                      expires_at: datetime | None = None,
-                     clear_expiry: bool = False) -> KeyRecord:
+                     clear_expiry: bool = False, spec: str | None = None) -> KeyRecord:
         sets: list[str] = []
         args: list[Any] = []
         if status is not None:
@@ -179,6 +179,9 @@ class SqliteKeyStore(KeyStore):
         if expires_at is not None or clear_expiry:
             sets.append("expires_at = ?")
             args.append(expires_at.isoformat() if expires_at else None)
+        if spec is not None:
+            sets.append("spec = ?")
+            args.append(spec)
 
         def tx(db: sqlite3.Connection) -> KeyRecord:
             db.execute("BEGIN IMMEDIATE")

@@ -102,7 +102,7 @@ class KeyStore(abc.ABC):
                      secret_hash: bytes | None = None, previous_hash: bytes | None = None,
                      previous_valid_until: datetime | None = None,
                      expires_at: datetime | None = None,
-                     clear_expiry: bool = False) -> KeyRecord:
+                     clear_expiry: bool = False, spec: str | None = None) -> KeyRecord:
         """Change a key and record why, atomically; raise KeyNotFound."""
 
     @abc.abstractmethod
