@@ -46,7 +46,9 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
     codings = ["gzip", "brotli", "zstd"]
     # compressors first (last on the way out), decompressors just before the router (first on
     # the way back), so the usage filter always reads the provider's answer decoded
+    # the admin API's transcoder before json_to_metadata, which then skips its gRPC bodies
     assert filters == [*(f"envoy.filters.http.compressor.{c}" for c in codings),
+                       "envoy.filters.http.grpc_json_transcoder",
                        "envoy.filters.http.json_to_metadata", "envoy.filters.http.ext_authz",
                        "envoy.filters.http.lua", "envoy.filters.http.ratelimit",
                        *(f"envoy.filters.http.decompressor.{c}" for c in codings),
@@ -55,3 +57,16 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
                                                            "value": "identity"}
     assert hcm["typed_config"]["access_log"][0]["name"] == "envoy.access_loggers.http_grpc"
     assert "OPENAI_API_KEY" not in yaml.safe_dump(doc)  # credentials never reach Envoy's config
+
+
+def test_the_committed_openapi_description_is_the_protos() -> None:
+    """docs/admin-openapi.json is generated (python -m tollway.admin.openapi): never stale."""
+    import json
+
+    from tollway.admin.openapi import openapi
+
+    committed = json.loads((EXAMPLES[0].parent.parent / "docs" / "admin-openapi.json")
+                           .read_text())
+    assert committed == openapi()
+    assert "/admin/v1/keys/{id}:revoke" in committed["paths"]
+    assert committed["paths"]["/v1/models"]["get"]["operationId"] == "ListModels"

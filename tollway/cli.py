@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("serve", help="run Tollway's gRPC services")
     with_manifest(p)
-    p.add_argument("--services", default="extauthz,ratelimit,costsink",
-                   help="comma-separated: extauthz,ratelimit,costsink (default: all)")
+    p.add_argument("--services", default="extauthz,ratelimit,costsink,admin",
+                   help="comma-separated: extauthz,ratelimit,costsink,admin (default: all)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="where to serve Prometheus metrics (default: 127.0.0.1 and the "
                         "manifest's services.metrics_port); one per process")
@@ -509,7 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("suspend", "resume", "revoke"):
             k.add_argument("--reason", help="recorded in the audit trail")
     keys.set_defaults(func=cmd_keys)
+
+    from tollway import cli_admin
+
+    cli_admin.add_parsers(sub, with_manifest)
+    for name in ("admin-tokens", "audit"):
+        sub.choices[name].set_defaults(func=_admin_command)
     return ap
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    code: int = args.admin_cmd(args, _manifest_path(args))
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:

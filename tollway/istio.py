@@ -15,7 +15,9 @@ Istio owns the gateway's Envoy; Tollway adds to it what istiod lets one add:
   routes (each with its ext_authz context and rate-limit descriptors) first in the virtual
   host, the provider clusters, the access logs, local replies and the HTTP hardening.
 
-The pieces are render.py's own: the same filters, routes and clusters the plain gateway runs.
+The admin API (and GET /v1/models, which it answers) is not added to the Istio gateway: serve
+it through a mesh Service of its own. The pieces are render.py's own: the same filters, routes
+and clusters the plain gateway runs.
 Service clusters are Istio's (`outbound|PORT||HOST`) when the manifest dials a mesh Service,
 Tollway's own when it dials loopback (costsink beside the gateway, reading its access log).
 """
@@ -126,7 +128,7 @@ def envoy_filter(m: Manifest, *, host: str, port: int, target_port: int,
         # VirtualService's own
         *(_patch("HTTP_ROUTE", {"routeConfiguration": {
             "portNumber": port, "vhost": {"name": f"{host}:{port}"}}}, "INSERT_FIRST", r)
-          for r in reversed(routes(m))),
+          for r in reversed(routes(m)) if r["name"] != "admin_api"),
     ]
     return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
             "metadata": {"name": "tollway"},

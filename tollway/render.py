@@ -31,6 +31,7 @@ EXTAUTHZ_CLUSTER = "tollway_extauthz"
 EXTAUTHZ_TIMEOUT = "0.5s"
 RATELIMIT_CLUSTER = "tollway_ratelimit"
 COSTSINK_CLUSTER = "tollway_costsink"
+ADMIN_CLUSTER = "tollway_admin"
 # how long an entry may wait in Envoy before it is sent: a finished request's budget hold is
 # released once its entry reaches costsink, and extauthz waits up to budget.SETTLE_WAIT for that
 ACCESS_LOG_FLUSH = "0.1s"
@@ -184,6 +185,37 @@ def _file_access_log(path: str) -> dict[str, Any]:
             "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path,
             log_format={"json_format": FILE_FORMAT}),
     }
+
+
+def _transcoder() -> dict[str, Any]:
+    """REST/JSON ⇄ gRPC for the admin API (and GET /v1/models); every other request passes
+    untouched. Placed before json_to_metadata, which then sees a gRPC body and skips it."""
+    from tollway.admin import DESCRIPTOR_SET, SERVICE
+
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            proto_descriptor=str(DESCRIPTOR_SET), services=[SERVICE],
+            print_options={"preserve_proto_field_names": True,
+                           "always_print_primitive_fields": True},
+            convert_grpc_status=True),
+    }
+
+
+def _admin_route() -> dict[str, Any]:
+    """The admin API and the key holder's model list: to the admin service, which
+    authenticates its callers itself (admin tokens; the key for /v1/models). The transcoder
+    has already turned their REST paths into the gRPC method's path when routes match."""
+    from tollway.admin import SERVICE
+
+    off = {AUTHZ: _typed("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                         disabled=True),
+           "envoy.filters.http.lua": _typed("envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                                            disabled=True)}
+    return {"name": "admin_api", "match": {"prefix": f"/{SERVICE}/"},
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "10s"},
+            "typed_per_filter_config": off}
 
 
 def _router() -> dict[str, Any]:
@@ -389,7 +421,7 @@ def provider_cluster(p: Any) -> dict[str, Any]:
 def routes(m: Manifest) -> list[dict[str, Any]]:
     """Every route in match order: the manifest's, their other methods, then 404."""
     return [*(_route(m, r) for r in m.routes), *(_wrong_method(r) for r in m.routes),
-            _not_found()]
+            _admin_route(), _not_found()]
 
 
 def route_config(m: Manifest) -> dict[str, Any]:
@@ -400,6 +432,7 @@ def route_config(m: Manifest) -> dict[str, Any]:
 def http_filters(ratelimit_cluster: str = RATELIMIT_CLUSTER) -> list[dict[str, Any]]:
     return [
         *_compressors(),
+        _transcoder(),
         _json_to_metadata(),
         _ext_authz(),
         _usage_lua(),
@@ -410,7 +443,13 @@ def http_filters(ratelimit_cluster: str = RATELIMIT_CLUSTER) -> list[dict[str, A
 
 
 def access_logs(m: Manifest, costsink_cluster: str = COSTSINK_CLUSTER) -> list[dict[str, Any]]:
-    return [_access_log(costsink_cluster), _file_access_log(str(access_log_path(m.gateway)))]
+    # the admin API's calls are audited by the admin service, not metered
+    from tollway.admin import SERVICE
+
+    not_admin = {"header_filter": {"header": {"name": ":path", "string_match": {
+        "prefix": f"/{SERVICE}/"}, "invert_match": True}}}
+    logs = [_access_log(costsink_cluster), _file_access_log(str(access_log_path(m.gateway)))]
+    return [{**log, "filter": not_admin} for log in logs]
 
 
 def skeleton(m: Manifest) -> dict[str, Any]:
@@ -448,6 +487,7 @@ def clusters(m: Manifest, sds_dir: str | None) -> list[dict[str, Any]]:
     return [grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
             grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
             grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport),
+            grpc_cluster(ADMIN_CLUSTER, *m.services.admin, transport),
             *(provider_cluster(p) for p in m.providers)]
 
 

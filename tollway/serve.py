@@ -32,7 +32,10 @@ from tollway.tls import server_credentials, target
 
 log = logging.getLogger("tollway.serve")
 
-SERVICE_NAMES = ("extauthz", "ratelimit", "costsink")
+SERVICE_NAMES = ("extauthz", "ratelimit", "costsink", "admin")
+# where each service's `build(ctx)` lives
+MODULES = {"extauthz": "extauthz", "ratelimit": "ratelimit", "costsink": "costsink",
+           "admin": "tollway.admin"}
 
 
 @dataclass
@@ -109,7 +112,7 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
                          "extauthz,ratelimit,costsink); use redis:// to run them apart")
     services: dict[str, Service] = {}
     for name in names:
-        module = importlib.import_module(name)
+        module = importlib.import_module(MODULES[name])
         services[name] = await module.build(ctx)
 
     by_address: dict[str, list[str]] = defaultdict(list)

@@ -151,7 +151,7 @@ def up(manifest_path: Path, m: Manifest) -> int:
 
         services = spawn("services", [sys.executable, "-m", "tollway.cli", "serve",
                                       "--manifest", str(manifest_path),
-                                      "--services", "extauthz,ratelimit,costsink"])
+                                      "--services", "extauthz,ratelimit,costsink,admin"])
         _wait_tcp(*m.services.extauthz, services, "extauthz", deadline)
         _wait_tcp(*m.services.ratelimit, services, "ratelimit", deadline)
         _wait_tcp(*m.services.costsink, services, "costsink", deadline)

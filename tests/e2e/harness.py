@@ -78,6 +78,8 @@ def base_manifest(ports: dict[str, int], keys_dsn: str) -> dict[str, Any]:
         "services": {"extauthz": f"127.0.0.1:{ports['extauthz']}",
                      "ratelimit": f"127.0.0.1:{ports['ratelimit']}",
                      "costsink": f"127.0.0.1:{ports['costsink']}",
+                     **({"admin": f"127.0.0.1:{ports['admin_api']}"}
+                        if "admin_api" in ports else {}),
                      "metrics_port": ports["metrics"]},
         "storage": {"keys": keys_dsn, "pepper": "file:pepper"},
         "providers": [
@@ -189,7 +191,7 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
     `envoy_config(manifest_path, ports) -> Path`: Envoy's config from elsewhere than
     `tollway render` (an Istio-shaped gateway)."""
     ports = {n: free_port() for n in ("mock", "gateway", "admin", "extauthz", "ratelimit",
-                                      "costsink", "metrics", "metrics2")}
+                                      "costsink", "metrics", "metrics2", "admin_api")}
     doc = base_manifest(ports, keys_dsn)
     # absolute: this process renders Envoy's config, and its state dir is not the gateway's
     doc["gateway"]["access_log_file"] = str(tmp / "state" / "envoy-access.jsonl")
@@ -218,13 +220,14 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
                               str(ports["mock"]), "--expected-key", PROVIDER_KEY])
         wait_until(lambda: tcp_open(ports["mock"]), "mock provider", proc=mock)
         serve = [sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest_path)]
-        svc = spawn("services", [*serve, "--services", "extauthz,ratelimit" if split
-                                 else "extauthz,ratelimit,costsink"])
+        svc = spawn("services", [*serve, "--services", "extauthz,ratelimit,admin" if split
+                                 else "extauthz,ratelimit,costsink,admin"])
         sink = spawn("costsink", [*serve, "--services", "costsink", "--metrics",
                                   f"127.0.0.1:{ports['metrics2']}"]) if split else svc
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
         wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
         wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=sink)
+        wait_until(lambda: tcp_open(ports["admin_api"]), "admin", proc=svc)
         if envoy_config:
             config = envoy_config(manifest_path, ports)
         else:

@@ -543,14 +543,14 @@ def parse(doc: Any, source: str = "") -> Manifest:
         g.fail("alert_webhook", "must be an http:// or https:// URL")
 
     s = root.child("services")
-    s.check_keys({"extauthz", "ratelimit", "costsink", "metrics_port", "metrics_host", "tls",
-                  "listen", "health"})
+    s.check_keys({"extauthz", "ratelimit", "costsink", "admin", "metrics_port", "metrics_host",
+                  "tls", "listen", "health"})
     listen: dict[str, tuple[str, int]] = {}
     if s.value.get("listen") is not None:
         ln = s.child("listen")
-        ln.check_keys({"extauthz", "ratelimit", "costsink"})
+        ln.check_keys({"extauthz", "ratelimit", "costsink", "admin"})
         listen = {name: _host_port(ln, name, "") for name in ("extauthz", "ratelimit",
-                                                              "costsink")
+                                                              "costsink", "admin")
                   if ln.value.get(name) is not None}
     tls = None
     if s.value.get("tls") is not None:
@@ -563,7 +563,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
                         metrics_port=s.integer("metrics_port", 9464), tls=tls,
                         listen=MappingProxyType(listen),
                         metrics_host=s.text("metrics_host", "127.0.0.1"),
-                        health=_host_port(s, "health", "") if s.value.get("health") else None)
+                        health=_host_port(s, "health", "") if s.value.get("health") else None,
+                        admin=_host_port(s, "admin", "127.0.0.1:50054"))
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper"})

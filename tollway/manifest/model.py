@@ -227,6 +227,8 @@ class Services:
     # a plaintext port with the gRPC health service alone, for kubelet probes (they cannot
     # present a client certificate when services.tls is on)
     health: tuple[str, int] | None = None
+    admin: tuple[str, int] = ("127.0.0.1", 50054)  # the admin API (gRPC), behind Envoy's
+    # grpc_json_transcoder for REST
 
     def dial(self, name: str) -> tuple[str, int]:
         address: tuple[str, int] = getattr(self, name)
