@@ -1,4 +1,6 @@
-"""What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner."""
+"""What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner, an
+extauthz Check request. Run the benchmarks from the repository root (`python bench/X.py`): the
+gateway's subprocesses must import the packages, not these scripts of the same names."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
+from google.protobuf import struct_pb2  # noqa: E402
+
+from tollway.metadata import REQUEST  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -54,3 +60,15 @@ def serve_forever(add: Callable[[Any, grpc.aio.Server], None], servicer: Any, po
         await server.start()
         await server.wait_for_termination()
     asyncio.run(run())
+
+
+def check_request(key: str, route: str) -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    attrs = req.attributes
+    attrs.context_extensions["route"] = route
+    attrs.request.http.headers["authorization"] = f"Bearer {key}"
+    attrs.request.http.headers["content-type"] = "application/json"
+    body = struct_pb2.Struct()
+    body.update({"model": "gpt-5.4-mini", "stream": False, "max_tokens": 256})
+    attrs.metadata_context.filter_metadata[REQUEST].CopyFrom(body)
+    return req

@@ -32,13 +32,11 @@ from typing import Any
 import grpc
 import httpx
 import yaml
-from common import closed_loop, ms, pct, serve_forever
+from common import check_request, closed_loop, ms, pct, serve_forever
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from google.protobuf import struct_pb2
 
 from tests.e2e.harness import free_port, run_gateway, tcp_open, wait_until
 from tollway.manifest import load
-from tollway.metadata import REQUEST
 from tollway.render import render
 from tollway.up import envoy_binary
 
@@ -46,18 +44,6 @@ from tollway.up import envoy_binary
 class Noop(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(self, request, context):  # type: ignore[no-untyped-def]
         return external_auth_pb2.CheckResponse()
-
-
-def check_request(key: str, route: str) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    attrs = req.attributes
-    attrs.context_extensions["route"] = route
-    attrs.request.http.headers["authorization"] = f"Bearer {key}"
-    attrs.request.http.headers["content-type"] = "application/json"
-    body = struct_pb2.Struct()
-    body.update({"model": "gpt-5.4-mini", "stream": False, "max_tokens": 256})
-    attrs.metadata_context.filter_metadata[REQUEST].CopyFrom(body)
-    return req
 
 
 async def grpc_load(port: int, req: external_auth_pb2.CheckRequest, seconds: float,
