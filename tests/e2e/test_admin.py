@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -83,6 +84,15 @@ def test_a_runtime_client_and_key_over_rest(gw: Gateway) -> None:
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="gpt-5.4", messages=ASK)
     assert [m.id for m in client.models.list()] == ["gpt-5.4-mini"]
+    # the key's own limits, with the key itself
+    usage = httpx.get(f"{gw.url}/v1/tollway/usage", headers={
+        "authorization": f"Bearer {secret}"})
+    assert usage.status_code == 200, usage.text
+    assert usage.json()["key_id"] == "rk-dana"
+    [rpm] = [q for q in usage.json()["limits"] if q["quota"] == "dana-rpm"]
+    assert rpm["limit"] == "3" and rpm["used"] == "1"
+    assert httpx.get(f"{gw.url}/v1/tollway/usage",
+                     headers={"authorization": "Bearer rk-dana.wrong"}).status_code == 401
 
     client.chat.completions.create(model="gpt-5.4-mini", messages=ASK)
     client.chat.completions.create(model="gpt-5.4-mini", messages=ASK)
@@ -179,6 +189,10 @@ def test_reference_000_a_user_with_tenant_rpm_and_is_agent_meets_a_policy(gw: Ga
                                    max_retries=0)
     works_within(1.0, lambda: keys["human"].chat.completions.create(model="gpt-5.4-mini",
                                                                    messages=ASK))
+    # the Anthropic SDK lists the models of the Anthropic routes in its own shape
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=keys["human"].api_key,
+                                 max_retries=0)
+    assert [m.id for m in claude.models.list()] == ["claude-haiku", "claude-opus"]
     deadline = time.monotonic() + 1.0
     while True:
         try:

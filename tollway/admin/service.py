@@ -20,7 +20,8 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import json_format, struct_pb2
 
-from extauthz.decision import Deny, authenticate
+from extauthz.decision import Caller, Deny, authenticate
+from ratelimit._proto import usage_pb2, usage_pb2_grpc
 from tollway.errors import status_of
 from tollway.keys import AuditQuery, KeyEvent, KeyExists, KeyManager, KeyRecord
 from tollway.keys import runtime as rt
@@ -28,6 +29,7 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, Manifest
 from tollway.manifest.model import Dialect
 from tollway.reload import Compiled
+from tollway.tls import ServiceChannel, target
 
 from . import tokens
 from ._proto import admin_pb2, admin_pb2_grpc
@@ -80,6 +82,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self.keys = keys
         self.store = keys.store
         self.pepper = pepper
+        self._usage: ServiceChannel | None = None  # to the rate-limit service's Usage API
 
     # -- who is calling ----------------------------------------------------------------------
 
@@ -392,17 +395,40 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     # -- for the key holder ------------------------------------------------------------------
 
-    async def ListModels(self, request: admin_pb2.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
-        headers = self._headers(context)
-        dialect = Dialect.ANTHROPIC if "anthropic-version" in headers else Dialect.OPENAI
-        m = self.manifest.value
-        caller = authenticate(m, self.pepper.value, self.keys, headers, dialect,
-                              datetime.now(UTC))
+    async def _key_holder(self, context: grpc.aio.ServicerContext, dialect: Dialect
+                          ) -> Caller:
+        caller = authenticate(self.manifest.value, self.pepper.value, self.keys,
+                              self._headers(context), dialect, datetime.now(UTC))
         if isinstance(caller, Deny):
             await _fail(context, status_of(caller.code), caller.code, caller.message)
-        assert not isinstance(caller, Deny)
-        b = caller.binding
+        assert isinstance(caller, Caller)
+        return caller
+
+    async def GetOwnUsage(self, request: admin_pb2.GetOwnUsageRequest,
+                          context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        caller = await self._key_holder(context, Dialect.OPENAI)
+        m = self.manifest.value
+        if request.model and not any(p.model(request.model) for p in m.providers):
+            await _fail(context, 404, "not_found", f"no model {request.model!r} on this gateway")
+        if self._usage is None:
+            self._usage = ServiceChannel(target(*m.services.dial("ratelimit")), m.services.tls)
+        try:
+            answer = await usage_pb2_grpc.UsageStub(self._usage.get()).KeyUsage(
+                usage_pb2.KeyUsageRequest(key_id=caller.key_id, model=request.model),
+                timeout=5)
+        except grpc.aio.AioRpcError as e:
+            await _fail(context, 503, "gateway_unavailable",
+                        f"the rate-limit service did not answer: {e.details()}")
+        body = json_format.MessageToDict(answer, preserving_proto_field_name=True)
+        return httpbody_pb2.HttpBody(content_type="application/json",
+                                     data=json.dumps(body).encode())
+
+    async def ListModels(self, request: admin_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        dialect = (Dialect.ANTHROPIC if "anthropic-version" in self._headers(context)
+                   else Dialect.OPENAI)
+        m = self.manifest.value
+        b = (await self._key_holder(context, dialect)).binding
         models: dict[str, str] = {}
         for route in m.routes:
             if route.dialect is not dialect:

@@ -125,6 +125,11 @@ class AdminStub:
                 request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetOwnUsage = channel.unary_unary(
+                '/tollway.admin.v1.Admin/GetOwnUsage',
+                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.GetOwnUsageRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -244,6 +249,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOwnUsage(self, request, context):
+        """For the key holder, with the key itself: its own limits, spend and what remains of each
+        (the rate-limit service's Usage API, for this key only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +348,11 @@ def add_AdminServicer_to_server(servicer, server):
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListModelsRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetOwnUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOwnUsage,
+                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.GetOwnUsageRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -823,6 +841,33 @@ class Admin:
             target,
             '/tollway.admin.v1.Admin/ListModels',
             tollway_dot_admin_dot___proto_dot_admin__pb2.ListModelsRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOwnUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tollway.admin.v1.Admin/GetOwnUsage',
+            tollway_dot_admin_dot___proto_dot_admin__pb2.GetOwnUsageRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
