@@ -115,7 +115,7 @@ def test_the_wiring_between_objects_holds(overlay: str) -> None:
     # only the gateway pods reach extauthz and ratelimit
     for np in (o for o in objects if o["kind"] == "NetworkPolicy"
                and o["metadata"]["name"] == "tollway-services"):
-        service_ports = {50051, 50052}
+        service_ports = {50051, 50052, 50054}
         for rule in np["spec"]["ingress"]:
             if service_ports & {p["port"] for p in rule["ports"]}:
                 assert rule["from"] == [{"podSelector": {"matchLabels": {
@@ -160,7 +160,7 @@ def test_compose_runs_the_manifest_it_ships(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
     m = load(ROOT / "deploy" / "compose" / "manifest.yaml")
-    for name in ("extauthz", "ratelimit", "costsink"):
+    for name in ("extauthz", "ratelimit", "costsink", "admin"):
         host, port = m.services.dial(name)
         assert host in services, f"Envoy dials {host}, which compose does not run"
         assert m.services.bind(name) == ("0.0.0.0", port)
