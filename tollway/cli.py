@@ -327,6 +327,10 @@ async def _with_manager(m: Manifest, fn: Callable[[KeyManager], Awaitable[int]])
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    if getattr(args, "server", None):
+        from tollway.cli_admin import keys_via_server
+
+        return keys_via_server(args)
     m = _manifest(args)
     action: str = args.keys_action
 
@@ -336,9 +340,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"{'KEY ID':<28} {'STORE':<10} {'MANIFEST':<10} {'PROJECT':<20} EXPIRES")
             for listed in sorted(set(records) | set(m.bindings)):
                 r, b = records.get(listed), m.bindings.get(listed)
+                spec = json.loads(r.spec) if r and r.spec else None  # a runtime key
+                where = (f"{b.org.id}/{b.project.id}" if b else
+                         f"{spec['org']}/{spec['project']}" if spec else "-")
                 print(f"{listed:<28} {r.status.value if r else 'not-issued':<10} "
-                      f"{b.status.value if b else 'absent':<10} "
-                      f"{(b.org.id + '/' + b.project.id) if b else '-':<20} "
+                      f"{b.status.value if b else 'runtime' if spec else 'absent':<10} "
+                      f"{where:<20} "
                       f"{r.expires_at.isoformat() if r and r.expires_at else '-'}")
             return 0
         key_id: str = args.key_id
@@ -508,18 +515,27 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--in", dest="in_", type=_duration, help="from now (default: now)")
         if name in ("suspend", "resume", "revoke"):
             k.add_argument("--reason", help="recorded in the audit trail")
+        k.add_argument("--server", help="work on runtime keys through the admin API at this "
+                       "gateway URL (token in $TOLLWAY_ADMIN_TOKEN) instead of the store")
+        if name == "issue":
+            k.add_argument("--client", help="with --server: the runtime client to issue under")
+            k.add_argument("--spec", help="with --server: the key document as JSON (models, "
+                           "quotas, plan, metadata)")
     keys.set_defaults(func=cmd_keys)
 
     from tollway import cli_admin
 
     cli_admin.add_parsers(sub, with_manifest)
-    for name in ("admin-tokens", "audit"):
+    cli_admin.add_client_parsers(sub)
+    for name in ("admin-tokens", "audit", "clients"):
         sub.choices[name].set_defaults(func=_admin_command)
     return ap
 
 
 def _admin_command(args: argparse.Namespace) -> int:
-    code: int = args.admin_cmd(args, _manifest_path(args))
+    # `clients` works through the admin API only: it has no manifest
+    path = _manifest_path(args) if hasattr(args, "manifest") else None
+    code: int = args.admin_cmd(args, path)
     return code
 
 

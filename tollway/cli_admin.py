@@ -114,3 +114,110 @@ def add_parsers(sub: Any, with_manifest: Callable[[argparse.ArgumentParser], Non
     aud.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     aud.add_argument("--format", choices=["table", "json"], default="table")
     aud.set_defaults(admin_cmd=cmd_audit)
+
+
+# -- through the admin API (--server URL) ------------------------------------------------------
+
+TOKEN_ENV = "TOLLWAY_ADMIN_TOKEN"
+
+
+def _api(server: str) -> Any:
+    import httpx
+
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise SystemExit(f"tollway: --server needs an admin token in ${TOKEN_ENV} "
+                         "(tollway admin-tokens issue ...)")
+    return httpx.Client(base_url=server.rstrip("/") + "/admin/v1", timeout=30,
+                        headers={"authorization": f"Bearer {token}"})
+
+
+def _answer(response: Any) -> int:
+    """Print the API's answer; a refusal as `tollway: <status> <code>: <message>`."""
+    if response.status_code == 200:
+        body = response.json()
+        secret = body.get("secret") if isinstance(body, dict) else None
+        if secret:  # a new secret: alone on stdout, like `tollway keys issue`
+            print(secret)
+            print("# the secret is shown once and stored only as a hash", file=sys.stderr)
+        else:
+            print(json.dumps(body, indent=2))
+        return 0
+    try:
+        message = response.json().get("message", response.text)
+    except ValueError:
+        message = response.text
+    code = response.headers.get("x-tollway-error", "error")
+    print(f"tollway: {response.status_code} {code}: {message}", file=sys.stderr)
+    return 1
+
+
+def keys_via_server(args: argparse.Namespace) -> int:
+    """`tollway keys ACTION ID --server URL`: runtime keys through the admin API."""
+    with _api(args.server) as api:
+        action, key_id = args.keys_action, getattr(args, "key_id", None)
+        if action == "issue":
+            if not args.client:
+                raise SystemExit("tollway: keys issue --server needs --client CLIENT_ID")
+            doc = {"id": key_id, **(json.loads(args.spec) if args.spec else {})}
+            if args.expires_in:
+                doc["expires_at"] = (datetime.now().astimezone() + args.expires_in).isoformat()
+            return _answer(api.post(f"/clients/{args.client}/keys", json=doc))
+        if action == "show":
+            return _answer(api.get(f"/keys/{key_id}"))
+        if action == "rotate":
+            return _answer(api.post(f"/keys/{key_id}:rotate", json={
+                "grace_seconds": int(args.grace.total_seconds())}))
+        if action == "expire":
+            at = (datetime.now().astimezone() + args.in_).isoformat() if args.in_ else ""
+            return _answer(api.post(f"/keys/{key_id}:expire", json={"expires_at": at}))
+        if action in ("suspend", "resume", "revoke"):
+            return _answer(api.post(f"/keys/{key_id}:{action}",
+                                    json={"reason": args.reason or ""}))
+        raise SystemExit(f"tollway: keys {action} has no --server form; list a client's keys "
+                         "with `tollway clients keys CLIENT --server URL`")
+
+
+def cmd_clients(args: argparse.Namespace, manifest_path: Any) -> int:
+    with _api(args.server) as api:
+        action = args.clients_action
+        if action == "create":
+            doc = {"id": args.client_id, **(json.loads(args.spec) if args.spec else {})}
+            org, _, project = args.project.partition("/")
+            return _answer(api.post(f"/orgs/{org}/projects/{project}/clients", json=doc))
+        if action == "list":
+            org, _, project = args.project.partition("/")
+            return _answer(api.get(f"/orgs/{org}/projects/{project}/clients"))
+        if action == "show":
+            return _answer(api.get(f"/clients/{args.client_id}"))
+        if action == "keys":
+            return _answer(api.get(f"/clients/{args.client_id}/keys"))
+        return _answer(api.post(f"/clients/{args.client_id}:{action}", json={}))
+
+
+def add_client_parsers(sub: Any) -> None:
+    cl = sub.add_parser(
+        "clients", help="runtime clients through the admin API (--server)",
+        description="Clients created at runtime inside the manifest's projects, through the "
+        f"admin API; the admin token comes from ${TOKEN_ENV}. Documents are the manifest's "
+        "client schema (without keys).",
+        epilog="example:\n  tollway clients create dana --project acme/team-ai "
+        "--server https://gw.example.com \\\n    --spec '{\"user\": {\"email\": "
+        "\"dana@example.com\", \"tenant\": \"t1\"}}'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cs = cl.add_subparsers(dest="clients_action", required=True)
+    for name, help_ in (("create", "create a client in a project"),
+                        ("list", "a project's runtime clients"),
+                        ("show", "one client"), ("keys", "a client's keys"),
+                        ("suspend", "refuse every key of the client until resumed"),
+                        ("resume", "accept the client's keys again"),
+                        ("revoke", "refuse the client's keys for good")):
+        c = cs.add_parser(name, help=help_)
+        c.add_argument("--server", required=True, help="the gateway's URL")
+        if name in ("create", "list"):
+            c.add_argument("--project", required=True, help="ORG/PROJECT")
+        if name != "list":
+            c.add_argument("client_id")
+        if name == "create":
+            c.add_argument("--spec", help="the client document as JSON (name, user, metadata)")
+    cl.set_defaults(admin_cmd=cmd_clients)

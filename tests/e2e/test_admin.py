@@ -7,6 +7,8 @@ and is_agent, decided on by a Cedar policy over those attributes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -218,3 +220,29 @@ def test_reference_000_a_user_with_tenant_rpm_and_is_agent_meets_a_policy(gw: Ga
             break
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_the_cli_works_through_the_admin_api(gw: Gateway) -> None:
+    env = {**gw.env, "TOLLWAY_ADMIN_TOKEN": gw.issued["selfserve"]}
+
+    def tollway(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tollway.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+    made = tollway("clients", "create", "cli-user", "--project", "acme/selfserve",
+                   "--server", gw.url, "--spec", '{"user": {"tenant": "t1"}}')
+    assert made.returncode == 0, made.stderr
+    issued = tollway("keys", "issue", "rk-cli", "--client", "cli-user", "--server", gw.url,
+                     "--spec", '{"models": ["gpt-5.4-mini"]}')
+    assert issued.returncode == 0 and issued.stdout.startswith("rk-cli."), issued.stderr
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=issued.stdout.strip(),
+                           max_retries=0)
+    works_within(1.0, lambda: client.chat.completions.create(model="gpt-5.4-mini",
+                                                            messages=ASK))
+    listed = tollway("clients", "keys", "cli-user", "--server", gw.url)
+    assert [k["id"] for k in json.loads(listed.stdout)["keys"]] == ["rk-cli"]
+    assert tollway("keys", "suspend", "rk-cli", "--server", gw.url).returncode == 0
+    refused = tollway("clients", "create", "x", "--project", "acme/team-ai", "--server",
+                      gw.url)
+    assert refused.returncode == 1 and "403 out_of_scope" in refused.stderr
+    audit = gw.cli("audit", "--", "--target", "rk-cli", "--format", "json")
+    assert [e["action"] for e in json.loads(audit)] == ["suspend", "issue"]
