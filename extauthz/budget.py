@@ -15,7 +15,15 @@ from datetime import datetime
 
 from prometheus_client import Counter
 
-from tollway.budgets import Budget, SpendCounter, budgets_for, from_units, period_labels, to_units
+from tollway.budgets import (
+    Budget,
+    SpendCounter,
+    budgets_for,
+    from_units,
+    period_labels,
+    shown,
+    to_units,
+)
 from tollway.pricing import max_cost
 from tollway.spend import HoldOutcome, SpendStore, SpendUnavailable
 
@@ -106,16 +114,44 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
         BUDGET_DECISIONS.labels("in_flight").inc()
         bg = refused.budget
         return Deny("budget_in_flight",
-                    f"{bg.label} ({from_units(bg.limit)} {currency}) has room for this request "
-                    f"once requests in flight settle: spent {from_units(refused.spent)}, held "
-                    f"{from_units(refused.held)}, this request may cost up to "
-                    f"{from_units(amount)}; retry after 1 s", allow.route.dialect, b.key.id)
+                    f"{bg.label} ({shown(bg.limit)} {currency}) has room for this request "
+                    f"once requests in flight settle: spent {shown(refused.spent)}, held "
+                    f"{shown(refused.held)}, this request may cost up to "
+                    f"{shown(amount)}; retry after 1 s", allow.route.dialect, b.key.id)
     BUDGET_DECISIONS.labels("refused").inc()
     bg = over.budget
     return Deny("budget_exceeded",
-                f"budget exceeded: {bg.label} is {from_units(bg.limit)} {currency}; spent "
-                f"{from_units(over.spent)}, and this request may cost up to "
-                f"{from_units(amount)}", allow.route.dialect, b.key.id)
+                f"budget exceeded: {bg.label} is {shown(bg.limit)} {currency}; spent "
+                f"{shown(over.spent)}, and this request may cost up to "
+                f"{shown(amount)}", allow.route.dialect, b.key.id)
+
+
+async def budget_verdict(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
+                         now: datetime) -> Deny | None:
+    """What hold_budget would answer now, read without holding (`tollway explain`): 402 when
+    spent + this request's maximum cost passes an enforced budget, 429 budget_in_flight when
+    only other requests' holds stand in the way."""
+    m, b = rt.manifest, allow.binding
+    budgets = [bg for bg in budgets_for(m, b, allow.model,
+                                        period_labels(now, m.gateway.timezone)) if bg.enforce]
+    if not budgets:
+        return None
+    amount = max_hold(rt, allow, facts)
+    states = await store.read(b.org.id, [bg.counter for bg in budgets])
+    currency = m.rate_card.currency if m.rate_card else ""
+    for bg, (spent, _) in zip(budgets, states, strict=True):
+        if spent + amount > bg.limit:
+            return Deny("budget_exceeded",
+                        f"budget exceeded: {bg.label} is {shown(bg.limit)} {currency}; "
+                        f"spent {shown(spent)}, and this request may cost up to "
+                        f"{shown(amount)}", allow.route.dialect, b.key.id)
+    for bg, (spent, held) in zip(budgets, states, strict=True):
+        if spent + held + amount > bg.limit:
+            return Deny("budget_in_flight",
+                        f"{bg.label} has room once requests in flight settle: spent "
+                        f"{shown(spent)}, held {shown(held)}", allow.route.dialect,
+                        b.key.id)
+    return None
 
 
 async def _hold_settling(store: SpendStore, tag: str, request_id: str, budgets: list[Budget],

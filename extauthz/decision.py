@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tollway.keys import split_key, verify_secret
+from tollway.keys import KeyRecord, split_key, verify_secret
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
 from tollway.manifest.model import Dialect
@@ -33,11 +33,13 @@ class Runtime:
     policies: CompiledPolicies | None = None
 
 
-def compile_runtime(manifest: Manifest) -> Runtime:
+def compile_runtime(manifest: Manifest, *, secrets: bool = True) -> Runtime:
     """Resolve every provider credential and the pepper now, so a missing one refuses the
-    manifest up front; parse the Cedar policies once, not per request."""
-    credentials = {p.name: resolve(p.credential) for p in manifest.providers}
-    secret = pepper(manifest.storage.pepper, create=True)
+    manifest up front; parse the Cedar policies once, not per request. Without `secrets`
+    (`tollway explain`, which swaps no credential and verifies no secret) neither is read."""
+    credentials = {p.name: resolve(p.credential) if secrets else "(not resolved)"
+                   for p in manifest.providers}
+    secret = pepper(manifest.storage.pepper, create=True) if secrets else b""
     uses_policies = manifest.policies or any(
         p.policies_enabled for o in manifest.organizations for p in o.projects)
     return Runtime(manifest=manifest, credentials=credentials,
@@ -127,7 +129,13 @@ def authenticate(m: Manifest, pepper: bytes, mirror: KeyMirror, headers: Mapping
     record = mirror.get(key_id)
     if record is None or not verify_secret(record, pepper, secret, now):
         return Deny("invalid_api_key", "invalid API key", d)
+    return key_state(record, binding, d, now)
 
+
+def key_state(record: KeyRecord, binding: KeyBinding, d: Dialect, now: datetime
+              ) -> Caller | Deny:
+    """Revoked, suspended or expired, at any level (org, project, client, key, store)."""
+    key_id = record.key_id
     status = max(record.status, binding.status, key=lambda s: s.severity)
     if status is KeyStatus.REVOKED:
         return Deny("key_revoked", f"key {key_id} has been revoked", d, key_id)
@@ -149,8 +157,15 @@ def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
     caller = authenticate(rt.manifest, rt.pepper, mirror, facts.headers, d, now)
     if isinstance(caller, Deny):
         return caller
-    key_id, binding = caller.key_id, caller.binding
+    return authorize(rt, route, caller, facts)
 
+
+def authorize(rt: Runtime, route: Route, caller: Caller, facts: RequestFacts) -> Allow | Deny:
+    """What this caller asks of this route: the body's model, stream and output cap, the
+    route provider's catalogue, the key's allowlist and its role's model rules. `tollway
+    explain` runs it too, after key_state (it has no secret to verify)."""
+    d = route.dialect
+    key_id, binding = caller.key_id, caller.binding
     body = facts.body
     if body.get("body_error"):
         return Deny("invalid_request_error", "request body is not valid JSON", d, key_id)
@@ -171,8 +186,10 @@ def decide(rt: Runtime, mirror: KeyMirror, facts: RequestFacts,
                     key_id)
 
     provider = rt.manifest.provider(route.provider)
-    if provider.model(model) is None or (binding.allowed_models is not None
-                                         and model not in binding.allowed_models):
+    if provider.model(model) is None:
+        return Deny("model_not_allowed", f"model '{_short(model)}' is not served on "
+                    f"{route.path} (provider {provider.name})", d, key_id)
+    if binding.allowed_models is not None and model not in binding.allowed_models:
         return Deny("model_not_allowed", f"model '{_short(model)}' is not allowed for key "
                     f"{key_id} on {route.path}", d, key_id)
 

@@ -13,9 +13,13 @@ import pytest
 import yaml
 
 from tests.e2e.test_policies import DEVELOPMENT, ENTERPRISE, MULTI_TENANT, PRODUCTION
+from tollway.budgets import key_counters, period_labels, to_units
 from tollway.explain import explain
-from tollway.manifest import ManifestError, parse
+from tollway.keys import KeyRecord
+from tollway.keys.mirror import KeyMirror
+from tollway.manifest import KeyStatus, ManifestError, parse
 from tollway.policy import CompiledPolicies, request_context, schema_text
+from tollway.spend import MemorySpendStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,14 +116,21 @@ def test_a_forbid_wins_and_is_named_only_to_the_operator() -> None:
                            daily=Decimal("50")).allowed
 
 
-def test_explain_prints_the_decision_and_the_determining_policy() -> None:
+async def test_explain_prints_the_decision_and_the_determining_policy() -> None:
     m = parse(doc({"prod": PRODUCTION}, tenant="production", is_agent=True))
-    allowed = explain(m, "k", "gpt-4o-mini", ip="10.1.2.3")
-    assert allowed.allowed
-    assert "decision: ALLOW (permitted)" in allowed.text()
+    mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand: key k is issued
+    now = datetime.now(UTC)
+    mirror._keys["k"] = KeyRecord("k", b"h", KeyStatus.ACTIVE, None, None, None, now, now, 1)
+    spend = MemorySpendStore()
+    allowed = await explain(m, mirror, spend, "k", "gpt-4o-mini", ip="10.1.2.3")
+    assert allowed.allowed and allowed.status == 200
     assert "determined by policy prod:" in allowed.text()
     assert 'isInRange(ip("10.0.0.0/8"))' in allowed.text()
-    denied = explain(m, "k", "gpt-4o-mini", ip="192.168.0.1")
-    assert not denied.allowed
-    assert "DENY → 403 policy_denied (no policy permits this request)" in denied.text()
-    assert not explain(m, "k", "gpt-4o-mini", ip="10.1.2.3", daily=Decimal(1000)).allowed
+    denied = await explain(m, mirror, spend, "k", "gpt-4o-mini", ip="192.168.0.1")
+    assert not denied.allowed and (denied.status, denied.code) == (403, "policy_denied")
+    assert "DENY → 403 policy_denied: denied by policy: no policy permits this request" \
+        in denied.text()
+    day, _ = key_counters("k", period_labels(now, "UTC"))
+    await spend.set_spent("o", [(day, to_units(Decimal(1000)))])
+    over = await explain(m, mirror, spend, "k", "gpt-4o-mini", ip="10.1.2.3")
+    assert over.code == "policy_denied" and "spend today 1000" in over.text()

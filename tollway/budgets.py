@@ -34,6 +34,19 @@ def from_units(n: int) -> Decimal:
     return (Decimal(n) * UNIT).normalize()
 
 
+def money(value: Decimal | int | str) -> str:
+    """An amount as every output prints it: exact (never rounded), fixed-point (never 1E+3),
+    at least two decimals: 0.00, 0.000048, 0.00006285, 1000.00."""
+    text = format(Decimal(value).normalize(), "f")
+    whole, _, decimals = text.partition(".")
+    return f"{whole}.{decimals.ljust(2, '0')}"
+
+
+def shown(units: int) -> str:
+    """An amount in UNIT, as money() prints it."""
+    return money(from_units(units))
+
+
 def period_labels(at: datetime, timezone: str) -> dict[str, str]:
     # every zone's offset is a whole number of minutes: a minute lies in one day
     return dict(_labels(int(at.timestamp()) // 60, timezone))

@@ -14,7 +14,6 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -259,33 +258,75 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from costsink.ledger import open_ledger
-    from tollway.budgets import period_starts
-    from tollway.explain import explain
+    from tollway.explain import check_ip
 
     m = _manifest(args)
-    starts = period_starts(datetime.now(UTC), m.gateway.timezone)
-
-    async def spend() -> tuple[Decimal, Decimal]:
-        ledger = open_ledger(m.storage.ledger)
-        await ledger.open()
-        try:
-            totals = [sum((t[4] for t in await ledger.spend_totals(since)
-                           if t[2] == args.key_id), Decimal(0))
-                      for since in (starts["day"], starts["month"])]
-            return totals[0], totals[1]
-        finally:
-            await ledger.close()
     try:
-        daily, monthly = asyncio.run(spend())
-    except Exception as e:  # explaining must not need the ledger: say what was assumed
-        print(f"tollway: cannot read spend from the ledger ({e}); assuming none",
+        ip = check_ip(args.ip)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not any(p.model(args.model) for p in m.providers):
+        print(f"tollway: note: no provider in {m.source} serves model {args.model!r}",
               file=sys.stderr)
-        daily = monthly = Decimal(0)
-    result = explain(m, args.key_id, args.model, ip=args.ip, path=args.path,
-                     stream=args.stream, daily=daily, monthly=monthly)
-    print(result.text())
+    result = asyncio.run(_explain(m, args, ip))
+    print(result.as_json() if args.format == "json" else result.text())
     return 0 if result.allowed else 3
+
+
+async def _explain(m: Manifest, args: argparse.Namespace, ip: str) -> Any:
+    """The gateway's own state: the key store (through a mirror, as extauthz reads it), the
+    spend counters (Redis; with memory counters, rebuilt from the ledger as a starting
+    service does) and the rate-limit service's Usage API."""
+    from costsink.ledger import open_ledger
+    from costsink.spend import SpendRecorder
+    from tollway.explain import explain
+    from tollway.keys import open_key_store
+    from tollway.keys.mirror import KeyMirror
+    from tollway.spend import open_spend_store
+
+    mirror = KeyMirror(open_key_store(m.storage.keys))
+    await mirror.store.open()
+    spend = open_spend_store(m.storage.counters)
+    try:
+        await mirror.refresh()
+        if spend.shared_in_process:
+            ledger = open_ledger(m.storage.ledger)
+            try:
+                await ledger.open()
+                await SpendRecorder(spend, mirror).rebuild(m, ledger, datetime.now(UTC))
+                await ledger.close()
+            except Exception as e:  # explaining must not need the ledger: say so
+                print(f"tollway: cannot read spend from the ledger ({e}); assuming none",
+                      file=sys.stderr)
+        return await explain(m, mirror, spend, args.key_id, args.model, ip=ip,
+                             path=args.path, stream=args.stream, max_tokens=args.max_tokens,
+                             body_bytes=args.body_bytes,
+                             usage=None if args.no_rate_limits else _usage_lookup(m))
+    finally:
+        await spend.close()
+        await mirror.store.close()
+
+
+def _usage_lookup(m: Manifest) -> Any:
+    from ratelimit._proto import usage_pb2, usage_pb2_grpc
+    from tollway.tls import ServiceChannel, target
+
+    async def lookup(key_id: str, model: str) -> dict[str, Any] | None:
+        import grpc
+        from google.protobuf import json_format
+
+        channel = ServiceChannel(target(*m.services.dial("ratelimit")), m.services.tls)
+        try:
+            answer = await usage_pb2_grpc.UsageStub(channel.get()).KeyUsage(
+                usage_pb2.KeyUsageRequest(key_id=key_id, model=model), timeout=3)
+        except grpc.aio.AioRpcError:
+            return None
+        finally:
+            await channel.get().close()
+        result: dict[str, Any] = json_format.MessageToDict(answer,
+                                                           preserving_proto_field_name=True)
+        return result
+    return lookup
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -476,13 +517,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="only the limits this model counts against")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_usage)
-    p = sub.add_parser("explain", help="why a key may or may not call a model (exit 3: denied)")
+    p = sub.add_parser(
+        "explain", help="what the gateway would answer a key for a model now, and why "
+        "(exit 3: denied)",
+        description="Runs extauthz's own steps on the gateway's current state (key store, "
+        "spend counters, the rate-limit service's counts) and prints the status and error "
+        "code the gateway would answer. The secret is not checked: give the key id.",
+        epilog="example:\n  tollway explain -m manifest.yaml --key chat-app-prod --model "
+        "gpt-5.4-mini --ip 10.0.0.7",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     with_manifest(p)
-    p.add_argument("--key", dest="key_id", required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--key", dest="key_id", required=True, help="the key id")
+    p.add_argument("--model", required=True, help="the model the request asks for")
     p.add_argument("--ip", default="127.0.0.1", help="the client address (default 127.0.0.1)")
     p.add_argument("--path", help="the route's path (default: the first route with the model)")
-    p.add_argument("--stream", action="store_true")
+    p.add_argument("--stream", action="store_true", help="a streamed request")
+    p.add_argument("--max-tokens", type=int, help="the request's output cap (default: the "
+                   "model's)")
+    p.add_argument("--body-bytes", type=int, default=1024,
+                   help="the request body's size, for the budget hold (default 1024)")
+    p.add_argument("--no-rate-limits", action="store_true",
+                   help="do not ask the rate-limit service for the key's counts")
+    p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider",
                        description="A provider that speaks OpenAI's and Anthropic's wire "

@@ -213,7 +213,8 @@ def test_a_cedar_spend_cap_takes_effect_once_the_ledger_passes_it(
     denied(lambda: ok(c, "gpt-5.4-mini"))  # and it stays refused
     out = gw.run_cli("explain", "--", "--key", "k-capped", "--model", "gpt-5.4-mini")
     assert out.returncode == 3, out.stderr
-    assert "DENY → 403 policy_denied (no policy permits this request)" in out.stdout
+    assert "DENY → 403 policy_denied: denied by policy: no policy permits this request" \
+        in out.stdout
     today = out.stdout.split("spend today ")[1].split()[0]
     assert Decimal(today) == ledger_spend(gw, "k-capped") >= cap
 
