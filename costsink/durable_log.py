@@ -32,6 +32,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from tollway.access_log import entry_from_line, line_request_id
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 
 from .entry import Entry, to_entry
@@ -130,7 +131,8 @@ class DurableLog:
         complete = data.rfind(b"\n") + 1  # a line Envoy is still writing waits
         return data[:complete].splitlines(), self.position.offset + complete
 
-    async def reconcile(self, m: Manifest, write: Write, delay: float = RECONCILE_DELAY) -> int:
+    async def reconcile(self, m: Manifest, write: Write, delay: float = RECONCILE_DELAY,
+                        keys: KeyMirror | None = None) -> int:
         """Write what the gRPC stream did not deliver; returns how many entries that was."""
         recovered = 0
         while True:
@@ -145,7 +147,7 @@ class DurableLog:
                 if not line.strip() or (rid and rid in self.recent):
                     continue
                 try:
-                    missing.append(to_entry(m, entry_from_line(line)))
+                    missing.append(to_entry(m, entry_from_line(line), keys))
                 except Exception:
                     log.exception("unreadable line in %s at byte %d", self.path,
                                   self.position.offset)

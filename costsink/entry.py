@@ -22,6 +22,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import json_format
 from prometheus_client import Counter
 
+from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
 from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
@@ -98,7 +99,10 @@ def request_id_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
     return f"envoy-{micros}-{sa.address}-{sa.port_value}"
 
 
-def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
+def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry,
+             keys: KeyMirror | None = None) -> Entry:
+    """`keys`: for a refused request, its key's org, project and client (a refusal's metadata
+    names only the key), from the manifest or, for a runtime key, the key mirror."""
     authz, usage_md, rl = _ns(entry, AUTHZ), _ns(entry, USAGE), _ns(entry, RATELIMIT)
     common = entry.common_properties
     flags = common.response_flags
@@ -124,12 +128,24 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
         cost = price(card, provider, model, dialect, usage)
         if cost is None:
             PRICING_MISSES.labels(provider, model).inc()
+    org, project, client = authz.get("org"), authz.get("project"), authz.get("client")
+    key_id = authz.get("key_id")
+    if org is None and key_id:  # refused by ext_authz: say whose request it was
+        b = keys.binding(m, key_id) if keys is not None else m.bindings.get(key_id)
+        if b is not None:
+            org, project, client = b.org.id, b.project.id, b.client.id
+    if model is None:  # what the body asked for, for a request refused before ext_authz said
+        asked = _ns(entry, REQUEST).get("model")
+        model = asked if isinstance(asked, str) and len(asked) <= 256 else None
+    deny = authz.get("deny_reason") or usage_md.get("refused")
+    if deny is None and flags.rate_limited:
+        deny = "rate_limit_exceeded"
     row = LedgerRow(
         request_id=request_id_of(entry),
         at=common.start_time.ToDatetime(tzinfo=UTC) if common.HasField("start_time")
         else datetime.now(UTC),
-        org=authz.get("org"), project=authz.get("project"), client=authz.get("client"),
-        key_id=authz.get("key_id"), provider=provider, model=model, route=authz.get("route"),
+        org=org, project=project, client=client,
+        key_id=key_id, provider=provider, model=model, route=authz.get("route"),
         status=status,
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
@@ -140,7 +156,7 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry) -> Entry:
         stream=stream,
         client_disconnected=flags.downstream_connection_termination
         or flags.downstream_remote_reset,
-        deny_reason=authz.get("deny_reason") or usage_md.get("refused"),
+        deny_reason=deny,
         reasoning_tokens=usage.reasoning_tokens,
         cache_creation_1h_tokens=usage.cache_creation_1h_tokens,
         estimated=estimated,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import abc
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -70,6 +72,23 @@ class Ledger(abc.ABC):
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]:
         """Rows with since <= at < until (either bound optional), oldest first."""
+
+    async def batches(self, since: datetime | None = None, until: datetime | None = None,
+                      size: int = 20_000) -> AsyncIterator[list[LedgerRow]]:
+        """The rows in time order, `size` at a time (a month of a busy gateway does not fit
+        in memory as one list)."""
+        after: tuple[str, str] | None = None
+        while True:
+            batch = await self._page(since, until, after, size)
+            if not batch:
+                return
+            yield batch
+            last = batch[-1]
+            after = (last.at.astimezone(UTC).isoformat(), last.request_id)
+
+    async def _page(self, since: datetime | None, until: datetime | None,
+                    after: tuple[str, str] | None, size: int) -> list[LedgerRow]:
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def spend_totals(self, since: datetime) -> list[SpendTotal]:
@@ -150,18 +169,23 @@ class SqliteLedger(Ledger):
         hi = until.astimezone(UTC).isoformat() if until else "9999"
 
         def q(db: sqlite3.Connection) -> list[LedgerRow]:
-            out = []
-            for r in db.execute(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
-                                "WHERE at >= ? AND at < ? ORDER BY at, request_id", (lo, hi)):
-                v = dict(zip(COLUMNS, r, strict=True))
-                v["at"] = datetime.fromisoformat(v["at"])
-                v["cost"] = Decimal(v["cost"]) if v["cost"] is not None else None
-                for flag in ("stream", "client_disconnected", "estimated"):
-                    v[flag] = bool(v[flag])
-                out.append(LedgerRow(**v))
-            return out
+            return [_sqlite_row(r) for r in db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
+                "WHERE at >= ? AND at < ? ORDER BY at, request_id", (lo, hi))]
         return await self._worker.run(q)
 
+    async def _page(self, since: datetime | None, until: datetime | None,
+                    after: tuple[str, str] | None, size: int) -> list[LedgerRow]:
+        lo = since.astimezone(UTC).isoformat() if since else ""
+        hi = until.astimezone(UTC).isoformat() if until else "9999"
+        at, rid = after or ("", "")
+
+        def q(db: sqlite3.Connection) -> list[LedgerRow]:
+            return [_sqlite_row(r) for r in db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger WHERE at >= ? AND at < ? "
+                "AND (at, request_id) > (?, ?) ORDER BY at, request_id LIMIT ?",
+                (lo, hi, at, rid, size))]
+        return await self._worker.run(q)
 
     async def spend_totals(self, since: datetime) -> list[SpendTotal]:
         lo = since.astimezone(UTC).isoformat()
@@ -177,6 +201,15 @@ class SqliteLedger(Ledger):
                 totals[k] = totals.get(k, Decimal(0)) + Decimal(cost)
             return [(*k, v) for k, v in totals.items()]
         return await self._worker.run(q)
+
+
+def _sqlite_row(r: tuple[Any, ...]) -> LedgerRow:
+    v = dict(zip(COLUMNS, r, strict=True))
+    v["at"] = datetime.fromisoformat(v["at"])
+    v["cost"] = Decimal(v["cost"]) if v["cost"] is not None else None
+    for flag in ("stream", "client_disconnected", "estimated"):
+        v[flag] = bool(v[flag])
+    return LedgerRow(**v)
 
 
 def _sqlite_value(v: object) -> object:
@@ -235,6 +268,20 @@ class PostgresLedger(Ledger):
                                        "WHERE ($1::timestamptz IS NULL OR at >= $1) AND "
                                        "($2::timestamptz IS NULL OR at < $2) "
                                        "ORDER BY at, request_id", since, until)
+        return [LedgerRow(**dict(r)) for r in records]
+
+    async def _page(self, since: datetime | None, until: datetime | None,
+                    after: tuple[str, str] | None, size: int) -> list[LedgerRow]:
+        assert self._pool is not None
+        at = datetime.fromisoformat(after[0]) if after else None
+        async with self._pool.acquire() as conn:
+            records = await conn.fetch(
+                f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
+                "WHERE ($1::timestamptz IS NULL OR at >= $1) AND "
+                "($2::timestamptz IS NULL OR at < $2) AND "
+                "($3::timestamptz IS NULL OR (at, request_id) > ($3, $4)) "
+                "ORDER BY at, request_id LIMIT $5", since, until, at,
+                after[1] if after else "", size)
         return [LedgerRow(**dict(r)) for r in records]
 
 

@@ -67,7 +67,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             m = self.manifest.value
             for entry in message.http_logs.log_entry:
                 try:
-                    await self.queue.put(to_entry(m, entry))
+                    await self.queue.put(to_entry(m, entry, self.spend.keys))
                     INGESTED.labels("queued").inc()
                 except Exception:
                     INGESTED.labels("unreadable").inc()
@@ -191,7 +191,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
             try:
-                await self.durable_log.reconcile(self.manifest.value, self.write)
+                await self.durable_log.reconcile(self.manifest.value, self.write,
+                                                 keys=self.spend.keys)
             except OSError as e:
                 log.error("cannot read Envoy's access-log file %s: %s",
                           self.durable_log.path, e)

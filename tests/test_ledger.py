@@ -120,3 +120,14 @@ organizations: [{id: acme, projects: [{id: team-ai, clients: [{id: app, keys: [{
     assert await recorder.rebuild(m, ledger, T0 + timedelta(minutes=5)) == 6  # 3 x day, month
     expected = to_units(Decimal("0.0000246912"))
     assert await store.read("acme", counters) == [(expected, 0)] * 3
+
+
+async def test_batches_walk_every_row_in_time_order(ledger: Ledger) -> None:
+    rows = [row(f"r{i}", at=i // 2) for i in range(7)]  # pairs share a second
+    await ledger.append(list(reversed(rows)))
+    batches = [b async for b in ledger.batches(size=3)]
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [r.request_id for b in batches for r in b] == [r.request_id for r in rows]
+    later = [r.request_id for b in [b async for b in ledger.batches(rows[4].at, size=2)]
+             for r in b]
+    assert later == ["r4", "r5", "r6"]

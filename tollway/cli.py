@@ -329,6 +329,18 @@ def _usage_lookup(m: Manifest) -> Any:
     return lookup
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tollway.simulate import run
+
+    m = _manifest(args)
+    now = datetime.now(UTC)
+    since = now - args.since if args.since else None
+    report = asyncio.run(run(m, since, None))
+    currency = m.rate_card.currency if m.rate_card else ""
+    print(report.as_json() if args.format == "json" else report.table(currency))
+    return 0
+
+
 def cmd_mock(args: argparse.Namespace) -> int:
     from tollway import mock_provider
 
@@ -540,6 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not ask the rate-limit service for the key's counts")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser(
+        "simulate", help="what a proposed manifest would have done to the recorded traffic",
+        description="Replays the ledger's requests (key, model, route, time, tokens, cost) "
+        "against the manifest given, with fresh counters, and reports per project and key "
+        "what its allowlists, model rules, rate limits and budgets would now refuse or let "
+        "through, and the spend that would have been blocked. Run it on the edited manifest "
+        "before applying it.",
+        epilog="example:\n  tollway simulate -m manifest-proposed.yaml --since 30d",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_manifest(p)
+    p.add_argument("--since", type=_duration, default=timedelta(days=30),
+                   help="how far back to replay (default 30d)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider",
                        description="A provider that speaks OpenAI's and Anthropic's wire "
                                    "formats, for trying Tollway without a real one. Example: "
