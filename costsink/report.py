@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from tollway.budgets import money
+
 from .ledger import LedgerRow
 
 GROUPS = ("org", "project", "key", "model", "day")
@@ -64,13 +66,12 @@ def render(lines: list[Line], by: list[str], fmt: str, currency: str) -> str:
     header = [*by, "requests", "input_tokens", "output_tokens", "cached_input_tokens",
               "cache_write_tokens", "reasoning_tokens", f"cost_{currency.lower()}", "unpriced",
               "estimated"]
+    # money exact and alike in every format: 0.00, 0.000048, 0.00006285 (tollway.budgets.money)
     table = [[*ln.group, ln.requests, ln.input_tokens, ln.output_tokens,
-              ln.cached_input_tokens, ln.cache_write_tokens, ln.reasoning_tokens, ln.cost,
-              ln.unpriced, ln.estimated] for ln in lines]
+              ln.cached_input_tokens, ln.cache_write_tokens, ln.reasoning_tokens,
+              money(ln.cost), ln.unpriced, ln.estimated] for ln in lines]
     if fmt == "json":
-        return json.dumps([dict(zip(header, [str(v) if isinstance(v, Decimal) else v
-                                             for v in row], strict=True)) for row in table],
-                          indent=2)
+        return json.dumps([dict(zip(header, row, strict=True)) for row in table], indent=2)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)

@@ -15,10 +15,10 @@ import grpc
 from tollway.budgets import (
     Budget,
     budgets_for,
-    from_units,
     key_counters,
     period_labels,
     period_starts,
+    shown,
 )
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
@@ -108,9 +108,8 @@ class UsageService(usage_pb2_grpc.UsageServicer):  # type: ignore[misc]
             out.append(usage_pb2.Limit(
                 scope=bg.scope, quota=bg.quota, name=f"spend_per_{bg.counter.period}",
                 kind="spend", models=[] if len(applies) == len(models) else applies,
-                limit=str(from_units(bg.limit)), used=str(from_units(spent)),
-                held=str(from_units(held)),
-                remaining=str(from_units(max(0, bg.limit - spent - held))),
+                limit=shown(bg.limit), used=shown(spent), held=shown(held),
+                remaining=shown(max(0, bg.limit - spent - held)),
                 resets_in_seconds=seconds_to_next(bg.counter.period, now, m.gateway.timezone),
                 enforced=bg.enforce))
-        return out, str(from_units(values[0][0])), str(from_units(values[1][0]))
+        return out, shown(values[0][0]), shown(values[1][0])

@@ -69,3 +69,49 @@ def test_usage_says_what_is_wrong_without_blaming_the_service() -> None:
     assert "rate-limit service" not in out.stderr
     out = tollway("usage", "--manifest", manifest, "--key", "demo-alice", "--model", "nope")
     assert out.returncode == 1 and "no model 'nope'" in out.stderr and "mock-small" in out.stderr
+
+
+def test_every_command_and_option_says_what_it_is_for() -> None:
+    import argparse
+
+    from tollway.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{path} {name}")
+            elif action.dest not in ("help", "version") and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return missing
+    parser = build_parser()
+    assert walk(parser, "tollway") == []
+    top = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in top.choices.items():
+        assert "example" in (sub.epilog or sub.description or ""), f"{name} has no example"
+
+
+def test_key_messages_agree_on_a_revoked_id(tmp_path: Path) -> None:
+    env = {"TOLLWAY_STATE_DIR": str(tmp_path)}
+    manifest = str(ROOT / "examples" / "quickstart.yaml")
+    assert tollway("keys", "issue", "-m", manifest, "demo-alice", env=env).returncode == 0
+    rotated = tollway("keys", "rotate", "-m", manifest, "demo-alice", "--grace", "0", env=env)
+    assert rotated.returncode == 0 and "the old secret no longer works" in rotated.stderr
+    again = tollway("keys", "issue", "-m", manifest, "demo-alice", env=env)
+    assert again.returncode == 1 and "keys rotate demo-alice" in again.stderr
+    assert tollway("keys", "revoke", "-m", manifest, "demo-alice", env=env).returncode == 0
+    for action in ("issue", "rotate"):
+        out = tollway("keys", action, "-m", manifest, "demo-alice", env=env)
+        assert out.returncode == 1
+        assert "add a new key id to the manifest" in out.stderr, (action, out.stderr)
+        assert "use rotate" not in out.stderr and "keys rotate" not in out.stderr
+
+
+def test_money_is_exact_and_alike_everywhere() -> None:
+    from decimal import Decimal
+
+    from tollway.budgets import money
+
+    assert [money(Decimal(x)) for x in ("0", "0.0000480", "0.00006285", "1E+3", "12.5")] \
+        == ["0.00", "0.000048", "0.00006285", "1000.00", "12.50"]

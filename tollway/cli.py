@@ -34,6 +34,8 @@ class CliError(Exception):
 
 
 def _duration(text: str) -> timedelta:
+    if text.strip() == "0":  # no time at all needs no unit (rotate --grace 0)
+        return timedelta(0)
     m = DURATION.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 12h or 90d")
@@ -212,6 +214,16 @@ def _in(seconds: float) -> str:
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
 
 
+async def _is_runtime_key(m: Manifest, key_id: str) -> bool:
+    async def look(km: KeyManager) -> int:
+        record = await km.store.get(key_id)
+        return int(record is not None and record.spec is not None)
+    try:
+        return bool(await _with_manager(m, look))
+    except StoreUnavailable:
+        return False
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     """Asks the running rate-limit service: it holds the counters."""
     import grpc
@@ -222,9 +234,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
     m = _manifest(args)
     # what the manifest can answer is answered here, not blamed on the service
-    binding = m.bindings.get(args.key_id)
-    if binding is None:
-        raise CliError(f"no key {args.key_id!r} in {m.source}: `tollway keys list` shows them")
+    if args.key_id not in m.bindings and not asyncio.run(_is_runtime_key(m, args.key_id)):
+        raise CliError(f"no key {args.key_id!r} in {m.source} nor among the runtime keys: "
+                       "`tollway keys list` shows them")
     if args.model and not any(p.model(args.model) for p in m.providers):
         models = sorted({x.name for p in m.providers for x in p.models})
         raise CliError(f"no model {args.model!r} in any provider's catalogue: "
@@ -379,6 +391,18 @@ async def _with_manager(m: Manifest, fn: Callable[[KeyManager], Awaitable[int]])
         await store.close()
 
 
+async def _exists_message(m: Manifest, key_id: str) -> str:
+    """What to do about an id that is taken: rotate a live key; a revoked id is gone for good."""
+    async def status(km: KeyManager) -> int:
+        record = await km.store.get(key_id)
+        return 1 if record is not None and record.status is KeyStatus.REVOKED else 0
+    if await _with_manager(m, status):
+        return (f"key {key_id} was revoked, and a revoked id is never reused: add a new key id "
+                "to the manifest and issue that")
+    return (f"key {key_id} already exists: `tollway keys rotate {key_id}` gives it a new "
+            "secret")
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     if getattr(args, "server", None):
         from tollway.cli_admin import keys_via_server
@@ -446,7 +470,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     except KeyNotFound as e:
         raise CliError(f"key {e} has not been issued") from None
     except KeyExists as e:
-        raise CliError(f"key {e} already exists: use `tollway keys rotate {e}`") from None
+        raise CliError(asyncio.run(_exists_message(m, str(e)))) from None
     except ValueError as e:
         raise CliError(str(e)) from None
 
@@ -465,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--manifest", "-m", required=required,
                        help="manifest file (default: $TOLLWAY_MANIFEST)")
 
-    p = sub.add_parser("check", help="validate a manifest")
+    p = sub.add_parser("check", help="validate a manifest",
+                       description="Every problem is listed with its path; exit 2 if any.")
     with_manifest(p)
     p.set_defaults(func=cmd_check)
     p = sub.add_parser(
@@ -518,16 +543,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", help="YYYY-MM or YYYY-MM-DD (default: this month)")
     p.add_argument("--by", default="org,project,key,model",
                    help="comma-separated: org,project,key,model,day")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="table (default), csv or json (snake_case, money as exact strings)")
     p.add_argument("--rebuild", action="store_true",
                    help="instead of a report: set this day's and month's spend counters in "
                         "Redis to what the ledger holds")
     p.set_defaults(func=cmd_spend)
     p = sub.add_parser("usage", help="a key's limits, what is left and when each resets")
     with_manifest(p)
-    p.add_argument("--key", dest="key_id", required=True)
+    p.add_argument("--key", dest="key_id", required=True, help="the key id")
     p.add_argument("--model", help="only the limits this model counts against")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json (snake_case)")
     p.set_defaults(func=cmd_usage)
     p = sub.add_parser(
         "explain", help="what the gateway would answer a key for a model now, and why "
@@ -550,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the request body's size, for the budget hold (default 1024)")
     p.add_argument("--no-rate-limits", action="store_true",
                    help="do not ask the rate-limit service for the key's counts")
-    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="text (default) or json: status, code and steps")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser(
         "simulate", help="what a proposed manifest would have done to the recorded traffic",
@@ -564,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_manifest(p)
     p.add_argument("--since", type=_duration, default=timedelta(days=30),
                    help="how far back to replay (default 30d)")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--format", choices=["table", "json"], default="table",
+                   help="table (default) or json")
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider",
                        description="A provider that speaks OpenAI's and Anthropic's wire "
@@ -587,12 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
                         ("expire", "set when a key stops working")):
         k = ks.add_parser(name, help=help_)
         with_manifest(k)
-        k.add_argument("key_id")
+        k.add_argument("key_id", help="the key's id (the part of the key before the dot)")
         if name == "issue":
             k.add_argument("--expires-in", type=_duration, help="e.g. 90d")
         if name == "rotate":
             k.add_argument("--grace", type=_duration, default=timedelta(0),
-                           help="how long the old secret keeps working, e.g. 24h")
+                           help="how long the old secret keeps working, e.g. 24h (default 0: "
+                           "it stops at once)")
         if name == "expire":
             k.add_argument("--in", dest="in_", type=_duration, help="from now (default: now)")
         if name in ("suspend", "resume", "revoke"):
@@ -611,7 +641,26 @@ def build_parser() -> argparse.ArgumentParser:
     cli_admin.add_client_parsers(sub)
     for name in ("admin-tokens", "audit", "clients"):
         sub.choices[name].set_defaults(func=_admin_command)
+    for name, parser in sub.choices.items():
+        if name in EXAMPLES and not parser.epilog:
+            parser.epilog = "example:\n  " + EXAMPLES[name]
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return ap
+
+
+# shown under each command's --help that has no longer description of its own
+EXAMPLES = {
+    "check": "tollway check -m manifest.yaml",
+    "up": "tollway up -m examples/quickstart.yaml",
+    "serve": "tollway serve -m /etc/tollway/manifest/manifest.yaml --services "
+             "extauthz,ratelimit,admin",
+    "spend": "tollway spend -m manifest.yaml --period 2026-11 --by project,model "
+             "--format csv",
+    "usage": "tollway usage -m manifest.yaml --key chat-app-prod --model gpt-5.4-mini",
+    "keys": "tollway keys issue -m manifest.yaml chat-app-prod --expires-in 90d\n  "
+            "tollway keys rotate -m manifest.yaml chat-app-prod --grace 24h",
+    "mock-provider": "tollway mock-provider --port 8081",
+}
 
 
 def _admin_command(args: argparse.Namespace) -> int:

@@ -96,7 +96,7 @@ def add_parsers(sub: Any, with_manifest: Callable[[argparse.ArgumentParser], Non
     t.add_argument("--scope", required=True, help="*, org:ORG or project:ORG/PROJECT")
     t = ts.add_parser("revoke", help="refuse a token from now on")
     with_manifest(t)
-    t.add_argument("token_id")
+    t.add_argument("token_id", help="the token's name")
     tok.set_defaults(admin_cmd=cmd_tokens)
 
     aud = sub.add_parser(
@@ -106,13 +106,15 @@ def add_parsers(sub: Any, with_manifest: Callable[[argparse.ArgumentParser], Non
         epilog="example:\n  tollway audit --target chat-app-prod --since 2026-11-01",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     with_manifest(aud)
-    aud.add_argument("--kind", choices=["key", "client", "admin_token"])
+    aud.add_argument("--kind", choices=["key", "client", "admin_token"],
+                     help="only changes to this kind of object")
     aud.add_argument("--target", help="an object's id")
     aud.add_argument("--actor", help="e.g. admin:portal or cli:alice")
     aud.add_argument("--action", help="e.g. issue, revoke, create, update")
     aud.add_argument("--since", help="ISO 8601 date or time")
     aud.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    aud.add_argument("--format", choices=["table", "json"], default="table")
+    aud.add_argument("--format", choices=["table", "json"], default="table",
+                     help="table (default) or json")
     aud.set_defaults(admin_cmd=cmd_audit)
 
 
@@ -217,7 +219,7 @@ def add_client_parsers(sub: Any) -> None:
         if name in ("create", "list"):
             c.add_argument("--project", required=True, help="ORG/PROJECT")
         if name != "list":
-            c.add_argument("client_id")
+            c.add_argument("client_id", help="the client's id")
         if name == "create":
             c.add_argument("--spec", help="the client document as JSON (name, user, metadata)")
     cl.set_defaults(admin_cmd=cmd_clients)

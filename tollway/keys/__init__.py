@@ -111,7 +111,8 @@ class KeyManager:
         if current is None:
             raise KeyNotFound(key_id)
         if current.status is KeyStatus.REVOKED:
-            raise ValueError(f"key {key_id} is revoked; issue a new key id instead")
+            raise ValueError(f"key {key_id} is revoked and cannot get a new secret: add a new "
+                             "key id to the manifest and issue that")
         secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         until = datetime.now(UTC) + grace if grace > timedelta(0) else None
         record = await self.store.update(

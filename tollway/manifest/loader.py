@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -260,8 +260,12 @@ def _quota(n: Node) -> Quota:
                 n.errors.append(f"{n.at('alerts')}[{i}]: must be a fraction in (0, 1]")
             else:
                 alerts.append(d)
+    # an unnamed quota is called by what it limits ("rpm tpm gpt-5.4"); where it is written
+    # (its scope, "project:team-ai") is shown beside it
+    models = n.str_list("models") or ()
+    default = " ".join([*limits, *spend, *([",".join(models)] if models else [])])
     return Quota(
-        name=n.text("name", n.path),
+        name=n.text("name", default or n.path),
         models=n.str_list("models") or (),
         limits=MappingProxyType(limits),
         spend=MappingProxyType(spend),
@@ -271,7 +275,12 @@ def _quota(n: Node) -> Quota:
 
 
 def _quotas(n: Node) -> tuple[Quota, ...]:
-    return tuple(_quota(q) for q in n.items("quotas"))
+    """A name is a quota's counter identity within its scope: two that would share one (two
+    unnamed `rpm` quotas) are told apart by their place, `rpm #2`."""
+    quotas = [_quota(q) for q in n.items("quotas")]
+    names = [q.name for q in quotas]
+    return tuple(replace(q, name=f"{q.name} #{i + 1}") if names.count(q.name) > 1 else q
+                 for i, q in enumerate(quotas))
 
 
 def _expires(n: Node) -> str | None:
