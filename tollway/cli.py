@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -259,7 +260,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     rows = [("scope", "quota", "limit", "models", "used", "remaining", "resets in")]
     for x in r.limits:
         unit = f" {r.currency}" if x.kind == "spend" else ""
-        used = x.used + (f" (+{x.held} held)" if x.kind == "spend" and x.held != "0" else "")
+        held = x.kind == "spend" and Decimal(x.held) != 0
+        used = x.used + (f" (+{x.held} held)" if held else "")
         rows.append((x.scope, x.quota + ("" if x.enforced else " (monitor)"),
                      f"{x.name} {x.limit}{unit}", ",".join(x.models) or "all", used,
                      x.remaining, _in(x.resets_in_seconds)))

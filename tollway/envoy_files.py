@@ -30,12 +30,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tollway.access_log import access_log_path
 from tollway.manifest import Manifest
 from tollway.reload import Compiled, ManifestWatcher
-from tollway.render import clusters, listener, render_sds, route_config, skeleton
+from tollway.render import clusters, listener, render_sds, route_config, skeleton, to_yaml
 
 log = logging.getLogger("tollway.envoy_files")
 
@@ -74,7 +72,7 @@ def resources(m: Manifest, directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def _dump(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, width=100)
+    return to_yaml(doc)
 
 
 def _replace(path: Path, text: str) -> bool:

@@ -27,6 +27,8 @@ from tollway.manifest.model import Dialect, ServiceTls
 from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+# libyaml's emitter when PyYAML has it: a big manifest's Envoy config is megabytes
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 EXTAUTHZ_CLUSTER = "tollway_extauthz"
 EXTAUTHZ_TIMEOUT = "0.5s"
 RATELIMIT_CLUSTER = "tollway_ratelimit"
@@ -501,9 +503,13 @@ def render(m: Manifest, sds_dir: str | None = None) -> dict[str, Any]:
     return doc
 
 
+def to_yaml(doc: Any) -> str:
+    return str(yaml.dump(doc, Dumper=SAFE_DUMPER, sort_keys=False, width=100))
+
+
 def render_yaml(m: Manifest, sds_dir: str | None = None) -> str:
     header = (f"# Rendered by `tollway render` from {m.source or 'a manifest'}; do not edit.\n")
-    return header + yaml.safe_dump(render(m, sds_dir), sort_keys=False, width=100)
+    return header + to_yaml(render(m, sds_dir))
 
 
 def write_config(m: Manifest, path: Path) -> list[Path]:
@@ -514,6 +520,6 @@ def write_config(m: Manifest, path: Path) -> list[Path]:
     path.write_text(render_yaml(m, str(directory) if tls else None))
     written = [path]
     for name, doc in (render_sds(tls) if tls else {}).items():
-        (directory / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+        (directory / name).write_text(to_yaml(doc))
         written.append(directory / name)
     return written

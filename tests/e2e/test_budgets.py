@@ -113,7 +113,7 @@ def daily_cap(gw: Gateway) -> dict[str, Any]:
 def wait_for_ledger(gw: Gateway, admitted: int) -> None:
     """Until every admitted request is in the ledger and its hold has become its cost."""
     deadline = time.monotonic() + 15
-    while project_spend(gw, "tight")[1] < admitted or daily_cap(gw)["held"] != "0":
+    while project_spend(gw, "tight")[1] < admitted or Decimal(daily_cap(gw)["held"]) != 0:
         assert time.monotonic() < deadline, "admitted requests missing from the ledger"
         time.sleep(0.05)
 
@@ -183,7 +183,7 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     assert Decimal(usage["spent_today"]) == spent
     cap = limits["spend_per_day"]
     assert (cap["scope"], cap["quota"], cap["limit"]) == ("project:tight", "daily-cap", "0.01")
-    assert Decimal(cap["used"]) == spent and cap["held"] == "0"
+    assert Decimal(cap["used"]) == spent and Decimal(cap["held"]) == 0
     assert Decimal(cap["remaining"]) == BUDGET - spent
     assert 0 < cap["resets_in_seconds"] <= 86400
     rpm = limits["rpm"]
