@@ -1,7 +1,7 @@
 """Benchmark the whole gateway over HTTP with a native load generator.
 
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
-                                  [--accept-encoding gzip|identity]
+                                  [--accept-encoding gzip|identity] [--workers]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -28,7 +28,13 @@ CHILD = """
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, os.environ["BENCH_ROOT"])
 from tests.e2e.harness import run_gateway
-with run_gateway(pathlib.Path(tempfile.mkdtemp())) as gw:
+workers = int(os.environ.get("BENCH_WORKERS", "0"))
+def mutate(doc):
+    if workers:  # services.workers: N processes, Redis counters, costsink in its own
+        doc["services"]["workers"] = workers
+        doc["storage"]["counters"] = "redis://127.0.0.1:6379/14"
+with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
+                 split=bool(workers)) as gw:
     key = gw.issue("k-main")
     body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
                        "messages": [{"role": "user", "content": "word " * 200}]})
@@ -48,10 +54,11 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp())) as gw:
 """
 
 
-def run(checkout: Path, seconds: int, connections: int, encoding: str) -> dict[str, float]:
+def run(checkout: Path, seconds: int, connections: int, encoding: str,
+        workers: int = 0) -> dict[str, float]:
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
-           "BENCH_ENCODING": encoding}
+           "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers)}
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                          text=True, cwd=checkout, timeout=seconds + 120).stdout
     text = out.split("WRK-OUTPUT-BEGIN", 1)[-1]
@@ -78,9 +85,25 @@ def main() -> None:
     ap.add_argument("--accept-encoding", default="gzip",
                     help="what the client accepts (gzip, as the SDKs send; identity: no "
                          "compression work for the gateway)")
+    ap.add_argument("--workers", action="store_true",
+                    help="instead: this checkout with Redis counters and services.workers 1 "
+                         "vs 2 (the scaling of the Python services over processes)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
+    if args.workers:
+        scaling: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+        for _ in range(args.rounds):
+            for n in scaling:
+                scaling[n].append(run(ROOT, args.seconds, args.connections,
+                                      args.accept_encoding, workers=n))
+        for n, results in scaling.items():
+            for r in results:
+                print(f"workers {n}  {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
+                      f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}")
+        print(json.dumps({"rps_2_over_1": round(
+            sum(r["rps"] for r in scaling[2]) / sum(r["rps"] for r in scaling[1]), 3)}))
+        return
     runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
     for _ in range(args.rounds):  # interleaved: both see the same machine
         if args.baseline:

@@ -128,8 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not port.isdigit() or not host:
             raise CliError(f"--metrics {args.metrics!r}: use HOST:PORT, e.g. 0.0.0.0:9464")
         metrics = (host.strip("[]"), int(port))
-    run(_manifest_path(args), names, metrics)
-    return 0
+    return run(_manifest_path(args), names, metrics, args.worker)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -536,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_manifest(p)
     p.add_argument("--services", default="extauthz,ratelimit,costsink,admin",
                    help="comma-separated: extauthz,ratelimit,costsink,admin (default: all)")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="where to serve Prometheus metrics (default: 127.0.0.1 and the "
                         "manifest's services.metrics_port); one per process")

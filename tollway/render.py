@@ -377,8 +377,10 @@ def _mtls(tls: ServiceTls, sds_dir: str) -> dict[str, Any]:
             "validation_context_sds_secret_config": source("tollway_ca")})}
 
 
-def grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | None
-                  ) -> dict[str, Any]:
+def grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | None,
+                 workers: int = 1) -> dict[str, Any]:
+    """A Tollway service; with several workers, one endpoint per worker port, and Envoy
+    balances each request over them (round robin)."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if host[0].isdigit() or ":" in host else "STRICT_DNS",
@@ -388,7 +390,7 @@ def grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | No
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 explicit_http_config={"http2_protocol_options": {}})},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _socket(host, port)}}]}]},
+            {"endpoint": {"address": _socket(host, port + i)}} for i in range(workers)]}]},
     }
     if transport:
         cluster["transport_socket"] = transport
@@ -486,10 +488,11 @@ def clusters(m: Manifest, sds_dir: str | None) -> list[dict[str, Any]]:
         raise ValueError("services.tls needs the SDS files' directory (write_config writes "
                          "them all)")
     transport = _mtls(tls, sds_dir) if tls and sds_dir else None
-    return [grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport),
-            grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport),
+    n = m.services.workers
+    return [grpc_cluster(EXTAUTHZ_CLUSTER, *m.services.extauthz, transport, n),
+            grpc_cluster(RATELIMIT_CLUSTER, *m.services.ratelimit, transport, n),
             grpc_cluster(COSTSINK_CLUSTER, *m.services.costsink, transport),
-            grpc_cluster(ADMIN_CLUSTER, *m.services.admin, transport),
+            grpc_cluster(ADMIN_CLUSTER, *m.services.admin, transport, n),
             *(provider_cluster(p) for p in m.providers)]
 
 

@@ -93,14 +93,16 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def _address(manifest: Manifest, name: str) -> str:
-    """Where the service binds: services.listen, else the address Envoy dials."""
-    return target(*manifest.services.bind(name))
+def _address(manifest: Manifest, name: str, worker: int = 0) -> str:
+    """Where the service binds: services.listen, else the address Envoy dials; worker i of
+    several binds the port + i (costsink lives in worker 0 alone)."""
+    host, port = manifest.services.bind(name)
+    return target(host, port + (worker if name != "costsink" else 0))
 
 
 async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
                 metrics_address: tuple[str, int] | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, worker: int = 0) -> None:
     from tollway.manifest import load
 
     watcher = ManifestWatcher(manifest_path, load(manifest_path))
@@ -117,7 +119,7 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
 
     by_address: dict[str, list[str]] = defaultdict(list)
     for name in names:
-        by_address[_address(ctx.manifest, name)].append(name)
+        by_address[_address(ctx.manifest, name, worker)].append(name)
     servers: list[grpc.aio.Server] = []
     health_servicers: list[health.aio.HealthServicer] = []
     for address, hosted in by_address.items():
@@ -201,8 +203,55 @@ async def _health_port(m: Manifest) -> tuple[grpc.aio.Server, health.aio.HealthS
 
 
 def run(manifest_path: Path, names: list[str],
-        metrics_address: tuple[str, int] | None = None) -> None:
+        metrics_address: tuple[str, int] | None = None, worker: int | None = None) -> int:
+    """`worker` None: this process serves, or with services.workers > 1 supervises the
+    workers (one process each, one core each)."""
+    from tollway.manifest import load
+
+    workers = load(manifest_path).services.workers
+    if worker is None and workers > 1:
+        return _supervise(manifest_path, names, workers, metrics_address)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
-    asyncio.run(serve(manifest_path, names, metrics_address=metrics_address))
+    if worker:
+        names = [n for n in names if n != "costsink"]
+    asyncio.run(serve(manifest_path, names, metrics_address=metrics_address,
+                      worker=worker or 0))
+    return 0
+
+
+def _supervise(manifest_path: Path, names: list[str], workers: int,
+               metrics_address: tuple[str, int] | None) -> int:
+    """Start the workers; if one exits, stop the others and exit with its status, so the
+    orchestrator restarts the set as it would one process. Worker i exposes its metrics on
+    the metrics port + i."""
+    import subprocess
+    import sys
+
+    from tollway.manifest import load
+
+    m = load(manifest_path)
+    host, port = metrics_address or (m.services.metrics_host, m.services.metrics_port)
+    procs = [subprocess.Popen([sys.executable, "-m", "tollway.cli", "serve", "--manifest",
+                               str(manifest_path), "--services", ",".join(names),
+                               "--worker", str(i), "--metrics", f"{host}:{port + i}"])
+             for i in range(workers)]
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    status = 0
+    while any(proc.poll() is None for proc in procs):
+        for proc in procs:
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            if proc.returncode and not status:
+                status = proc.returncode
+                stop()
+    return status

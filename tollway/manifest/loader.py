@@ -553,7 +553,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
 
     s = root.child("services")
     s.check_keys({"extauthz", "ratelimit", "costsink", "admin", "metrics_port", "metrics_host",
-                  "tls", "listen", "health"})
+                  "tls", "listen", "health", "workers"})
     listen: dict[str, tuple[str, int]] = {}
     if s.value.get("listen") is not None:
         ln = s.child("listen")
@@ -573,7 +573,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
                         listen=MappingProxyType(listen),
                         metrics_host=s.text("metrics_host", "127.0.0.1"),
                         health=_host_port(s, "health", "") if s.value.get("health") else None,
-                        admin=_host_port(s, "admin", "127.0.0.1:50054"))
+                        admin=_host_port(s, "admin", "127.0.0.1:50054"),
+                        workers=s.integer("workers", 1))
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper"})
@@ -587,6 +588,9 @@ def parse(doc: Any, source: str = "") -> Manifest:
                            ("pepper", ("env:", "file:"))):
         if not getattr(storage, name).startswith(prefixes):
             st.fail(name, f"must start with one of {', '.join(prefixes)}")
+    if services.workers > 1 and storage.counters == "memory":
+        s.fail("workers", "several workers need shared counters: storage.counters must be "
+               "redis:// (in memory, each worker would count apart)")
 
     providers_l = [_provider(p) for p in root.items("providers", required=True)]
     _unique([(Node({}, f"providers[{i}]", errors), p.name) for i, p in enumerate(providers_l)],

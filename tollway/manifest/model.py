@@ -229,6 +229,15 @@ class Services:
     health: tuple[str, int] | None = None
     admin: tuple[str, int] = ("127.0.0.1", 50054)  # the admin API (gRPC), behind Envoy's
     # grpc_json_transcoder for REST
+    # processes per `tollway serve` (one core each): worker i serves extauthz, ratelimit and
+    # admin on their ports + i, and Envoy spreads requests over all of them; costsink stays
+    # in worker 0 (one spool, one access-log file)
+    workers: int = 1
+
+    def ports(self, name: str) -> list[int]:
+        """Every port the service is served on, worker by worker."""
+        port = self.dial(name)[1]
+        return [port] if name == "costsink" else [port + i for i in range(self.workers)]
 
     def dial(self, name: str) -> tuple[str, int]:
         address: tuple[str, int] = getattr(self, name)
