@@ -87,6 +87,7 @@ def planned_ports(m: Manifest) -> list[tuple[str, str, int]]:
              ("extauthz", *m.services.bind("extauthz")),
              ("ratelimit", *m.services.bind("ratelimit")),
              ("costsink", *m.services.bind("costsink")),
+             ("admin API", *m.services.bind("admin")),
              ("metrics", m.services.metrics_host, m.services.metrics_port)]
     for p in m.providers:
         if p.mock:
@@ -155,6 +156,7 @@ def up(manifest_path: Path, m: Manifest) -> int:
         _wait_tcp(*m.services.extauthz, services, "extauthz", deadline)
         _wait_tcp(*m.services.ratelimit, services, "ratelimit", deadline)
         _wait_tcp(*m.services.costsink, services, "costsink", deadline)
+        _wait_tcp(*m.services.admin, services, "admin API", deadline)
 
         # Envoy follows files that this process re-renders when the manifest changes
         config = write_dynamic(m, workdir / "envoy")

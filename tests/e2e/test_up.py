@@ -20,11 +20,13 @@ pytestmark = pytest.mark.e2e
 
 def quickstart_on_free_ports(tmp: Path) -> tuple[Path, list[int]]:
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    ports = {n: free_port() for n in ("gw", "admin", "ea", "rl", "cs", "metrics", "mock")}
+    ports = {n: free_port() for n in ("gw", "admin", "ea", "rl", "cs", "api", "metrics",
+                                      "mock")}
     doc["gateway"].update(listen=f"127.0.0.1:{ports['gw']}", admin_port=ports["admin"])
     doc["services"] = {"extauthz": f"127.0.0.1:{ports['ea']}",
                        "ratelimit": f"127.0.0.1:{ports['rl']}",
-                       "costsink": f"127.0.0.1:{ports['cs']}", "metrics_port": ports["metrics"]}
+                       "costsink": f"127.0.0.1:{ports['cs']}", "admin": f"127.0.0.1:{ports['api']}",
+                       "metrics_port": ports["metrics"]}
     for p in doc["providers"]:
         p["upstream"]["port"] = ports["mock"]
     path = tmp / "manifest.yaml"
