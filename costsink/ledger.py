@@ -10,9 +10,10 @@ from __future__ import annotations
 import abc
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ class LedgerRow:
 
 
 COLUMNS = [f.name for f in fields(LedgerRow)]
+# a row's values in COLUMNS order (dataclasses.astuple deep-copies every field: 10x slower)
+values_of = attrgetter(*COLUMNS)
 
 SpendTotal = tuple[str, str, str, str | None, Decimal]  # org, project, key_id, model, cost
 
@@ -153,7 +156,7 @@ class SqliteLedger(Ledger):
             db.execute("BEGIN IMMEDIATE")
             try:
                 for r in rows:
-                    if db.execute(sql, tuple(_sqlite_value(v) for v in astuple(r))).rowcount:
+                    if db.execute(sql, tuple(_sqlite_value(v) for v in values_of(r))).rowcount:
                         new.add(r.request_id)
                 db.execute("COMMIT")
                 return new
@@ -257,7 +260,7 @@ class PostgresLedger(Ledger):
                 f"INSERT INTO tollway_ledger ({', '.join(COLUMNS)}) "
                 f"SELECT * FROM unnest({arrays}) "
                 "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                *[list(col) for col in zip(*(astuple(r) for r in rows), strict=True)])
+                *[list(col) for col in zip(*(values_of(r) for r in rows), strict=True)])
         return {r["request_id"] for r in inserted}
 
     async def rows(self, since: datetime | None = None,

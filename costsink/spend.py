@@ -64,14 +64,19 @@ class SpendRecorder:
         batch); fire the alerts the new totals cross. `rows`: (row, hold placed for it). What
         the store cannot take now is kept and retried (`retry`), never dropped."""
         batch: list[tuple[Commit, list[Budget]]] = []
+        # a batch is mostly a few keys and models in one minute: their targets, once each
+        targets: dict[tuple[str, str, str, str | None, int], Any] = {}
         for n, (row, hold) in enumerate(rows, 1):
             if n % 100 == 0:
                 await asyncio.sleep(0)  # a big batch must not stall extauthz on this loop
             if not (row.key_id and row.org and row.project) or (not row.cost and not hold):
                 continue
-            counters, row_budgets = spend_targets(
-                m, row.org, row.project, row.key_id, row.model,
-                period_labels(row.at, m.gateway.timezone), self._binding(m, row.key_id))
+            memo = (row.org, row.project, row.key_id, row.model, int(row.at.timestamp()) // 60)
+            if memo not in targets:
+                targets[memo] = spend_targets(
+                    m, row.org, row.project, row.key_id, row.model,
+                    period_labels(row.at, m.gateway.timezone), self._binding(m, row.key_id))
+            counters, row_budgets = targets[memo]
             batch.append((Commit(row.org, row.request_id, counters,
                                  to_units(row.cost) if row.cost else 0, held=hold > 0),
                           row_budgets if row.cost else []))
