@@ -100,10 +100,13 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for port in ports:
         d = base / str(port)
         d.mkdir()
+        # the cluster bus port too is chosen free: by default it is the port + 10000, which
+        # can land among the ports the kernel hands out for outgoing connections
         procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
-             "yes", "--cluster-config-file", str(d / "nodes.conf"), "--save", "",
-             "--appendonly", "no", "--dir", str(d)], stdout=subprocess.DEVNULL))
+            ["redis-server", "--port", str(port), "--cluster-port", str(free_port()),
+             "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
+             str(d / "nodes.conf"), "--save", "", "--appendonly", "no", "--dir", str(d)],
+            stdout=subprocess.DEVNULL))
     try:
         deadline = time.monotonic() + 10
         while any(subprocess.run(["redis-cli", "-p", str(p), "ping"], capture_output=True)
