@@ -108,6 +108,14 @@ def wrk(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str,
             "non_2xx": float(non2xx.group(1)) if non2xx else 0.0}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (clock ticks from /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     doc = render(load(manifest))
     port, admin = free_port(), free_port()
@@ -143,8 +151,11 @@ def main() -> None:
         tollway_url = f"{gw.url}/v1/chat/completions"
         try:
             results.append(("bare Envoy", wrk(bare_url, provider, args.seconds, tmp)))
-            results.append(("Tollway", wrk(tollway_url, {"authorization": f"Bearer {key}"},
-                                           args.seconds, tmp)))
+            services = gw.named["services"].pid
+            cpu = cpu_seconds(services)
+            tollway = wrk(tollway_url, {"authorization": f"Bearer {key}"}, args.seconds, tmp)
+            cpu = cpu_seconds(services) - cpu
+            results.append(("Tollway", tollway))
             # the floor: the same Envoy, the services replaced by no-op servicers
             gw.kill("services")
             ports = [int(doc["services"][n].rsplit(":", 1)[1])
@@ -169,10 +180,14 @@ def main() -> None:
         print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
               f"{int(r['non_2xx'])} |")
     by = dict(results)
+    t = by["Tollway"]
     base50 = (by["bare Envoy"]["p50"] + by["bare Envoy (again)"]["p50"]) / 2
     base99 = (by["bare Envoy"]["p99"] + by["bare Envoy (again)"]["p99"]) / 2
-    t, f = by["Tollway"], by["floor (no-op servicers)"]
-    print(f"\nadded over bare Envoy: Tollway p50 +{t['p50'] - base50:.2f} ms, p99 "
+    f = by["floor (no-op servicers)"]
+    requests = t["rps"] * args.seconds + 2 * t["rps"]  # the run and its 2 s warm-up
+    print(f"\nservices' CPU per request: {cpu / requests * 1000:.2f} ms "
+          f"(extauthz, ratelimit and costsink in one process)")
+    print(f"added over bare Envoy: Tollway p50 +{t['p50'] - base50:.2f} ms, p99 "
           f"+{t['p99'] - base99:.2f} ms; floor p50 +{f['p50'] - base50:.2f} ms, p99 "
           f"+{f['p99'] - base99:.2f} ms; Tollway / floor: p50 {t['p50'] / f['p50']:.2f}x, "
           f"p99 {t['p99'] / f['p99']:.2f}x")
