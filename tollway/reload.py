@@ -19,7 +19,8 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge
 
-from tollway.manifest import Manifest, ManifestError, load
+from tollway.manifest import Manifest, ManifestError
+from tollway.manifest.loader import load_beside
 from tollway.refs import state_dir
 
 log = logging.getLogger("tollway.reload")
@@ -77,7 +78,7 @@ class ManifestWatcher:
             return False
         self._digest = digest
         try:
-            manifest = load(self.path)
+            manifest = load_beside(self.path)
             built = [s.build(manifest) for s in self._subscribers]
         except ManifestError as e:
             RELOADS.labels("rejected").inc()

@@ -7,7 +7,10 @@ fixing a ConfigMap wants the whole list at once, not one error per apply.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC
@@ -706,23 +709,60 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[s
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def loads(text: str, source: str = "") -> Manifest:
+def document(text: str, source: str = "") -> Any:
+    """The YAML document, or ManifestError saying where it is not YAML."""
     try:
-        doc = yaml.load(text, Loader=SAFE_LOADER)
+        return yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ManifestError(source, [f"(document): {where}not valid YAML: "
                                      f"{getattr(e, 'problem', e)}"]) from None
-    return parse(doc, source)
+
+
+def loads(text: str, source: str = "") -> Manifest:
+    return parse(document(text, source), source)
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(str(p), [f"(file): cannot read: {e}"]) from None
 
 
 def load(path: str | Path) -> Manifest:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(str(p), [f"(file): cannot read: {e}"]) from None
-    return loads(text, str(p))
+    return loads(_read(p), str(p))
+
+
+# run by load_beside: the document as JSON on stdout, or the problems
+_AS_JSON = """
+import json, sys
+from tollway.manifest.loader import ManifestError, _read, document
+from pathlib import Path
+try:
+    doc = document(_read(Path(sys.argv[1])), sys.argv[1])
+except ManifestError as e:
+    print(json.dumps({"problems": e.problems}))
+else:
+    print(json.dumps({"doc": doc}, default=str))  # YAML timestamps as ISO 8601 text
+"""
+
+
+def load_beside(path: str | Path) -> Manifest:
+    """load() for a serving process: libyaml holds the GIL for a whole document (0.3 s for
+    10,000 projects, a stall of every request in flight), so the YAML is parsed in a child
+    process and arrives as JSON; what is left here (json, then the validator in Python) yields
+    the GIL to the event loop every few milliseconds."""
+    p = Path(path)
+    out = subprocess.run([sys.executable, "-c", _AS_JSON, str(p)], capture_output=True,
+                         text=True, timeout=120)
+    if out.returncode != 0:
+        raise ManifestError(str(p), [f"(file): the parser failed: {out.stderr[-500:]}"])
+    result = json.loads(out.stdout)
+    if "problems" in result:
+        raise ManifestError(str(p), result["problems"])
+    return parse(result["doc"], str(p))
 
 
