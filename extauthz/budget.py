@@ -108,22 +108,30 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     if refused is None:
         BUDGET_DECISIONS.labels("held").inc()
         return held if held.counters else Held(0)
-    currency = m.rate_card.currency if m.rate_card else ""
     over = outcome.over_budget
     if over is None:
         BUDGET_DECISIONS.labels("in_flight").inc()
-        bg = refused.budget
-        return Deny("budget_in_flight",
-                    f"{bg.label} ({shown(bg.limit)} {currency}) has room for this request "
-                    f"once requests in flight settle: spent {shown(refused.spent)}, held "
-                    f"{shown(refused.held)}, this request may cost up to "
-                    f"{shown(amount)}; retry after 1 s", allow.route.dialect, b.key.id)
+        return _in_flight(rt, allow, refused.budget, refused.spent, refused.held, amount)
     BUDGET_DECISIONS.labels("refused").inc()
-    bg = over.budget
+    return _exceeded(rt, allow, over.budget, over.spent, amount)
+
+
+def _exceeded(rt: Runtime, allow: Allow, bg: Budget, spent: int, amount: int) -> Deny:
+    currency = rt.manifest.rate_card.currency if rt.manifest.rate_card else ""
     return Deny("budget_exceeded",
                 f"budget exceeded: {bg.label} is {shown(bg.limit)} {currency}; spent "
-                f"{shown(over.spent)}, and this request may cost up to "
-                f"{shown(amount)}", allow.route.dialect, b.key.id)
+                f"{shown(spent)}, and this request may cost up to {shown(amount)}",
+                allow.route.dialect, allow.binding.key.id)
+
+
+def _in_flight(rt: Runtime, allow: Allow, bg: Budget, spent: int, held: int, amount: int
+               ) -> Deny:
+    currency = rt.manifest.rate_card.currency if rt.manifest.rate_card else ""
+    return Deny("budget_in_flight",
+                f"{bg.label} ({shown(bg.limit)} {currency}) has room for this request once "
+                f"requests in flight settle: spent {shown(spent)}, held {shown(held)}, this "
+                f"request may cost up to {shown(amount)}; retry after 1 s",
+                allow.route.dialect, allow.binding.key.id)
 
 
 async def budget_verdict(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
@@ -138,19 +146,12 @@ async def budget_verdict(store: SpendStore, rt: Runtime, allow: Allow, facts: Re
         return None
     amount = max_hold(rt, allow, facts)
     states = await store.read(b.org.id, [bg.counter for bg in budgets])
-    currency = m.rate_card.currency if m.rate_card else ""
     for bg, (spent, _) in zip(budgets, states, strict=True):
         if spent + amount > bg.limit:
-            return Deny("budget_exceeded",
-                        f"budget exceeded: {bg.label} is {shown(bg.limit)} {currency}; "
-                        f"spent {shown(spent)}, and this request may cost up to "
-                        f"{shown(amount)}", allow.route.dialect, b.key.id)
+            return _exceeded(rt, allow, bg, spent, amount)
     for bg, (spent, held) in zip(budgets, states, strict=True):
         if spent + held + amount > bg.limit:
-            return Deny("budget_in_flight",
-                        f"{bg.label} has room once requests in flight settle: spent "
-                        f"{shown(spent)}, held {shown(held)}", allow.route.dialect,
-                        b.key.id)
+            return _in_flight(rt, allow, bg, spent, held, amount)
     return None
 
 
