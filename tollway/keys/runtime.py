@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from tollway.manifest import KeyBinding, Manifest, ManifestError
-from tollway.manifest.loader import Node, _client, _key, allowed_models
+from tollway.manifest.loader import Node, _check_models, _client, _key, allowed_models
 from tollway.manifest.model import Client, Key, Organization, Project
 
 CLIENT = "client"
@@ -67,11 +67,11 @@ def find_project(m: Manifest, org_id: str, project_id: str
 
 def check_in_manifest(m: Manifest, key: Key, org: str, project: str) -> list[str]:
     """What the manifest's own validation would say of this key in that project."""
-    problems = []
+    problems: list[str] = []
     catalogue = {model.name for p in m.providers for model in p.models}
-    for name in key.models or ():
-        if name not in catalogue:
-            problems.append(f"key.models: unknown model '{name}'")
+    _check_models(problems, "key.models", key.models, catalogue)
+    for i, quota in enumerate(key.quotas):
+        _check_models(problems, f"key.quotas[{i}].models", quota.models, catalogue)
     if key.plan and key.plan not in {p.name for p in m.plans}:
         problems.append(f"key.plan: unknown plan '{key.plan}'")
     if find_project(m, org, project) is None:
