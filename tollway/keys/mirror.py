@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
 from prometheus_client import Gauge
 
@@ -30,6 +31,14 @@ STORE_UP = Gauge("tollway_keystore_up", "1 when the key store answered the last 
 KEYS = Gauge("tollway_keystore_keys", "Keys held in the in-memory mirror")
 
 
+class _Built(NamedTuple):
+    manifest: Manifest
+    key_seq: int
+    client_id: str
+    client_seq: int
+    binding: KeyBinding | None
+
+
 class KeyMirror:
     def __init__(self, store: KeyStore, *, poll_timeout: float = 5.0,
                  max_staleness: float = 30.0) -> None:
@@ -42,8 +51,8 @@ class KeyMirror:
         self._object_seq = 0
         self._fresh_at: float | None = None  # monotonic time of the last successful refresh
         self._fetched_at: dict[str, float] = {}
-        # key id → (manifest, key seq, client seq, binding): rebuilt when any of them changes
-        self._bindings: dict[str, tuple[Manifest, int, int, KeyBinding | None]] = {}
+        # a runtime key's binding, rebuilt when the manifest, the key or its client changes
+        self._bindings: dict[str, _Built] = {}
 
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
@@ -65,14 +74,16 @@ class KeyMirror:
         record = self._keys.get(key_id)
         if record is None or record.spec is None:
             return None
-        client_id = runtime.client_of(record.spec)
+        cached = self._bindings.get(key_id)
+        fresh_key = cached is not None and cached.manifest is m and cached.key_seq == record.seq
+        # the spec is JSON: read its client id once per key version, not once per Check
+        client_id = cached.client_id if cached and fresh_key else runtime.client_of(record.spec)
         client = self._objects.get((runtime.CLIENT, client_id))
         client_seq = client.seq if client else 0
-        cached = self._bindings.get(key_id)
-        if cached and cached[0] is m and cached[1] == record.seq and cached[2] == client_seq:
-            return cached[3]
+        if cached and fresh_key and cached.client_seq == client_seq:
+            return cached.binding
         built = runtime.binding(m, client.doc if client else None, record.spec)
-        self._bindings[key_id] = (m, record.seq, client_seq, built)
+        self._bindings[key_id] = _Built(m, record.seq, client_id, client_seq, built)
         return built
 
     async def fetch(self, key_id: str) -> bool:
