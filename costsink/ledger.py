@@ -71,10 +71,10 @@ class Ledger(abc.ABC):
     async def append(self, rows: list[LedgerRow]) -> set[str]:
         """Insert the rows whose request id is new; return those request ids."""
 
-    @abc.abstractmethod
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]:
         """Rows with since <= at < until (either bound optional), oldest first."""
+        return [row async for batch in self.batches(since, until) for row in batch]
 
     async def batches(self, since: datetime | None = None, until: datetime | None = None,
                       size: int = 20_000) -> AsyncIterator[list[LedgerRow]]:
@@ -89,9 +89,10 @@ class Ledger(abc.ABC):
             last = batch[-1]
             after = (last.at.astimezone(UTC).isoformat(), last.request_id)
 
+    @abc.abstractmethod
     async def _page(self, since: datetime | None, until: datetime | None,
                     after: tuple[str, str] | None, size: int) -> list[LedgerRow]:
-        raise NotImplementedError
+        """Up to `size` rows in the bounds after (at, request_id) `after`, in that order."""
 
     @abc.abstractmethod
     async def spend_totals(self, since: datetime) -> list[SpendTotal]:
@@ -165,20 +166,9 @@ class SqliteLedger(Ledger):
                 raise
         return await self._worker.run(tx)
 
-    async def rows(self, since: datetime | None = None,
-                   until: datetime | None = None) -> list[LedgerRow]:
-        # ISO 8601 text in UTC sorts as time does, so the bounds compare as text
-        lo = since.astimezone(UTC).isoformat() if since else ""
-        hi = until.astimezone(UTC).isoformat() if until else "9999"
-
-        def q(db: sqlite3.Connection) -> list[LedgerRow]:
-            return [_sqlite_row(r) for r in db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
-                "WHERE at >= ? AND at < ? ORDER BY at, request_id", (lo, hi))]
-        return await self._worker.run(q)
-
     async def _page(self, since: datetime | None, until: datetime | None,
                     after: tuple[str, str] | None, size: int) -> list[LedgerRow]:
+        # ISO 8601 text in UTC sorts as time does, so the bounds compare as text
         lo = since.astimezone(UTC).isoformat() if since else ""
         hi = until.astimezone(UTC).isoformat() if until else "9999"
         at, rid = after or ("", "")
@@ -262,16 +252,6 @@ class PostgresLedger(Ledger):
                 "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
                 *[list(col) for col in zip(*(values_of(r) for r in rows), strict=True)])
         return {r["request_id"] for r in inserted}
-
-    async def rows(self, since: datetime | None = None,
-                   until: datetime | None = None) -> list[LedgerRow]:
-        assert self._pool is not None
-        async with self._pool.acquire() as conn:
-            records = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM tollway_ledger "
-                                       "WHERE ($1::timestamptz IS NULL OR at >= $1) AND "
-                                       "($2::timestamptz IS NULL OR at < $2) "
-                                       "ORDER BY at, request_id", since, until)
-        return [LedgerRow(**dict(r)) for r in records]
 
     async def _page(self, since: datetime | None, until: datetime | None,
                     after: tuple[str, str] | None, size: int) -> list[LedgerRow]:
