@@ -22,7 +22,14 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from tollway import __version__
-from tollway.keys import KeyExists, KeyManager, KeyNotFound, KeyRecord, StoreUnavailable
+from tollway.keys import (
+    KeyExists,
+    KeyManager,
+    KeyNotFound,
+    KeyRecord,
+    KeyStore,
+    StoreUnavailable,
+)
 from tollway.manifest import KeyStatus, Manifest, ManifestError, load
 from tollway.refs import UnresolvedReference, pepper, private_files
 
@@ -215,11 +222,13 @@ def _in(seconds: float) -> str:
 
 
 async def _is_runtime_key(m: Manifest, key_id: str) -> bool:
-    async def look(km: KeyManager) -> int:
-        record = await km.store.get(key_id)
+    from tollway.cli_admin import with_store
+
+    async def look(store: KeyStore) -> int:
+        record = await store.get(key_id)
         return int(record is not None and record.spec is not None)
     try:
-        return bool(await _with_manager(m, look))
+        return bool(await with_store(m, look))
     except StoreUnavailable:
         return False
 
@@ -381,23 +390,20 @@ def _show(record: KeyRecord, m: Manifest) -> dict[str, Any]:
 
 
 async def _with_manager(m: Manifest, fn: Callable[[KeyManager], Awaitable[int]]) -> int:
-    from tollway.keys import open_key_store
+    from tollway.cli_admin import cli_actor, with_store
 
-    store = open_key_store(m.storage.keys)
-    await store.open()
-    try:
-        return await fn(KeyManager(store, pepper(m.storage.pepper, create=True),
-                                   actor=os.environ.get("USER", "cli")))
-    finally:
-        await store.close()
+    secret = pepper(m.storage.pepper, create=True)
+    return await with_store(m, lambda store: fn(KeyManager(store, secret, actor=cli_actor())))
 
 
 async def _exists_message(m: Manifest, key_id: str) -> str:
     """What to do about an id that is taken: rotate a live key; a revoked id is gone for good."""
-    async def status(km: KeyManager) -> int:
-        record = await km.store.get(key_id)
+    from tollway.cli_admin import with_store
+
+    async def status(store: KeyStore) -> int:
+        record = await store.get(key_id)
         return 1 if record is not None and record.status is KeyStatus.REVOKED else 0
-    if await _with_manager(m, status):
+    if await with_store(m, status):
         return (f"key {key_id} was revoked, and a revoked id is never reused: add a new key id "
                 "to the manifest and issue that")
     return (f"key {key_id} already exists: `tollway keys rotate {key_id}` gives it a new "

@@ -17,7 +17,8 @@ from tollway.manifest import Manifest, load
 from tollway.refs import pepper
 
 
-async def _with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+async def with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+    """Run `fn` on the manifest's key store, opened for it and closed after."""
     store = open_key_store(m.storage.keys)
     await store.open()
     try:
@@ -26,7 +27,8 @@ async def _with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> 
         await store.close()
 
 
-def _actor() -> str:
+def cli_actor() -> str:
+    """Who a CLI change is by, in the audit log (an admin token's changes are admin:ID)."""
     return f"cli:{os.environ.get('USER', 'unknown')}"
 
 
@@ -38,16 +40,16 @@ def cmd_tokens(args: argparse.Namespace, manifest_path: Any) -> int:
     async def go(store: KeyStore) -> int:
         if args.tokens_action == "issue":
             token = await tokens.issue(store, pepper(m.storage.pepper, create=True),
-                                       args.token_id, args.scope, _actor())
+                                       args.token_id, args.scope, cli_actor())
             print(token)
             print(f"# admin token {args.token_id} ({args.scope}); shown once, stored as a hash",
                   file=sys.stderr)
         else:
-            await tokens.revoke(store, args.token_id, _actor())
+            await tokens.revoke(store, args.token_id, cli_actor())
             print(f"{args.token_id}: revoked")
         return 0
     try:
-        return asyncio.run(_with_store(m, go))
+        return asyncio.run(with_store(m, go))
     except KeyExists:
         print(f"tollway: admin token {args.token_id} exists", file=sys.stderr)
     except KeyNotFound:
@@ -78,7 +80,7 @@ def cmd_audit(args: argparse.Namespace, manifest_path: Any) -> int:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         return 0
-    return asyncio.run(_with_store(m, go))
+    return asyncio.run(with_store(m, go))
 
 
 def add_parsers(sub: Any, with_manifest: Callable[[argparse.ArgumentParser], None]) -> None:
