@@ -28,8 +28,7 @@ from typing import Any
 import grpc
 import httpx
 import yaml
-from common import check_request, closed_loop, ms, pct
-from envoy.service.auth.v3 import external_auth_pb2_grpc
+from common import check_load, check_request, closed_loop, ms, pct
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
 from tollway.admin._proto import admin_pb2, admin_pb2_grpc
@@ -82,17 +81,7 @@ async def admin_writes(port: int, token: str, seconds: float, concurrency: int
 
 async def checks(port: int, key: str, seconds: float, concurrency: int
                  ) -> tuple[float, list[float]]:
-    ids = itertools.count()
-    base = check_request(key, "route0")
-
-    def call() -> Any:
-        r = type(base)()
-        r.CopyFrom(base)
-        r.attributes.request.http.headers["x-request-id"] = f"b-{next(ids)}"
-        return stub.Check(r)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = external_auth_pb2_grpc.AuthorizationStub(ch)
-        return await closed_loop(call, lambda r: r.status.code == 0, seconds, concurrency)
+    return await check_load(port, check_request(key, "route0"), seconds, concurrency)
 
 
 def main() -> None:

@@ -1,10 +1,14 @@
 """What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner, an
-extauthz Check request. Run the benchmarks from the repository root (`python bench/X.py`): the
-gateway's subprocesses must import the packages, not these scripts of the same names."""
+extauthz Check request and its load, a bare Envoy, wrk's figures. Run the benchmarks from the
+repository root (`python bench/X.py`): the gateway's subprocesses must import the packages,
+not these scripts of the same names."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -72,3 +76,70 @@ def check_request(key: str, route: str) -> external_auth_pb2.CheckRequest:
     body.update({"model": "gpt-5.4-mini", "stream": False, "max_tokens": 256})
     attrs.metadata_context.filter_metadata[REQUEST].CopyFrom(body)
     return req
+
+
+async def check_load(port: int, req: external_auth_pb2.CheckRequest, seconds: float,
+                     concurrency: int) -> tuple[float, list[float]]:
+    """Checks in a closed loop; each carries its own x-request-id, as Envoy's do (budget holds
+    are keyed by it)."""
+    from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+    ids = itertools.count()
+
+    def call() -> Any:
+        r = external_auth_pb2.CheckRequest()
+        r.CopyFrom(req)
+        r.attributes.request.http.headers["x-request-id"] = f"bench-{next(ids)}"
+        return stub.Check(r)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+        return await closed_loop(call, lambda r: r.status.code == 0, seconds, concurrency)
+
+
+def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Envoy alone, the baseline: the manifest's rendered config with the router only (no
+    filters, no access log, no per-route filter settings), started; its chat completion URL."""
+    import yaml
+
+    from tests.e2e.harness import free_port, tcp_open, wait_until
+    from tollway.manifest import load
+    from tollway.render import render
+    from tollway.up import envoy_binary
+
+    doc = render(load(manifest))
+    port, admin = free_port(), free_port()
+    listener = doc["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = port
+    doc["admin"]["address"]["socket_address"]["port_value"] = admin
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] == "envoy.filters.http.router"]
+    hcm.pop("access_log", None)
+    for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        r.pop("typed_per_filter_config", None)
+        r.get("route", {}).pop("rate_limits", None)
+    cfg = tmp / "bare.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([str(envoy_binary()), "-c", str(cfg), "--log-level", "error",
+                             "--base-id", str(admin)])
+    wait_until(lambda: tcp_open(port), "bare envoy", proc=proc)
+    return proc, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+def wrk_figures(out: str) -> dict[str, float]:
+    """wrk --latency's output: requests/s, p50, p99 and max (ms), requests, non-2xx."""
+    def ms_of(pattern: str) -> float:
+        m = re.search(pattern + r"\s+([\d.]+)(us|ms|s)\b", out)
+        if not m:
+            raise RuntimeError(f"no {pattern!r} in wrk's output:\n{out}")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    def number(pattern: str) -> float:
+        m = re.search(pattern, out)
+        return float(m.group(1)) if m else 0.0
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not rps:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out}")
+    return {"rps": float(rps.group(1)), "p50": ms_of("50%"), "p99": ms_of("99%"),
+            "max": ms_of(r"Latency\s+\S+\s+\S+"), "requests": number(r"(\d+) requests in"),
+            "non_2xx": number(r"Non-2xx or 3xx responses: (\d+)")}

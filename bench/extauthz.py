@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import statistics
 import subprocess
 import sys
@@ -29,36 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
-import yaml
-from common import check_request, closed_loop, ms, pct, serve_forever
+from common import bare_envoy, check_load, check_request, ms, pct, serve_forever
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests.e2e.harness import free_port, run_gateway, tcp_open, wait_until
 from tollway.manifest import load
-from tollway.render import render
-from tollway.up import envoy_binary
 
 
 class Noop(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(self, request, context):  # type: ignore[no-untyped-def]
         return external_auth_pb2.CheckResponse()
-
-
-async def grpc_load(port: int, req: external_auth_pb2.CheckRequest, seconds: float,
-                    concurrency: int) -> tuple[float, list[float]]:
-    """Every Check carries its own x-request-id, as Envoy's do (holds are keyed by it)."""
-    ids = itertools.count()
-
-    def call() -> Any:
-        r = external_auth_pb2.CheckRequest()
-        r.CopyFrom(req)
-        r.attributes.request.http.headers["x-request-id"] = f"bench-{next(ids)}"
-        return stub.Check(r)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = external_auth_pb2_grpc.AuthorizationStub(ch)
-        return await closed_loop(call, lambda r: r.status.code == 0, seconds, concurrency)
 
 
 def http_load(url: str, headers: dict[str, str], n: int) -> list[float]:
@@ -134,9 +114,9 @@ def policy_section(seconds: float, concurrency: int) -> None:
         with tempfile.TemporaryDirectory() as tmp, run_gateway(Path(tmp), mutate=mutate) as gw:
             key = gw.issue("k-main")
             m = load(gw.manifest_path)
-            rps, lat = asyncio.run(grpc_load(m.services.extauthz[1],
-                                             check_request(key, m.routes[0].name), seconds,
-                                             concurrency))
+            rps, lat = asyncio.run(check_load(m.services.extauthz[1],
+                                              check_request(key, m.routes[0].name),
+                                              seconds, concurrency))
             rows.append((name, rps, pct(lat, 50), pct(lat, 99)))
     print(f"\n## gRPC Check with Cedar policies or a budget, {concurrency} in flight, "
           f"{seconds:.0f} s each (policies: one hot key, decisions from the exact decision "
@@ -175,7 +155,7 @@ def main() -> None:
             rows = []
             for name, port in (("no-op servicer", noop_port),
                                ("extauthz (cache-hit allow)", m.services.extauthz[1])):
-                rps, lat = asyncio.run(grpc_load(port, req, args.seconds, args.concurrency))
+                rps, lat = asyncio.run(check_load(port, req, args.seconds, args.concurrency))
                 rows.append((name, rps, pct(lat, 50), pct(lat, 99)))
         finally:
             noop.terminate()
@@ -187,28 +167,11 @@ def main() -> None:
         print(f"ratio extauthz/no-op: throughput {rows[1][1] / rows[0][1]:.2f}x, "
               f"p50 {rows[1][2] / rows[0][2]:.2f}x, p99 {rows[1][3] / rows[0][3]:.2f}x")
 
-        # Envoy alone: the same bootstrap without json_to_metadata and ext_authz
-        doc = render(m)
-        port, admin = free_port(), free_port()
-        listener = doc["static_resources"]["listeners"][0]
-        listener["address"]["socket_address"]["port_value"] = port
-        doc["admin"]["address"]["socket_address"]["port_value"] = admin
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"] = [f for f in hcm["http_filters"]
-                               if f["name"] == "envoy.filters.http.router"]
-        hcm.pop("access_log", None)
-        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-            r.pop("typed_per_filter_config", None)
-            r.get("route", {}).pop("rate_limits", None)
-        cfg = Path(tmp) / "plain.yaml"
-        cfg.write_text(yaml.safe_dump(doc))
-        plain = subprocess.Popen([str(envoy_binary()), "-c", str(cfg), "--log-level", "error",
-                                  "--base-id", str(admin)])
+        # Envoy alone: the same bootstrap with the router only
+        plain, plain_url = bare_envoy(gw.manifest_path, Path(tmp))
         try:
-            wait_until(lambda: tcp_open(port), "plain envoy", proc=plain)
             provider_auth = {"authorization": "Bearer sk-provider-secret-0123456789"}
-            base = http_load(f"http://127.0.0.1:{port}/v1/chat/completions", provider_auth,
-                             args.requests)
+            base = http_load(plain_url, provider_auth, args.requests)
             full = http_load(f"{gw.url}/v1/chat/completions",
                              {"authorization": f"Bearer {key}"}, args.requests)
         finally:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from common import wrk_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,19 +62,8 @@ def run(checkout: Path, seconds: int, connections: int, encoding: str,
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers)}
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                          text=True, cwd=checkout, timeout=seconds + 120).stdout
-    text = out.split("WRK-OUTPUT-BEGIN", 1)[-1]
-
-    def ms(label: str) -> float:
-        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", text)
-        if not m:
-            raise RuntimeError(f"no {label}% latency in wrk's output:\n{text}")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    if not rps:
-        raise RuntimeError(f"no Requests/sec in wrk's output:\n{text}")
-    return {"rps": float(rps.group(1)), "p50_ms": ms("50"), "p99_ms": ms("99"),
-            "non_2xx": float(errors.group(1)) if errors else 0.0}
+    f = wrk_figures(out.split("WRK-OUTPUT-BEGIN", 1)[-1])
+    return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"]}
 
 
 def main() -> None:

@@ -18,26 +18,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
 import grpc
 import yaml
+from common import bare_envoy, wrk_figures
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from tests.e2e.harness import PROVIDER_KEY, free_port, run_gateway, tcp_open, wait_until
-from tollway.manifest import load
-from tollway.render import render
-from tollway.up import envoy_binary
+from tests.e2e.harness import PROVIDER_KEY, run_gateway, tcp_open, wait_until
 
 BODY = {"model": "gpt-5.4-mini", "max_tokens": 5,
         "messages": [{"role": "user", "content": "word " * 50}]}
@@ -95,17 +91,8 @@ def wrk(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str,
                       + "function delay() return 10 end\n")
     cmd = ["wrk", "-t1", "-c1", "-s", str(script), "--latency"]
     subprocess.run([*cmd, "-d2s", url], capture_output=True)  # warm-up
-    out = subprocess.run([*cmd, f"-d{seconds}s", url], capture_output=True, text=True).stdout
-
-    def ms(label: str) -> float:
-        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
-        if not m:
-            raise RuntimeError(f"no {label}% in wrk's output:\n{out}")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": ms("50"), "p99": ms("99"),
-            "non_2xx": float(non2xx.group(1)) if non2xx else 0.0}
+    return wrk_figures(subprocess.run([*cmd, f"-d{seconds}s", url], capture_output=True,
+                                      text=True).stdout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -114,27 +101,6 @@ def cpu_seconds(pid: int) -> float:
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    doc = render(load(manifest))
-    port, admin = free_port(), free_port()
-    listener = doc["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"]["port_value"] = port
-    doc["admin"]["address"]["socket_address"]["port_value"] = admin
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f["name"] == "envoy.filters.http.router"]
-    hcm.pop("access_log", None)
-    for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        r.pop("typed_per_filter_config", None)
-        r.get("route", {}).pop("rate_limits", None)
-    cfg = tmp / "bare.yaml"
-    cfg.write_text(yaml.safe_dump(doc))
-    proc = subprocess.Popen([str(envoy_binary()), "-c", str(cfg), "--log-level", "error",
-                             "--base-id", str(admin)])
-    wait_until(lambda: tcp_open(port), "bare envoy", proc=proc)
-    return proc, f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ non-2xx during the run, next to the same run without an edit (same gateway, same
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import tempfile
 import threading
@@ -21,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
 import yaml
+from common import wrk_figures
 from latency import BODY
 
 from tests.e2e.harness import run_gateway
@@ -42,13 +41,9 @@ def run_wrk(url: str, key: str, seconds: int, tmp: Path) -> str:
 
 
 def summary(out: str) -> str:
-    def get(pattern: str) -> str:
-        m = re.search(pattern, out)
-        return m.group(1) if m else "?"
-    p50, p99 = get(r"50%\s+(\S+)"), get(r"99%\s+(\S+)")
-    worst, count = get(r"Latency\s+\S+\s+\S+\s+(\S+)"), get(r"(\d+) requests in")
-    non2xx = get(r"Non-2xx or 3xx responses: (\d+)") if "Non-2xx" in out else "0"
-    return f"p50 {p50}, p99 {p99}, max {worst}, {count} requests, non-2xx {non2xx}"
+    f = wrk_figures(out)
+    return (f"p50 {f['p50']:.2f} ms, p99 {f['p99']:.2f} ms, max {f['max']:.2f} ms, "
+            f"{f['requests']:.0f} requests, non-2xx {f['non_2xx']:.0f}")
 
 
 def main() -> None:
