@@ -175,8 +175,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         await self._scope(admin, request.org, request.project, context)
         await self.keys.refresh()
         found = [o for o in self.keys.objects(rt.CLIENT)
-                 if (json.loads(o.doc)["org"], json.loads(o.doc)["project"])
-                 == (request.org, request.project)]
+                 if rt.place_of(o.doc) == (request.org, request.project)]
         return admin_pb2.ListClientsResponse(
             clients=[self._client_message(o) for o in sorted(found, key=lambda o: o.id)])
 
@@ -354,13 +353,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         """The org and project an audited object belongs to (None: gateway-level)."""
         if e.kind == rt.CLIENT:
             obj = self.keys.object(rt.CLIENT, e.key_id)
-            data = json.loads(obj.doc) if obj else {}
-        elif e.kind == "key":
+            return rt.place_of(obj.doc) if obj else None
+        if e.kind == "key":
             b = self.keys.binding(self.manifest.value, e.key_id)
             return (b.org.id, b.project.id) if b else None
-        else:
-            return None
-        return (data["org"], data["project"]) if data else None
+        return None
 
     async def ListAudit(self, request: admin_pb2.ListAuditRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.ListAuditResponse:

@@ -79,6 +79,12 @@ def check_in_manifest(m: Manifest, key: Key, org: str, project: str) -> list[str
     return problems
 
 
+def place_of(client_doc: str) -> tuple[str, str]:
+    """The org and project a stored runtime client belongs to."""
+    data = json.loads(client_doc)
+    return data["org"], data["project"]
+
+
 def client_of(spec: str) -> str:
     client: str = json.loads(spec)["client"]
     return client
