@@ -132,18 +132,12 @@ SQLITE_SCHEMA = _sqlite_type(PG_SCHEMA)
 
 class SqliteLedger(Ledger):
     def __init__(self, path: str | Path) -> None:
-        self._worker = SqliteWorker(path, SQLITE_SCHEMA, "ledger")
+        self._worker = SqliteWorker(
+            path, SQLITE_SCHEMA, "ledger",
+            [("tollway_ledger", name, _sqlite_type(sql)) for name, sql in ADDED_COLUMNS])
 
     async def open(self) -> None:
         await self._worker.open()
-
-        def migrate(db: sqlite3.Connection) -> None:
-            have = {r[1] for r in db.execute("PRAGMA table_info(tollway_ledger)")}
-            for name, sql in ADDED_COLUMNS:
-                if name not in have:
-                    db.execute(f"ALTER TABLE tollway_ledger ADD COLUMN {name} "
-                               f"{_sqlite_type(sql)}")
-        await self._worker.run(migrate)
 
     async def close(self) -> None:
         await self._worker.close()

@@ -184,3 +184,18 @@ async def test_the_audit_log_filters_and_never_holds_a_secret(store: KeyStore) -
     assert len(await store.audit(AuditQuery(limit=2))) == 2
     later = datetime.now(UTC) + timedelta(seconds=5)
     assert await store.audit(AuditQuery(since=later)) == []
+
+
+async def test_stores_opening_one_fresh_sqlite_file_at_once_all_succeed(tmp_path: Path
+                                                                       ) -> None:
+    """extauthz and costsink open the key store as they start (each its own connection, as
+    here): SQLite refuses a concurrent switch to WAL ("database is locked") and a second ALTER
+    of a column, unless opening is serialised (tollway/sqlite_worker.py)."""
+    for round_ in range(20):
+        stores = [SqliteKeyStore(tmp_path / f"keys-{round_}.db") for _ in range(4)]
+        try:
+            await asyncio.gather(*(s.open() for s in stores))
+            assert [await s.objects_since(0) for s in stores] == [[]] * 4
+        finally:
+            for s in stores:
+                await s.close()

@@ -99,7 +99,7 @@ class SqliteKeyStore(KeyStore):
     def __init__(self, path: str | Path, *, poll_interval: float = 0.2) -> None:
         self.path = Path(path)
         self.poll_interval = poll_interval
-        self._worker = SqliteWorker(self.path, SCHEMA, "keys")
+        self._worker = SqliteWorker(self.path, SCHEMA, "keys", MIGRATIONS)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -112,13 +112,6 @@ class SqliteKeyStore(KeyStore):
             await self._worker.open()
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-
-        def migrate(db: sqlite3.Connection) -> None:
-            for table, column, declaration in MIGRATIONS:
-                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-        await self._run(migrate)
 
     async def close(self) -> None:
         await self._worker.close()
