@@ -7,6 +7,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from costsink.ledger import LedgerRow, SqliteLedger
 from costsink.spool import Spool
 
@@ -48,3 +50,18 @@ async def test_spool_files_are_private(tmp_path: Path) -> None:
         assert [mode(p) for p in spool.files()] == [0o600]
     finally:
         os.umask(old)
+
+
+def test_processes_starting_at_once_agree_on_one_pepper(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several services (or workers) start together on the embedded default: one creates the
+    pepper, every one reads that one, whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tollway.refs import pepper
+
+    for round_ in range(20):
+        monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / str(round_)))
+        with ThreadPoolExecutor(8) as pool:
+            seen = set(pool.map(lambda _: pepper("file:pepper", create=True), range(8)))
+        assert len(seen) == 1 and len(seen.pop()) >= 16

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 
@@ -69,10 +70,17 @@ def pepper(ref: str, *, create: bool = False) -> bytes:
     if create and ref.startswith("file:"):
         path = state_dir() / ref[5:]
         if not path.exists():
+            # written whole beside it, then linked into place: of several processes starting
+            # at once, one pepper wins and none ever reads a half-written one
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pepper-")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32))
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
     value = resolve(ref)
     if len(value) < 16:
         raise UnresolvedReference(f"the pepper from {ref} is shorter than 16 characters")

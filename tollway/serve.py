@@ -209,7 +209,8 @@ def run(manifest_path: Path, names: list[str],
     from tollway.manifest import load
 
     workers = load(manifest_path).services.workers
-    if worker is None and workers > 1:
+    # costsink alone (served apart) is one process whatever services.workers says
+    if worker is None and workers > 1 and set(names) != {"costsink"}:
         return _supervise(manifest_path, names, workers, metrics_address)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
