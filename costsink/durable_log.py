@@ -29,13 +29,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from envoy.data.accesslog.v3 import accesslog_pb2
 from prometheus_client import Counter, Gauge
 
 from tollway.access_log import entry_from_line, line_request_id
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 
-from .entry import Entry, to_entry
+from .entry import Entry, key_id_of, to_entry
 
 log = logging.getLogger("tollway.costsink.durable_log")
 
@@ -141,16 +142,25 @@ class DurableLog:
                 if end != self.position.offset:  # only blank lines
                     self.position.offset = end
                 return recovered
-            missing: list[Entry] = []
+            read: list[accesslog_pb2.HTTPAccessLogEntry] = []
             for line in lines:
                 rid = line_request_id(line)
                 if not line.strip() or (rid and rid in self.recent):
                     continue
                 try:
-                    missing.append(to_entry(m, entry_from_line(line), keys))
+                    read.append(entry_from_line(line))
                 except Exception:
                     log.exception("unreadable line in %s at byte %d", self.path,
                                   self.position.offset)
+            if keys is not None:  # a refusal names its key's owner from the mirror
+                await keys.hold(key_id_of(e) for e in read)
+            missing: list[Entry] = []
+            for entry in read:
+                try:
+                    missing.append(to_entry(m, entry, keys))
+                except Exception:
+                    log.exception("unreadable entry %s in %s", entry.request.request_id,
+                                  self.path)
             if missing:
                 await write(missing)  # durable (ledger or spool) when this returns
                 RECOVERED.inc(len(missing))

@@ -67,6 +67,12 @@ def _ns(entry: accesslog_pb2.HTTPAccessLogEntry, name: str) -> dict[str, Any]:
     return {k: _value(v) for k, v in s.fields.items()} if s is not None else {}
 
 
+def key_id_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    s = entry.common_properties.metadata.filter_metadata.get(AUTHZ)
+    v = s.fields.get("key_id") if s is not None else None
+    return v.string_value if v is not None else ""
+
+
 def _ms(d: Any) -> int:
     return int(d.seconds * 1000 + d.nanos // 1_000_000)
 

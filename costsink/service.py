@@ -26,7 +26,7 @@ from tollway.spend import SpendUnavailable
 from tollway.tls import ServiceChannel, target
 
 from .durable_log import RECONCILE_INTERVAL, DurableLog
-from .entry import Entry, to_entry
+from .entry import Entry, key_id_of, to_entry
 from .ledger import Ledger, LedgerRow
 from .spend import SpendRecorder
 from .spool import Spool
@@ -65,6 +65,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
             m = self.manifest.value
+            if self.spend.keys is not None:  # a refusal names its key's owner from the mirror
+                await self.spend.keys.hold(key_id_of(e) for e in message.http_logs.log_entry)
             for entry in message.http_logs.log_entry:
                 try:
                     await self.queue.put(to_entry(m, entry, self.spend.keys))

@@ -63,6 +63,8 @@ class SpendRecorder:
         """Add each row's cost to its counters and release its hold (one round trip for the
         batch); fire the alerts the new totals cross. `rows`: (row, hold placed for it). What
         the store cannot take now is kept and retried (`retry`), never dropped."""
+        if self.keys is not None:  # runtime keys' budgets: bindings from the mirror
+            await self.keys.hold(row.key_id for row, _ in rows if row.key_id)
         batch: list[tuple[Commit, list[Budget]]] = []
         # a batch is mostly a few keys and models in one minute: their targets, once each
         targets: dict[tuple[str, str, str, str | None, int], Any] = {}

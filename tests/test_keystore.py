@@ -16,9 +16,11 @@ from tollway.keys import (
     KeyExists,
     KeyManager,
     KeyNotFound,
+    KeyRecord,
     KeyStore,
     verify_secret,
 )
+from tollway.keys.mirror import KeyMirror
 from tollway.keys.postgres import PostgresKeyStore
 from tollway.keys.sqlite import SqliteKeyStore
 from tollway.manifest import KeyStatus
@@ -120,6 +122,53 @@ async def test_concurrent_issues_get_distinct_sequence_numbers(store: KeyStore) 
     assert len(seqs) == 20 and len(set(seqs)) == 20
 
 
+async def test_latest_gives_the_sequence_then_the_newest_keys(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    for name in ("a", "b", "c"):
+        await km.issue(name)
+    await km.set_status("a", KeyStatus.SUSPENDED)  # written last now
+    seq, newest = await store.latest(2)
+    assert [r.key_id for r in newest] == ["a", "c"] and seq == newest[0].seq
+    assert [r.key_id for r in (await store.latest(10))[1]] == ["a", "c", "b"]
+
+
+async def test_client_keys_finds_one_clients_runtime_keys(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    for key_id, client in (("k2", "c1"), ("k1", "c1"), ("k3", "c2")):
+        await km.issue(key_id, spec=f'{{"client": "{client}", "key": {{"id": "{key_id}"}}}}')
+    await km.issue("manifest-key")
+    assert [r.key_id for r in await store.client_keys("c1")] == ["k1", "k2"]
+    assert await store.client_keys("nobody") == []
+
+
+async def test_a_follower_racing_concurrent_writers_misses_no_write(store: KeyStore) -> None:
+    """Sequence numbers must become visible in order: a PostgreSQL writer takes its number
+    (nextval) before it commits, so without the writers' lock a follower could read seq 8
+    committed while 7 was not yet, move past 7 and never see that write."""
+    km = KeyManager(store, PEPPER)
+    seen: dict[str, KeyStatus] = {}
+    done = asyncio.Event()
+
+    async def follow() -> None:
+        seq = 0
+        while True:
+            finished = done.is_set()
+            for r in await store.changes_since(seq):
+                seen[r.key_id], seq = r.status, max(seq, r.seq)
+            if finished:
+                return
+
+    async def writer(w: int) -> None:
+        for i in range(25):
+            await km.issue(f"w{w}-{i}")
+            await km.set_status(f"w{w}-{i}", KeyStatus.SUSPENDED)
+    follower = asyncio.create_task(follow())
+    await asyncio.gather(*(writer(w) for w in range(8)))
+    done.set()
+    await follower
+    assert len(seen) == 200 and set(seen.values()) == {KeyStatus.SUSPENDED}
+
+
 async def test_wait_for_change_wakes_on_a_write(store: KeyStore, tmp_path: Path) -> None:
     """A second store handle (another replica) learns of a write within a second."""
     other: KeyStore = (SqliteKeyStore(tmp_path / "keys.db") if isinstance(store, SqliteKeyStore)
@@ -199,3 +248,49 @@ async def test_stores_opening_one_fresh_sqlite_file_at_once_all_succeed(tmp_path
         finally:
             for s in stores:
                 await s.close()
+
+
+async def test_a_store_bigger_than_the_mirror_is_mirrored_in_part(store: KeyStore) -> None:
+    """A million runtime keys must not mean a million records in every process: the mirror
+    holds the most used, fetches a key the first time it is presented and follows changes."""
+    km = KeyManager(store, PEPPER)
+    for i in range(6):
+        await km.issue(f"k{i}")
+    small = KeyMirror(store, capacity=10)
+    await small.refresh()
+    assert small.complete and all(small.get(f"k{i}") for i in range(6))
+
+    mirror = KeyMirror(store, capacity=3)
+    await mirror.refresh()
+    assert not mirror.complete
+    assert [k for k in (f"k{i}" for i in range(6)) if mirror.get(k)] == ["k3", "k4", "k5"]
+    mirror.get("k3")  # used: k4 is now the least recently used
+    assert await mirror.fetch("k0") and mirror.get("k0") is not None
+    assert mirror.get("k4") is None and mirror.get("k3") is not None
+    await km.set_status("k0", KeyStatus.REVOKED)  # followed like any change
+    await mirror.refresh()
+    record = mirror.get("k0")
+    assert record is not None and record.status is KeyStatus.REVOKED
+    await mirror.hold(["k1", "k2", ""])
+    assert mirror.get("k1") and mirror.get("k2")
+
+    asked: list[str] = []
+    get = store.get
+
+    async def counting(key_id: str) -> KeyRecord | None:
+        asked.append(key_id)
+        return await get(key_id)
+    store.get = counting  # type: ignore[method-assign]
+    assert not await mirror.fetch("nobody") and not await mirror.fetch("nobody")
+    assert asked == ["nobody"]  # an unknown id is asked for once a second, not per Check
+    await km.issue("nobody")
+    await mirror.refresh()  # ...but a key issued since arrives by the change feed
+    assert mirror.get("nobody") is not None
+    # asked while held (nothing new), evicted since: fetched again at once, not refused for
+    # a second (a key in use came back 401 under churn)
+    assert not await mirror.fetch("nobody")  # held already: nothing new
+    for other in ("n1", "n2", "n3"):
+        await km.issue(other)
+    await mirror.refresh()  # three new keys: the mirror holds only them now
+    assert mirror.get("nobody") is None
+    assert await mirror.fetch("nobody") and mirror.get("nobody") is not None

@@ -306,7 +306,8 @@ async def _explain(m: Manifest, args: argparse.Namespace, ip: str) -> Any:
     from tollway.keys.mirror import KeyMirror
     from tollway.spend import open_spend_store
 
-    mirror = KeyMirror(open_key_store(m.storage.keys))
+    # the key it explains is fetched if the store holds more than this: no need to load them
+    mirror = KeyMirror(open_key_store(m.storage.keys), capacity=1000)
     await mirror.store.open()
     spend = open_spend_store(m.storage.counters)
     try:

@@ -94,6 +94,7 @@ async def explain(m: Manifest, mirror: KeyMirror, spend: SpendStore, key_id: str
     d = route.dialect
     out.lines.append(f"request: {route.action} on {route.path} (route {route.name}), model "
                      f"{model}, from {ip}{', streamed' if stream else ''}")
+    await mirror.hold([key_id])
     binding, record = mirror.binding(m, key_id), mirror.get(key_id)
     if binding is None or record is None:
         why = ("not in the manifest, and no runtime key of that id" if binding is None

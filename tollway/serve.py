@@ -55,7 +55,8 @@ class ServiceContext:
         """One per process: every service that resolves a key's binding reads the same copy
         of the key store (keys, runtime clients)."""
         if self._keys is None:
-            self._keys = KeyMirror(open_key_store(self.manifest.storage.keys))
+            storage = self.manifest.storage
+            self._keys = KeyMirror(open_key_store(storage.keys), capacity=storage.key_cache)
         return self._keys
 
     async def start_key_mirror(self, *, required: bool) -> None:

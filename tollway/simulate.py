@@ -212,6 +212,8 @@ async def run(m: Manifest, since: datetime | None, until: datetime | None) -> Re
     simulation = Simulation(m, keys)
     try:
         async for batch in ledger.batches(since, until):
+            if keys is not None:
+                await keys.hold(row.key_id for row in batch if row.key_id)
             simulation.feed(batch)
     finally:
         await ledger.close()

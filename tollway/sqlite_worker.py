@@ -30,10 +30,11 @@ Migration = tuple[str, str, str]
 
 class SqliteWorker:
     def __init__(self, path: str | Path, schema: str, name: str,
-                 migrations: Sequence[Migration] = ()) -> None:
+                 migrations: Sequence[Migration] = (), indexes: str = "") -> None:
         self.path = Path(path)
         self.schema = schema
         self.migrations = migrations
+        self.indexes = indexes  # a script run after the migrations: it may name their columns
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._db: sqlite3.Connection | None = None
 
@@ -53,6 +54,7 @@ class SqliteWorker:
                     have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
                     if column not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                db.executescript(self.indexes)
             self._db = db
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)
 

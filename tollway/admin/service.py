@@ -273,11 +273,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                        context: grpc.aio.ServicerContext) -> admin_pb2.ListKeysResponse:
         admin = await self._admin(context)
         await self._client(admin, request.client, context)
-        await self.keys.refresh()
-        found = [r for r in self.keys.runtime_keys() if rt.client_of(r.spec or "{}")
-                 == request.client]
-        return admin_pb2.ListKeysResponse(
-            keys=[self._key_message(r) for r in sorted(found, key=lambda r: r.key_id)])
+        found = await self.store.client_keys(request.client)
+        return admin_pb2.ListKeysResponse(keys=[self._key_message(r) for r in found])
 
     async def GetKey(self, request: admin_pb2.KeyRef,
                      context: grpc.aio.ServicerContext) -> admin_pb2.Key:

@@ -1,14 +1,18 @@
 """An in-memory mirror of the key store, so a Check never waits on the database.
 
-It holds every key record and every runtime client, and answers `binding(manifest, key_id)`:
-the manifest's binding, else a runtime key's (tollway/keys/runtime.py), built once per change
-and cached. Every service that needs a key's binding (extauthz, ratelimit, costsink) shares the
-one mirror of its process.
+It holds the key records (up to `capacity` of them, the most recently used) and every runtime
+client, and answers `binding(manifest, key_id)`: the manifest's binding, else a runtime key's
+(tollway/keys/runtime.py), built once per change and cached. Every service that needs a key's
+binding (extauthz, ratelimit, costsink) shares the one mirror of its process.
 
-The mirror loads every key once, then follows the store's change sequence: PostgreSQL wakes it
-with NOTIFY within milliseconds; SQLite is polled every 200 ms. Either way a revocation reaches
-every replica well within a second. If the store stops answering, the mirror keeps its last
-state and reports how stale it is, and `extauthz` stops trusting it after `max_staleness`.
+A store that fits (`complete`) is loaded whole: a key the mirror lacks does not exist, and a
+Check never touches the database. A bigger store (a million runtime keys) is mirrored in part:
+the keys written last at start, then each key the first time it is presented (`fetch`, one
+query), evicting the least recently used, so memory is bounded by `capacity`, not by the store.
+Either way the mirror follows the store's change sequence: PostgreSQL wakes it with NOTIFY
+within milliseconds; SQLite is polled every 200 ms; a revocation reaches every replica well
+within a second. If the store stops answering, the mirror keeps its last state and reports how
+stale it is, and `extauthz` stops trusting it after `max_staleness`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from prometheus_client import Gauge
@@ -29,6 +35,11 @@ log = logging.getLogger("tollway.keys.mirror")
 
 STORE_UP = Gauge("tollway_keystore_up", "1 when the key store answered the last refresh")
 KEYS = Gauge("tollway_keystore_keys", "Keys held in the in-memory mirror")
+COMPLETE = Gauge("tollway_keystore_mirror_complete",
+                 "1 when the mirror holds every key of the store (0: the most used ones)")
+
+DEFAULT_CAPACITY = 100_000  # storage.key_cache: about 0.5 KB each
+FETCH_AGAIN = 1.0  # seconds before an id that the store did not have is asked for again
 
 
 class _Built(NamedTuple):
@@ -41,31 +52,47 @@ class _Built(NamedTuple):
 
 class KeyMirror:
     def __init__(self, store: KeyStore, *, poll_timeout: float = 5.0,
-                 max_staleness: float = 30.0) -> None:
+                 max_staleness: float = 30.0, capacity: int = DEFAULT_CAPACITY) -> None:
         self.store = store
         self.poll_timeout = poll_timeout
         self.max_staleness = max_staleness
-        self._keys: dict[str, KeyRecord] = {}
+        self.capacity = capacity
+        self.complete = True  # until the store holds more keys than the mirror may
+        self._keys: OrderedDict[str, KeyRecord] = OrderedDict()  # least recently used first
         self._seq = 0
+        self._loaded = False
         self._objects: dict[tuple[str, str], StoredObject] = {}
         self._object_seq = 0
         self._fresh_at: float | None = None  # monotonic time of the last successful refresh
-        self._fetched_at: dict[str, float] = {}
+        # ids the store had nothing new for: the ids are public, and a caller presenting
+        # unknown ids or wrong secrets must not turn Checks into queries
+        self._missed: dict[str, tuple[float, bool]] = {}  # id → (when, the store had none)
         # a runtime key's binding, rebuilt when the manifest, the key or its client changes
         self._bindings: dict[str, _Built] = {}
 
     def get(self, key_id: str) -> KeyRecord | None:
-        return self._keys.get(key_id)
+        record = self._keys.get(key_id)
+        if record is not None and not self.complete:
+            self._keys.move_to_end(key_id)  # recently used: evicted last
+        return record
+
+    def _put(self, record: KeyRecord) -> None:
+        known = self._keys.get(record.key_id)
+        if known is not None and known.seq >= record.seq:
+            return
+        self._keys[record.key_id] = record
+        self._keys.move_to_end(record.key_id)
+        self._missed.pop(record.key_id, None)  # it exists now, whatever the store said before
+        while len(self._keys) > self.capacity:
+            evicted, _ = self._keys.popitem(last=False)
+            self._bindings.pop(evicted, None)
+            self.complete = False
 
     def object(self, kind: str, obj_id: str) -> StoredObject | None:
         return self._objects.get((kind, obj_id))
 
     def objects(self, kind: str) -> list[StoredObject]:
         return [o for (k, _), o in self._objects.items() if k == kind]
-
-    def runtime_keys(self) -> list[KeyRecord]:
-        return [r for r in self._keys.values() if r.spec is not None]
-
     def binding(self, m: Manifest, key_id: str) -> KeyBinding | None:
         """The manifest's binding of `key_id`, else its runtime binding, else None."""
         found = m.bindings.get(key_id)
@@ -87,30 +114,46 @@ class KeyMirror:
         return built
 
     async def fetch(self, key_id: str) -> bool:
-        """Re-read one key now, so a key issued or rotated a moment ago works at once instead
-        of after the next poll. At most once a second per key id: the ids are public, and a
-        caller presenting a wrong secret must not be able to turn Checks into queries."""
+        """Read one key now: a key issued or rotated a moment ago works at once instead of
+        after the next poll, and a key a partial mirror does not hold is brought in. True when
+        it brought a newer record. An id the store had nothing new for is not asked for again
+        within FETCH_AGAIN seconds."""
         now = time.monotonic()
-        if now - self._fetched_at.get(key_id, -1.0) < 1.0:
+        asked, absent = self._missed.get(key_id, (-FETCH_AGAIN, False))
+        # not again so soon if the store had no such key, or if the mirror still holds what
+        # the store had (a partial mirror may have evicted it since: then it is fetched)
+        if now - asked < FETCH_AGAIN and (absent or key_id in self._keys):
             return False
-        self._fetched_at[key_id] = now
         try:
             record = await self.store.get(key_id)
+            known = self._keys.get(key_id)
+            if record is None or (known is not None and known.seq >= record.seq):
+                self._miss(key_id, now, absent=record is None)
+                return False
+            if record.spec is not None:  # a runtime key needs its client to have a binding
+                client = await self.store.get_object(runtime.CLIENT,
+                                                     runtime.client_of(record.spec))
+                if client is not None:
+                    self._objects[(client.kind, client.id)] = client
         except StoreUnavailable:
             return False
-        known = self._keys.get(key_id)
-        if record is None or (known is not None and known.seq >= record.seq):
-            return False
-        if record.spec is not None:  # a runtime key needs its client to have a binding
-            client_id = runtime.client_of(record.spec)
-            try:
-                client = await self.store.get_object(runtime.CLIENT, client_id)
-            except StoreUnavailable:
-                return False
-            if client is not None:
-                self._objects[(client.kind, client.id)] = client
-        self._keys[key_id] = record
+        self._put(record)
         return True
+
+    async def hold(self, key_ids: Iterable[str]) -> None:
+        """Make sure the mirror holds these keys (a partial mirror fetches those it lacks):
+        for code that reads bindings after the Check, such as costsink's batches."""
+        if not self.complete:
+            for key_id in set(key_ids):
+                if key_id and key_id not in self._keys:
+                    await self.fetch(key_id)
+
+    def _miss(self, key_id: str, now: float, *, absent: bool) -> None:
+        if len(self._missed) >= 10_000:  # forget what is past its wait, bounded under a flood
+            self._missed = {k: v for k, v in self._missed.items() if now - v[0] < FETCH_AGAIN}
+            if len(self._missed) >= 10_000:
+                self._missed.clear()
+        self._missed[key_id] = (now, absent)
 
     @property
     def usable(self) -> bool:
@@ -120,21 +163,36 @@ class KeyMirror:
 
     async def refresh(self) -> None:
         try:
-            changes = await self.store.changes_since(self._seq)
+            if self._loaded:
+                for record in await self.store.changes_since(self._seq):
+                    self._put(record)
+                    self._seq = max(self._seq, record.seq)
+            else:
+                await self._load()
+            for obj in await self.store.objects_since(self._object_seq):
+                self._objects[(obj.kind, obj.id)] = obj
+                self._object_seq = max(self._object_seq, obj.seq)
         except StoreUnavailable as e:
             STORE_UP.set(0)
             log.warning("key store unreachable, serving the mirror as of %.1fs ago: %s",
                         time.monotonic() - (self._fresh_at or time.monotonic()), e)
             raise
-        for record in changes:
-            self._keys[record.key_id] = record
-            self._seq = max(self._seq, record.seq)
-        for obj in await self.store.objects_since(self._object_seq):
-            self._objects[(obj.kind, obj.id)] = obj
-            self._object_seq = max(self._object_seq, obj.seq)
         self._fresh_at = time.monotonic()
         STORE_UP.set(1)
         KEYS.set(len(self._keys))
+        COMPLETE.set(1 if self.complete else 0)
+
+    async def _load(self) -> None:
+        """The keys written last, up to capacity; the follower goes on from the sequence read
+        before them. One more than capacity tells whether the store fits."""
+        seq, records = await self.store.latest(self.capacity + 1)
+        for record in reversed(records[:self.capacity]):  # the newest ends most recently used
+            self._put(record)
+        self.complete = len(records) <= self.capacity
+        self._seq, self._loaded = seq, True
+        if not self.complete:
+            log.info("the key store holds more than %d keys (storage.key_cache): mirroring "
+                     "the most used, fetching the others when presented", self.capacity)
 
     async def follow(self) -> None:
         """Run forever: wait for a change signal (or the poll timeout), then catch up."""

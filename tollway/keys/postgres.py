@@ -27,6 +27,10 @@ from .store import (
 )
 
 CHANNEL = "tollway_keys"
+SCHEMA_LOCK = 7146025
+# held by every writer from its nextval to its commit: sequence numbers become visible in
+# order, so a follower that has read seq N has read everything below it
+WRITE_LOCK = 7146026
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS tollway_key_seq;
@@ -56,6 +60,7 @@ ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS before TEXT NOT NULL DEF
 ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS after TEXT NOT NULL DEFAULT '';
 ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS tollway_key_events_target ON tollway_key_events (kind, key_id);
+CREATE INDEX IF NOT EXISTS tollway_keys_client ON tollway_keys ((spec::jsonb ->> 'client'));
 CREATE TABLE IF NOT EXISTS tollway_objects (
     kind TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -123,7 +128,7 @@ class PostgresKeyStore(KeyStore):
                                                    command_timeout=self.timeout)
             # concurrent first starts of several replicas must not race on CREATE
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(7146025)")
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 await conn.execute(SCHEMA)
         except CONNECT_ERRORS as e:
             raise StoreUnavailable(f"postgresql: {e}") from e
@@ -144,6 +149,12 @@ class PostgresKeyStore(KeyStore):
                 return await fn(conn)
         except CONNECT_ERRORS as e:
             raise StoreUnavailable(f"postgresql: {e}") from e
+
+    async def _write(self, fn: Any) -> Any:
+        async def locked(conn: asyncpg.Connection) -> Any:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            return await fn(conn)
+        return await self._tx(locked)
 
     @staticmethod
     async def _log(conn: asyncpg.Connection, e: KeyEvent) -> None:
@@ -166,7 +177,7 @@ class PostgresKeyStore(KeyStore):
                 raise KeyExists(record.key_id) from None
             await self._log(conn, event)
             return _record(row)
-        result: KeyRecord = await self._tx(tx)
+        result: KeyRecord = await self._write(tx)
         return result
 
     async def update(self, key_id: str, event: KeyEvent, *, status: KeyStatus | None = None,
@@ -199,7 +210,7 @@ class PostgresKeyStore(KeyStore):
                 raise KeyNotFound(key_id)
             await self._log(conn, event)
             return _record(row)
-        result: KeyRecord = await self._tx(tx)
+        result: KeyRecord = await self._write(tx)
         return result
 
     async def get(self, key_id: str) -> KeyRecord | None:
@@ -214,6 +225,24 @@ class PostgresKeyStore(KeyStore):
         async def q(conn: asyncpg.Connection) -> list[KeyRecord]:
             rows = await conn.fetch(f"SELECT {COLUMNS} FROM tollway_keys WHERE seq > $1 "
                                     "ORDER BY seq", seq)
+            return [_record(r) for r in rows]
+        result: list[KeyRecord] = await self._tx(q)
+        return result
+
+    async def latest(self, limit: int) -> tuple[int, list[KeyRecord]]:
+        async def q(conn: asyncpg.Connection) -> tuple[int, list[KeyRecord]]:
+            seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM tollway_keys")
+            rows = await conn.fetch(f"SELECT {COLUMNS} FROM tollway_keys "
+                                    "ORDER BY seq DESC LIMIT $1", limit)
+            return int(seq), [_record(r) for r in rows]
+        result: tuple[int, list[KeyRecord]] = await self._tx(q)
+        return result
+
+    async def client_keys(self, client_id: str) -> list[KeyRecord]:
+        async def q(conn: asyncpg.Connection) -> list[KeyRecord]:
+            rows = await conn.fetch(f"SELECT {COLUMNS} FROM tollway_keys "
+                                    "WHERE (spec::jsonb ->> 'client') = $1 ORDER BY key_id",
+                                    client_id)
             return [_record(r) for r in rows]
         result: list[KeyRecord] = await self._tx(q)
         return result
@@ -266,7 +295,7 @@ class PostgresKeyStore(KeyStore):
                     raise KeyNotFound(obj_id)
             await self._log(conn, event)
             return _object(row)
-        result: StoredObject = await self._tx(tx)
+        result: StoredObject = await self._write(tx)
         return result
 
     async def get_object(self, kind: str, obj_id: str) -> StoredObject | None:

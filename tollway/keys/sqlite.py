@@ -66,6 +66,10 @@ MIGRATIONS = [("tollway_keys", "spec", "TEXT"),
               ("tollway_key_events", "after", "TEXT NOT NULL DEFAULT ''"),
               ("tollway_key_events", "source", "TEXT NOT NULL DEFAULT ''")]
 
+INDEXES = """
+CREATE INDEX IF NOT EXISTS tollway_keys_client ON tollway_keys (json_extract(spec, '$.client'));
+"""
+
 COLUMNS = ("key_id, secret_hash, status, expires_at, previous_hash, previous_valid_until, "
            "created_at, updated_at, seq, spec")
 EVENT_COLUMNS = "key_id, action, at, actor, detail, kind, before, after, source"
@@ -99,7 +103,7 @@ class SqliteKeyStore(KeyStore):
     def __init__(self, path: str | Path, *, poll_interval: float = 0.2) -> None:
         self.path = Path(path)
         self.poll_interval = poll_interval
-        self._worker = SqliteWorker(self.path, SCHEMA, "keys", MIGRATIONS)
+        self._worker = SqliteWorker(self.path, SCHEMA, "keys", MIGRATIONS, INDEXES)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -206,6 +210,26 @@ class SqliteKeyStore(KeyStore):
         def q(db: sqlite3.Connection) -> list[KeyRecord]:
             rows = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE seq > ? ORDER BY seq",
                               (seq,)).fetchall()
+            return [_record(r) for r in rows]
+        return await self._run(q)
+
+    async def latest(self, limit: int) -> tuple[int, list[KeyRecord]]:
+        def q(db: sqlite3.Connection) -> tuple[int, list[KeyRecord]]:
+            db.execute("BEGIN")  # one snapshot for both reads
+            try:
+                seq = db.execute("SELECT coalesce(max(seq), 0) FROM tollway_keys").fetchone()[0]
+                rows = db.execute(f"SELECT {COLUMNS} FROM tollway_keys ORDER BY seq DESC "
+                                  "LIMIT ?", (limit,)).fetchall()
+            finally:
+                db.execute("COMMIT")
+            return int(seq), [_record(r) for r in rows]
+        return await self._run(q)
+
+    async def client_keys(self, client_id: str) -> list[KeyRecord]:
+        def q(db: sqlite3.Connection) -> list[KeyRecord]:
+            rows = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE "
+                              "json_extract(spec, '$.client') = ? ORDER BY key_id",
+                              (client_id,)).fetchall()
             return [_record(r) for r in rows]
         return await self._run(q)
 

@@ -4,8 +4,10 @@ A store keeps only what the manifest must not: secret hashes, the lifecycle stat
 and the admin API change at runtime, the clients and keys created at runtime (their documents
 are the manifest's own schema, validated by the manifest's parser), admin tokens, and an audit
 trail of every change. Every write bumps a global change sequence so that a
-replica can mirror the whole table and catch up with `changes_since(seq)`; PostgreSQL also
-pushes a NOTIFY so the catch-up happens within milliseconds instead of a poll interval.
+replica can mirror the table (or its most used part: tollway/keys/mirror.py) and catch up with
+`changes_since(seq)`; PostgreSQL also pushes a NOTIFY so the catch-up happens within
+milliseconds instead of a poll interval. Writers take sequence numbers in commit order, or a
+follower could read seq 8 committed before seq 7 and never see 7.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class StoreUnavailable(Exception):
     """The backing database could not be reached or answered with an error."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a mirror holds up to storage.key_cache of them
 class KeyRecord:
     key_id: str
     secret_hash: bytes
@@ -111,6 +113,16 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     async def changes_since(self, seq: int) -> list[KeyRecord]:
         """Every key written after `seq` (all keys for seq 0), in sequence order."""
+
+    @abc.abstractmethod
+    async def latest(self, limit: int) -> tuple[int, list[KeyRecord]]:
+        """The change sequence as of now, then the `limit` keys written last (newest first):
+        a mirror that loads these and follows `changes_since` from that sequence misses
+        nothing, since every row read already shows every change up to it."""
+
+    @abc.abstractmethod
+    async def client_keys(self, client_id: str) -> list[KeyRecord]:
+        """The runtime keys of one runtime client (indexed: a store may hold millions)."""
 
     @abc.abstractmethod
     async def events(self, key_id: str) -> list[KeyEvent]: ...

@@ -580,11 +580,12 @@ def parse(doc: Any, source: str = "") -> Manifest:
                         workers=s.integer("workers", 1))
 
     st = root.child("storage")
-    st.check_keys({"keys", "counters", "ledger", "pepper"})
+    st.check_keys({"keys", "counters", "ledger", "pepper", "key_cache"})
     storage = Storage(keys=st.text("keys", "sqlite:///keys.db"),
                       counters=st.text("counters", "memory"),
                       ledger=st.text("ledger", "sqlite:///ledger.db"),
-                      pepper=st.text("pepper", "file:pepper"))
+                      pepper=st.text("pepper", "file:pepper"),
+                      key_cache=st.integer("key_cache", 100_000))
     for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("counters", ("memory", "redis:", "rediss:", "redis+cluster:", "env:")),

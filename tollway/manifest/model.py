@@ -253,6 +253,7 @@ class Storage:
     counters: str  # memory or redis://...
     ledger: str  # sqlite:///path or postgresql://...
     pepper: str  # reference to the HMAC pepper
+    key_cache: int = 100_000  # keys each process mirrors; a bigger store is fetched on use
 
 
 @dataclass(frozen=True)
