@@ -1,7 +1,9 @@
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tollway.manifest import ManifestError, load, loads
 
@@ -90,3 +92,32 @@ rate_card:
     price = loads(text).rate_card.prices[0]  # type: ignore[union-attr]
     assert price.cached_input == Decimal("0.075")  # not 0.07499999999999999722...
     assert price.output == Decimal("4.5")
+
+
+@pytest.mark.parametrize("text", [
+    "a: &x {b: 1}\nc: *x\n", "base: &b {x: 1}\nd:\n  <<: *b\n  y: 2\n",
+    "t: 2024-01-01\nf: 1.5\nn: ~\nb: yes\ni: 0x1f\ns: '1'\nl: [a, 1, null]\n", "!!str 5",
+    "x: !!binary aGk=\n", "{a: 1, b: [x, y]}", "{}", "", "- 1\n- - 2\n",
+    '{"version": 1, "quotas": [{"rpm": 5}]}', "? [1, 2]\n: v\n",
+    "a: !!python/name:os.system x\n"])
+def test_the_manifest_reader_reads_what_safe_load_reads(text: str) -> None:
+    """tollway/manifest/yaml_reader.py builds plain maps, lists and strings itself and resolves
+    scalars from a cache: whatever it reads must equal PyYAML's safe loader, errors included."""
+    from tollway.manifest.yaml_reader import safe_load
+
+    def read(load: Any) -> Any:
+        try:
+            return load(text)
+        except yaml.YAMLError as e:
+            return type(e)
+    assert read(safe_load) == read(lambda t: yaml.load(t, Loader=yaml.CSafeLoader))
+
+
+def test_the_examples_read_the_same_with_the_fast_reader() -> None:
+    from tests.conftest import ROOT
+    from tollway.manifest.yaml_reader import safe_load
+    paths = [*(ROOT / "examples").glob("*.yaml"), *(ROOT / "deploy").rglob("manifest.yaml")]
+    assert len(paths) >= 3
+    for path in paths:
+        text = path.read_text()
+        assert safe_load(text) == yaml.safe_load(text), path

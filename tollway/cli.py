@@ -483,6 +483,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def mock_provider_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=int, default=8081, help="port to listen on (default 8081)")
+    ap.add_argument("--expected-key", default=None,
+                    help="refuse requests that do not carry this provider key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tollway", description="Multi-tenant LLM gateway on Envoy")
     ap.add_argument("--version", action="version", version=f"tollway {__version__}")
@@ -608,8 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A provider that speaks OpenAI's and Anthropic's wire "
                                    "formats, for trying Tollway without a real one. Example: "
                                    "tollway mock-provider --port 8081")
-    from tollway.mock_provider import add_arguments
-    add_arguments(p)
+    mock_provider_arguments(p)
     p.set_defaults(func=cmd_mock)
 
     keys = sub.add_parser("keys", help="issue and manage client keys")

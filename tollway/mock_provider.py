@@ -522,13 +522,6 @@ async def start(host: str, port: int, expected_key: str | None = None) -> web.Ap
     return runner
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    ap.add_argument("--port", type=int, default=8081, help="port to listen on (default 8081)")
-    ap.add_argument("--expected-key", default=None,
-                    help="refuse requests that do not carry this provider key")
-
-
 def run(args: argparse.Namespace) -> None:
     async def run() -> None:
         await start(args.host, args.port, args.expected_key)
@@ -538,8 +531,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from tollway.cli import mock_provider_arguments  # the CLI must not load aiohttp to start
+
     ap = argparse.ArgumentParser(description="Mock OpenAI/Anthropic provider")
-    add_arguments(ap)
+    mock_provider_arguments(ap)
     run(ap.parse_args())
 
 

@@ -51,6 +51,7 @@ from .model import (
     Upstream,
     User,
 )
+from .yaml_reader import safe_load
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
@@ -705,15 +706,12 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[s
                            key.quotas)
 
 
-# libyaml's parser (in PyYAML's wheels): ten times the pure-Python one, which spent 27 of 30
-# seconds of a 10,000-project manifest's load; the same safe subset of YAML
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def document(text: str, source: str = "") -> Any:
     """The YAML document, or ManifestError saying where it is not YAML."""
     try:
-        return yaml.load(text, Loader=SAFE_LOADER)
+        return safe_load(text)
+    except RecursionError:
+        raise ManifestError(source, ["(document): nested too deeply"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
