@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import sqlite3
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import yaml
-from common import check_load, check_request, closed_loop, ms, pct
+from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
 from tollway.admin._proto import admin_pb2, admin_pb2_grpc
-from tollway.keys import hash_secret
 
 
 def rss_mb(pid: int) -> float:
@@ -43,26 +40,7 @@ def rss_mb(pid: int) -> float:
 
 
 def bulk_load(db: Path, pepper: bytes, n: int, clients: int) -> None:
-    now = datetime.now(UTC).isoformat()
-    secret_hash = hash_secret(pepper, "s")
-    con = sqlite3.connect(db)
-    with con:
-        seq = con.execute("SELECT seq FROM tollway_key_seq").fetchone()[0]
-        con.executemany(
-            "INSERT INTO tollway_objects (kind, id, doc, created_at, updated_at, seq) "
-            "VALUES ('client', ?, ?, ?, ?, ?)",
-            [(f"bc{c}", json.dumps({"org": "acme", "project": "team-ai", "client": {
-                "id": f"bc{c}", "user": {"tenant": f"t{c % 50}"}}}), now, now, seq + 1 + c)
-             for c in range(clients)])
-        seq += clients
-        con.executemany(
-            "INSERT INTO tollway_keys (key_id, secret_hash, status, created_at, updated_at, "
-            "seq, spec) VALUES (?, ?, 'active', ?, ?, ?, ?)",
-            [(f"bk{i}", secret_hash, now, now, seq + 1 + i, json.dumps({
-                "org": "acme", "project": "team-ai", "client": f"bc{i % clients}",
-                "key": {"id": f"bk{i}", "quotas": [{"rpm": 1000000}]}})) for i in range(n)])
-        con.execute("UPDATE tollway_key_seq SET seq = ?", (seq + n,))
-    con.close()
+    bulk_keys(db, pepper, n, clients, lambda c: ("acme", "team-ai"))
 
 
 async def admin_writes(port: int, token: str, seconds: float, concurrency: int

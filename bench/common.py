@@ -1,7 +1,7 @@
 """What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner, an
-extauthz Check request and its load, a bare Envoy, wrk's figures. Run the benchmarks from the
-repository root (`python bench/X.py`): the gateway's subprocesses must import the packages,
-not these scripts of the same names."""
+extauthz Check request and its load, runtime keys written in bulk, a bare Envoy, wrk's
+figures. Run the benchmarks from the repository root (`python bench/X.py`): the gateway's
+subprocesses must import the packages, not these scripts of the same names."""
 
 from __future__ import annotations
 
@@ -94,6 +94,45 @@ async def check_load(port: int, req: external_auth_pb2.CheckRequest, seconds: fl
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = external_auth_pb2_grpc.AuthorizationStub(ch)
         return await closed_loop(call, lambda r: r.status.code == 0, seconds, concurrency)
+
+
+def bulk_keys(db: Path, pepper: bytes, keys: int, clients: int,
+              place: Callable[[int], tuple[str, str]], prefix: str = "b") -> None:
+    """`keys` runtime keys `{prefix}k<i>` (secret "s") of `clients` runtime clients
+    `{prefix}c<c>`, client c in project place(c) = (org, project), written straight into the
+    SQLite key store in one transaction: issuing them through the admin API would measure
+    only its writes. Key i belongs to client i % clients."""
+    import json
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from tollway.keys import hash_secret
+
+    now = datetime.now(UTC).isoformat()
+    secret_hash = hash_secret(pepper, "s")
+    con = sqlite3.connect(db)
+    with con:
+        seq = con.execute("SELECT seq FROM tollway_key_seq").fetchone()[0]
+        con.executemany(
+            "INSERT INTO tollway_objects (kind, id, doc, created_at, updated_at, seq) "
+            "VALUES ('client', ?, ?, ?, ?, ?)",
+            ((f"{prefix}c{c}", json.dumps({"org": place(c)[0], "project": place(c)[1],
+                                           "client": {"id": f"{prefix}c{c}",
+                                                      "user": {"tenant": f"t{c % 50}"}}}),
+              now, now, seq + 1 + c) for c in range(clients)))
+        seq += clients
+
+        def rows() -> Any:
+            for i in range(keys):
+                org, project = place(i % clients)
+                yield (f"{prefix}k{i}", secret_hash, now, now, seq + 1 + i, json.dumps({
+                    "org": org, "project": project, "client": f"{prefix}c{i % clients}",
+                    "key": {"id": f"{prefix}k{i}", "quotas": [{"rpm": 1000000}]}}))
+        con.executemany(
+            "INSERT INTO tollway_keys (key_id, secret_hash, status, created_at, updated_at, "
+            "seq, spec) VALUES (?, ?, 'active', ?, ?, ?, ?)", rows())
+        con.execute("UPDATE tollway_key_seq SET seq = ?", (seq + keys,))
+    con.close()
 
 
 def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
