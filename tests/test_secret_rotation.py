@@ -62,3 +62,56 @@ def test_rotated_secret_files_are_reread(tmp_path: Path, monkeypatch: pytest.Mon
     os.replace(secrets / "openai", secrets / "gone")
     assert not watcher.check()
     assert runtime.value.credentials["openai"] == "sk-new"
+
+
+def test_the_watcher_sees_a_same_size_edit_and_leaves_collection_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four stats a second find an edit at once, even one that keeps the size and the mtime;
+    one the stats cannot tell (the same clock tick) is found by the content hash, every
+    `hash_every` seconds. A refused manifest leaves the garbage collector on (it is off
+    while a manifest compiles)."""
+    import gc
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    doc = base_manifest({n: 1000 + i for i, n in enumerate(
+        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
+        "sqlite:///unused")
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    watcher = ManifestWatcher(path, load(path), hash_every=3600)
+    limit = watcher.subscribe(Compiled(lambda m: m.gateway.max_request_bytes, watcher.manifest))
+
+    def edit(old: str, new: str) -> None:
+        st = path.stat()
+        path.write_text(path.read_text().replace(old, new))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    edit("65536", "65537")  # same size, same mtime
+    assert watcher.check() and limit.value == 65537
+
+    same = watcher._read_stats()
+    watcher._read_stats = lambda: same  # type: ignore[method-assign]  # as if in one tick
+    edit("65537", "65538")
+    assert not watcher.check()  # not hashed yet
+    watcher.hash_every = 0
+    assert watcher.check() and limit.value == 65538
+
+    del watcher._read_stats
+    path.write_text("version: [broken")
+    assert gc.isenabled() and not watcher.check() and gc.isenabled()
+    assert limit.value == 65538
+
+
+def test_a_pepper_created_at_first_start_is_not_a_reload(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    doc = base_manifest({n: 1000 + i for i, n in enumerate(
+        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
+        "sqlite:///unused")
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    watcher = ManifestWatcher(path, load(path))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "pepper").write_text("p" * 32)  # as extauthz does as it builds
+    watcher.in_force()
+    assert not watcher.check()
+    path.write_text(path.read_text().replace("65536", "70000"))
+    assert watcher.check()

@@ -110,7 +110,7 @@ def write_dynamic(m: Manifest, directory: Path) -> Path:
 
 
 def follow(manifest_path: Path, m: Manifest, directory: Path, stop: threading.Event,
-           interval: float = 1.0) -> None:
+           interval: float = 0.25) -> None:
     """Re-render into `directory` whenever the manifest changes, until `stop` is set."""
     directory = directory.absolute()
     watcher = ManifestWatcher(manifest_path, m, interval=interval)

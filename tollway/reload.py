@@ -1,9 +1,11 @@
 """Hot reload of the manifest.
 
-A ConfigMap update replaces the mounted file (Kubernetes swaps a symlink), so the watcher polls
-the content hash rather than an inode or mtime. The hash covers the secret files the manifest
-references too (`file:` provider credentials and pepper): a rotated Kubernetes Secret is
-re-read within a poll, as an edited manifest is. A new manifest is compiled by every subscriber
+A ConfigMap update replaces the mounted file (Kubernetes swaps a symlink). The watcher looks at
+the files' identity, times and size four times a second (a stat each: an edit is in force
+within a second, even for 10,000 projects), and at their content hash every second, which
+catches even an edit of the same size within the same clock tick. The files include the secret
+files the manifest references (`file:` provider credentials and pepper): a rotated Kubernetes
+Secret is re-read as an edited manifest is. A new manifest is compiled by every subscriber
 before anything is swapped in: if one of them refuses it, none of them sees it, and the last
 good one stays in force.
 """
@@ -11,8 +13,10 @@ good one stays in force.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -37,6 +41,15 @@ def secret_files(m: Manifest) -> list[Path]:
     return [state_dir() / ref[5:] for ref in refs if ref.startswith("file:")]
 
 
+def settle_heap() -> None:
+    """Keep the cyclic garbage collector off what a manifest built. 10,000 projects are a
+    million objects: building them set off full collections, each a pause of every request
+    of up to 200 ms while the GIL was held (a reload had a p99 of 90 ms). So collection is
+    off while a manifest is parsed and compiled, and what survives is frozen (moved where
+    collections do not look: reference counting still frees it when it is replaced)."""
+    gc.freeze()
+
+
 class Compiled(Generic[T]):
     """A value built from the manifest (a service's runtime state), swapped as one reference."""
 
@@ -46,26 +59,54 @@ class Compiled(Generic[T]):
 
 
 class ManifestWatcher:
-    def __init__(self, path: str | Path, manifest: Manifest, *, interval: float = 1.0) -> None:
+    def __init__(self, path: str | Path, manifest: Manifest, *, interval: float = 0.25,
+                 hash_every: float = 1.0) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.interval = interval
+        self.hash_every = hash_every
+        self._stats = self._read_stats()
+        self._hashed_at = time.monotonic()
         self._digest = self._read_digest()
         self._subscribers: list[Compiled[object]] = []
         GENERATION.set(1)
 
-    def _read_digest(self) -> str | None:
-        digest = hashlib.sha256()
+    def _read_digest(self) -> tuple[str, str] | None:
+        """The manifest's content hash, and its secret files' together."""
         try:
-            digest.update(self.path.read_bytes())
+            text = self.path.read_bytes()
         except OSError:
             return None
+        secrets = hashlib.sha256()
         for secret in secret_files(self.manifest):
             try:
-                digest.update(secret.read_bytes())
+                secrets.update(secret.read_bytes())
             except OSError:
-                digest.update(b"\0missing")  # a missing file is a change; load() will say so
-        return digest.hexdigest()
+                secrets.update(b"\0missing")  # a missing file is a change; load() says so
+        return hashlib.sha256(text).hexdigest(), secrets.hexdigest()
+
+    def in_force(self) -> None:
+        """Called once the services have compiled the manifest in force: a secret file they
+        created meanwhile (the pepper, at a first start) is part of it, not an edit to reload.
+        An edit of the manifest itself since it was loaded still is."""
+        now = self._read_digest()
+        if now is not None and self._digest is not None and now[0] == self._digest[0]:
+            self._digest = now
+            self._stats = self._read_stats()
+
+    def _files(self) -> list[Path]:
+        return [self.path, *secret_files(self.manifest)]
+
+    def _read_stats(self) -> list[tuple[int, ...] | None]:
+        stats: list[tuple[int, ...] | None] = []
+        for f in self._files():
+            try:
+                st = f.stat()  # through the symlinks Kubernetes swaps
+            except OSError:
+                stats.append(None)
+            else:
+                stats.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        return stats
 
     def subscribe(self, compiled: Compiled[T]) -> Compiled[T]:
         self._subscribers.append(compiled)  # type: ignore[arg-type]
@@ -73,10 +114,16 @@ class ManifestWatcher:
 
     def check(self) -> bool:
         """Reload if the file changed; True when a new manifest was applied."""
+        stats, now = self._read_stats(), time.monotonic()
+        if stats == self._stats and now - self._hashed_at < self.hash_every:
+            return False
+        self._stats, self._hashed_at = stats, now
         digest = self._read_digest()
         if digest is None or digest == self._digest:
             return False
         self._digest = digest
+        collecting = gc.isenabled()
+        gc.disable()  # see below
         try:
             manifest = load_beside(self.path)
             built = [s.build(manifest) for s in self._subscribers]
@@ -89,10 +136,15 @@ class ManifestWatcher:
             log.error("manifest refused, keeping the previous one in force: %s: %s",
                       self.path, e)
             return False
+        finally:
+            if collecting:
+                gc.enable()
         for s, value in zip(self._subscribers, built, strict=True):
             s.value = value
         self.manifest = manifest
+        settle_heap()
         self._digest = self._read_digest() or digest  # over the new manifest's secret files
+        self._stats = self._read_stats()
         RELOADS.labels("applied").inc()
         GENERATION.inc()
         log.info("manifest reloaded from %s", self.path)

@@ -26,7 +26,7 @@ from prometheus_client import start_http_server
 from tollway.keys import StoreUnavailable, open_key_store
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
-from tollway.reload import ManifestWatcher
+from tollway.reload import ManifestWatcher, settle_heap
 from tollway.spend import SpendStore, open_spend_store
 from tollway.tls import server_credentials, target
 
@@ -103,10 +103,13 @@ def _address(manifest: Manifest, name: str, worker: int = 0) -> str:
 
 async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
                 metrics_address: tuple[str, int] | None = None,
-                stop: asyncio.Event | None = None, worker: int = 0) -> None:
+                stop: asyncio.Event | None = None, worker: int = 0,
+                manifest: Manifest | None = None) -> None:
+    """`manifest`: the manifest at `manifest_path` if the caller has loaded it already (10,000
+    projects of YAML take a second to load)."""
     from tollway.manifest import load
 
-    watcher = ManifestWatcher(manifest_path, load(manifest_path))
+    watcher = ManifestWatcher(manifest_path, manifest or load(manifest_path))
     ctx = ServiceContext(manifest_path=manifest_path, watcher=watcher)
     if ctx.spend_store().shared_in_process and {"extauthz", "costsink"} - set(names) \
             and {"extauthz", "costsink"} & set(names):
@@ -117,6 +120,8 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     for name in names:
         module = importlib.import_module(MODULES[name])
         services[name] = await module.build(ctx)
+    watcher.in_force()
+    settle_heap()  # the manifest and what the services compiled from it
 
     by_address: dict[str, list[str]] = defaultdict(list)
     for name in names:
@@ -209,7 +214,8 @@ def run(manifest_path: Path, names: list[str],
     workers (one process each, one core each)."""
     from tollway.manifest import load
 
-    workers = load(manifest_path).services.workers
+    m = load(manifest_path)
+    workers = m.services.workers
     # costsink alone (served apart) is one process whatever services.workers says
     if worker is None and workers > 1 and set(names) != {"costsink"}:
         return _supervise(manifest_path, names, workers, metrics_address)
@@ -219,7 +225,7 @@ def run(manifest_path: Path, names: list[str],
     if worker:
         names = [n for n in names if n != "costsink"]
     asyncio.run(serve(manifest_path, names, metrics_address=metrics_address,
-                      worker=worker or 0))
+                      worker=worker or 0, manifest=m))
     return 0
 
 
