@@ -1,16 +1,18 @@
-"""Latency Tollway adds over bare Envoy at a steady ~100 requests/s, and the architecture's floor.
+"""Latency Tollway adds over bare Envoy at a fixed 100 requests/s, and the architecture's floor.
 
     python bench/latency.py [--seconds 20]
 
-Three gateways in front of the same mock provider, each driven by `wrk` on one connection with
-a 10 ms pause between requests (about 100 requests/s; wrk's latency excludes the pause):
+Each gateway is driven at a fixed 100 requests/s by h2load (open loop: requests leave on
+schedule whatever the answers' pace) and, for streams, by a small client timing the first
+event of 100 streams/s, all in front of the same mock provider:
 1. bare Envoy: the rendered config with the router alone (no filters, no access log);
-2. the floor: the very Envoy config Tollway runs, but ext_authz, rate limit and access log
-   answered by no-op Python servicers (OK with the metadata Tollway's filters expect) — what
-   two gRPC round trips into Python cost before any of Tollway's work;
-3. Tollway: the real services (memory counters), the same Envoy.
-Bare Envoy is measured first and last, to show the machine's drift. Prints p50/p99 per run and
-Tollway's added latency over bare Envoy and its ratio to the floor's.
+2. Tollway: the real services, memory counters, the same Envoy config;
+3. the floor: that Envoy config, but ext_authz, rate limit and access log answered by no-op
+   Python servicers (OK with the metadata Tollway's filters expect): what the gRPC round trips
+   into Python cost before any of Tollway's work;
+4. a second gateway with Redis counters (a Redis of its own), with its own bare Envoy.
+Bare Envoy is measured before and after in each gateway; the added latency is over their mean.
+Also printed: the services' CPU per request during Tollway's run.
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
-from common import bare_envoy, wrk_figures
+from common import bare_envoy, pct
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from tests.e2e.harness import PROVIDER_KEY, run_gateway, tcp_open, wait_until
+from tests.e2e.harness import PROVIDER_KEY, PrivateRedis, run_gateway, tcp_open, wait_until
 
 BODY = {"model": "gpt-5.4-mini", "max_tokens": 5,
         "messages": [{"role": "user", "content": "word " * 50}]}
@@ -82,17 +85,76 @@ async def noop_services(ports: list[int]) -> None:
     await asyncio.Event().wait()
 
 
-def wrk(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str, float]:
-    script = tmp / "paced.lua"
-    script.write_text("wrk.method = 'POST'\n"
-                      f"wrk.body = {json.dumps(json.dumps(BODY))}\n"
-                      "wrk.headers['content-type'] = 'application/json'\n"
-                      + "".join(f"wrk.headers['{k}'] = '{v}'\n" for k, v in headers.items())
-                      + "function delay() return 10 end\n")
-    cmd = ["wrk", "-t1", "-c1", "-s", str(script), "--latency"]
-    subprocess.run([*cmd, "-d2s", url], capture_output=True)  # warm-up
-    return wrk_figures(subprocess.run([*cmd, f"-d{seconds}s", url], capture_output=True,
-                                      text=True).stdout)
+def h2load(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str, float]:
+    """A fixed 100 requests/s, open loop: h2load sends each request on schedule (4 HTTP/1.1
+    connections, 25 requests/s each: a request every 40 ms per connection, well above any
+    latency here) whatever the answers' pace, so a slow answer does not hold the next ones
+    back and hide its own delay. p50/p99/max from h2load's per-request log."""
+    body = tmp / "body.json"
+    body.write_text(json.dumps(BODY))
+    log = tmp / "h2load.log"
+    # the four connections open 10 ms apart (-r 1 per 10 ms), so their requests interleave
+    # every 10 ms rather than leave in bursts of four
+    cmd = ["h2load", "--h1", "-c4", "--rps", "25", "-r1", "--rate-period", "10ms",
+           "-d", str(body),
+           "-H", "content-type: application/json",
+           *(x for k, v in headers.items() for x in ("-H", f"{k}: {v}"))]
+    subprocess.run([*cmd, "-n", "200", url], capture_output=True, check=True)  # warm-up
+    log.unlink(missing_ok=True)  # h2load appends to its log
+    subprocess.run([*cmd, "-n", str(seconds * 100), "--log-file", str(log), url],
+                   capture_output=True, check=True)
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    lat = sorted(int(r[2]) / 1000 for r in rows)
+    return {"rps": len(rows) / seconds, "p50": pct(lat, 50), "p99": pct(lat, 99),
+            "max": lat[-1], "requests": len(rows),
+            "non_2xx": sum(1 for r in rows if not r[1].startswith("2"))}
+
+
+async def _first_event(host: str, port: int, path: str, headers: dict[str, str]) -> float:
+    """One streamed request on its own connection: seconds until its first SSE event."""
+    body = json.dumps({**BODY, "stream": True}).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in {
+        "host": f"{host}:{port}", "content-type": "application/json",
+        "content-length": str(len(body)), "connection": "close", **headers}.items())
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        started = time.perf_counter()
+        writer.write(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body)
+        seen = b""
+        while b"data:" not in seen.split(b"\r\n\r\n", 1)[-1] or b"\r\n\r\n" not in seen:
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise RuntimeError(f"closed before the first event: {seen[:300]!r}")
+            seen += chunk
+        took = time.perf_counter() - started
+        if not seen.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(seen[:300].decode(errors="replace"))
+        return took
+    finally:
+        writer.close()
+
+
+def streamed_ttfb(url: str, headers: dict[str, str], seconds: int) -> dict[str, float]:
+    """Time to the first event of a stream, at 100 streams/s started on schedule (open loop;
+    the mock pauses 50 ms after the first event, so the first event's time is measured, not
+    the stream's). A Python client: no native load generator reads SSE events, and 100
+    requests/s cost it little."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    assert u.hostname and u.port
+    hdrs = {**headers, "x-mock-stall-ms": "50"}
+
+    async def run(duration: float) -> list[float]:
+        tasks = []
+        start = time.perf_counter()
+        for n in range(int(duration * 100)):
+            await asyncio.sleep(max(0.0, start + n / 100 - time.perf_counter()))
+            tasks.append(asyncio.create_task(_first_event(u.hostname, u.port, u.path, hdrs)))
+        return sorted(await asyncio.gather(*tasks))
+    asyncio.run(run(2))  # warm-up
+    lat = [x * 1000 for x in asyncio.run(run(seconds))]
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": lat[-1]}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -103,60 +165,99 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=20)
-    args = ap.parse_args()
-    results: list[tuple[str, dict[str, float]]] = []
-    with tempfile.TemporaryDirectory() as tmpdir, run_gateway(Path(tmpdir)) as gw:
-        tmp = Path(tmpdir)
+def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False
+                 ) -> tuple[list[tuple[str, dict[str, float]]], list[tuple[str, dict[str, float]]],
+                            float]:
+    """One gateway: bare Envoy, Tollway (and the floor), bare Envoy again, in that order;
+    the same for streamed time to first event. Returns both tables' rows and the services'
+    CPU per request during Tollway's run."""
+    rows: list[tuple[str, dict[str, float]]] = []
+    ttfb: list[tuple[str, dict[str, float]]] = []
+    with run_gateway(tmp, mutate=mutate) as gw:
         key = gw.issue("k-main")
         doc = yaml.safe_load(gw.manifest_path.read_text())
         bare, bare_url = bare_envoy(gw.manifest_path, tmp)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
-        tollway_url = f"{gw.url}/v1/chat/completions"
+        ours = {"authorization": f"Bearer {key}"}
+        url = f"{gw.url}/v1/chat/completions"
         try:
-            results.append(("bare Envoy", wrk(bare_url, provider, args.seconds, tmp)))
+            rows.append(("bare Envoy", h2load(bare_url, provider, seconds, tmp)))
+            ttfb.append(("bare Envoy", streamed_ttfb(bare_url, provider, seconds)))
             services = gw.named["services"].pid
             cpu = cpu_seconds(services)
-            tollway = wrk(tollway_url, {"authorization": f"Bearer {key}"}, args.seconds, tmp)
-            cpu = cpu_seconds(services) - cpu
-            results.append(("Tollway", tollway))
-            # the floor: the same Envoy, the services replaced by no-op servicers
-            gw.kill("services")
-            ports = [int(doc["services"][n].rsplit(":", 1)[1])
-                     for n in ("extauthz", "ratelimit", "costsink")]
-            noop = subprocess.Popen([sys.executable, __file__, "--noop", json.dumps(ports)])
-            try:
-                wait_until(lambda: all(tcp_open(p) for p in ports), "no-op servicers",
-                           proc=noop)
-                results.append(("floor (no-op servicers)",
-                                wrk(tollway_url, provider, args.seconds, tmp)))
-            finally:
-                noop.terminate()
-                noop.wait()
-            results.append(("bare Envoy (again)", wrk(bare_url, provider, args.seconds, tmp)))
+            rows.append((f"Tollway ({label})", h2load(url, ours, seconds, tmp)))
+            cpu = (cpu_seconds(services) - cpu) / ((seconds + 2) * 100)
+            ttfb.append((f"Tollway ({label})", streamed_ttfb(url, ours, seconds)))
+            if floor:  # the same Envoy, the services replaced by no-op servicers
+                gw.kill("services")
+                ports = [int(doc["services"][n].rsplit(":", 1)[1])
+                         for n in ("extauthz", "ratelimit", "costsink")]
+                noop = subprocess.Popen([sys.executable, __file__, "--noop", json.dumps(ports)])
+                try:
+                    wait_until(lambda: all(tcp_open(p) for p in ports), "no-op servicers",
+                               proc=noop)
+                    rows.append(("floor (no-op servicers)", h2load(url, provider, seconds, tmp)))
+                    ttfb.append(("floor (no-op servicers)",
+                                 streamed_ttfb(url, provider, seconds)))
+                finally:
+                    noop.terminate()
+                    noop.wait()
+            rows.append(("bare Envoy (again)", h2load(bare_url, provider, seconds, tmp)))
+            ttfb.append(("bare Envoy (again)", streamed_ttfb(bare_url, provider, seconds)))
         finally:
             bare.terminate()
             bare.wait()
-    print(f"## ~100 requests/s on one connection, {args.seconds} s each (wrk -t1 -c1, "
-          "10 ms between requests)")
-    print("| gateway | requests/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|")
-    for name, r in results:
-        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
-              f"{int(r['non_2xx'])} |")
-    by = dict(results)
-    t = by["Tollway"]
+    return rows, ttfb, cpu
+
+
+def added(rows: list[tuple[str, dict[str, float]]], name: str) -> str:
+    by = dict(rows)
+    t = by[name]
     base50 = (by["bare Envoy"]["p50"] + by["bare Envoy (again)"]["p50"]) / 2
     base99 = (by["bare Envoy"]["p99"] + by["bare Envoy (again)"]["p99"]) / 2
-    f = by["floor (no-op servicers)"]
-    requests = t["rps"] * args.seconds + 2 * t["rps"]  # the run and its 2 s warm-up
-    print(f"\nservices' CPU per request: {cpu / requests * 1000:.2f} ms "
-          f"(extauthz, ratelimit and costsink in one process)")
-    print(f"added over bare Envoy: Tollway p50 +{t['p50'] - base50:.2f} ms, p99 "
-          f"+{t['p99'] - base99:.2f} ms; floor p50 +{f['p50'] - base50:.2f} ms, p99 "
-          f"+{f['p99'] - base99:.2f} ms; Tollway / floor: p50 {t['p50'] / f['p50']:.2f}x, "
-          f"p99 {t['p99'] / f['p99']:.2f}x")
+    text = f"{name}: p50 +{t['p50'] - base50:.2f} ms, p99 +{t['p99'] - base99:.2f} ms"
+    f = by.get("floor (no-op servicers)")
+    if f:
+        text += (f"; floor p50 +{f['p50'] - base50:.2f} ms, p99 +{f['p99'] - base99:.2f} ms; "
+                 f"{name} / floor: p50 {t['p50'] / f['p50']:.2f}x, p99 {t['p99'] / f['p99']:.2f}x")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=20)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        (tmp / "memory").mkdir()
+        mem, mem_ttfb, mem_cpu = gateway_runs(tmp / "memory", "memory", args.seconds,
+                                              floor=True)
+        redis = PrivateRedis(tmp)
+        redis.start()
+        try:
+            (tmp / "redis").mkdir()
+            red, red_ttfb, red_cpu = gateway_runs(
+                tmp / "redis", "Redis", args.seconds, mutate=lambda d: d["storage"].update(
+                    counters=f"redis://127.0.0.1:{redis.port}/0"))
+        finally:
+            redis.kill()
+    print(f"## A fixed 100 requests/s (h2load --h1 -c4 --rps 25 -r1 --rate-period 10ms, "
+          f"open loop), {args.seconds} s each")
+    print("| gateway | requests | p50 | p99 | max | non-2xx |\n|---|---|---|---|---|---|")
+    for name, r in [*mem, *(("Redis run: " + n, r) for n, r in red)]:
+        print(f"| {name} | {r['requests']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
+              f"{r['max']:.2f} ms | {int(r['non_2xx'])} |")
+    print(f"\nadded over bare Envoy (the mean of its runs before and after, same gateway):\n- "
+          f"{added(mem, 'Tollway (memory)')}\n- {added(red, 'Tollway (Redis)')}")
+    print(f"\nservices' CPU per request (extauthz, ratelimit and costsink in one process): "
+          f"memory {mem_cpu * 1000:.2f} ms, Redis {red_cpu * 1000:.2f} ms")
+    print(f"\n## Streamed: time to the first event, 100 streams/s started on schedule, "
+          f"{args.seconds} s each")
+    print("| gateway | p50 | p99 | max |\n|---|---|---|---|")
+    for name, r in [*mem_ttfb, *(("Redis run: " + n, r) for n, r in red_ttfb)]:
+        print(f"| {name} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | {r['max']:.2f} ms |")
+    print(f"\nadded over bare Envoy:\n- {added(mem_ttfb, 'Tollway (memory)')}\n- "
+          f"{added(red_ttfb, 'Tollway (Redis)')}")
 
 
 if __name__ == "__main__":
