@@ -142,7 +142,8 @@ def streamed_ttfb(url: str, headers: dict[str, str], seconds: int) -> dict[str, 
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    assert u.hostname and u.port
+    host, port = u.hostname, u.port
+    assert host and port
     hdrs = {**headers, "x-mock-stall-ms": "50"}
 
     async def run(duration: float) -> list[float]:
@@ -150,7 +151,7 @@ def streamed_ttfb(url: str, headers: dict[str, str], seconds: int) -> dict[str, 
         start = time.perf_counter()
         for n in range(int(duration * 100)):
             await asyncio.sleep(max(0.0, start + n / 100 - time.perf_counter()))
-            tasks.append(asyncio.create_task(_first_event(u.hostname, u.port, u.path, hdrs)))
+            tasks.append(asyncio.create_task(_first_event(host, port, u.path, hdrs)))
         return sorted(await asyncio.gather(*tasks))
     asyncio.run(run(2))  # warm-up
     lat = [x * 1000 for x in asyncio.run(run(seconds))]
@@ -167,12 +168,13 @@ def cpu_seconds(pid: int) -> float:
 
 def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False
                  ) -> tuple[list[tuple[str, dict[str, float]]], list[tuple[str, dict[str, float]]],
-                            float]:
+                            float, float]:
     """One gateway: bare Envoy, Tollway (and the floor), bare Envoy again, in that order;
     the same for streamed time to first event. Returns both tables' rows and the services'
-    CPU per request during Tollway's run."""
+    CPU per request during Tollway's run, and the no-op servicers' during the floor's."""
     rows: list[tuple[str, dict[str, float]]] = []
     ttfb: list[tuple[str, dict[str, float]]] = []
+    floor_cpu = 0.0
     with run_gateway(tmp, mutate=mutate) as gw:
         key = gw.issue("k-main")
         doc = yaml.safe_load(gw.manifest_path.read_text())
@@ -196,7 +198,9 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
                 try:
                     wait_until(lambda: all(tcp_open(p) for p in ports), "no-op servicers",
                                proc=noop)
+                    floor_cpu = cpu_seconds(noop.pid)
                     rows.append(("floor (no-op servicers)", h2load(url, provider, seconds, tmp)))
+                    floor_cpu = (cpu_seconds(noop.pid) - floor_cpu) / ((seconds + 2) * 100)
                     ttfb.append(("floor (no-op servicers)",
                                  streamed_ttfb(url, provider, seconds)))
                 finally:
@@ -207,7 +211,7 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
         finally:
             bare.terminate()
             bare.wait()
-    return rows, ttfb, cpu
+    return rows, ttfb, cpu, floor_cpu
 
 
 def added(rows: list[tuple[str, dict[str, float]]], name: str) -> str:
@@ -230,13 +234,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "memory").mkdir()
-        mem, mem_ttfb, mem_cpu = gateway_runs(tmp / "memory", "memory", args.seconds,
+        mem, mem_ttfb, mem_cpu, floor_cpu = gateway_runs(tmp / "memory", "memory", args.seconds,
                                               floor=True)
         redis = PrivateRedis(tmp)
         redis.start()
         try:
             (tmp / "redis").mkdir()
-            red, red_ttfb, red_cpu = gateway_runs(
+            red, red_ttfb, red_cpu, _ = gateway_runs(
                 tmp / "redis", "Redis", args.seconds, mutate=lambda d: d["storage"].update(
                     counters=f"redis://127.0.0.1:{redis.port}/0"))
         finally:
@@ -250,7 +254,8 @@ def main() -> None:
     print(f"\nadded over bare Envoy (the mean of its runs before and after, same gateway):\n- "
           f"{added(mem, 'Tollway (memory)')}\n- {added(red, 'Tollway (Redis)')}")
     print(f"\nservices' CPU per request (extauthz, ratelimit and costsink in one process): "
-          f"memory {mem_cpu * 1000:.2f} ms, Redis {red_cpu * 1000:.2f} ms")
+          f"memory {mem_cpu * 1000:.2f} ms, Redis {red_cpu * 1000:.2f} ms; the no-op "
+          f"servicers' (the floor's) {floor_cpu * 1000:.2f} ms")
     print(f"\n## Streamed: time to the first event, 100 streams/s started on schedule, "
           f"{args.seconds} s each")
     print("| gateway | p50 | p99 | max |\n|---|---|---|---|")

@@ -49,10 +49,15 @@ class Entry:
     hold: int = 0  # the budget hold extauthz placed, in budgets.UNIT
 
 
+_SCALARS = frozenset(("string_value", "number_value", "bool_value"))
+
+
 def _value(v: struct_pb2.Value) -> Any:
     """A Struct value as Python, as json_format would give it (at a third of the cost: every
     access-log entry carries three namespaces)."""
     kind = v.WhichOneof("kind")
+    if kind in _SCALARS:  # almost every value
+        return getattr(v, kind)
     if kind == "struct_value":
         return {k: _value(x) for k, x in v.struct_value.fields.items()}
     if kind == "list_value":
@@ -64,7 +69,10 @@ def _value(v: struct_pb2.Value) -> Any:
 
 def _ns(entry: accesslog_pb2.HTTPAccessLogEntry, name: str) -> dict[str, Any]:
     s = entry.common_properties.metadata.filter_metadata.get(name)
-    return {k: _value(v) for k, v in s.fields.items()} if s is not None else {}
+    if s is None:
+        return {}
+    fields = s.fields  # by key: the map's items() is the generic Mapping one, slower
+    return {k: _value(fields[k]) for k in fields}
 
 
 def key_id_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
