@@ -1,3 +1,4 @@
+import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,24 @@ def test_the_examples_read_the_same_with_the_fast_reader() -> None:
     for path in paths:
         text = path.read_text()
         assert _from_events(text) == yaml.safe_load(text), path  # the fast path, no fallback
+
+
+def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) -> None:
+    """load_beside reads a plain manifest on the calling thread and one with merge keys
+    (only PyYAML's loader reads those) in a child process: both as load() does."""
+    from tests.e2e.harness import base_manifest
+    from tollway.manifest.loader import load_beside
+
+    doc = base_manifest({n: 1000 + i for i, n in enumerate(
+        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
+        "sqlite:///unused")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(doc))
+    assert load_beside(plain).organizations == load(plain).organizations
+    first, second = doc["providers"]
+    rest = {k: v for k, v in doc.items() if k != "providers"}
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(yaml.safe_dump(rest) + "providers:\n  - &first " + json.dumps(first)
+                      + "\n  - {<<: *first, " + ", ".join(
+                          f"{json.dumps(k)}: {json.dumps(v)}" for k, v in second.items()) + "}\n")
+    assert load_beside(merged).providers == load(plain).providers

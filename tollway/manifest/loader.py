@@ -51,7 +51,7 @@ from .model import (
     Upstream,
     User,
 )
-from .yaml_reader import safe_load
+from .yaml_reader import Unusual, quick_load, safe_load
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
@@ -706,10 +706,11 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[s
                            key.quotas)
 
 
-def document(text: str, source: str = "") -> Any:
-    """The YAML document, or ManifestError saying where it is not YAML."""
+def document(text: str, source: str = "", *, quick: bool = False) -> Any:
+    """The YAML document, or ManifestError saying where it is not YAML. `quick`: raise
+    Unusual rather than read a document only PyYAML's loader reads (see yaml_reader)."""
     try:
-        return safe_load(text)
+        return quick_load(text) if quick else safe_load(text)
     except RecursionError:
         raise ManifestError(source, ["(document): nested too deeply"]) from None
     except yaml.YAMLError as e:
@@ -750,19 +751,16 @@ else:
 
 
 def load_beside(path: str | Path) -> Manifest:
-    """load() for a serving process: libyaml holds the GIL for a whole document (0.3 s for
-    10,000 projects, a stall of every request in flight), so the YAML is parsed in a child
-    process and arrives as JSON; what is left here (json, then the validator in Python) yields
-    the GIL to the event loop every few milliseconds."""
+    """load() for a serving process, run on a thread: the document is read in ways that let
+    the GIL go every few microseconds (JSON in C at once; YAML event by event), so requests in
+    flight go on. Only a document PyYAML's loader must read (merge keys, explicit tags), whose
+    libyaml composition would hold the GIL for a whole document (0.7 s for 10,000 projects),
+    is read in a child process and arrives as JSON."""
     p = Path(path)
-    text = _read(p)
-    if text.lstrip().startswith("{"):  # JSON: json.loads is C and quick, no child needed
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            pass  # YAML's flow style, or broken: the child's parser says where
-        else:
-            return parse(doc, str(p))
+    try:
+        return parse(document(_read(p), str(p), quick=True), str(p))
+    except Unusual:
+        pass
     out = subprocess.run([sys.executable, "-c", _AS_JSON, str(p)], capture_output=True,
                          text=True, timeout=120)
     if out.returncode != 0:
@@ -771,5 +769,3 @@ def load_beside(path: str | Path) -> Manifest:
     if "problems" in result:
         raise ManifestError(str(p), result["problems"])
     return parse(result["doc"], str(p))
-
-
