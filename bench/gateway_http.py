@@ -7,7 +7,8 @@ Starts the test harness's gateway (mock provider, `tollway serve`, the real Envo
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
 eat the 2 cores the gateway runs on. `--baseline DIR` runs the same against another checkout
 (e.g. `git worktree add /tmp/base <commit>`) in the same invocation, interleaved, so the ratio
-compares like with like. Prints requests/s and p50/p99 per run, then the ratios.
+compares like with like; bare Envoy (router only) in front of the same mock is measured in
+every round too. Prints requests/s and p50/p99 per run, then the ratios.
 """
 
 from __future__ import annotations
@@ -66,6 +67,35 @@ def run(checkout: Path, seconds: int, connections: int, encoding: str,
     return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"]}
 
 
+def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
+    """The same load on bare Envoy (router only) in front of the same mock: the baseline."""
+    import tempfile
+
+    from common import bare_envoy
+
+    from tests.e2e.harness import PROVIDER_KEY, run_gateway
+
+    with tempfile.TemporaryDirectory() as tmpdir, run_gateway(Path(tmpdir)) as gw:
+        proc, url = bare_envoy(gw.manifest_path, Path(tmpdir))
+        try:
+            body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
+                               "messages": [{"role": "user", "content": "word " * 200}]})
+            script = Path(tmpdir) / "post.lua"
+            script.write_text("wrk.method = 'POST'\n"
+                              f"wrk.body = {json.dumps(body)}\n"
+                              "wrk.headers['content-type'] = 'application/json'\n"
+                              f"wrk.headers['authorization'] = 'Bearer {PROVIDER_KEY}'\n"
+                              f"wrk.headers['accept-encoding'] = '{encoding}'\n")
+            wrk = ["wrk", "-t1", f"-c{connections}", "-s", str(script)]
+            subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
+            f = wrk_figures(subprocess.run([*wrk, f"-d{seconds}s", "--latency", url],
+                                           capture_output=True, text=True).stdout)
+        finally:
+            proc.terminate()
+            proc.wait()
+    return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=10)
@@ -94,19 +124,22 @@ def main() -> None:
         print(json.dumps({"rps_2_over_1": round(
             sum(r["rps"] for r in scaling[2]) / sum(r["rps"] for r in scaling[1]), 3)}))
         return
-    runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
-    for _ in range(args.rounds):  # interleaved: both see the same machine
+    runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": [], "bare Envoy": []}
+    for _ in range(args.rounds):  # interleaved: all see the same machine
         if args.baseline:
             runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
                                         args.accept_encoding))
         runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding))
+        runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
     for name, results in runs.items():
         for r in results:
-            print(f"{name:9} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
+            print(f"{name:10} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
                   f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}")
+    def mean(k: str, name: str) -> float:
+        return sum(r[k] for r in runs[name]) / len(runs[name])
+    print(json.dumps({"rps_this_over_bare_envoy": round(mean("rps", "this")
+                                                        / mean("rps", "bare Envoy"), 3)}))
     if runs["baseline"]:
-        def mean(k: str, name: str) -> float:
-            return sum(r[k] for r in runs[name]) / len(runs[name])
         print(json.dumps({k: round(mean(k, "this") / mean(k, "baseline"), 3)
                           for k in ("rps", "p50_ms", "p99_ms")}))
 
