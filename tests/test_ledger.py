@@ -74,6 +74,14 @@ async def test_append_is_idempotent_on_the_request_id(ledger: Ledger) -> None:
     assert await ledger.append([row("a"), row("b", at=1)]) == {"a", "b"}
     assert await ledger.append([row("b", at=1), row("c", at=2)]) == {"c"}
     assert [r.request_id for r in await ledger.rows()] == ["a", "b", "c"]
+    # twins in one batch (the gRPC stream's and the file's copy): the first is kept, once;
+    # and across the chunks of a large batch
+    twins = [row("d", Decimal("1")), row("d", Decimal("2"))]
+    chunked = [row(f"e{i:04d}") for i in range(600)]
+    assert await ledger.append([*twins, *chunked, row("e0000"), row("a")]) \
+        == {"d", *(r.request_id for r in chunked)}
+    [d] = [r for r in await ledger.rows() if r.request_id == "d"]
+    assert d.cost == Decimal("1")
 
 
 async def test_rows_of_a_period(ledger: Ledger) -> None:
