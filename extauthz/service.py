@@ -138,10 +138,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             facts = facts_from(request)
             rt = self.runtime.value
             if not self.mirror.complete:  # a key this replica has not used lately: one query
-                key_id = presented_key_id(facts.headers)
-                if (key_id and key_id not in rt.manifest.bindings
-                        and self.mirror.get(key_id) is None):
-                    await self.mirror.fetch(key_id)
+                await self.mirror.hold([presented_key_id(facts.headers)])
             result = decide(rt, self.mirror, facts, datetime.now(UTC))
             if (isinstance(result, Deny) and result.code == "invalid_api_key"
                     and self.mirror.usable):

@@ -106,7 +106,7 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
                 stop: asyncio.Event | None = None, worker: int = 0,
                 manifest: Manifest | None = None) -> None:
     """`manifest`: the manifest at `manifest_path` if the caller has loaded it already (10,000
-    projects of YAML take a second to load)."""
+    projects of YAML take half a second to load)."""
     from tollway.manifest import load
 
     watcher = ManifestWatcher(manifest_path, manifest or load(manifest_path))
@@ -218,7 +218,7 @@ def run(manifest_path: Path, names: list[str],
     workers = m.services.workers
     # costsink alone (served apart) is one process whatever services.workers says
     if worker is None and workers > 1 and set(names) != {"costsink"}:
-        return _supervise(manifest_path, names, workers, metrics_address)
+        return _supervise(manifest_path, m, names, workers, metrics_address)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
@@ -229,7 +229,7 @@ def run(manifest_path: Path, names: list[str],
     return 0
 
 
-def _supervise(manifest_path: Path, names: list[str], workers: int,
+def _supervise(manifest_path: Path, m: Manifest, names: list[str], workers: int,
                metrics_address: tuple[str, int] | None) -> int:
     """Start the workers; if one exits, stop the others and exit with its status, so the
     orchestrator restarts the set as it would one process. Worker i exposes its metrics on
@@ -237,9 +237,6 @@ def _supervise(manifest_path: Path, names: list[str], workers: int,
     import subprocess
     import sys
 
-    from tollway.manifest import load
-
-    m = load(manifest_path)
     host, port = metrics_address or (m.services.metrics_host, m.services.metrics_port)
     procs = [subprocess.Popen([sys.executable, "-m", "tollway.cli", "serve", "--manifest",
                                str(manifest_path), "--services", ",".join(names),

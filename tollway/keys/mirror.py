@@ -27,6 +27,7 @@ from typing import NamedTuple
 from prometheus_client import Gauge
 
 from tollway.manifest import KeyBinding, Manifest
+from tollway.manifest.model import DEFAULT_KEY_CACHE
 
 from . import runtime
 from .store import KeyRecord, KeyStore, StoredObject, StoreUnavailable
@@ -38,7 +39,6 @@ KEYS = Gauge("tollway_keystore_keys", "Keys held in the in-memory mirror")
 COMPLETE = Gauge("tollway_keystore_mirror_complete",
                  "1 when the mirror holds every key of the store (0: the most used ones)")
 
-DEFAULT_CAPACITY = 100_000  # storage.key_cache: about 0.5 KB each
 FETCH_AGAIN = 1.0  # seconds before an id that the store did not have is asked for again
 
 
@@ -52,7 +52,7 @@ class _Built(NamedTuple):
 
 class KeyMirror:
     def __init__(self, store: KeyStore, *, poll_timeout: float = 5.0,
-                 max_staleness: float = 30.0, capacity: int = DEFAULT_CAPACITY) -> None:
+                 max_staleness: float = 30.0, capacity: int = DEFAULT_KEY_CACHE) -> None:
         self.store = store
         self.poll_timeout = poll_timeout
         self.max_staleness = max_staleness
@@ -93,6 +93,7 @@ class KeyMirror:
 
     def objects(self, kind: str) -> list[StoredObject]:
         return [o for (k, _), o in self._objects.items() if k == kind]
+
     def binding(self, m: Manifest, key_id: str) -> KeyBinding | None:
         """The manifest's binding of `key_id`, else its runtime binding, else None."""
         found = m.bindings.get(key_id)

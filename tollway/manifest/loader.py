@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from .model import (
+    DEFAULT_KEY_CACHE,
     REQUEST_LIMITS,
     SPEND_LIMITS,
     TOKEN_LIMITS,
@@ -586,7 +587,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
                       counters=st.text("counters", "memory"),
                       ledger=st.text("ledger", "sqlite:///ledger.db"),
                       pepper=st.text("pepper", "file:pepper"),
-                      key_cache=st.integer("key_cache", 100_000))
+                      key_cache=st.integer("key_cache", DEFAULT_KEY_CACHE))
     for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
                            ("counters", ("memory", "redis:", "rediss:", "redis+cluster:", "env:")),

@@ -247,13 +247,16 @@ class Services:
         return self.listen.get(name) or self.dial(name)
 
 
+DEFAULT_KEY_CACHE = 100_000  # about 0.5 KB of memory each
+
+
 @dataclass(frozen=True)
 class Storage:
     keys: str  # sqlite:///path or postgresql://...; a reference (env:/file:) is allowed
     counters: str  # memory or redis://...
     ledger: str  # sqlite:///path or postgresql://...
     pepper: str  # reference to the HMAC pepper
-    key_cache: int = 100_000  # keys each process mirrors; a bigger store is fetched on use
+    key_cache: int = DEFAULT_KEY_CACHE  # keys each process mirrors; more are fetched on use
 
 
 @dataclass(frozen=True)
