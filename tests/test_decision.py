@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from extauthz.decision import Allow, Deny, RequestFacts, compile_runtime, decide
-from tests.e2e.harness import base_manifest
+from tests.e2e.harness import offline_manifest
 from tollway.keys import KeyRecord, hash_secret
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, parse
@@ -24,9 +24,7 @@ NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 def runtime_and_mirror() -> tuple[Any, KeyMirror]:
     os.environ.setdefault("MOCK_PROVIDER_KEY", "x")
     os.environ["TOLLWAY_TEST_PEPPER"] = PEPPER
-    doc = base_manifest({n: 1000 + i for i, n in enumerate(
-        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
-        "sqlite:///unused")
+    doc = offline_manifest()
     doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
     project = doc["organizations"][0]["projects"][0]
     project["model_rules"] = [{"models": ["gpt-5.4"], "roles_allowed": ["admin"]},

@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 
 from extauthz.decision import compile_runtime
 from extauthz.service import AuthorizationService
-from tests.e2e.harness import base_manifest
+from tests.e2e.harness import offline_manifest
 from tollway.budgets import period_labels
 from tollway.keys import KeyRecord, hash_secret
 from tollway.keys.mirror import KeyMirror
@@ -40,9 +40,7 @@ class Context:
 def service(store: MemorySpendStore) -> AuthorizationService:
     os.environ.setdefault("MOCK_PROVIDER_KEY", "x")
     os.environ["TOLLWAY_TEST_PEPPER"] = PEPPER.decode()
-    doc = base_manifest({n: 1000 + i for i, n in enumerate(
-        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
-        "sqlite:///unused")
+    doc = offline_manifest()
     doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
     doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "cap", "spend_per_day": 10}]
     m = parse(doc)

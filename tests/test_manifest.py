@@ -131,12 +131,10 @@ def test_the_examples_read_the_same_with_the_fast_reader() -> None:
 def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) -> None:
     """load_beside reads a plain manifest on the calling thread and one with merge keys
     (only PyYAML's loader reads those) in a child process: both as load() does."""
-    from tests.e2e.harness import base_manifest
+    from tests.e2e.harness import offline_manifest
     from tollway.manifest.loader import load_beside
 
-    doc = base_manifest({n: 1000 + i for i, n in enumerate(
-        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
-        "sqlite:///unused")
+    doc = offline_manifest()
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump(doc))
     assert load_beside(plain).organizations == load(plain).organizations

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from extauthz.decision import compile_runtime
-from tests.e2e.harness import base_manifest
+from tests.e2e.harness import offline_manifest
 from tollway.manifest import load
 from tollway.reload import Compiled, ManifestWatcher
 
@@ -39,9 +39,7 @@ def test_rotated_secret_files_are_reread(tmp_path: Path, monkeypatch: pytest.Mon
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     mount_secret(secrets, 1, {"openai": "sk-old", "pepper": "p" * 32})
-    doc = base_manifest({n: 1000 + i for i, n in enumerate(
-        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
-        "sqlite:///unused")
+    doc = offline_manifest()
     for p in doc["providers"]:
         p["credential"] = f"file:{secrets / 'openai'}"
     doc["storage"]["pepper"] = f"file:{secrets / 'pepper'}"
@@ -72,9 +70,7 @@ def test_the_watcher_sees_a_same_size_edit_and_leaves_collection_on(
     while a manifest compiles)."""
     import gc
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
-    doc = base_manifest({n: 1000 + i for i, n in enumerate(
-        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
-        "sqlite:///unused")
+    doc = offline_manifest()
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump(doc))
     watcher = ManifestWatcher(path, load(path), hash_every=3600)
@@ -103,9 +99,7 @@ def test_the_watcher_sees_a_same_size_edit_and_leaves_collection_on(
 def test_a_pepper_created_at_first_start_is_not_a_reload(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
-    doc = base_manifest({n: 1000 + i for i, n in enumerate(
-        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
-        "sqlite:///unused")
+    doc = offline_manifest()
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump(doc))
     watcher = ManifestWatcher(path, load(path))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import redis
 import yaml
 
@@ -61,6 +62,35 @@ def wait_until(check: Any, what: str, timeout: float = 20.0, proc: Any = None) -
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{what} not ready within {timeout}s")
+
+
+def works_within(seconds: float, call: Any) -> float:
+    """Poll `call` until it succeeds (a key issued or changed a moment ago); the time it
+    took."""
+    start = time.monotonic()
+    while True:
+        try:
+            call()
+            return time.monotonic() - start
+        except (openai.AuthenticationError, openai.PermissionDeniedError):
+            assert time.monotonic() - start < seconds, f"not working after {seconds}s"
+            time.sleep(0.02)
+
+
+def revoked_within(seconds: float, call: Any) -> None:
+    """Poll `call` until it is refused for its key's revocation (403 key_revoked); a 429 on
+    the way is the key's rpm, not yet the revocation."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+        except openai.PermissionDeniedError as e:
+            assert e.code == "key_revoked"
+            return
+        except openai.RateLimitError:
+            pass
+        assert time.monotonic() < deadline, f"the revocation was not honoured in {seconds} s"
+        time.sleep(0.02)
 
 
 def tcp_open(port: int) -> bool:
@@ -110,6 +140,14 @@ def base_manifest(ports: dict[str, int], keys_dsn: str) -> dict[str, Any]:
                 {"id": "k-never-issued"}, {"id": "k-unissued"},
             ]}]}]}],
     }
+
+
+def offline_manifest() -> dict[str, Any]:
+    """The base manifest on fixed ports, for tests that load or compile it without running
+    anything."""
+    return base_manifest({n: 1000 + i for i, n in enumerate(
+        ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
+        "sqlite:///unused")
 
 
 @dataclass
