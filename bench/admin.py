@@ -26,17 +26,10 @@ from typing import Any
 import grpc
 import httpx
 import yaml
-from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
+from common import bulk_keys, check_load, check_request, closed_loop, ms, pct, rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
 from tollway.admin._proto import admin_pb2, admin_pb2_grpc
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def bulk_load(db: Path, pepper: bytes, n: int, clients: int) -> None:

@@ -1,7 +1,7 @@
 """What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner, an
-extauthz Check request and its load, runtime keys written in bulk, a bare Envoy, wrk's
-figures. Run the benchmarks from the repository root (`python bench/X.py`): the gateway's
-subprocesses must import the packages, not these scripts of the same names."""
+extauthz Check request and its load, runtime keys written in bulk, a process's RSS, a bare
+Envoy, wrk's figures. Run the benchmarks from the repository root (`python bench/X.py`): the
+gateway's subprocesses must import the packages, not these scripts of the same names."""
 
 from __future__ import annotations
 
@@ -94,6 +94,14 @@ async def check_load(port: int, req: external_auth_pb2.CheckRequest, seconds: fl
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = external_auth_pb2_grpc.AuthorizationStub(ch)
         return await closed_loop(call, lambda r: r.status.code == 0, seconds, concurrency)
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def bulk_keys(db: Path, pepper: bytes, keys: int, clients: int,

@@ -30,16 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
+from common import bulk_keys, check_load, check_request, closed_loop, ms, pct, rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def timed(cmd: list[str], env: dict[str, str], runs: int = 3) -> float:
