@@ -142,6 +142,21 @@ async def test_many_commits_at_once_equal_one_by_one(store: SpendStore) -> None:
     assert await store.read("o2", [DAY]) == [(7, 0)]
 
 
+async def test_commits_sharing_their_counters_release_each_hold_and_add_each_cost(
+        store: SpendStore) -> None:
+    """The recorder hands the commits of one key, model and minute the same counters list;
+    mixed with a commit whose equal list is its own object and one of other counters."""
+    shared = [DAY, KEY_DAY]
+    for rid in ("a", "b", "c"):
+        assert (await store.hold("o", rid, [budget(1000), budget(1000, KEY_DAY)], 50,
+                                 10_000)).allowed
+    results = await store.commit_many([
+        Commit("o", "a", shared, 10, held=True), Commit("o", "b", [DAY, KEY_DAY], 0, held=True),
+        Commit("o", "c", shared, 5, held=True), Commit("o", "d", [MONTH], 4)])
+    assert results == [[15, 15], [15, 15], [15, 15], [4]]
+    assert await store.read("o", [DAY, KEY_DAY, MONTH]) == [(15, 0), (15, 0), (4, 0)]
+
+
 async def test_many_requests_in_flight_do_not_slow_or_grow_the_memory_store() -> None:
     store = MemorySpendStore()
     b = budget(10**12)

@@ -96,7 +96,9 @@ return out
 
 # A batch of commits of one org in one call, applied once: KEYS: hash, zset per distinct
 # counter, then the batch's marker (named by its request ids: a retried batch finds it). ARGV:
-# now, counters, each counter's ttl s, then per commit: request id, amount, k, k counter indexes.
+# now, counters, each counter's ttl s, then per shape (the commits adding to the same
+# counters): k, its k counter indexes, the shape's total amount, m, its m request ids. A batch
+# is mostly one or two shapes, so the arguments are about one per commit, not a dozen.
 # Returns each counter's spent after the whole batch.
 COMMIT_BATCH = COMMON + """
 local n = tonumber(ARGV[2])
@@ -104,14 +106,15 @@ local fresh = redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', 172800)
 for i = 1, n do purge(KEYS[2 * i - 1], KEYS[2 * i]) end
 local p = 3 + n
 while fresh and p <= #ARGV do
-  local rid, amount, k = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+  local k = tonumber(ARGV[p])
+  local amount, m = ARGV[p + k + 1], tonumber(ARGV[p + k + 2])
   for j = 1, k do
-    local i = tonumber(ARGV[p + 2 + j])
-    local h = KEYS[2 * i - 1]
-    release(h, KEYS[2 * i], rid)
+    local i = tonumber(ARGV[p + j])
+    local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+    for r = 1, m do release(h, z, ARGV[p + k + 2 + r]) end
     if amount ~= '0' then redis.call('HINCRBY', h, 'spent', amount) end
   end
-  p = p + 3 + k
+  p = p + k + 3 + m
 end
 local out = {}
 for i = 1, n do
@@ -234,12 +237,18 @@ class RedisSpendStore(SpendStore):
         after: dict[tuple[str, str], int] = {}
         try:
             for tag, group in by_tag.items():
-                counters = list(dict.fromkeys(x for c in group for x in c.counters))
+                # commits of one shape share their counters list (the recorder builds it
+                # once per key, model and minute); an equal list apart is a shape of its own
+                shapes: dict[int, tuple[list[SpendCounter], list[Commit]]] = {}
+                for c in group:
+                    shapes.setdefault(id(c.counters), (c.counters, []))[1].append(c)
+                counters = list(dict.fromkeys(x for cs, _ in shapes.values() for x in cs))
                 index = {x: i + 1 for i, x in enumerate(counters)}
                 args: list[int | str] = [0, len(counters), *(x.ttl_seconds for x in counters)]
-                for c in group:
-                    args += [c.request_id, c.amount, len(c.counters),
-                             *(index[x] for x in c.counters)]
+                for cs, members in shapes.values():
+                    args += [len(cs), *(index[x] for x in cs),
+                             sum(c.amount for c in members), len(members),
+                             *(c.request_id for c in members)]
                 marker = hashlib.sha256("\n".join(c.request_id for c in group).encode())
                 raw = await self._commit_batch(
                     keys=[*self._keys(tag, counters),
