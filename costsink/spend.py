@@ -107,6 +107,8 @@ class SpendRecorder:
                       "takes them: %s", len(batch), e)
             return False
         for (commit, row_budgets), spent in zip(batch, results, strict=True):
+            if not row_budgets:
+                continue
             now_spent = dict(zip((c.key for c in commit.counters), spent, strict=True))
             for b in row_budgets:
                 value = now_spent[b.counter.key]

@@ -6,6 +6,7 @@ later, the sink retries them: applied once, not twice), and a restart that lost 
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from .harness import Gateway, PrivateRedis, run_gateway
+from .harness import Gateway, PrivateRedis, run_gateway, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +85,18 @@ def converges(gw: Gateway, served: int, what: str) -> Decimal:
         time.sleep(0.1)
 
 
+def stalled(r: PrivateRedis) -> bool:
+    """Redis does not answer a PING within 50 ms (a raw socket: redis-py would retry)."""
+    with socket.create_connection(("127.0.0.1", r.port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        sock.settimeout(0.05)
+        try:
+            sock.recv(16)
+        except TimeoutError:
+            return True
+    return False
+
+
 def test_spend_converges_on_the_ledger_through_redis_trouble(
         gw: Gateway, private_redis: PrivateRedis) -> None:
     served = send(gw, 20)
@@ -92,13 +105,22 @@ def test_spend_converges_on_the_ledger_through_redis_trouble(
     # Redis stalls for 1 s (as under a long script or a fork), past the 0.25 s timeout: the
     # sink's batches time out, yet Redis runs them once it wakes; the retries must not add
     # them again
-    for at in (0.2, 1.6):
-        threading.Timer(at, lambda: private_redis.client().execute_command(
-            "DEBUG", "SLEEP", "1")).start()
-    served += send(gw, 60)
+    # them again. Requests are sent while Redis sleeps (their Checks go on without holds
+    # after the timeout), so their commits meet the stall; should none have (the sleep ended
+    # first on a slow machine), stall again, at most five times
+    log = gw.manifest_path.parent / "logs" / "services.log"
+    for _ in range(5):
+        stall = threading.Thread(target=lambda: private_redis.client().execute_command(
+            "DEBUG", "SLEEP", "1"))
+        stall.start()
+        wait_until(lambda: stalled(private_redis), "Redis asleep")
+        served += send(gw, 8)
+        stall.join()
+        if "could not add" in log.read_text():
+            break
+    else:
+        raise AssertionError("no stall made a spend commit fail: not tested")
     before_restart = converges(gw, served, "after a stall")
-    log = (gw.manifest_path.parent / "logs" / "services.log").read_text()
-    assert "could not add" in log, "the stall never made a spend commit fail: not tested"
 
     # a restart without persistence: every counter is gone, and rebuilt from the ledger
     private_redis.kill()
@@ -107,7 +129,7 @@ def test_spend_converges_on_the_ledger_through_redis_trouble(
     served += send(gw, 10)
     assert converges(gw, served, "after a restart") > before_restart
     assert "spend rebuilt from the ledger" in \
-        (gw.manifest_path.parent / "logs" / "services.log").read_text()
+        log.read_text()
 
 
 def test_an_operator_can_rebuild_spend_from_the_ledger(

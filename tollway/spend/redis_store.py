@@ -234,7 +234,7 @@ class RedisSpendStore(SpendStore):
         by_tag: dict[str, list[Commit]] = {}
         for c in commits:
             by_tag.setdefault(c.tag, []).append(c)
-        after: dict[tuple[str, str], int] = {}
+        after: dict[int, list[int]] = {}  # by id(commit): its counters' values after
         try:
             for tag, group in by_tag.items():
                 # commits of one shape share their counters list (the recorder builds it
@@ -254,7 +254,10 @@ class RedisSpendStore(SpendStore):
                     keys=[*self._keys(tag, counters),
                           f"{self.prefix}:{{{tag}}}:applied:{marker.hexdigest()[:32]}"],
                     args=args)
-                after.update({(tag, x.key): int(v) for x, v in zip(counters, raw, strict=True)})
+                spent = dict(zip(counters, map(int, raw), strict=True))
+                for cs, members in shapes.values():
+                    values = [spent[x] for x in cs]  # one list for the shape: read only
+                    after.update((id(c), values) for c in members)
             indexed = [self._index_key(c.request_id) for c in commits if c.held]
             if indexed:
                 async with self.client.pipeline(transaction=False) as pipe:
@@ -263,7 +266,7 @@ class RedisSpendStore(SpendStore):
                     await pipe.execute()
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
-        return [[after[(c.tag, x.key)] for x in c.counters] for c in commits]
+        return [after[id(c)] for c in commits]
 
     async def read(self, tag: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:
