@@ -151,7 +151,7 @@ def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]
     from tests.e2e.harness import free_port, tcp_open, wait_until
     from tollway.manifest import load
     from tollway.render import render
-    from tollway.up import envoy_binary
+    from tollway.up import envoy_args, envoy_binary
 
     doc = render(load(manifest))
     port, admin = free_port(), free_port()
@@ -167,8 +167,9 @@ def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]
         r.get("route", {}).pop("rate_limits", None)
     cfg = tmp / "bare.yaml"
     cfg.write_text(yaml.safe_dump(doc))
+    # the same Envoy process as the gateway's (one worker thread), with nothing but the router
     proc = subprocess.Popen([str(envoy_binary()), "-c", str(cfg), "--log-level", "error",
-                             "--base-id", str(admin)])
+                             "--base-id", str(admin), *envoy_args(1)])
     wait_until(lambda: tcp_open(port), "bare envoy", proc=proc)
     return proc, f"http://127.0.0.1:{port}/v1/chat/completions"
 

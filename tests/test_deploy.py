@@ -95,6 +95,8 @@ def test_the_wiring_between_objects_holds(overlay: str) -> None:
             t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
         for c in template["spec"]["containers"]:
             assert {m["name"] for m in c.get("volumeMounts", [])} <= volumes
+            if c["name"] == "envoy":  # else a worker thread per core of the node
+                assert "--concurrency" in c["args"]
 
     # each Service selects a pod that has every named target port
     for svc in (o for o in objects if o["kind"] == "Service"):

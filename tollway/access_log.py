@@ -23,9 +23,9 @@ from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
 from tollway.refs import state_dir
 
 # how often Envoy writes its access-log file buffer out (`--file-flush-interval-msec`, an
-# Envoy command-line option): what a crash of Envoy itself may lose from the file
+# Envoy command-line option, see tollway.up.envoy_args): what a crash of Envoy itself may lose
+# from the file
 ENVOY_FILE_FLUSH_MS = 1000
-ENVOY_ARGS = ["--file-flush-interval-msec", str(ENVOY_FILE_FLUSH_MS)]
 
 
 def access_log_path(g: Gateway) -> Path:

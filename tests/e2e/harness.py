@@ -24,8 +24,7 @@ import openai
 import redis
 import yaml
 
-from tollway.access_log import ENVOY_ARGS
-from tollway.up import envoy_binary
+from tollway.up import envoy_args, envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_KEY = "sk-provider-secret-0123456789"
@@ -276,7 +275,8 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
                                           str(config.parent), "--watch"])
             wait_until(config.exists, "tollway render --dir", proc=renderer)
         envoy = spawn("envoy", [str(envoy_binary()), "-c", str(config), "--log-level", "warn",
-                                "--base-id", str(ports["admin"]), *ENVOY_ARGS])
+                                "--base-id", str(ports["admin"]),
+                                *envoy_args(doc["services"].get("workers", 1))])
 
         def ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready",
