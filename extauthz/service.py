@@ -11,14 +11,14 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
 from tollway.errors import error_body, status_of
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
-from tollway.metadata import REQUEST
+from tollway.metadata import REQUEST, struct_dict
 from tollway.reload import Compiled
 from tollway.spend import SpendStore
 
@@ -53,7 +53,7 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
 def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
     attrs = request.attributes
     namespace = attrs.metadata_context.filter_metadata.get(REQUEST)
-    body = json_format.MessageToDict(namespace) if namespace is not None else {}
+    body = struct_dict(namespace) if namespace is not None else {}
     headers = attrs.request.http.headers
     length = headers.get("content-length", "")
     return RequestFacts(route_name=attrs.context_extensions.get("route"),

@@ -5,7 +5,37 @@ json_to_metadata writes REQUEST, ext_authz answers into AUTHZ, the rate limiter 
 the Lua filter (envoy/lua/usage.lua, which spells its namespace itself) into USAGE.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports this module: protobuf only where entries are read
+    from google.protobuf import struct_pb2
+
 REQUEST = "tollway.request"  # model, stream, max_tokens, body_error: from the request body
 AUTHZ = "envoy.filters.http.ext_authz"  # identity, model, route, reserve_tokens
 RATELIMIT = "envoy.filters.http.ratelimit"  # reserved_tokens, charged_at_ms, denied_quota
 USAGE = "tollway.usage"  # the provider's reported token usage
+
+
+_SCALARS = frozenset(("string_value", "number_value", "bool_value"))
+
+
+def struct_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    """A namespace as Python, as json_format.MessageToDict gives it (numbers as floats), at a
+    third of its cost: every Check reads one, every access-log entry three."""
+    fields = s.fields  # by key: the map's items() is the generic Mapping one, slower
+    return {k: _value(fields[k]) for k in fields}
+
+
+def _value(v: struct_pb2.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind in _SCALARS:  # almost every value
+        return getattr(v, kind)
+    if kind == "struct_value":
+        return struct_dict(v.struct_value)
+    if kind == "list_value":
+        return [_value(x) for x in v.list_value.values]
+    if kind == "null_value" or kind is None:
+        return None
+    return getattr(v, kind)
