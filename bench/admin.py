@@ -26,7 +26,8 @@ from typing import Any
 import grpc
 import httpx
 import yaml
-from common import bulk_keys, check_load, check_request, closed_loop, ms, pct, rss_mb
+from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
+from procstat import rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
 from tollway.admin._proto import admin_pb2, admin_pb2_grpc

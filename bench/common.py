@@ -1,7 +1,8 @@
 """What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner, an
-extauthz Check request and its load, runtime keys written in bulk, a process's RSS, a bare
-Envoy, wrk's figures. Run the benchmarks from the repository root (`python bench/X.py`): the
-gateway's subprocesses must import the packages, not these scripts of the same names."""
+extauthz Check request and its load, runtime keys written in bulk, a bare Envoy, wrk's
+figures (a process's CPU and RSS: procstat.py). Run the benchmarks from the repository root
+(`python bench/X.py`): the gateway's subprocesses must import the packages, not these scripts
+of the same names."""
 
 from __future__ import annotations
 
@@ -96,51 +97,89 @@ async def check_load(port: int, req: external_auth_pb2.CheckRequest, seconds: fl
         return await closed_loop(call, lambda r: r.status.code == 0, seconds, concurrency)
 
 
-def rss_mb(pid: int) -> float:
-    """A process's resident memory, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def bulk_keys(db: Path, pepper: bytes, keys: int, clients: int,
+def bulk_keys(store: Path | str, pepper: bytes, keys: int, clients: int,
               place: Callable[[int], tuple[str, str]], prefix: str = "b") -> None:
     """`keys` runtime keys `{prefix}k<i>` (secret "s") of `clients` runtime clients
     `{prefix}c<c>`, client c in project place(c) = (org, project), written straight into the
-    SQLite key store in one transaction: issuing them through the admin API would measure
-    only its writes. Key i belongs to client i % clients."""
+    key store in one transaction: issuing them through the admin API would measure only its
+    writes. Key i belongs to client i % clients. `store` is the SQLite file, or a PostgreSQL
+    DSN whose search_path names the store's schema (the services must have created it)."""
     import json
-    import sqlite3
-    from datetime import UTC, datetime
 
     from tollway.keys import hash_secret
 
-    now = datetime.now(UTC).isoformat()
     secret_hash = hash_secret(pepper, "s")
+
+    def client_docs() -> Any:
+        for c in range(clients):
+            org, project = place(c)
+            yield f"{prefix}c{c}", json.dumps({"org": org, "project": project, "client": {
+                "id": f"{prefix}c{c}", "user": {"tenant": f"t{c % 50}"}}})
+
+    def key_specs() -> Any:
+        for i in range(keys):
+            org, project = place(i % clients)
+            yield f"{prefix}k{i}", json.dumps({
+                "org": org, "project": project, "client": f"{prefix}c{i % clients}",
+                "key": {"id": f"{prefix}k{i}", "quotas": [{"rpm": 1000000}]}})
+    if isinstance(store, Path):
+        _bulk_sqlite(store, secret_hash, client_docs(), key_specs())
+    else:
+        asyncio.run(_bulk_postgres(store, secret_hash, client_docs(), key_specs()))
+
+
+def _bulk_sqlite(db: Path, secret_hash: bytes, client_docs: Any, key_specs: Any) -> None:
+    import sqlite3
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat()
     con = sqlite3.connect(db)
     with con:
         seq = con.execute("SELECT seq FROM tollway_key_seq").fetchone()[0]
+        seqs = itertools.count(seq + 1)
         con.executemany(
             "INSERT INTO tollway_objects (kind, id, doc, created_at, updated_at, seq) "
             "VALUES ('client', ?, ?, ?, ?, ?)",
-            ((f"{prefix}c{c}", json.dumps({"org": place(c)[0], "project": place(c)[1],
-                                           "client": {"id": f"{prefix}c{c}",
-                                                      "user": {"tenant": f"t{c % 50}"}}}),
-              now, now, seq + 1 + c) for c in range(clients)))
-        seq += clients
-
-        def rows() -> Any:
-            for i in range(keys):
-                org, project = place(i % clients)
-                yield (f"{prefix}k{i}", secret_hash, now, now, seq + 1 + i, json.dumps({
-                    "org": org, "project": project, "client": f"{prefix}c{i % clients}",
-                    "key": {"id": f"{prefix}k{i}", "quotas": [{"rpm": 1000000}]}}))
+            ((cid, doc, now, now, next(seqs)) for cid, doc in client_docs))
         con.executemany(
             "INSERT INTO tollway_keys (key_id, secret_hash, status, created_at, updated_at, "
-            "seq, spec) VALUES (?, ?, 'active', ?, ?, ?, ?)", rows())
-        con.execute("UPDATE tollway_key_seq SET seq = ?", (seq + keys,))
+            "seq, spec) VALUES (?, ?, 'active', ?, ?, ?, ?)",
+            ((kid, secret_hash, now, now, next(seqs), spec) for kid, spec in key_specs))
+        con.execute("UPDATE tollway_key_seq SET seq = ?", (next(seqs) - 1,))
     con.close()
+
+
+async def _bulk_postgres(dsn: str, secret_hash: bytes, client_docs: Any,
+                         key_specs: Any) -> None:
+    """COPY, under the writers' lock, with sequence numbers taken from the store's sequence:
+    the services' followers see the keys as any other write."""
+    from datetime import UTC, datetime
+
+    import asyncpg
+
+    from tollway.keys.postgres import WRITE_LOCK
+
+    now = datetime.now(UTC)
+    clients, keys = list(client_docs), list(key_specs)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            last = await conn.fetchval("SELECT nextval('tollway_key_seq')")
+            await conn.execute("SELECT setval('tollway_key_seq', $1)",
+                               last + len(clients) + len(keys))
+            seqs = itertools.count(last + 1)
+            await conn.copy_records_to_table(
+                "tollway_objects", columns=("kind", "id", "doc", "created_at", "updated_at",
+                                            "seq"),
+                records=[("client", cid, doc, now, now, next(seqs)) for cid, doc in clients])
+            await conn.copy_records_to_table(
+                "tollway_keys", columns=("key_id", "secret_hash", "status", "created_at",
+                                         "updated_at", "seq", "spec"),
+                records=[(kid, secret_hash, "active", now, now, next(seqs), spec)
+                         for kid, spec in keys])
+    finally:
+        await conn.close()
 
 
 def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -8,7 +8,8 @@ Starts the test harness's gateway (mock provider, `tollway serve`, the real Envo
 eat the 2 cores the gateway runs on. `--baseline DIR` runs the same against another checkout
 (e.g. `git worktree add /tmp/base <commit>`) in the same invocation, interleaved, so the ratio
 compares like with like; bare Envoy (router only) in front of the same mock is measured in
-every round too. Prints requests/s and p50/p99 per run, then the ratios.
+every round too. Prints requests/s, p50/p99 and the CPU per request of each process (the
+services, Envoy, the mock provider) per run, then the ratios.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ CHILD = """
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, os.environ["BENCH_ROOT"])
 from tests.e2e.harness import run_gateway
+sys.path.append(os.environ["BENCH_DIR"])  # appended: the checkout's packages come first
+from procstat import cpu_seconds
 workers = int(os.environ.get("BENCH_WORKERS", "0"))
 def mutate(doc):
     if workers:  # services.workers: N processes, Redis counters, costsink in its own
@@ -49,8 +52,13 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
     url = gw.url + "/v1/chat/completions"
     wrk = ["wrk", "-t1", "-c" + os.environ["BENCH_CONNS"], "-s", str(script)]
     subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
+    pids = {n: gw.named[n].pid for n in ("services", "costsink", "envoy", "mock")
+            if n in gw.named}  # costsink: a process of its own with workers
+    before = {n: cpu_seconds(pid, descendants=True) for n, pid in pids.items()}
     out = subprocess.run([*wrk, "-d" + os.environ["BENCH_SECONDS"] + "s", "--latency", url],
                          capture_output=True, text=True).stdout
+    cpu = {n: cpu_seconds(pid, descendants=True) - before[n] for n, pid in pids.items()}
+    print("CPU " + json.dumps(cpu))
     print("WRK-OUTPUT-BEGIN")
     print(out)
 """
@@ -60,11 +68,27 @@ def run(checkout: Path, seconds: int, connections: int, encoding: str,
         workers: int = 0) -> dict[str, float]:
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
-           "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers)}
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
-                         text=True, cwd=checkout, timeout=seconds + 120).stdout
-    f = wrk_figures(out.split("WRK-OUTPUT-BEGIN", 1)[-1])
-    return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"]}
+           "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
+           "BENCH_DIR": str(Path(__file__).resolve().parent)}
+    child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+                           text=True, cwd=checkout, timeout=seconds + 120)
+    if "WRK-OUTPUT-BEGIN" not in child.stdout:
+        raise SystemExit(f"the gateway run in {checkout} failed:\n{child.stderr[-3000:]}")
+    cpu_line, wrk_out = child.stdout.split("WRK-OUTPUT-BEGIN", 1)
+    f = wrk_figures(wrk_out)
+    cpu = json.loads(cpu_line.rsplit("CPU ", 1)[1])
+    return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"],
+            **{f"cpu_ms_{n}": 1000 * s / f["requests"] for n, s in cpu.items()}}
+
+
+def cpu_line(r: dict[str, float]) -> str:
+    """CPU per request of each process during one run, and their sum (empty for bare Envoy,
+    whose processes are not measured)."""
+    cpu = {k[len("cpu_ms_"):]: v for k, v in r.items() if k.startswith("cpu_ms_")}
+    if not cpu:
+        return ""
+    return ("  cpu/request " + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())
+            + f", all {sum(cpu.values()):.2f} ms")
 
 
 def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
@@ -120,7 +144,7 @@ def main() -> None:
         for n, results in scaling.items():
             for r in results:
                 print(f"workers {n}  {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
-                      f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}")
+                      f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
         print(json.dumps({"rps_2_over_1": round(
             sum(r["rps"] for r in scaling[2]) / sum(r["rps"] for r in scaling[1]), 3)}))
         return
@@ -134,7 +158,7 @@ def main() -> None:
     for name, results in runs.items():
         for r in results:
             print(f"{name:10} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
-                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}")
+                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
     def mean(k: str, name: str) -> float:
         return sum(r[k] for r in runs[name]) / len(runs[name])
     print(json.dumps({"rps_this_over_bare_envoy": round(mean("rps", "this")

@@ -35,6 +35,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
+from procstat import cpu_seconds
 
 from tests.e2e.harness import PROVIDER_KEY, PrivateRedis, run_gateway, tcp_open, wait_until
 
@@ -156,14 +157,6 @@ def streamed_ttfb(url: str, headers: dict[str, str], seconds: int) -> dict[str, 
     asyncio.run(run(2))  # warm-up
     lat = [x * 1000 for x in asyncio.run(run(seconds))]
     return {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": lat[-1]}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (clock ticks from /proc)."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False

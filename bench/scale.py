@@ -1,6 +1,7 @@
 """10,000 projects and 1,000,000 runtime keys, against the same gateway with a small manifest.
 
     python bench/scale.py [--projects 10000] [--keys 1000000] [--seconds 5] [--format yaml]
+                          [--store sqlite|postgres]
 
 1. The CLI on the big manifest, in YAML and in JSON: `tollway check`, `tollway render`
    (median of three runs each; the small manifest's in the same run is the baseline).
@@ -8,7 +9,8 @@
    budget each) and 100 runtime keys, the baseline: extauthz Check calls/s, p50/p99 (gRPC,
    closed loop) and the serving process's RSS.
 3. The big manifest (--format) and --keys runtime keys (10,000 runtime clients, one per
-   project, written straight into the SQLite store), services restarted: time until the
+   project, written straight into the key store: SQLite, or PostgreSQL in a schema of its
+   own that is dropped afterwards), services restarted: time until the
    first Check of a key passes, RSS; Check of one key (held in memory) and of keys never
    presented before (each a store fetch), p50/p99.
 4. `tollway keys` commands against that store: show, suspend, resume, rotate, each timed.
@@ -26,11 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import bulk_keys, check_load, check_request, closed_loop, ms, pct, rss_mb
+from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
+from procstat import rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
 
@@ -95,6 +101,28 @@ def grpc_channel(port: int) -> Any:
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
 
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A DSN whose search_path is a fresh schema, dropped at the end."""
+    import asyncpg
+
+    from tests.conftest import PG_DSN
+
+    name = f"bench_scale_{uuid.uuid4().hex[:8]}"
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    asyncio.run(execute(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield f"{PG_DSN}?options=-csearch_path%3D{name}"
+    finally:
+        asyncio.run(execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--projects", type=int, default=10_000)
@@ -102,7 +130,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite",
+                    help="the key store (storage.keys)")
     args = ap.parse_args()
+    with postgres_schema() if args.store == "postgres" else nullcontext() as dsn:
+        run(args, dsn)
+    sys.stdout.flush()
+
+
+def run(args: argparse.Namespace, keys_dsn: str | None) -> None:
+    """The whole bench, keys in SQLite (keys_dsn None) or in PostgreSQL at keys_dsn."""
     base: dict[str, Any] = {}
 
     def small_manifest(doc: dict[str, Any]) -> None:
@@ -111,8 +148,9 @@ def main() -> None:
         base.update(doc)
         doc.update(big_manifest(doc, 100))
 
-    with tempfile.TemporaryDirectory() as tmpdir, run_gateway(Path(tmpdir),
-                                                              mutate=small_manifest) as gw:
+    print(f"keys in {args.store}")
+    with tempfile.TemporaryDirectory() as tmpdir, run_gateway(
+            Path(tmpdir), keys_dsn=keys_dsn or "sqlite:///keys.db", mutate=small_manifest) as gw:
         tmp = Path(tmpdir)
         extauthz = int(base["services"]["extauthz"].rsplit(":", 1)[1])
         big = big_manifest(base, args.projects)
@@ -129,14 +167,15 @@ def main() -> None:
 
         state = tmp / "state"
         pepper = (state / "pepper").read_text().strip().encode()
-        bulk_keys(state / "keys.db", pepper, 100, 10, place, "s")
+        store: Path | str = keys_dsn or state / "keys.db"
+        bulk_keys(store, pepper, 100, 10, place, "s")
         wait_until(lambda: passes(extauthz, "sk1.s"), "small keys", 10)
         base_rss = rss_mb(gw.named["services"].pid)
         base_rate, base_lat = asyncio.run(check_load(extauthz, check_request("sk1.s", "route0"),
                                                      args.seconds, args.concurrency))
 
         loaded = time.perf_counter()
-        bulk_keys(state / "keys.db", pepper, args.keys, args.projects, place)
+        bulk_keys(store, pepper, args.keys, args.projects, place)
         loaded = time.perf_counter() - loaded
         gw.kill("services")
         gw.manifest_path.write_text((tmp / f"big.{args.format}").read_text())
@@ -179,7 +218,6 @@ def main() -> None:
         t = timed([*cli, "keys", "rotate", "bk7", "--grace", "0", "--manifest",
                    str(gw.manifest_path)], gw.env)
         print(f"tollway keys rotate bk7: {t:.2f} s")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
