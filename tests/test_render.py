@@ -70,3 +70,11 @@ def test_the_committed_openapi_description_is_the_protos() -> None:
     assert committed == openapi()
     assert "/admin/v1/keys/{id}:revoke" in committed["paths"]
     assert committed["paths"]["/v1/models"]["get"]["operationId"] == "ListModels"
+
+
+def test_the_admin_service_name_envoy_routes_is_the_protos() -> None:
+    """`tollway render` names the admin service without loading its generated code."""
+    from tollway.admin import SERVICE
+    from tollway.admin._proto import admin_pb2
+
+    assert admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name == SERVICE

@@ -1,44 +1,28 @@
 """The admin API (`tollway serve --services admin`): clients and keys at runtime, admin
 tokens, the audit log, and GET /v1/models for key holders. gRPC here; REST/JSON through
 Envoy's grpc_json_transcoder (tollway/render.py) with the descriptor set `admin.pb`, which
-proto/generate.sh writes from proto/tollway/admin/v1/admin.proto."""
+proto/generate.sh writes from proto/tollway/admin/v1/admin.proto.
+
+The package itself holds only what Envoy's configuration names (the descriptor set and the
+service's name), so that `tollway render` does not load the service, its stores and gRPC
+(a quarter of a second of a render); `build` loads them."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    from tollway.serve import ServiceContext
 
-from tollway.refs import pepper
-from tollway.reload import Compiled
-from tollway.serve import ServiceContext
-
-from ._proto import admin_pb2, admin_pb2_grpc
-from .service import AdminService
+    from .servicer import Admin
 
 DESCRIPTOR_SET = Path(__file__).resolve().parent / "admin.pb"
-SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-
-
-class Admin:
-    grpc_names = (SERVICE,)
-
-    def __init__(self, ctx: ServiceContext) -> None:
-        self.ctx = ctx
-        manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
-        secret = ctx.watcher.subscribe(
-            Compiled(lambda m: pepper(m.storage.pepper, create=True), ctx.manifest))
-        self.servicer = AdminService(manifest, ctx.key_mirror(), secret)
-
-    def register(self, server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(self.servicer, server)
-
-    async def start(self) -> None:
-        await self.ctx.start_key_mirror(required=True)
-
-    async def stop(self) -> None:
-        return None
+# admin.proto's package and service (tests/test_render.py holds it to the descriptor)
+SERVICE = "tollway.admin.v1.Admin"
 
 
 async def build(ctx: ServiceContext) -> Admin:
+    from .servicer import Admin
+
     return Admin(ctx)

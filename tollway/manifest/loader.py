@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import UTC
 from decimal import Decimal, InvalidOperation
@@ -94,7 +95,7 @@ class Node:
     def fail(self, name: str, rule: str) -> None:
         self.errors.append(f"{self.at(name)}: {rule}")
 
-    def check_keys(self, allowed: set[str]) -> None:
+    def check_keys(self, allowed: AbstractSet[str]) -> None:
         for k in self.value:
             if k not in allowed:
                 self.fail(str(k), f"unknown field (expected one of {', '.join(sorted(allowed))})")
@@ -234,21 +235,26 @@ def _unique(nodes: list[tuple[Node, str]], errors: list[str], what: str) -> None
             seen[value] = node.path
 
 
+_COUNT_LIMITS = (*REQUEST_LIMITS, *TOKEN_LIMITS)
+_QUOTA_FIELDS = frozenset({"name", "models", "enforcement", "alerts", "notes", *_COUNT_LIMITS,
+                           *SPEND_LIMITS})
+
+
 def _quota(n: Node) -> Quota:
-    allowed = {"name", "models", "enforcement", "alerts", "notes",
-               *REQUEST_LIMITS, *TOKEN_LIMITS, *SPEND_LIMITS}
-    n.check_keys(allowed)
-    limits = {k: n.integer(k) for k in (*REQUEST_LIMITS, *TOKEN_LIMITS) if n.has(k)}
+    n.check_keys(_QUOTA_FIELDS)
+    given = n.value  # read 20,000 times in a 10,000-project manifest: no per-limit calls
+    limits = {k: n.integer(k) for k in _COUNT_LIMITS if given.get(k) is not None}
     spend: dict[str, Decimal] = {}
     for k in SPEND_LIMITS:
-        d = n.decimal(k, required=False)
+        if given.get(k) is None:
+            continue
+        d = n.decimal(k)
         if d is not None:
             if d <= 0:
                 n.fail(k, "must be a positive amount")
             spend[k] = d
-    if not limits and not spend and not any(n.has(k) for k in allowed - {"name", "models",
-                                                                          "enforcement", "alerts",
-                                                                          "notes"}):
+    if not limits and not spend and not any(given.get(k) is not None
+                                            for k in (*_COUNT_LIMITS, *SPEND_LIMITS)):
         n.errors.append(f"{n.path}: a quota needs at least one limit "
                         f"(rpm, tpm, requests_per_day, spend_per_month, ...)")
     alerts: list[Decimal] = []
@@ -271,7 +277,7 @@ def _quota(n: Node) -> Quota:
     default = " ".join([*limits, *spend, *([",".join(models)] if models else [])])
     return Quota(
         name=n.text("name", default or n.path),
-        models=n.str_list("models") or (),
+        models=models,
         limits=MappingProxyType(limits),
         spend=MappingProxyType(spend),
         enforcement=n.enum("enforcement", Enforcement, Enforcement.ENFORCE),

@@ -71,6 +71,7 @@ def _from_events(text: str) -> Any:
     stack: list[list[Any]] = []  # [container, pending key] of each open map or list
     root: Any = _NO_KEY
     documents = 0
+    made: dict[str, Any] = {}  # a plain non-string scalar's text → its value
 
     def add(value: Any) -> None:
         nonlocal root
@@ -88,40 +89,51 @@ def _from_events(text: str) -> Any:
             top[0][top[1]] = value
             top[1] = _NO_KEY
 
+    # the parser's own get_event, not yaml.parse: its generator cost a third of the loop
+    parser = _Base(text)
+    next_event = parser.get_event
     event: Any  # the event classes' attributes are untyped
-    for event in yaml.parse(text, Loader=_Base):
-        kind = type(event)
-        if kind is ScalarEvent:
-            tag = event.tag
-            if tag is None or tag == "!":
-                tag = loader.resolve(ScalarNode, event.value, event.implicit)
-            if tag == STR:
-                value: Any = event.value
-            elif tag in _PLAIN_TYPES:
-                value = loader.construct_object(ScalarNode(tag, event.value))
-            else:
-                raise Unusual  # a merge key, an explicit tag
-            if event.anchor:
-                anchors[event.anchor] = value
-            add(value)
-        elif kind is MappingStartEvent or kind is SequenceStartEvent:
-            if event.tag not in (None, "!", MAP if kind is MappingStartEvent else SEQ):
-                raise Unusual
-            container: Any = {} if kind is MappingStartEvent else []
-            if event.anchor:
-                anchors[event.anchor] = container
-            add(container)
-            stack.append([container, _NO_KEY])
-        elif kind is MappingEndEvent or kind is SequenceEndEvent:
-            stack.pop()
-        elif kind is AliasEvent:
-            if event.anchor not in anchors:
-                raise Unusual
-            add(anchors[event.anchor])
-        elif kind is DocumentStartEvent:
-            documents += 1
-            if documents > 1:
-                raise Unusual  # PyYAML refuses a second document
+    try:
+        events = iter(next_event, None)  # get_event gives None after the stream's end
+        for event in events:
+            kind = type(event)
+            if kind is ScalarEvent:
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = ((event.implicit[0] and _RESOLVED.get(event.value))
+                           or loader.resolve(ScalarNode, event.value, event.implicit))
+                if tag == STR:
+                    value: Any = event.value
+                elif tag in _PLAIN_TYPES:  # a number, a flag, null, a time: immutable
+                    value = made.get(event.value, _NO_KEY)
+                    if value is _NO_KEY:
+                        value = made[event.value] = loader.construct_object(
+                            ScalarNode(tag, event.value))
+                else:
+                    raise Unusual  # a merge key, an explicit tag
+                if event.anchor:
+                    anchors[event.anchor] = value
+                add(value)
+            elif kind is MappingStartEvent or kind is SequenceStartEvent:
+                if event.tag not in (None, "!", MAP if kind is MappingStartEvent else SEQ):
+                    raise Unusual
+                container: Any = {} if kind is MappingStartEvent else []
+                if event.anchor:
+                    anchors[event.anchor] = container
+                add(container)
+                stack.append([container, _NO_KEY])
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                stack.pop()
+            elif kind is AliasEvent:
+                if event.anchor not in anchors:
+                    raise Unusual
+                add(anchors[event.anchor])
+            elif kind is DocumentStartEvent:
+                documents += 1
+                if documents > 1:
+                    raise Unusual  # PyYAML refuses a second document
+    finally:
+        parser.dispose()
     return None if root is _NO_KEY else root
 
 
