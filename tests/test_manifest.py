@@ -104,7 +104,8 @@ rate_card:
     "a: &v 5\nb: *v\nc: [*v, {d: *v}]\n", "k:\nl: ''\nm: \"007\"\nn: !!int '7'\n",
     "- {a: [1, {b: c}]}\n- [x, [y]]\n# comment\n", "a: 1\na: 2\n", "é: ü\n", "? a\n",
     "x: .inf\ny: -.5\nz: 1_000\nw: 0o17\nv: 2001-12-14t21:59:43.10-05:00\n",
-    "a: [1, 2\n", "{a: 1}\n", "[a, b]", "just a string", "~", "a: !!map {b: 1}\n"])
+    "a: [1, 2\n", "{a: 1}\n", "[a, b]", "just a string", "~", "a: !!map {b: 1}\n",
+    "a: !!float 1\nb: 1\nc: !!bool yes\nd: yes\n"])
 def test_the_manifest_reader_reads_what_safe_load_reads(text: str) -> None:
     """tollway/manifest/yaml_reader.py builds plain maps, lists and strings itself and resolves
     scalars from a cache: whatever it reads must equal PyYAML's safe loader, errors included."""
@@ -115,7 +116,9 @@ def test_the_manifest_reader_reads_what_safe_load_reads(text: str) -> None:
             return load(text)
         except yaml.YAMLError as e:
             return type(e)
-    assert read(safe_load) == read(lambda t: yaml.load(t, Loader=yaml.CSafeLoader))
+    fast, pyyaml = read(safe_load), read(lambda t: yaml.load(t, Loader=yaml.CSafeLoader))
+    assert fast == pyyaml
+    assert repr(fast) == repr(pyyaml)  # the same types too: 1 == 1.0, but a count is an int
 
 
 def test_the_examples_read_the_same_with_the_fast_reader() -> None:

@@ -71,7 +71,7 @@ def _from_events(text: str) -> Any:
     stack: list[list[Any]] = []  # [container, pending key] of each open map or list
     root: Any = _NO_KEY
     documents = 0
-    made: dict[str, Any] = {}  # a plain non-string scalar's text → its value
+    made: dict[tuple[str, str], Any] = {}  # a non-string scalar's (tag, text) → its value
 
     def add(value: Any) -> None:
         nonlocal root
@@ -105,9 +105,10 @@ def _from_events(text: str) -> Any:
                 if tag == STR:
                     value: Any = event.value
                 elif tag in _PLAIN_TYPES:  # a number, a flag, null, a time: immutable
-                    value = made.get(event.value, _NO_KEY)
+                    # by tag too: `!!float 1` and a plain `1` are 1.0 and 1
+                    value = made.get((tag, event.value), _NO_KEY)
                     if value is _NO_KEY:
-                        value = made[event.value] = loader.construct_object(
+                        value = made[tag, event.value] = loader.construct_object(
                             ScalarNode(tag, event.value))
                 else:
                     raise Unusual  # a merge key, an explicit tag
