@@ -91,17 +91,14 @@ def _from_events(text: str) -> Any:
 
     # the parser's own get_event, not yaml.parse: its generator cost a third of the loop
     parser = _Base(text)
-    next_event = parser.get_event
     event: Any  # the event classes' attributes are untyped
     try:
-        events = iter(next_event, None)  # get_event gives None after the stream's end
-        for event in events:
+        for event in iter(parser.get_event, None):  # None after the stream's end
             kind = type(event)
             if kind is ScalarEvent:
                 tag = event.tag
                 if tag is None or tag == "!":
-                    tag = ((event.implicit[0] and _RESOLVED.get(event.value))
-                           or loader.resolve(ScalarNode, event.value, event.implicit))
+                    tag = loader.resolve(ScalarNode, event.value, event.implicit)
                 if tag == STR:
                     value: Any = event.value
                 elif tag in _PLAIN_TYPES:  # a number, a flag, null, a time: immutable
