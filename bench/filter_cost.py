@@ -1,0 +1,131 @@
+"""What one of Envoy's filters costs the whole gateway: the same running gateway with and
+without it, interleaved.
+
+Run: python bench/filter_cost.py [--without envoy.filters.http.ratelimit] [--rounds 5]
+                                 [--seconds 8] [--connections 16]
+
+Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy following the
+files `tollway render --dir` wrote) and, in every round, swaps the listener file Envoy watches
+between the rendered one and one without the named HTTP filters, waits until Envoy reports the
+listener applied, then drives the 1 KB chat completion of `gateway_http.py` through it with
+`wrk`. Nothing restarts between variants, so the ratio compares one process set with itself.
+
+Why: the ratelimit filter's gRPC round trip is the largest cost left on the request path
+(docs/performance.md). Without it, nothing is rate limited: the figure is an upper bound of
+what answering the rate limit inside ext_authz's Check would gain, not a configuration to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import wrk_figures
+from procstat import cpu_seconds
+
+from tests.e2e.harness import run_gateway
+
+
+def applied_listeners(admin: str) -> int:
+    with urllib.request.urlopen(f"{admin}/stats?filter=^listener_manager.lds.update_success$",
+                                timeout=2) as r:
+        return int(r.read().decode().rsplit(":", 1)[1])
+
+
+def install(lds: Path, doc: dict[str, Any], admin: str) -> None:
+    """Write the listener file as `tollway render` does (a rename Envoy's watch sees) and wait
+    until Envoy applied it; the draining old listener's connections close with wrk's warm-up."""
+    before = applied_listeners(admin)
+    tmp = lds.with_name(".bench-lds.yaml")
+    tmp.write_text(yaml.safe_dump(doc))
+    tmp.replace(lds)
+    deadline = time.monotonic() + 10
+    while applied_listeners(admin) == before:
+        if time.monotonic() > deadline:
+            raise SystemExit("Envoy did not apply the listener file within 10 s")
+        time.sleep(0.05)
+
+
+def without(doc: dict[str, Any], filters: set[str]) -> dict[str, Any]:
+    variant = copy.deepcopy(doc)
+    for listener in variant["resources"]:
+        for chain in listener["filter_chains"]:
+            for net in chain["filters"]:
+                hcm = net["typed_config"]
+                missing = filters - {f["name"] for f in hcm["http_filters"]}
+                if missing:
+                    raise SystemExit(f"no such HTTP filter in the listener: {sorted(missing)}")
+                hcm["http_filters"] = [f for f in hcm["http_filters"]
+                                       if f["name"] not in filters]
+    return variant
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--without", action="append", default=[],
+                    help="an HTTP filter's name (repeatable; default: the rate limit filter)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=16)
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    removed = set(args.without or ["envoy.filters.http.ratelimit"])
+    tmp = Path(tempfile.mkdtemp())
+    with run_gateway(tmp) as gw:
+        lds, bootstrap = tmp / "envoy" / "lds.yaml", tmp / "envoy" / "envoy.yaml"
+        port = yaml.safe_load(bootstrap.read_text())["admin"]["address"]["socket_address"]
+        admin = f"http://127.0.0.1:{port['port_value']}"
+        rendered = yaml.safe_load(lds.read_text())
+        variants = {"as rendered": rendered, "without " + ", ".join(sorted(removed)):
+                    without(rendered, removed)}
+        key = gw.issue("k-main")
+        body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
+                           "messages": [{"role": "user", "content": "word " * 200}]})
+        script = tmp / "post.lua"
+        script.write_text("wrk.method = 'POST'\n"
+                          f"wrk.body = {json.dumps(body)}\n"
+                          "wrk.headers['content-type'] = 'application/json'\n"
+                          f"wrk.headers['authorization'] = 'Bearer {key}'\n"
+                          "wrk.headers['accept-encoding'] = 'gzip'\n")
+        url = gw.url + "/v1/chat/completions"
+        wrk = ["wrk", "-t1", f"-c{args.connections}", "-s", str(script)]
+        pids = {n: gw.named[n].pid for n in ("services", "envoy", "mock")}
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, doc in variants.items():
+                install(lds, doc, admin)
+                subprocess.run([*wrk, "-d2s", url], capture_output=True)  # warm-up
+                before = {n: cpu_seconds(p) for n, p in pids.items()}
+                f = wrk_figures(subprocess.run([*wrk, f"-d{args.seconds}s", "--latency", url],
+                                               capture_output=True, text=True).stdout)
+                cpu = {n: 1000 * (cpu_seconds(p) - before[n]) / f["requests"]
+                       for n, p in pids.items()}
+                results[name].append({**f, **{f"cpu_{n}": v for n, v in cpu.items()}})
+                print(f"{name:40} {f['rps']:7.1f} rps  p50 {f['p50']:6.2f} ms  "
+                      f"p99 {f['p99']:6.2f} ms  non-2xx {int(f['non_2xx'])}  cpu/request "
+                      + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items()) + " ms", flush=True)
+        install(lds, rendered, admin)
+
+    def median(name: str, k: str) -> float:
+        return statistics.median(r[k] for r in results[name])
+    full, less = variants
+    print(json.dumps({"medians": {name: {k: round(median(name, k), 3) for k in
+                                         ("rps", "p50", "p99", *(f"cpu_{n}" for n in pids))}
+                                  for name in variants},
+                      "rps_without_over_rendered": round(median(less, "rps")
+                                                         / median(full, "rps"), 3)}))
+
+
+if __name__ == "__main__":
+    main()
