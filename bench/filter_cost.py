@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 from common import wrk_figures
 from procstat import cpu_seconds
+from wrk_script import CHAT_1KB, post_script
 
 from tests.e2e.harness import run_gateway
 
@@ -90,14 +91,8 @@ def main() -> None:
         variants = {"as rendered": rendered, "without " + ", ".join(sorted(removed)):
                     without(rendered, removed)}
         key = gw.issue("k-main")
-        body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
-                           "messages": [{"role": "user", "content": "word " * 200}]})
-        script = tmp / "post.lua"
-        script.write_text("wrk.method = 'POST'\n"
-                          f"wrk.body = {json.dumps(body)}\n"
-                          "wrk.headers['content-type'] = 'application/json'\n"
-                          f"wrk.headers['authorization'] = 'Bearer {key}'\n"
-                          "wrk.headers['accept-encoding'] = 'gzip'\n")
+        script = post_script(tmp / "post.lua", CHAT_1KB, {"authorization": f"Bearer {key}",
+                                                          "accept-encoding": "gzip"})
         url = gw.url + "/v1/chat/completions"
         wrk = ["wrk", "-t1", f"-c{args.connections}", "-s", str(script)]
         pids = {n: gw.named[n].pid for n in ("services", "envoy", "mock")}
@@ -115,7 +110,6 @@ def main() -> None:
                 print(f"{name:40} {f['rps']:7.1f} rps  p50 {f['p50']:6.2f} ms  "
                       f"p99 {f['p99']:6.2f} ms  non-2xx {int(f['non_2xx'])}  cpu/request "
                       + ", ".join(f"{n} {v:.2f}" for n, v in cpu.items()) + " ms", flush=True)
-        install(lds, rendered, admin)
 
     def median(name: str, k: str) -> float:
         return statistics.median(r[k] for r in results[name])

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from common import wrk_figures
+from wrk_script import CHAT_1KB, post_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,7 @@ sys.path.insert(0, os.environ["BENCH_ROOT"])
 from tests.e2e.harness import run_gateway
 sys.path.append(os.environ["BENCH_DIR"])  # appended: the checkout's packages come first
 from procstat import cpu_seconds
+from wrk_script import CHAT_1KB, post_script
 workers = int(os.environ.get("BENCH_WORKERS", "0"))
 def mutate(doc):
     if workers:  # services.workers: N processes, Redis counters, costsink in its own
@@ -41,14 +43,9 @@ def mutate(doc):
 with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
                  split=bool(workers)) as gw:
     key = gw.issue("k-main")
-    body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
-                       "messages": [{"role": "user", "content": "word " * 200}]})
-    script = pathlib.Path(tempfile.mkdtemp()) / "post.lua"
-    script.write_text("wrk.method = 'POST'\\n"
-                      f"wrk.body = {json.dumps(body)}\\n"
-                      "wrk.headers['content-type'] = 'application/json'\\n"
-                      f"wrk.headers['authorization'] = 'Bearer {key}'\\n"
-                      "wrk.headers['accept-encoding'] = 'gzip'\\n")
+    script = post_script(pathlib.Path(tempfile.mkdtemp()) / "post.lua", CHAT_1KB,
+                         {"authorization": f"Bearer {key}",
+                          "accept-encoding": os.environ["BENCH_ENCODING"]})
     url = gw.url + "/v1/chat/completions"
     wrk = ["wrk", "-t1", "-c" + os.environ["BENCH_CONNS"], "-s", str(script)]
     subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
@@ -102,14 +99,9 @@ def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmpdir, run_gateway(Path(tmpdir)) as gw:
         proc, url = bare_envoy(gw.manifest_path, Path(tmpdir))
         try:
-            body = json.dumps({"model": "gpt-5.4-mini", "max_tokens": 5,
-                               "messages": [{"role": "user", "content": "word " * 200}]})
-            script = Path(tmpdir) / "post.lua"
-            script.write_text("wrk.method = 'POST'\n"
-                              f"wrk.body = {json.dumps(body)}\n"
-                              "wrk.headers['content-type'] = 'application/json'\n"
-                              f"wrk.headers['authorization'] = 'Bearer {PROVIDER_KEY}'\n"
-                              f"wrk.headers['accept-encoding'] = '{encoding}'\n")
+            script = post_script(Path(tmpdir) / "post.lua", CHAT_1KB,
+                                 {"authorization": f"Bearer {PROVIDER_KEY}",
+                                  "accept-encoding": encoding})
             wrk = ["wrk", "-t1", f"-c{connections}", "-s", str(script)]
             subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
             f = wrk_figures(subprocess.run([*wrk, f"-d{seconds}s", "--latency", url],

@@ -24,18 +24,15 @@ from typing import Any
 import yaml
 from common import wrk_figures
 from latency import BODY
+from wrk_script import post_script
 
 from tests.e2e.harness import run_gateway, wait_until
 from tollway.render import SAFE_DUMPER
 
 
 def run_wrk(url: str, key: str, seconds: int, tmp: Path) -> str:
-    script = tmp / "paced.lua"
-    script.write_text("wrk.method = 'POST'\n"
-                      f"wrk.body = {json.dumps(json.dumps(BODY))}\n"
-                      "wrk.headers['content-type'] = 'application/json'\n"
-                      f"wrk.headers['authorization'] = 'Bearer {key}'\n"
-                      "function delay() return 10 end\n")
+    script = post_script(tmp / "paced.lua", BODY, {"authorization": f"Bearer {key}"},
+                         "function delay() return 10 end\n")
     return subprocess.run(["wrk", "-t1", "-c1", "-s", str(script), "--latency",
                            f"-d{seconds}s", url], capture_output=True, text=True).stdout
 
