@@ -41,6 +41,9 @@ HOLD_GRACE_MS = 60_000
 # Envoy's 0.5 s ext_authz timeout; the access log flushes every 0.1 s), polling the store
 SETTLE_WAIT = 0.3
 SETTLE_POLL = 0.02
+# what a Check keeps of Envoy's deadline for its last hold attempt and its answer: a client
+# whose request waited for holds gets 429 budget_in_flight, not Envoy's 503 for a late Check
+ANSWER_RESERVE = 0.1
 _REPORTED: set[str] = set()  # past the route timeout: time for the access log to arrive
 
 
@@ -76,8 +79,17 @@ def max_hold(rt: Runtime, allow: Allow, facts: RequestFacts) -> int:
     return max(1, to_units(cost, round_up=True)) if cost is not None else 1
 
 
+def settle_wait(time_remaining: float | None) -> float:
+    """How long a Check may wait for other requests' holds to settle: SETTLE_WAIT, or less
+    when Envoy's deadline is nearer (a Check that began late, queued behind others under load,
+    still answers in time)."""
+    if time_remaining is None:
+        return SETTLE_WAIT
+    return max(0.0, min(SETTLE_WAIT, time_remaining - ANSWER_RESERVE))
+
+
 async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
-                      now: datetime) -> Held | Deny:
+                      now: datetime, wait: float = SETTLE_WAIT) -> Held | Deny:
     m, b = rt.manifest, allow.binding
     budgets = budgets_for(m, b, allow.model, period_labels(now, m.gateway.timezone))
     if not budgets:
@@ -90,7 +102,8 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
                 tuple(dict.fromkeys(x.counter for x in budgets if x.enforce)))
     try:
         outcome = await _hold_settling(store, b.org.id, request_id, budgets, amount,
-                                       allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS)
+                                       allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS,
+                                       wait)
     except asyncio.CancelledError:
         # Envoy cancelled the Check: the hold may have been placed all the same
         await asyncio.shield(release_hold(store, held))
@@ -156,13 +169,13 @@ async def budget_verdict(store: SpendStore, rt: Runtime, allow: Allow, facts: Re
 
 
 async def _hold_settling(store: SpendStore, tag: str, request_id: str, budgets: list[Budget],
-                         amount: int, ttl_ms: int) -> HoldOutcome:
+                         amount: int, ttl_ms: int, wait: float) -> HoldOutcome:
     """Hold `amount`; where only the holds of other requests stand in the way, try again
-    until they settle or SETTLE_WAIT passes. A sequential client's previous request has
+    until they settle or `wait` seconds pass. A sequential client's previous request has
     finished, but its hold lasts until its access-log entry reaches costsink (one flush
     interval): that hold must not refuse the next request."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + SETTLE_WAIT
+    deadline = loop.time() + wait
     while True:
         outcome = await store.hold(tag, request_id, budgets, amount, ttl_ms)
         if (outcome.allowed or outcome.over_budget is not None

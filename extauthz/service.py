@@ -22,7 +22,7 @@ from tollway.metadata import REQUEST, struct_dict
 from tollway.reload import Compiled
 from tollway.spend import SpendStore
 
-from .budget import Held, hold_budget, release_hold
+from .budget import Held, hold_budget, release_hold, settle_wait
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .guessing import GuessThrottle
 from .policies import PolicyGate
@@ -160,7 +160,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             if isinstance(result, Allow):
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)
-                held = denied or await hold_budget(self.spend, rt, result, facts, now)
+                held = denied or await hold_budget(
+                    self.spend, rt, result, facts, now,
+                    settle_wait(context.time_remaining() if context is not None else None))
                 if isinstance(held, Held) and held.amount and _past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold

@@ -1,5 +1,6 @@
 """The extauthz servicer without Envoy: a Check that Envoy has stopped waiting for, or
-cancelled, leaves no budget hold behind; a key loaded while a Check fetches it is accepted."""
+cancelled, leaves no budget hold behind; one waiting for other requests' holds answers before
+Envoy's deadline; a key loaded while a Check fetches it is accepted."""
 
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ class Context:
         return self.remaining
 
 
-def service(store: MemorySpendStore) -> AuthorizationService:
+def service(store: MemorySpendStore, budget: str = "10") -> AuthorizationService:
     os.environ.setdefault("MOCK_PROVIDER_KEY", "x")
     os.environ["TOLLWAY_TEST_PEPPER"] = PEPPER.decode()
     doc = offline_manifest()
     doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
-    doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "cap", "spend_per_day": 10}]
+    doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "cap",
+                                                                   "spend_per_day": budget}]
     m = parse(doc)
     mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand below
     now = datetime.now(UTC)
@@ -84,6 +86,20 @@ async def test_a_check_past_envoys_deadline_releases_its_hold() -> None:
     r = await service(store).Check(check("r1"), Context(0.0))
     assert r.denied_response.status.code == 503
     assert held(store) == 0
+
+
+@pytest.mark.parametrize("remaining", [0.05, 0.25])
+async def test_a_check_waiting_for_holds_answers_429_before_envoys_deadline(
+        remaining: float) -> None:
+    """Room for one request (at most 0.00012 USD) and one in flight: the second Check waits
+    for that hold to settle, but only as long as Envoy still waits for its answer."""
+    svc = service(MemorySpendStore(), budget="0.0002")
+    assert (await svc.Check(check("r1"), Context(0.4))).status.code == 0
+    started = time.monotonic()
+    r = await svc.Check(check("r2"), Context(remaining))
+    assert time.monotonic() - started < remaining
+    assert r.denied_response.status.code == 429, r.denied_response.body
+    assert "budget_in_flight" in r.denied_response.body
 
 
 async def test_a_cancelled_check_releases_its_hold() -> None:
