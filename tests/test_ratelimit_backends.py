@@ -25,7 +25,8 @@ def rule(limit: int, period: int = 60, kind: str = "requests", enforce: bool = T
 
 
 async def _redis_or_skip(url: str = REDIS_URL) -> RedisBackend:
-    backend = RedisBackend(url, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    # generous: this suite tests what the counters grant, not how fast a busy machine answers
+    backend = RedisBackend(url, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=5.0)
     await require_redis(backend.client)
     return backend
 

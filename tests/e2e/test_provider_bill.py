@@ -250,8 +250,10 @@ class Kinds:
         body = json.dumps({"model": "gpt-5.4-mini", "stream": stream,
                            "max_tokens": self.rng.choice([5, 12, 100]),
                            "messages": self.messages()})
+        # the provider holds the usage back far longer than a client on a busy machine may take
+        # to hang up (it has billed already; a long stall costs the test nothing)
         h = {"authorization": f"Bearer {self.key}", "content-type": "application/json",
-             "x-mock-stall-ms": "300"}
+             "x-mock-stall-ms": "2000"}
         with self.http.stream("POST", f"{self.gw.url}/v1/chat/completions", content=body,
                               headers=h) as r:
             rid = r.headers["x-request-id"]
