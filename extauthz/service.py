@@ -117,8 +117,13 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
         dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
 
 
+def _time_remaining(context: grpc.aio.ServicerContext | None) -> float | None:
+    """What is left of the deadline Envoy sent with the Check (None: no deadline)."""
+    return context.time_remaining() if context is not None else None
+
+
 def _past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
-    remaining = context.time_remaining() if context is not None else None
+    remaining = _time_remaining(context)
     return remaining is not None and remaining <= 0.005
 
 
@@ -160,9 +165,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             if isinstance(result, Allow):
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)
-                held = denied or await hold_budget(
-                    self.spend, rt, result, facts, now,
-                    settle_wait(context.time_remaining() if context is not None else None))
+                held = denied or await hold_budget(self.spend, rt, result, facts, now,
+                                                   settle_wait(_time_remaining(context)))
                 if isinstance(held, Held) and held.amount and _past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold

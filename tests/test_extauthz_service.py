@@ -44,7 +44,7 @@ def service(store: MemorySpendStore, budget: str = "10") -> AuthorizationService
     doc = offline_manifest()
     doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
     doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "cap",
-                                                                   "spend_per_day": budget}]
+                                                         "spend_per_day": budget}]
     m = parse(doc)
     mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand below
     now = datetime.now(UTC)

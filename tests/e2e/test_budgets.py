@@ -159,8 +159,8 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
               for e in refusals}
     assert shapes <= {(402, "budget_exceeded"), (429, "budget_in_flight"),
                       (503, "gateway_unavailable")}, shapes
-    late_checks = {e.body["message"] for e in refusals if e.status_code == 503
-            and isinstance(e.body, dict)}
+    late_checks = {e.body["message"] for e in refusals
+                   if e.status_code == 503 and isinstance(e.body, dict)}
     assert late_checks <= LATE_CHECK_MESSAGES, late_checks
     final = next(e for e in refusals if e.status_code == 402)
     assert isinstance(final.body, dict) and "tight/daily-cap" in final.body["message"]
