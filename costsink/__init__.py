@@ -35,16 +35,24 @@ class CostSink:
         self.sink = AccessLogSink(
             manifest, ledger, spool, self.spend,
             DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"))
+        # present while a sink runs: found at start, the last one did not stop (drain) cleanly
+        self.running = state_dir() / "costsink.running"
 
     def register(self, server: grpc.aio.Server) -> None:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.sink, server)
 
     async def start(self) -> None:
         await self.ctx.start_key_mirror(required=False)
+        if self.running.exists():
+            log.warning("costsink did not stop cleanly last time: spend will be rebuilt from "
+                        "the ledger")
+            self.sink.spend_behind_ledger = True
+        private_file(self.running)
         # a ledger that is down at start does not stop the sink: entries go to the spool
         await self.sink.replay()
-        # an in-process store starts empty, and Redis may have lost its data: either way the
-        # counters of this day and month are rebuilt from the ledger before the first commit
+        # an in-process store starts empty, Redis may have lost its data, and a crash may have
+        # left a batch's spend out: in each case the counters of this day and month are rebuilt
+        # from the ledger before the first commit
         await self.sink.rebuild_spend_if_lost()
         self.ctx.tasks.append(asyncio.create_task(self.sink.write_forever(), name="ledger"))
         self.ctx.tasks.append(asyncio.create_task(self.sink.replay_forever(), name="spool"))
@@ -57,6 +65,7 @@ class CostSink:
         await self.sink.close()
         if self.sink.ledger_open:
             await self.ledger.close()
+        self.running.unlink(missing_ok=True)
 
 
 async def build(ctx: ServiceContext) -> CostSink:

@@ -55,6 +55,10 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         self.durable_log = durable_log
         self.queue: asyncio.Queue[Entry] = asyncio.Queue()
         self.ledger_open = False
+        # a sink that ended without draining (kill -9, the node lost) may have written a
+        # batch to the ledger without its spend commit: the counters are then rebuilt from
+        # the ledger, which holds that batch, as after a counter store that lost its data
+        self.spend_behind_ledger = False
         self._inflight: list[Entry] = []
         self._channel: ServiceChannel | None = None
         self._settle: tuple[grpc.aio.Channel, settle_pb2_grpc.TokenSettlementStub] | None = None
@@ -220,18 +224,21 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         if not self.spool.empty():
             return
         try:
-            if not await self.spend.store.claim_rebuild():
-                return
+            claimed = await self.spend.store.claim_rebuild()
         except SpendUnavailable:
             return  # retried next time
+        if not (claimed or self.spend_behind_ledger):
+            return
         async with self.spend.lock:
             try:
                 await self.ensure_open()
                 n = await self.spend.rebuild(self.manifest.value, self.ledger, datetime.now(UTC))
+                self.spend_behind_ledger = False
                 log.info("spend rebuilt from the ledger: %d counters of this day and month", n)
             except Exception as e:
                 log.error("could not rebuild spend from the ledger, retrying: %s", e)
-                await self.spend.store.unclaim_rebuild()
+                if claimed:
+                    await self.spend.store.unclaim_rebuild()
 
     async def _settle_one(self, item: Entry) -> None:
         row, rl = item.row, item.ratelimit

@@ -1,6 +1,7 @@
 """The sink without Envoy: a batch the ledger refuses survives a restart of the sink in the disk
 spool and is replayed in order, once (the real PostgreSQL outage is
-tests/e2e/test_ledger_outage.py); a hold whose log entry cannot name it is released."""
+tests/e2e/test_ledger_outage.py); a hold whose log entry cannot name it is released; spend a
+crash left out of the counters is rebuilt from the ledger."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from costsink.ledger import LedgerRow, SqliteLedger
 from costsink.service import AccessLogSink
 from costsink.spend import SpendRecorder
 from costsink.spool import Spool
-from tollway.budgets import Budget, SpendCounter, to_units
+from tollway.budgets import Budget, SpendCounter, period_labels, to_units
 from tollway.manifest import loads
 from tollway.reload import Compiled
 from tollway.spend import MemorySpendStore
@@ -95,3 +96,27 @@ async def test_a_row_spooled_twice_is_counted_once(tmp_path: Path) -> None:
     restarted = sink(Unreachable(tmp_path / "ledger.db"), tmp_path / "spool", store)
     await restarted.write([Entry(row(1), 0, {})])  # the spool on disk knows it too
     assert (await store.read("o", [counter]))[0][0] == spent
+
+
+async def test_spend_a_crash_left_out_is_rebuilt_from_the_ledger(tmp_path: Path) -> None:
+    """A sink killed between a batch's ledger write and its spend commit: the ledger holds the
+    rows, the counter store (which kept its data) lacks their cost. Told of the crash, the next
+    sink sets the counters to what the ledger holds, once."""
+    store = MemorySpendStore()
+    assert await store.claim_rebuild()  # the store has its data: no rebuild of its own
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    now = datetime.now(UTC)
+    rows = [replace(row(i), at=now) for i in (1, 2)]
+    await ledger.open()
+    await ledger.append(rows)  # then kill -9, before the spend commit
+    month = SpendCounter("project:p", "month", period_labels(now, "UTC")["month"])
+
+    s = sink(ledger, tmp_path / "spool", store)
+    await s.rebuild_spend_if_lost()
+    assert await store.read("o", [month]) == [(0, 0)]  # nothing tells it of the crash
+    s.spend_behind_ledger = True
+    await s.rebuild_spend_if_lost()
+    want = to_units(sum((r.cost for r in rows if r.cost), Decimal(0)))
+    assert await store.read("o", [month]) == [(want, 0)]
+    assert not s.spend_behind_ledger
+    await ledger.close()
