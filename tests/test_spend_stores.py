@@ -183,6 +183,20 @@ async def test_a_hold_is_found_by_its_request_id_alone(store: SpendStore) -> Non
     assert await store.read("o", [DAY]) == [(10, 0)]
 
 
+async def test_a_hold_placed_after_its_log_entry_is_released_at_once(
+        store: SpendStore) -> None:
+    """A busy node started the Check late: Envoy gave up, and costsink read the log entry
+    before the Check placed its hold. Nothing may stay held until the hold expires."""
+    assert await store.release_orphans(["late"]) == 0
+    assert (await store.hold("o", "late", [budget(100)], 60, 60_000)).allowed
+    await asyncio.gather(*getattr(store, "_indexing", ()))
+    assert await store.read("o", [DAY]) == [(0, 0)]
+    assert await store.release_orphans(["late"]) == 0  # released once, and no other hold
+    assert (await store.hold("o", "on-time", [budget(100)], 60, 60_000)).allowed
+    await asyncio.gather(*getattr(store, "_indexing", ()))
+    assert await store.read("o", [DAY]) == [(0, 60)]  # only the marked id is let go
+
+
 async def test_a_rebuild_is_claimed_once_until_given_back(store: SpendStore) -> None:
     assert await store.claim_rebuild()
     assert not await store.claim_rebuild()  # another replica, or the next check

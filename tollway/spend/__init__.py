@@ -24,6 +24,11 @@ class SpendUnavailable(Exception):
     pass
 
 
+# how long a request whose log entry came without metadata stays marked orphaned: longer than
+# its Check can still be running once Envoy has answered the client without it
+ORPHAN_MARK_MS = 60_000
+
+
 @dataclass(frozen=True)
 class BudgetState:
     budget: Budget
@@ -112,7 +117,10 @@ class SpendStore(abc.ABC):
     async def release_orphans(self, request_ids: list[str]) -> int:
         """Release the holds of requests whose log entry cannot say where they were held:
         Envoy stopped waiting for their Check, so the entry carries no metadata. Every hold is
-        indexed by request id for this; returns how many holds were found."""
+        indexed by request id for this; returns how many holds were found. The Check may
+        not have placed its hold yet (its server started it late on a busy node, so its
+        deadline ran later than Envoy's): each id is marked orphaned for ORPHAN_MARK_MS, and
+        a hold placed for a marked id is released at once."""
 
     @abc.abstractmethod
     async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
@@ -177,6 +185,7 @@ class MemorySpendStore(SpendStore):
     def __init__(self) -> None:
         self._cells: dict[str, _Cell] = {}
         self._index: dict[str, tuple[str, list[SpendCounter], int]] = {}  # rid → tag, counters
+        self._orphaned: dict[str, int] = {}  # rid → until when a hold for it is not placed
         self._ops = 0
         self._rebuilt = False
 
@@ -192,6 +201,8 @@ class MemorySpendStore(SpendStore):
                 del self._cells[k]
             for rid in [r for r, (_, _, exp) in self._index.items() if exp <= now_ms]:
                 del self._index[rid]
+            for rid in [r for r, until in self._orphaned.items() if until <= now_ms]:
+                del self._orphaned[rid]
 
     async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
                    ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
@@ -201,6 +212,8 @@ class MemorySpendStore(SpendStore):
         outcome = hold_states(budgets, {k: (c.spent, c.held(now)) for k, c in cells.items()},
                               amount)
         held_on = list(dict.fromkeys(b.counter for b in budgets if b.enforce))
+        if self._orphaned.get(request_id, 0) > now:  # Envoy answered without this Check
+            return outcome
         if outcome.allowed and held_on:
             for c in held_on:
                 cells[c.key].add_hold(request_id, amount, now + ttl_ms)
@@ -221,7 +234,9 @@ class MemorySpendStore(SpendStore):
 
     async def release_orphans(self, request_ids: list[str]) -> int:
         found = 0
+        until = int(time.time() * 1000) + ORPHAN_MARK_MS
         for rid in request_ids:
+            self._orphaned[rid] = until
             entry = self._index.pop(rid, None)
             if entry is not None:
                 await self.commit(entry[0], rid, entry[1], 0)

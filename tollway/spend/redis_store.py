@@ -19,7 +19,10 @@ from redis.exceptions import RedisError
 from tollway.budgets import Budget, SpendCounter
 from tollway.redis_client import connect
 
-from . import Commit, HoldOutcome, SpendStore, SpendUnavailable, hold_states
+from . import ORPHAN_MARK_MS, Commit, HoldOutcome, SpendStore, SpendUnavailable, hold_states
+
+# what an orphaned request's index key holds instead of where its hold lives
+ORPHANED = "orphaned"
 
 COMMON = """
 local now = tonumber(ARGV[1])
@@ -181,14 +184,20 @@ class RedisSpendStore(SpendStore):
                                       for c in counters if c in held_on]])
             # not awaited: the Check need not wait for it, and an orphan's log entry arrives
             # long after (Envoy's timeout, then the access-log flush)
-            task = asyncio.create_task(self._index(request_id, where, ttl_ms))
+            task = asyncio.create_task(self._index(tag, request_id, where, ttl_ms,
+                                                   [c for c in counters if c in held_on]))
             self._indexing.add(task)
             task.add_done_callback(self._indexing.discard)
         return outcome
 
-    async def _index(self, request_id: str, where: str, ttl_ms: int) -> None:
-        with contextlib.suppress(RedisError, OSError):  # the hold expires by itself
-            await self.client.set(self._index_key(request_id), where, px=ttl_ms)
+    async def _index(self, tag: str, request_id: str, where: str, ttl_ms: int,
+                     held_on: list[SpendCounter]) -> None:
+        """Index the hold by its request id, unless costsink has marked the id orphaned
+        (the key holds the mark): then Envoy answered without this Check, release the hold."""
+        with contextlib.suppress(RedisError, OSError, SpendUnavailable):  # it expires anyway
+            if not await self.client.set(self._index_key(request_id), where, px=ttl_ms,
+                                         nx=True):
+                await self.commit(tag, request_id, held_on, 0)
 
     def _index_key(self, request_id: str) -> str:
         return f"{self.prefix}:hold:{request_id}"
@@ -199,13 +208,14 @@ class RedisSpendStore(SpendStore):
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for r in request_ids:  # one by one: the keys lie in different slots
-                    pipe.get(self._index_key(r))
+                    # the mark in place of the index, and the index it replaced (Redis 6.2)
+                    pipe.set(self._index_key(r), ORPHANED, px=ORPHAN_MARK_MS, get=True)
                 found = await pipe.execute()
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         released = 0
         for rid, raw in zip(request_ids, found, strict=True):
-            if raw is None:
+            if raw is None or raw == ORPHANED.encode():
                 continue
             tag, specs = json.loads(raw)
             counters = [SpendCounter(name, period, label, tuple(models))
