@@ -114,10 +114,16 @@ def daily_cap(gw: Gateway) -> dict[str, Any]:
 
 
 def wait_for_ledger(gw: Gateway, admitted: int) -> None:
-    """Until every admitted request is in the ledger and its hold has become its cost."""
-    deadline = time.monotonic() + 15
-    while project_spend(gw, "tight")[1] < admitted or Decimal(daily_cap(gw)["held"]) != 0:
-        assert time.monotonic() < deadline, "admitted requests missing from the ledger"
+    """Until every admitted request is in the ledger and its hold has become its cost. A
+    hold left behind would outlive the deadline: it expires only after the route's timeout
+    plus a minute. Each poll starts the CLI, seconds on a machine busy enough."""
+    deadline = time.monotonic() + 60
+    while True:
+        logged, held = project_spend(gw, "tight")[1], Decimal(daily_cap(gw)["held"])
+        if logged >= admitted and held == 0:
+            return
+        assert time.monotonic() < deadline, \
+            f"{logged} of {admitted} admitted requests in the ledger, {held} USD still held"
         time.sleep(0.05)
 
 
@@ -162,8 +168,8 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     late_checks = {e.body["message"] for e in refusals
                    if e.status_code == 503 and isinstance(e.body, dict)}
     assert late_checks <= LATE_CHECK_MESSAGES, late_checks
-    final = next(e for e in refusals if e.status_code == 402)
-    assert isinstance(final.body, dict) and "tight/daily-cap" in final.body["message"]
+    # (on a machine that slow, every refusal can be a 429 or a 503: holds of requests still in
+    # flight fill the budget until the clients give up; the sequential client below meets 402)
 
     # every admitted request reaches the ledger, and together they stay within the budget
     wait_for_ledger(gw, len(ok))
@@ -176,7 +182,8 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
             ask(c)
             ok.append(1)
         except openai.APIStatusError as e:
-            assert e.status_code == 402
+            assert e.status_code == 402, e
+            assert isinstance(e.body, dict) and "tight/daily-cap" in e.body["message"]
             break
     else:
         pytest.fail("the budget never refused the sequential client")
@@ -198,12 +205,13 @@ def test_64_concurrent_clients_stay_within_the_budget(gw: Gateway) -> None:
     assert 0 < cap["resets_in_seconds"] <= 86400
     rpm = limits["rpm"]
     # every admitted request counted once; plus, rarely under this load, one whose rate-limit
-    # answer came after Envoy's 0.5 s timeout: Envoy refused it (503 RLSE), but the charge had
-    # been made (documented: rate limits err towards refusing)
+    # answer came after Envoy's 0.5 s timeout: Envoy refused it (503 RLSE), and the charge may
+    # have been made or not, as Envoy's cancel reached the service before or after it
+    # (documented: rate limits err towards refusing)
     late = sum(1 for line in (gw.manifest_path.parent / "state" / "envoy-access.jsonl")
                .read_text().splitlines() if json.loads(line)["flags"] == "RLSE")
-    assert int(rpm["used"]) == len(ok) + late
-    assert int(rpm["remaining"]) == 100000 - len(ok) - late
+    assert len(ok) <= int(rpm["used"]) <= len(ok) + late, (rpm, len(ok), late)
+    assert int(rpm["remaining"]) == 100000 - int(rpm["used"])
     assert 0 < rpm["resets_in_seconds"] <= 61
     table = gw.cli("usage", "--", "--key", "k-tight")
     assert "spend_per_day 0.01 USD" in table and "daily-cap" in table
