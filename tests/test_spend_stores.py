@@ -197,6 +197,18 @@ async def test_a_hold_placed_after_its_log_entry_is_released_at_once(
     assert await store.read("o", [DAY]) == [(0, 60)]  # only the marked id is let go
 
 
+async def test_orphan_marks_expire_without_any_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests Envoy answered without a Check (no budget anywhere, so nothing else sweeps)
+    must not grow the memory store for good."""
+    store = MemorySpendStore()
+    clock = [T0]
+    monkeypatch.setattr("tollway.spend.time.time", lambda: clock[0] / 1000)
+    for i in range(5_000):
+        clock[0] = T0 + i * 100  # ten a second, each mark living 60 s: ~600 at a time
+        await store.release_orphans([f"r{i}"])
+    assert len(store._orphaned) <= 600 + 1000
+
+
 async def test_a_rebuild_is_claimed_once_until_given_back(store: SpendStore) -> None:
     assert await store.claim_rebuild()
     assert not await store.claim_rebuild()  # another replica, or the next check

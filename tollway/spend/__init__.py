@@ -234,9 +234,10 @@ class MemorySpendStore(SpendStore):
 
     async def release_orphans(self, request_ids: list[str]) -> int:
         found = 0
-        until = int(time.time() * 1000) + ORPHAN_MARK_MS
+        now = int(time.time() * 1000)
         for rid in request_ids:
-            self._orphaned[rid] = until
+            self._sweep(now)  # marks expire even where no budget ever places a hold
+            self._orphaned[rid] = now + ORPHAN_MARK_MS
             entry = self._index.pop(rid, None)
             if entry is not None:
                 await self.commit(entry[0], rid, entry[1], 0)
