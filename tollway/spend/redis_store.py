@@ -178,22 +178,22 @@ class RedisSpendStore(SpendStore):
         outcome = hold_states(budgets, values, amount)
         assert outcome.allowed == bool(int(raw[0])), "the script and hold_states disagree"
         if outcome.allowed and held_on:
-            # where this hold lives, for a log entry that cannot say (release_orphans); its
-            # own key, outside the org's slot: the log entry does not know the org either
-            where = json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
-                                      for c in counters if c in held_on]])
             # not awaited: the Check need not wait for it, and an orphan's log entry arrives
             # long after (Envoy's timeout, then the access-log flush)
-            task = asyncio.create_task(self._index(tag, request_id, where, ttl_ms,
-                                                   [c for c in counters if c in held_on]))
+            task = asyncio.create_task(self._index(
+                tag, request_id, [c for c in counters if c in held_on], ttl_ms))
             self._indexing.add(task)
             task.add_done_callback(self._indexing.discard)
         return outcome
 
-    async def _index(self, tag: str, request_id: str, where: str, ttl_ms: int,
-                     held_on: list[SpendCounter]) -> None:
+    async def _index(self, tag: str, request_id: str, held_on: list[SpendCounter],
+                     ttl_ms: int) -> None:
         """Index the hold by its request id, unless costsink has marked the id orphaned
         (the key holds the mark): then Envoy answered without this Check, release the hold."""
+        # where this hold lives, for a log entry that cannot say (release_orphans); its own
+        # key, outside the org's slot: the log entry does not know the org either
+        where = json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
+                                  for c in held_on]])
         with contextlib.suppress(RedisError, OSError, SpendUnavailable):  # it expires anyway
             if not await self.client.set(self._index_key(request_id), where, px=ttl_ms,
                                          nx=True):
