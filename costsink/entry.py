@@ -166,5 +166,8 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry,
         cache_creation_1h_tokens=usage.cache_creation_1h_tokens,
         estimated=estimated,
     )
+    if "charged_at_ms" in authz:  # rate limited in extauthz's Check (services.rate_limit)
+        rl = {"reserved_tokens": authz.get("reserve_tokens", 0),
+              "charged_at_ms": authz["charged_at_ms"]}
     return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl,
                  hold=int(authz.get("budget_hold", 0)))

@@ -18,7 +18,8 @@ class ExtAuthz:
     def __init__(self, ctx: ServiceContext, runtime: Compiled[Runtime]) -> None:
         self.ctx = ctx
         self.mirror = ctx.key_mirror()
-        self.servicer = AuthorizationService(runtime, self.mirror, ctx.spend_store())
+        self.servicer = AuthorizationService(runtime, self.mirror, ctx.spend_store(),
+                                             ctx.counter_backend())
 
     def register(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)

@@ -78,6 +78,7 @@ class Deny:
     dialect: Dialect
     key_id: str | None = None
     retry_after: int = 1  # seconds, for the codes answered with Retry-After (429, 503)
+    headers: tuple[tuple[str, str], ...] = ()  # more to answer with (a rate limit's)
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:

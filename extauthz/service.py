@@ -15,6 +15,9 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
+from ratelimit.admission import ADMITTED, Admission, admit
+from ratelimit.admission import Request as RateRequest
+from ratelimit.backend import CounterBackend
 from tollway.errors import error_body, status_of
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
@@ -68,8 +71,11 @@ def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
                         request_id=headers.get("x-request-id", ""))
 
 
-def allow_response(allow: Allow, request_headers: Any, held: int
-                   ) -> external_auth_pb2.CheckResponse:
+def allow_response(allow: Allow, request_headers: Any, held: int,
+                   limited: Admission = ADMITTED) -> external_auth_pb2.CheckResponse:
+    """`limited`: the rate limit's answer when this Check gave it (services.rate_limit:
+    check): its x-ratelimit-* headers go to the client, and when the charge was made, for
+    token settlement, in the metadata beside the reservation."""
     b = allow.binding
     if allow.provider.dialect is Dialect.ANTHROPIC:
         set_headers = [_header("x-api-key", allow.credential)]
@@ -94,11 +100,13 @@ def allow_response(allow: Allow, request_headers: Any, held: int
         # a string: Envoy's rate-limit descriptors read string metadata only
         "reserve_tokens": str(allow.reserve_tokens),
         "budget_hold": str(held) if held else None,  # units; costsink releases it
+        "charged_at_ms": limited.metadata.get("charged_at_ms"),
     })
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
-        ok_response=external_auth_pb2.OkHttpResponse(headers=set_headers,
-                                                     headers_to_remove=remove),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=set_headers, headers_to_remove=remove,
+            response_headers_to_add=[_header(k, v) for k, v in limited.headers]),
         dynamic_metadata=metadata)
 
 
@@ -108,6 +116,7 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
                _header("x-tollway-error", deny.code)]
     if status in (429, 503):
         headers.append(_header("retry-after", str(deny.retry_after)))
+    headers += [_header(k, v) for k, v in deny.headers]
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.UNAVAILABLE if status == 503
                                  else code_pb2.PERMISSION_DENIED),
@@ -115,6 +124,16 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
             status=http_status_pb2.HttpStatus(code=status),
             headers=headers, body=error_body(deny.dialect, deny.code, deny.message)),
         dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
+
+
+def rate_limit_deny(allow: Allow, limited: Admission) -> Deny:
+    """The refusal of a rate limit answered in the Check, as the rate-limit filter words it."""
+    dialect, key_id = allow.route.dialect, allow.binding.key.id
+    if limited.refusal is None:  # the counters are down and the route is fail-closed
+        return Deny("gateway_unavailable", "the rate-limit counters cannot be reached; retry",
+                    dialect, key_id)
+    return Deny("rate_limit_exceeded", limited.refusal.message, dialect, key_id,
+                retry_after=limited.refusal.retry_after, headers=tuple(limited.headers))
 
 
 def _time_remaining(context: grpc.aio.ServicerContext | None) -> float | None:
@@ -129,12 +148,23 @@ def _past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror,
-                 spend: SpendStore) -> None:
+                 spend: SpendStore, counters: CounterBackend | None = None) -> None:
         self.runtime = runtime
         self.mirror = mirror
         self.spend = spend
+        self.counters = counters  # the rate-limit counters, for services.rate_limit: check
         self.policies = PolicyGate(spend)
         self.guesses = GuessThrottle()
+
+    async def rate_limit(self, rt: Runtime, allow: Allow) -> Admission:
+        """With services.rate_limit: check, the rate limit Envoy's filter would ask for, in
+        this Check: every quota charged in one step, as ShouldRateLimit charges them."""
+        if self.counters is None or rt.manifest.services.rate_limit != "check":
+            return ADMITTED
+        b = allow.binding
+        return await admit(self.counters, rt.manifest, b, RateRequest(
+            org=b.org.id, key_id=b.key.id, model=allow.model, route=allow.route.name,
+            dialect=allow.route.dialect, reserve_tokens=allow.reserve_tokens))
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
@@ -167,6 +197,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 denied = await self.policies.check(rt, result, facts, now)
                 held = denied or await hold_budget(self.spend, rt, result, facts, now,
                                                    settle_wait(_time_remaining(context)))
+                limited = ADMITTED
+                if isinstance(held, Held):
+                    limited = await self.rate_limit(rt, result)
+                    if not limited.allowed:
+                        await release_hold(self.spend, held)
+                        held = rate_limit_deny(result, limited)
                 if isinstance(held, Held) and held.amount and _past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold
@@ -175,7 +211,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                                 result.route.dialect, result.binding.key.id)
                 if isinstance(held, Held):
                     DECISIONS.labels("allow", "ok").inc()
-                    return allow_response(result, facts.headers, held.amount)
+                    return allow_response(result, facts.headers, held.amount, limited)
                 result = held
             DECISIONS.labels("deny", result.code).inc()
             return deny_response(result)

@@ -34,7 +34,6 @@ class RateLimit:
     def __init__(self, ctx: ServiceContext, manifest: Compiled[Manifest],
                  backend: CounterBackend, spend: SpendStore) -> None:
         self.ctx = ctx
-        self.backend = backend
         keys = ctx.key_mirror()
         self.servicer = RateLimitService(manifest, backend, keys)
         self.settlement = TokenSettlementService(manifest, backend, keys)
@@ -49,12 +48,11 @@ class RateLimit:
         await self.ctx.start_key_mirror(required=False)
 
     async def stop(self) -> None:
-        await self.backend.close()
+        return None  # the process's counter backend is closed by serve, its owner
 
 
 async def build(ctx: ServiceContext) -> RateLimit:
     # counters live as long as the process: a reload swaps the manifest, not the backend, so
     # counters of unchanged quotas (same scope, name and limit) carry on
     manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
-    return RateLimit(ctx, manifest, open_backend(ctx.manifest.storage.counters),
-                     ctx.spend_store())
+    return RateLimit(ctx, manifest, ctx.counter_backend(), ctx.spend_store())

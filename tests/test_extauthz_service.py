@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2
 
 from extauthz.decision import compile_runtime
 from extauthz.service import AuthorizationService
+from ratelimit.backend import BackendUnavailable, MemoryBackend
 from tests.e2e.harness import offline_manifest
 from tollway.budgets import period_labels
 from tollway.keys import KeyRecord, hash_secret
@@ -136,3 +137,65 @@ async def test_a_key_the_follower_brings_during_the_fetch_is_accepted() -> None:
     svc.mirror.store = Store()  # type: ignore[assignment]
     r = await svc.Check(check("r1"), Context(0.4))
     assert r.status.code == 0, r.denied_response.body
+
+
+class DownCounters(MemoryBackend):
+    async def charge(self, tag: str, rules: Any, costs: Any, now_ms: int | None = None) -> Any:
+        raise BackendUnavailable("counters down")
+
+
+def answering_rate_limits(store: MemorySpendStore, counters: MemoryBackend, rpm: int = 2,
+                          mode: str = "check") -> AuthorizationService:
+    """services.rate_limit: check (or `mode`), with an rpm beside the daily budget."""
+    svc = service(store)
+    doc = offline_manifest()
+    doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
+    doc["services"]["rate_limit"] = mode
+    doc["organizations"][0]["projects"][0]["quotas"] = [
+        {"name": "cap", "spend_per_day": "10"}, {"name": "burst", "rpm": rpm}]
+    svc.runtime = Compiled(compile_runtime, parse(doc))
+    svc.counters = counters
+    return svc
+
+
+def response_headers(r: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in r.ok_response.response_headers_to_add}
+
+
+async def test_a_check_answering_rate_limits_charges_and_refuses_like_the_filter() -> None:
+    store, counters = MemorySpendStore(), MemoryBackend()
+    svc = answering_rate_limits(store, counters)
+    first = await svc.Check(check("r1"), Context(0.4))
+    assert first.status.code == 0
+    assert response_headers(first)["x-ratelimit-remaining-requests"] == "1"
+    assert response_headers(first)["x-ratelimit-limit-requests"] == "2"
+    # what costsink needs to settle the reservation with the real usage
+    assert first.dynamic_metadata["charged_at_ms"] > 0
+    assert first.dynamic_metadata["reserve_tokens"] != ""
+    second = await svc.Check(check("r2"), Context(0.4))
+    assert response_headers(second)["x-ratelimit-remaining-requests"] == "0"
+    holding = held(store)
+
+    third = await svc.Check(check("r3"), Context(0.4))
+    assert third.denied_response.status.code == 429
+    headers = {h.header.key: h.header.value for h in third.denied_response.headers}
+    assert headers["x-tollway-error"] == "rate_limit_exceeded"
+    assert 0 < int(headers["retry-after"]) <= 61  # a bucket of 1 s beyond the minute
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert "quota 'burst' allows 2 requests per 1m0s" in third.denied_response.body
+    assert third.dynamic_metadata["deny_reason"] == "rate_limit_exceeded"
+    assert held(store) == holding  # the refused request's budget hold was let go
+
+
+async def test_a_check_with_its_counters_down_refuses_on_a_fail_closed_route() -> None:
+    store = MemorySpendStore()
+    r = await answering_rate_limits(store, DownCounters()).Check(check("r1"), Context(0.4))
+    assert r.denied_response.status.code == 503
+    assert held(store) == 0
+
+
+async def test_in_filter_mode_the_check_charges_no_rate_limit() -> None:
+    svc = answering_rate_limits(MemorySpendStore(), MemoryBackend(), rpm=1, mode="filter")
+    for rid in ("r1", "r2"):  # Envoy's rate-limit filter asks ratelimit for these
+        r = await svc.Check(check(rid), Context(0.4))
+        assert r.status.code == 0 and not r.ok_response.response_headers_to_add

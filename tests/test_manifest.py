@@ -148,3 +148,10 @@ def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) ->
                       + "\n  - {<<: *first, " + ", ".join(
                           f"{json.dumps(k)}: {json.dumps(v)}" for k, v in second.items()) + "}\n")
     assert load_beside(merged).providers == load(plain).providers
+
+
+def test_who_answers_the_rate_limit_is_filter_or_check() -> None:
+    assert loads(MINIMAL).services.rate_limit == "filter"
+    assert loads(MINIMAL + "services: {rate_limit: check}\n").services.rate_limit == "check"
+    assert any(p.startswith("services.rate_limit: must be 'filter'")
+               for p in problems(MINIMAL + "services: {rate_limit: lua}\n"))

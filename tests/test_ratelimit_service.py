@@ -78,3 +78,24 @@ async def test_settle_for_an_unknown_key_is_not_found(channel: grpc.aio.Channel)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await settle.Settle(settle_pb2.SettleRequest(key_id="nobody", model="gpt-5.4"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_with_the_rate_limit_in_the_check_the_filter_is_answered_without_a_charge(
+        tmp_path: Path) -> None:
+    """Envoy still asks while its listener has the filter after a reload to `check`; extauthz
+    charged the request already, so a second charge would count it twice."""
+    import dataclasses
+
+    m = load(TEAM_AI)
+    m = dataclasses.replace(m, services=dataclasses.replace(m.services, rate_limit="check"))
+    backend = MemoryBackend()
+    store = SqliteKeyStore(tmp_path / "keys.db")
+    await store.open()
+    rls = RateLimitService(Compiled(lambda x: x, m), backend, KeyMirror(store))
+    try:
+        for _ in range(50):  # gpt-5.4 allows 40 a minute
+            answer = await rls.ShouldRateLimit(should("gpt-5.4", 10), None)
+            assert answer.overall_code == rls_pb2.RateLimitResponse.OK
+        assert not any(backend._counters.values())  # nothing counted
+    finally:
+        await store.close()

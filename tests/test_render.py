@@ -78,3 +78,28 @@ def test_the_admin_service_name_envoy_routes_is_the_protos() -> None:
     from tollway.admin._proto import admin_pb2
 
     assert admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name == SERVICE
+
+
+def test_with_the_rate_limit_in_the_check_envoy_has_no_rate_limit_filter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tollway.istio import envoy_filter
+
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    doc = yaml.safe_load((EXAMPLES[0].parent / "team-ai.yaml").read_text())
+    doc.setdefault("services", {})["rate_limit"] = "check"
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    m = load(path)
+    rendered = render(m)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
+    assert "envoy.filters.http.ext_authz" in filters
+    assert "envoy.filters.http.ratelimit" not in filters
+    istio = yaml.safe_dump(envoy_filter(m, host="gw", port=80, target_port=8080,
+                                        selector={"app": "gw"}))
+    assert "filters.http.ratelimit.v3.RateLimit" not in istio and "envoy.filters.http.lua" in istio
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_yaml(m))
+    out = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config),
+                          "--base-id", "977"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

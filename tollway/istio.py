@@ -92,7 +92,10 @@ def envoy_filter(m: Manifest, *, host: str, port: int, target_port: int,
         "name": HCM, "subFilter": {"name": ROUTER}}}}}
     ratelimit, added = _service_cluster(m, "ratelimit", RATELIMIT_CLUSTER)
     costsink, added_sink = _service_cluster(m, "costsink", COSTSINK_CLUSTER)
-    filters = {f["name"]: f for f in http_filters(ratelimit)}
+    rate_limit_filter = m.services.rate_limit == "filter"
+    if not rate_limit_filter:
+        added = []  # extauthz answers the rate limit; Envoy never dials ratelimit
+    filters = {f["name"]: f for f in http_filters(ratelimit, rate_limit_filter=rate_limit_filter)}
     compressors = [f for name, f in filters.items() if ".compressor." in name]
     after_authz = [f for name, f in filters.items()
                    if name in ("envoy.filters.http.lua", "envoy.filters.http.ratelimit")

@@ -433,14 +433,17 @@ def route_config(m: Manifest) -> dict[str, Any]:
             "virtual_hosts": [{"name": "tollway", "domains": ["*"], "routes": routes(m)}]}
 
 
-def http_filters(ratelimit_cluster: str = RATELIMIT_CLUSTER) -> list[dict[str, Any]]:
+def http_filters(ratelimit_cluster: str = RATELIMIT_CLUSTER, *,
+                 rate_limit_filter: bool = True) -> list[dict[str, Any]]:
+    """The chain in request order. Without `rate_limit_filter` (services.rate_limit: check)
+    ext_authz's Check answers the rate limit too: one gRPC round trip per request, not two."""
     return [
         *_compressors(),
         _transcoder(),
         _json_to_metadata(),
         _ext_authz(),
         _usage_lua(),
-        _ratelimit(ratelimit_cluster),
+        *([_ratelimit(ratelimit_cluster)] if rate_limit_filter else []),
         *_decompressors(),
         _router(),
     ]
@@ -470,7 +473,7 @@ def listener(m: Manifest, routes: dict[str, Any]) -> dict[str, Any]:
     # bounds what json_to_metadata may buffer: a larger body is refused with 413
     result["per_connection_buffer_limit_bytes"] = m.gateway.max_request_bytes
     hcm = result["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = http_filters()
+    hcm["http_filters"] = http_filters(rate_limit_filter=m.services.rate_limit == "filter")
     del hcm["route_config"]
     hcm.update(routes)
     hcm["local_reply_config"] = local_replies(m)

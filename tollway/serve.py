@@ -16,7 +16,7 @@ import signal
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +28,9 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 from tollway.reload import ManifestWatcher, settle_heap
 from tollway.spend import SpendStore, open_spend_store
+
+if TYPE_CHECKING:
+    from ratelimit.backend import CounterBackend
 from tollway.tls import server_credentials, target
 
 log = logging.getLogger("tollway.serve")
@@ -44,6 +47,7 @@ class ServiceContext:
     watcher: ManifestWatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _spend: SpendStore | None = None
+    _counters: CounterBackend | None = None
     _keys: KeyMirror | None = None
     _keys_started: bool = False
 
@@ -83,6 +87,16 @@ class ServiceContext:
             self._spend = open_spend_store(self.manifest.storage.counters)
         return self._spend
 
+    def counter_backend(self) -> CounterBackend:
+        """One per process: ratelimit's, and extauthz's when it answers the rate limit in its
+        Check (`services.rate_limit: check`), so that settlement corrects the counters the
+        Check charged."""
+        if self._counters is None:
+            from ratelimit import open_backend
+
+            self._counters = open_backend(self.manifest.storage.counters)
+        return self._counters
+
 
 class Service(Protocol):
     grpc_names: tuple[str, ...]  # full service names, for health and reflection
@@ -116,6 +130,11 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
         raise SystemExit("storage.counters is 'memory': spend lives in one process, so "
                          "extauthz and costsink must be served together (--services "
                          "extauthz,ratelimit,costsink); use redis:// to run them apart")
+    if ctx.manifest.services.rate_limit == "check" and ctx.manifest.storage.counters == "memory" \
+            and len({"extauthz", "ratelimit"} & set(names)) == 1:
+        raise SystemExit("services.rate_limit is 'check' and storage.counters 'memory': the "
+                         "counters live in one process, so extauthz and ratelimit must be "
+                         "served together; use redis:// to run them apart")
     services: dict[str, Service] = {}
     for name in names:
         module = importlib.import_module(MODULES[name])
@@ -191,6 +210,8 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     if ctx._keys is not None:
         await ctx._keys.store.close()
     await ctx.spend_store().close()
+    if ctx._counters is not None:
+        await ctx._counters.close()
 
 
 async def _health_port(m: Manifest) -> tuple[grpc.aio.Server, health.aio.HealthServicer] | None:

@@ -43,9 +43,14 @@ def client(gw: Gateway) -> openai.OpenAI:
                          max_retries=0, timeout=10)
 
 
-@pytest.fixture(params=["memory", "redis"])
+def in_check(ex: dict[str, Any]) -> None:
+    """services.rate_limit: check: extauthz answers the rate limit in its Check."""
+    ex["services"]["rate_limit"] = "check"
+
+
+@pytest.fixture(params=["memory", "redis", "memory, in the check"])
 def gw(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
-    counters = "memory" if request.param == "memory" else REDIS_URL
+    counters = REDIS_URL if request.param == "redis" else "memory"
     if request.param == "redis":
         import redis
 
@@ -58,7 +63,8 @@ def gw(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
             if os.environ.get("CI"):
                 pytest.fail(f"Redis not reachable: {e}")
             pytest.skip(f"Redis not reachable: {e}")
-    with run_gateway(tmp_path, mutate=team_ai(counters)) as g:
+    mode = in_check if request.param.endswith("in the check") else None
+    with run_gateway(tmp_path, mutate=team_ai(counters, mode)) as g:
         g.issue("da-sk-acme-team")
         yield g
 
@@ -189,15 +195,18 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
         c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
 
 
-def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate_limit", ["filter", "check"])
+def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path, rate_limit: str) -> None:
     """Each request here reserves about 30 tokens, but two of them report 490 input tokens:
     once costsink has settled those, the key's 1,000 TPM quota refuses the next request, though
-    all reservations together stay far below 1,000."""
+    all reservations together stay far below 1,000. Charged by the rate-limit filter's call or
+    in extauthz's Check, the settlement corrects the same counters."""
     import time
 
     def key_tpm(ex: dict[str, Any]) -> None:
         key = ex["organizations"][0]["projects"][0]["clients"][0]["keys"][0]
         key["quotas"] = [{"name": "reported", "tpm": 1000}]
+        ex["services"]["rate_limit"] = rate_limit
     with run_gateway(tmp_path, mutate=team_ai("memory", key_tpm)) as gw:
         gw.issue("da-sk-acme-team")
         c = client(gw)

@@ -58,6 +58,7 @@ from .yaml_reader import Unusual, quick_load, safe_load
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
 DURATION_RE = re.compile(r"^(\d+)s$")
+RATE_LIMIT_RE = re.compile(r"^(filter|check)$")
 DEFAULT_MAX_OUTPUT = 4096
 DEFAULT_CONTEXT = 128000
 DEFAULT_ACTIONS = {
@@ -561,7 +562,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
 
     s = root.child("services")
     s.check_keys({"extauthz", "ratelimit", "costsink", "admin", "metrics_port", "metrics_host",
-                  "tls", "listen", "health", "workers"})
+                  "tls", "listen", "health", "workers", "rate_limit"})
     listen: dict[str, tuple[str, int]] = {}
     if s.value.get("listen") is not None:
         ln = s.child("listen")
@@ -582,7 +583,11 @@ def parse(doc: Any, source: str = "") -> Manifest:
                         metrics_host=s.text("metrics_host", "127.0.0.1"),
                         health=_host_port(s, "health", "") if s.value.get("health") else None,
                         admin=_host_port(s, "admin", "127.0.0.1:50054"),
-                        workers=s.integer("workers", 1))
+                        workers=s.integer("workers", 1),
+                        rate_limit=s.text("rate_limit", "filter", pattern=RATE_LIMIT_RE,
+                                          rule="must be 'filter' (Envoy's rate-limit filter "
+                                               "asks the ratelimit service) or 'check' "
+                                               "(extauthz answers it in its Check)"))
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper", "key_cache"})

@@ -233,6 +233,11 @@ class Services:
     # admin on their ports + i, and Envoy spreads requests over all of them; costsink stays
     # in worker 0 (one spool, one access-log file)
     workers: int = 1
+    # who answers the rate limit: "filter", Envoy's rate-limit filter asking the ratelimit
+    # service (a second gRPC round trip per request); "check", extauthz in the Check that
+    # admitted the request (one round trip; the counters must be shared with ratelimit, which
+    # still settles tokens and answers usage queries)
+    rate_limit: str = "filter"
 
     def ports(self, name: str) -> list[int]:
         """Every port the service is served on, worker by worker."""

@@ -1,0 +1,161 @@
+"""One request's rate limit: every quota that applies, checked and charged in one step.
+
+The decision lives here, apart from the protocol that asks for it: Envoy's rate-limit filter
+asks through `ShouldRateLimit` (ratelimit/service.py) by default; with `services.rate_limit:
+check`, extauthz asks in the same Check that admitted the request (one gRPC round trip per
+request instead of two). Both get the same `Admission` and turn it into their own answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from tollway.keys.mirror import KeyMirror
+from tollway.manifest import KeyBinding, Manifest
+from tollway.manifest.model import Dialect
+from tollway.quotas import rules_for
+
+from .backend import BackendUnavailable, CounterBackend, Outcome, RuleState
+
+log = logging.getLogger("tollway.ratelimit")
+
+DECISIONS = Counter("tollway_ratelimit_decisions_total", "Rate-limit decisions by quota",
+                    ["quota", "result"])
+BACKEND_LATENCY = Histogram("tollway_ratelimit_backend_seconds", "One atomic charge",
+                            buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+                                     0.25))
+BACKEND_ERRORS = Counter("tollway_ratelimit_backend_errors_total",
+                         "Counter backend failures, by what the route decided", ["outcome"])
+
+
+@dataclass(frozen=True)
+class Request:
+    org: str
+    key_id: str
+    model: str
+    route: str
+    dialect: Dialect
+    reserve_tokens: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    message: str
+    retry_after: int  # seconds, for Retry-After
+    quota: str  # the quota that refuses longest
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the quotas said. `headers`: OpenAI's x-ratelimit-* for every answer that passed a
+    rate limit. `refusal`: set when an enforced quota refuses. `unavailable`: the counters could
+    not be reached and the route is fail-closed. `metadata`: what token settlement needs later
+    (the reservation and when it was charged), for an admitted request."""
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    refusal: Refusal | None = None
+    unavailable: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None and not self.unavailable
+
+
+ADMITTED = Admission()  # no quota applies, or the counters are down on a fail-open route
+
+
+def _duration(seconds: float) -> str:
+    if seconds == math.inf:
+        return "never"
+    s = max(0, math.ceil(seconds))
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+def rate_headers(outcome: Outcome) -> list[tuple[str, str]]:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}: the tightest rule of
+    each kind (least remaining) among the enforced ones, else among all."""
+    headers = []
+    for kind in ("requests", "tokens"):
+        pairs = [(s, c) for s, c in zip(outcome.states, outcome.costs, strict=True)
+                 if s.rule.kind == kind]
+        enforced = [(s, c) for s, c in pairs if s.rule.enforce] or pairs
+        if not enforced:
+            continue
+        charged = outcome.allowed
+        state, cost = min(enforced, key=lambda sc: sc[0].remaining(sc[1] if charged else 0))
+        remaining = state.remaining(cost if charged else 0)
+        headers += [(f"x-ratelimit-limit-{kind}", str(state.rule.limit)),
+                    (f"x-ratelimit-remaining-{kind}", str(remaining)),
+                    (f"x-ratelimit-reset-{kind}", _duration(state.reset_seconds))]
+    return headers
+
+
+def refusal(req: Request, denied: list[RuleState], costs: dict[str, int]) -> str:
+    worst = max(denied, key=lambda s: s.retry_seconds)
+    r = worst.rule
+    if worst.retry_seconds == math.inf:
+        return (f"this request reserves {costs[r.counter]} tokens, more than quota '{r.quota}' "
+                f"allows in {_duration(r.period)} ({r.limit}); lower max_tokens or the prompt")
+    return (f"rate limit reached for {req.model}: quota '{r.quota}' allows {r.limit} {r.kind} "
+            f"per {_duration(r.period)}; retry in {_duration(worst.retry_seconds)}")
+
+
+async def lookup(keys: KeyMirror, m: Manifest, key_id: str) -> KeyBinding | None:
+    """A key's binding: the manifest's, else a runtime key's from the mirror, fetched now if
+    this replica has not seen it yet (extauthz admitted it a moment ago)."""
+    binding = keys.binding(m, key_id)
+    if binding is None and key_id not in m.bindings and await keys.fetch(key_id):
+        binding = keys.binding(m, key_id)
+    return binding
+
+
+def _report(req: Request, outcome: Outcome) -> None:
+    for s in outcome.states:
+        result = ("over_limit" if s.rule.enforce else "would_deny") if s.over else "ok"
+        DECISIONS.labels(s.rule.quota, result).inc()
+        if s.over and not s.rule.enforce:
+            log.info("monitor: quota '%s' would refuse key %s (%s used of %s %s)",
+                     s.rule.quota, req.key_id, s.used, s.rule.limit, s.rule.kind)
+
+
+async def admit(backend: CounterBackend, m: Manifest, binding: KeyBinding,
+                req: Request) -> Admission:
+    """Check and charge every quota of `req` in one backend step: all are charged, or none."""
+    rules = rules_for(m, binding, req.model)
+    if not rules:
+        return ADMITTED
+    costs = [1 if r.kind == "requests" else req.reserve_tokens for r in rules]
+    charged_at = int(time.time() * 1000)
+    started = time.perf_counter()
+    try:
+        outcome = await backend.charge(binding.org.id, rules, costs)
+    except BackendUnavailable as e:
+        route = m.route(req.route)
+        if route is None or route.fail_closed:
+            BACKEND_ERRORS.labels("refused").inc()
+            log.error("counter backend unavailable, refusing (fail-closed): %s", e)
+            return Admission(unavailable=True)
+        BACKEND_ERRORS.labels("allowed").inc()
+        log.warning("counter backend unavailable, allowing (fail-open): %s", e)
+        return ADMITTED
+    finally:
+        BACKEND_LATENCY.observe(time.perf_counter() - started)
+
+    _report(req, outcome)
+    headers = rate_headers(outcome)
+    if outcome.allowed:
+        return Admission(headers, metadata={"reserved_tokens": req.reserve_tokens,
+                                            "charged_at_ms": charged_at})
+    denied = [s for s in outcome.states if s.over and s.rule.enforce]
+    retry = max(s.retry_seconds for s in denied)
+    retry_after = math.ceil(retry) if retry != math.inf else max(s.rule.period for s in denied)
+    message = refusal(req, denied, {r.counter: c for r, c in zip(rules, costs, strict=True)})
+    worst = max(denied, key=lambda s: s.retry_seconds)
+    return Admission(headers, Refusal(message, retry_after, worst.rule.quota))
