@@ -2,6 +2,7 @@
 
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
                                   [--accept-encoding gzip|identity] [--workers]
+                                  [--rate-limit-in-check]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -9,7 +10,9 @@ eat the 2 cores the gateway runs on. `--baseline DIR` runs the same against anot
 (e.g. `git worktree add /tmp/base <commit>`) in the same invocation, interleaved, so the ratio
 compares like with like; bare Envoy (router only) in front of the same mock is measured in
 every round too. Prints requests/s, p50/p99 and the CPU per request of each process (the
-services, Envoy, the mock provider) per run, then the ratios.
+services, Envoy, the mock provider) per run, then the ratios. `--rate-limit-in-check` compares
+instead the two ways of answering the rate limit (services.rate_limit: filter, check), each
+request charged to a project rpm and tpm too high to refuse it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ sys.path.append(os.environ["BENCH_DIR"])  # appended: the checkout's packages co
 from procstat import cpu_seconds
 from wrk_script import CHAT_1KB, post_script
 workers = int(os.environ.get("BENCH_WORKERS", "0"))
+rate_limit = os.environ.get("BENCH_RATE_LIMIT", "")
 def mutate(doc):
+    if rate_limit:  # every request charged: quotas that never refuse
+        doc["services"]["rate_limit"] = rate_limit
+        doc["organizations"][0]["projects"][0]["quotas"] = [
+            {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
     if workers:  # services.workers: N processes, Redis counters, costsink in its own
         doc["services"]["workers"] = workers
         doc["storage"]["counters"] = "redis://127.0.0.1:6379/14"
@@ -62,10 +70,11 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
 
 
 def run(checkout: Path, seconds: int, connections: int, encoding: str,
-        workers: int = 0) -> dict[str, float]:
+        workers: int = 0, rate_limit: str = "") -> dict[str, float]:
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
+           "BENCH_RATE_LIMIT": rate_limit,
            "BENCH_DIR": str(Path(__file__).resolve().parent)}
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                            text=True, cwd=checkout, timeout=seconds + 120)
@@ -112,6 +121,29 @@ def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
     return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"]}
 
 
+def compare_rate_limit(args: argparse.Namespace) -> None:
+    """Rate limit by Envoy's filter (two gRPC round trips per request) or in the Check (one),
+    interleaved with bare Envoy in the same invocation."""
+    runs: dict[str, list[dict[str, float]]] = {"filter": [], "check": [], "bare Envoy": []}
+    for _ in range(args.rounds):
+        for mode in ("filter", "check"):
+            runs[mode].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
+                                  rate_limit=mode))
+        runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
+    for name, results in runs.items():
+        for r in results:
+            print(f"{name:10} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
+                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
+
+    def mean(k: str, name: str) -> float:
+        return sum(r[k] for r in runs[name]) / len(runs[name])
+    print(json.dumps({"check_over_filter": {k: round(mean(k, "check") / mean(k, "filter"), 3)
+                                            for k in ("rps", "p50_ms", "p99_ms",
+                                                      "cpu_ms_services")},
+                      "check_over_bare_envoy_rps": round(mean("rps", "check")
+                                                         / mean("rps", "bare Envoy"), 3)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=10)
@@ -124,9 +156,14 @@ def main() -> None:
     ap.add_argument("--workers", action="store_true",
                     help="instead: this checkout with Redis counters and services.workers 1 "
                          "vs 2 (the scaling of the Python services over processes)")
+    ap.add_argument("--rate-limit-in-check", action="store_true",
+                    help="instead: services.rate_limit filter vs check, with quotas charged")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
+    if args.rate_limit_in_check:
+        compare_rate_limit(args)
+        return
     if args.workers:
         scaling: dict[int, list[dict[str, float]]] = {1: [], 2: []}
         for _ in range(args.rounds):

@@ -1,6 +1,6 @@
 """Latency Tollway adds over bare Envoy at a fixed 100 requests/s, and the architecture's floor.
 
-    python bench/latency.py [--seconds 20]
+    python bench/latency.py [--seconds 20] [--rate-limit filter|check]
 
 Each gateway is driven at a fixed 100 requests/s by h2load (open loop: requests leave on
 schedule whatever the answers' pace) and, for streams, by a small client timing the first
@@ -13,6 +13,11 @@ event of 100 streams/s, all in front of the same mock provider:
 4. a second gateway with Redis counters (a Redis of its own), with its own bare Envoy.
 Bare Envoy is measured before and after in each gateway; the added latency is over their mean.
 Also printed: the services' CPU per request during Tollway's run.
+
+`--rate-limit filter|check` sets services.rate_limit and gives the project an rpm and a tpm
+too high to refuse, so every request is charged: by Envoy's rate-limit filter asking ratelimit
+(filter), or by extauthz in its Check (check; the floor then has no rate-limit filter either).
+Without it, the base manifest has no quota and the rate-limit filter's call charges nothing.
 """
 
 from __future__ import annotations
@@ -223,21 +228,37 @@ def added(rows: list[tuple[str, dict[str, float]]], name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--rate-limit", choices=["filter", "check"],
+                    help="services.rate_limit, with quotas charged on every request")
     args = ap.parse_args()
+
+    def rate_limited(doc: dict[str, Any]) -> None:
+        if args.rate_limit:
+            doc["services"]["rate_limit"] = args.rate_limit
+            doc["organizations"][0]["projects"][0]["quotas"] = [
+                {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
+
+    def with_redis(port: int) -> Any:
+        def mutate(doc: dict[str, Any]) -> None:
+            rate_limited(doc)
+            doc["storage"]["counters"] = f"redis://127.0.0.1:{port}/0"
+        return mutate
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "memory").mkdir()
         mem, mem_ttfb, mem_cpu, floor_cpu = gateway_runs(tmp / "memory", "memory", args.seconds,
-                                              floor=True)
+                                              mutate=rate_limited, floor=True)
         redis = PrivateRedis(tmp)
         redis.start()
         try:
             (tmp / "redis").mkdir()
             red, red_ttfb, red_cpu, _ = gateway_runs(
-                tmp / "redis", "Redis", args.seconds, mutate=lambda d: d["storage"].update(
-                    counters=f"redis://127.0.0.1:{redis.port}/0"))
+                tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.port))
         finally:
             redis.kill()
+    if args.rate_limit:
+        print(f"services.rate_limit: {args.rate_limit}, every request charged to an rpm and "
+              f"a tpm\n")
     print(f"## A fixed 100 requests/s (h2load --h1 -c4 --rps 25 -r1 --rate-period 10ms, "
           f"open loop), {args.seconds} s each")
     print("| gateway | requests | p50 | p99 | max | non-2xx |\n|---|---|---|---|---|---|")
