@@ -116,7 +116,34 @@ def test_the_chain_is_istios_ext_authz_gated_by_the_custom_policy(gw: Gateway) -
                                                                           "zstd")]
 
 
+@pytest.fixture(scope="module")
+def gw_check(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The same mesh with services.rate_limit: check: extauthz answers the rate limit."""
+    def in_check(doc: dict[str, Any]) -> None:
+        mesh_manifest(doc)
+        doc["services"]["rate_limit"] = "check"
+    with run_gateway(tmp_path_factory.mktemp("istio-check"), mutate=in_check,
+                     envoy_config=istio_envoy) as g:
+        for key_id in ("k-limited", "k-capped"):
+            g.issue(key_id)
+        yield g
+
+
 def test_rpm_is_429_and_budget_is_402(gw: Gateway) -> None:
+    rpm_is_429_and_budget_is_402(gw)
+
+
+def test_with_the_rate_limit_in_the_check_the_chain_has_no_rate_limit_filter(
+        gw_check: Gateway) -> None:
+    listeners = config_dump(gw_check)["configs"][2]["static_listeners"]
+    hcm = listeners[0]["listener"]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert "envoy.filters.http.ext_authz" in names
+    assert "envoy.filters.http.ratelimit" not in names
+    rpm_is_429_and_budget_is_402(gw_check)
+
+
+def rpm_is_429_and_budget_is_402(gw: Gateway) -> None:
     limited = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issued["k-limited"],
                             max_retries=0, timeout=10)
     for _ in range(3):
