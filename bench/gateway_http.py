@@ -2,7 +2,7 @@
 
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
                                   [--accept-encoding gzip|identity] [--workers]
-                                  [--rate-limit-in-check]
+                                  [--rate-limit filter|check] [--rate-limit-in-check]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -10,9 +10,10 @@ eat the 2 cores the gateway runs on. `--baseline DIR` runs the same against anot
 (e.g. `git worktree add /tmp/base <commit>`) in the same invocation, interleaved, so the ratio
 compares like with like; bare Envoy (router only) in front of the same mock is measured in
 every round too. Prints requests/s, p50/p99 and the CPU per request of each process (the
-services, Envoy, the mock provider) per run, then the ratios. `--rate-limit-in-check` compares
-instead the two ways of answering the rate limit (services.rate_limit: filter, check), each
-request charged to a project rpm and tpm too high to refuse it.
+services, Envoy, the mock provider) per run, then the ratios. `--rate-limit MODE` sets
+services.rate_limit in every run and charges each request to a project rpm and tpm too high to
+refuse it (without it no quota applies); `--rate-limit-in-check` compares instead the two modes,
+so charged, in this checkout.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--workers", action="store_true",
                     help="instead: this checkout with Redis counters and services.workers 1 "
                          "vs 2 (the scaling of the Python services over processes)")
+    ap.add_argument("--rate-limit", choices=["filter", "check"], default="",
+                    help="services.rate_limit in every run, with quotas charged")
     ap.add_argument("--rate-limit-in-check", action="store_true",
                     help="instead: services.rate_limit filter vs check, with quotas charged")
     args = ap.parse_args()
@@ -181,8 +184,9 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved: all see the same machine
         if args.baseline:
             runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
-                                        args.accept_encoding))
-        runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding))
+                                        args.accept_encoding, rate_limit=args.rate_limit))
+        runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
+                                rate_limit=args.rate_limit))
         runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
     for name, results in runs.items():
         for r in results:
@@ -194,7 +198,7 @@ def main() -> None:
                                                         / mean("rps", "bare Envoy"), 3)}))
     if runs["baseline"]:
         print(json.dumps({k: round(mean(k, "this") / mean(k, "baseline"), 3)
-                          for k in ("rps", "p50_ms", "p99_ms")}))
+                          for k in ("rps", "p50_ms", "p99_ms", "cpu_ms_services")}))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,24 @@ from tollway.serve import ServiceContext
 
 from .durable_log import DurableLog
 from .ledger import Ledger, open_ledger
-from .service import AccessLogSink
+from .service import AccessLogSink, SettleHere
 from .spend import SpendRecorder
 from .spool import Spool
 
 log = logging.getLogger("tollway.costsink")
+
+
+def _settle_here(ctx: ServiceContext, manifest: Compiled[Manifest]) -> SettleHere:
+    """ratelimit's settlement, called in this process (the counters ratelimit charges)."""
+    from ratelimit.admission import settle
+
+    backend, keys = ctx.counter_backend(), ctx.key_mirror()
+
+    async def settle_here(key_id: str, model: str, reserved: int, actual: int,
+                          charged_at_ms: int) -> object:
+        return await settle(backend, keys, manifest.value, key_id, model, reserved, actual,
+                            charged_at_ms)
+    return settle_here
 
 
 class CostSink:
@@ -34,7 +47,8 @@ class CostSink:
         self.spend = SpendRecorder(ctx.spend_store(), ctx.key_mirror())
         self.sink = AccessLogSink(
             manifest, ledger, spool, self.spend,
-            DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"))
+            DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"),
+            settle_here=_settle_here(ctx, manifest) if "ratelimit" in ctx.hosted else None)
         # present while a sink runs: found at start, the last one did not stop (drain) cleanly
         self.running = state_dir() / "costsink.running"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import grpc
@@ -45,10 +45,17 @@ REPLAY_INTERVAL = 1.0
 SPEND_CHECK_INTERVAL = 1.0  # how often missed costs are retried and the store's data checked
 
 
+# settles one reservation in this process: (key_id, model, reserved, actual, charged_at_ms)
+SettleHere = Callable[[str, str, int, int, int], Awaitable[object]]
+
+
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, manifest: Compiled[Manifest], ledger: Ledger, spool: Spool,
-                 spend: SpendRecorder, durable_log: DurableLog | None = None) -> None:
+                 spend: SpendRecorder, durable_log: DurableLog | None = None,
+                 settle_here: SettleHere | None = None) -> None:
         self.manifest = manifest
+        # ratelimit's own settlement when it runs in this process: no gRPC call to ourselves
+        self.settle_here = settle_here
         self.ledger = ledger
         self.spool = spool
         self.spend = spend
@@ -242,12 +249,19 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
 
     async def _settle_one(self, item: Entry) -> None:
         row, rl = item.row, item.ratelimit
+        assert row.key_id and row.model  # only such entries are settled
+        reserved, charged_at = int(float(rl["reserved_tokens"])), int(float(rl["charged_at_ms"]))
+        if self.settle_here is not None:
+            try:
+                await asyncio.wait_for(self.settle_here(row.key_id, row.model, reserved,
+                                                        item.actual_tokens, charged_at), 2)
+            except Exception as e:  # the counters down or slow: as a failed Settle call
+                log.warning("could not settle %s: %s", row.request_id, e)
+            return
         try:
             await self._stub().Settle(settle_pb2.SettleRequest(
-                key_id=row.key_id, model=row.model,
-                reserved_tokens=int(float(rl["reserved_tokens"])),
-                actual_tokens=item.actual_tokens,
-                charged_at_ms=int(float(rl["charged_at_ms"]))), timeout=2)
+                key_id=row.key_id, model=row.model, reserved_tokens=reserved,
+                actual_tokens=item.actual_tokens, charged_at_ms=charged_at), timeout=2)
         except grpc.aio.AioRpcError as e:
             log.warning("could not settle %s: %s", row.request_id, e.details())
 

@@ -32,6 +32,8 @@ BACKEND_LATENCY = Histogram("tollway_ratelimit_backend_seconds", "One atomic cha
                                      0.25))
 BACKEND_ERRORS = Counter("tollway_ratelimit_backend_errors_total",
                          "Counter backend failures, by what the route decided", ["outcome"])
+SETTLED = Counter("tollway_ratelimit_settled_tokens_total",
+                  "Token reservations corrected with real usage", ["direction"])
 
 
 @dataclass(frozen=True)
@@ -159,3 +161,20 @@ async def admit(backend: CounterBackend, m: Manifest, binding: KeyBinding,
     message = refusal(req, denied, {r.counter: c for r, c in zip(rules, costs, strict=True)})
     worst = max(denied, key=lambda s: s.retry_seconds)
     return Admission(headers, Refusal(message, retry_after, worst.rule.quota))
+
+
+async def settle(backend: CounterBackend, keys: KeyMirror, m: Manifest, key_id: str,
+                 model: str, reserved_tokens: int, actual_tokens: int,
+                 charged_at_ms: int) -> int | None:
+    """Correct a request's token reservation with what the provider reported: `actual -
+    reserved` in the bucket the reservation was charged to, on every token quota of the key and
+    model. Returns the number of counters corrected; None for a key no longer known. Raises
+    BackendUnavailable."""
+    binding = await lookup(keys, m, key_id)
+    if binding is None:
+        return None
+    rules = [r for r in rules_for(m, binding, model) if r.kind == "tokens"]
+    delta = actual_tokens - reserved_tokens
+    await backend.settle(binding.org.id, rules, charged_at_ms, delta)
+    SETTLED.labels("down" if delta < 0 else "up").inc(abs(delta))
+    return len(rules)

@@ -14,21 +14,16 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
-from prometheus_client import Counter
 
 from tollway.errors import error_body
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
-from tollway.quotas import rules_for
 from tollway.reload import Compiled
 
 from ._proto import settle_pb2, settle_pb2_grpc
-from .admission import Request, admit, lookup
+from .admission import Request, admit, lookup, settle
 from .backend import BackendUnavailable, CounterBackend
-
-SETTLED = Counter("tollway_ratelimit_settled_tokens_total",
-                  "Token reservations corrected with real usage", ["direction"])
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -101,7 +96,8 @@ async def binding_or_abort(m: Manifest, keys: KeyMirror, key_id: str,
 
 
 class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: ignore[misc]
-    """Corrects a reservation with the real usage, so TPM counts what the provider reported."""
+    """Corrects a reservation with the real usage, so TPM counts what the provider reported.
+    For a costsink in another process; one beside ratelimit calls `settle` directly."""
 
     def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
                  keys: KeyMirror) -> None:
@@ -111,13 +107,13 @@ class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: 
 
     async def Settle(self, request: settle_pb2.SettleRequest,
                      context: grpc.aio.ServicerContext) -> settle_pb2.SettleResponse:
-        m = self.manifest.value
-        binding = await binding_or_abort(m, self.keys, request.key_id, context)
-        rules = [r for r in rules_for(m, binding, request.model) if r.kind == "tokens"]
-        delta = request.actual_tokens - request.reserved_tokens
         try:
-            await self.backend.settle(binding.org.id, rules, request.charged_at_ms, delta)
+            counters = await settle(self.backend, self.keys, self.manifest.value,
+                                    request.key_id, request.model, request.reserved_tokens,
+                                    request.actual_tokens, request.charged_at_ms)
         except BackendUnavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        SETTLED.labels("down" if delta < 0 else "up").inc(abs(delta))
-        return settle_pb2.SettleResponse(delta=delta, counters=len(rules))
+        if counters is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown key id {request.key_id}")
+        return settle_pb2.SettleResponse(delta=request.actual_tokens - request.reserved_tokens,
+                                         counters=counters)

@@ -45,6 +45,7 @@ MODULES = {"extauthz": "extauthz", "ratelimit": "ratelimit", "costsink": "costsi
 class ServiceContext:
     manifest_path: Path
     watcher: ManifestWatcher
+    hosted: frozenset[str] = frozenset()  # the services this process serves
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _spend: SpendStore | None = None
     _counters: CounterBackend | None = None
@@ -124,7 +125,7 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
     from tollway.manifest import load
 
     watcher = ManifestWatcher(manifest_path, manifest or load(manifest_path))
-    ctx = ServiceContext(manifest_path=manifest_path, watcher=watcher)
+    ctx = ServiceContext(manifest_path=manifest_path, watcher=watcher, hosted=frozenset(names))
     if ctx.spend_store().shared_in_process and {"extauthz", "costsink"} - set(names) \
             and {"extauthz", "costsink"} & set(names):
         raise SystemExit("storage.counters is 'memory': spend lives in one process, so "

@@ -48,21 +48,27 @@ def in_check(ex: dict[str, Any]) -> None:
     ex["services"]["rate_limit"] = "check"
 
 
+def redis_counters_for(org: str) -> None:
+    """The test Redis, without a previous run's counters for `org` (skipped without Redis,
+    failed in CI)."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url(REDIS_URL)
+        r.ping()
+        for k in r.scan_iter(f"tollway:{{{org}}}:*"):
+            r.delete(k)
+    except redis.RedisError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis not reachable: {e}")
+        pytest.skip(f"Redis not reachable: {e}")
+
+
 @pytest.fixture(params=["memory", "redis", "memory, in the check"])
 def gw(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
     counters = REDIS_URL if request.param == "redis" else "memory"
     if request.param == "redis":
-        import redis
-
-        try:
-            r = redis.Redis.from_url(REDIS_URL)
-            r.ping()
-            for k in r.scan_iter("tollway:{acme}:*"):
-                r.delete(k)  # a previous run's counters for this org
-        except redis.RedisError as e:
-            if os.environ.get("CI"):
-                pytest.fail(f"Redis not reachable: {e}")
-            pytest.skip(f"Redis not reachable: {e}")
+        redis_counters_for("acme")
     mode = in_check if request.param.endswith("in the check") else None
     with run_gateway(tmp_path, mutate=team_ai(counters, mode)) as g:
         g.issue("da-sk-acme-team")
@@ -195,19 +201,27 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
         c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
 
 
-@pytest.mark.parametrize("rate_limit", ["filter", "check"])
-def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path, rate_limit: str) -> None:
+@pytest.mark.parametrize(("rate_limit", "costsink"), [
+    ("filter", "beside ratelimit"), ("check", "beside ratelimit"), ("check", "apart")])
+def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path, rate_limit: str,
+                                                     costsink: str) -> None:
     """Each request here reserves about 30 tokens, but two of them report 490 input tokens:
     once costsink has settled those, the key's 1,000 TPM quota refuses the next request, though
     all reservations together stay far below 1,000. Charged by the rate-limit filter's call or
-    in extauthz's Check, the settlement corrects the same counters."""
+    in extauthz's Check, the settlement corrects the same counters; a costsink beside ratelimit
+    settles in its process, one apart (Redis counters) calls ratelimit's Settle."""
     import time
+
+    apart = costsink == "apart"
+    if apart:
+        redis_counters_for("acme")
 
     def key_tpm(ex: dict[str, Any]) -> None:
         key = ex["organizations"][0]["projects"][0]["clients"][0]["keys"][0]
         key["quotas"] = [{"name": "reported", "tpm": 1000}]
         ex["services"]["rate_limit"] = rate_limit
-    with run_gateway(tmp_path, mutate=team_ai("memory", key_tpm)) as gw:
+    counters = REDIS_URL if apart else "memory"
+    with run_gateway(tmp_path, mutate=team_ai(counters, key_tpm), split=apart) as gw:
         gw.issue("da-sk-acme-team")
         c = client(gw)
         for _ in range(2):
