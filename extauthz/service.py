@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
-from ratelimit.admission import ADMITTED, Admission, admit
+from ratelimit.admission import ADMITTED, Admission, admit, refund
 from ratelimit.admission import Request as RateRequest
 from ratelimit.backend import CounterBackend
 from tollway.errors import error_body, status_of
@@ -136,6 +136,12 @@ def rate_limit_deny(allow: Allow, limited: Admission) -> Deny:
                 retry_after=limited.refusal.retry_after, headers=tuple(limited.headers))
 
 
+def rate_request(allow: Allow) -> RateRequest:
+    b = allow.binding
+    return RateRequest(org=b.org.id, key_id=b.key.id, model=allow.model, route=allow.route.name,
+                       dialect=allow.route.dialect, reserve_tokens=allow.reserve_tokens)
+
+
 def _time_remaining(context: grpc.aio.ServicerContext | None) -> float | None:
     """What is left of the deadline Envoy sent with the Check (None: no deadline)."""
     return context.time_remaining() if context is not None else None
@@ -161,10 +167,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         this Check: every quota charged in one step, as ShouldRateLimit charges them."""
         if self.counters is None or rt.manifest.services.rate_limit != "check":
             return ADMITTED
-        b = allow.binding
-        return await admit(self.counters, rt.manifest, b, RateRequest(
-            org=b.org.id, key_id=b.key.id, model=allow.model, route=allow.route.name,
-            dialect=allow.route.dialect, reserve_tokens=allow.reserve_tokens))
+        return await admit(self.counters, rt.manifest, allow.binding, rate_request(allow))
+
+    async def undo_rate_limit(self, rt: Runtime, allow: Allow, limited: Admission) -> None:
+        if self.counters is not None and limited.metadata:
+            await refund(self.counters, rt.manifest, allow.binding,
+                         rate_request(allow), limited)
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
@@ -203,10 +211,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     if not limited.allowed:
                         await release_hold(self.spend, held)
                         held = rate_limit_deny(result, limited)
-                if isinstance(held, Held) and held.amount and _past_deadline(context):
+                if isinstance(held, Held) and (held.amount or limited.metadata) \
+                        and _past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold
                     await release_hold(self.spend, held)
+                    await self.undo_rate_limit(rt, result, limited)
                     held = Deny("gateway_unavailable", "authorization took too long; retry",
                                 result.route.dialect, result.binding.key.id)
                 if isinstance(held, Held):

@@ -178,3 +178,21 @@ async def settle(backend: CounterBackend, keys: KeyMirror, m: Manifest, key_id: 
     await backend.settle(binding.org.id, rules, charged_at_ms, delta)
     SETTLED.labels("down" if delta < 0 else "up").inc(abs(delta))
     return len(rules)
+
+
+async def refund(backend: CounterBackend, m: Manifest, binding: KeyBinding, req: Request,
+                 admission: Admission) -> None:
+    """Undo an admitted charge for a request that will never reach the provider (Envoy
+    stopped waiting for the answer that admitted it): one request and its reservation off
+    every quota, in the bucket they were charged to."""
+    charged_at = admission.metadata.get("charged_at_ms")
+    if not admission.allowed or charged_at is None:
+        return
+    rules = rules_for(m, binding, req.model)
+    try:
+        for kind, amount in (("requests", 1), ("tokens", req.reserve_tokens)):
+            of_kind = [r for r in rules if r.kind == kind]
+            if of_kind and amount:
+                await backend.settle(binding.org.id, of_kind, charged_at, -amount)
+    except BackendUnavailable as e:
+        log.warning("could not refund the charge of a request Envoy gave up on: %s", e)

@@ -22,7 +22,7 @@ from tollway.manifest.model import Dialect
 from tollway.reload import Compiled
 
 from ._proto import settle_pb2, settle_pb2_grpc
-from .admission import Request, admit, lookup, settle
+from .admission import Request, admit, lookup, refund, settle
 from .backend import BackendUnavailable, CounterBackend
 
 OK = rls_pb2.RateLimitResponse.OK
@@ -69,6 +69,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         if req is None or binding is None:
             return rls_pb2.RateLimitResponse(overall_code=OK)  # extauthz refused it already
         admission = await admit(self.backend, m, binding, req)
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining <= 0.005:
+            # Envoy has stopped waiting and refused the request (503): it never reaches the
+            # provider, so it must not count against the limits
+            await refund(self.backend, m, binding, req, admission)
         if admission.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "counter backend unavailable")
         refused = admission.refusal

@@ -199,3 +199,14 @@ async def test_in_filter_mode_the_check_charges_no_rate_limit() -> None:
     for rid in ("r1", "r2"):  # Envoy's rate-limit filter asks ratelimit for these
         r = await svc.Check(check(rid), Context(0.4))
         assert r.status.code == 0 and not r.ok_response.response_headers_to_add
+
+
+async def test_a_check_past_envoys_deadline_takes_back_its_rate_limit_charge() -> None:
+    store, counters = MemorySpendStore(), MemoryBackend()
+    svc = answering_rate_limits(store, counters, rpm=1)
+    late = await svc.Check(check("r1"), Context(0.0))
+    assert late.denied_response.status.code == 503
+    assert held(store) == 0
+    # the one request a minute is still there for a request Envoy waits for
+    ok = await svc.Check(check("r2"), Context(0.4))
+    assert response_headers(ok)["x-ratelimit-remaining-requests"] == "0"

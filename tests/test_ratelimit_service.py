@@ -99,3 +99,24 @@ async def test_with_the_rate_limit_in_the_check_the_filter_is_answered_without_a
         assert not any(backend._counters.values())  # nothing counted
     finally:
         await store.close()
+
+
+class Late:
+    """A context whose deadline has passed: Envoy has stopped waiting for the answer."""
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+
+async def test_a_charge_envoy_stopped_waiting_for_is_taken_back(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    store = SqliteKeyStore(tmp_path / "keys.db")
+    await store.open()
+    rls = RateLimitService(Compiled(lambda x: x, load(TEAM_AI)), backend, KeyMirror(store))
+    try:
+        await rls.ShouldRateLimit(should("gpt-5.4", 500), Late())
+        assert not any(n for buckets in backend._counters.values() for n in buckets.values())
+        answer = await rls.ShouldRateLimit(should("gpt-5.4", 500), None)
+        assert headers(answer)["x-ratelimit-remaining-requests"] == "39"  # of 40 a minute
+    finally:
+        await store.close()
