@@ -23,12 +23,16 @@ def checks_served(metrics_port: int) -> float:
         r'^tollway_extauthz_decisions_total\{[^}]*\} ([0-9.e+]+)$', text, re.M))
 
 
-def test_two_workers_share_the_checks_and_one_set_of_limits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate_limit", ["filter", "check"])
+def test_two_workers_share_the_checks_and_one_set_of_limits(tmp_path: Path,
+                                                            rate_limit: str) -> None:
+    """Charged by the rate-limit filter's calls or in the Checks, spread over both workers."""
     redis = PrivateRedis(tmp_path)
     redis.start()
 
     def mutate(doc: dict[str, Any]) -> None:
         doc["services"]["workers"] = 2
+        doc["services"]["rate_limit"] = rate_limit
         doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
         doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "thirty", "rpm": 30}]
 
