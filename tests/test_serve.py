@@ -18,3 +18,21 @@ def test_memory_counters_need_extauthz_and_costsink_in_one_process(tmp_path: Pat
     assert out.returncode != 0
     assert "extauthz and costsink must be served together" in out.stderr
     assert "use redis://" in out.stderr
+
+
+def test_memory_counters_and_the_rate_limit_in_the_check_need_extauthz_beside_ratelimit(
+        tmp_path: Path) -> None:
+    """extauthz would charge counters that ratelimit's Settle and Usage never see."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc.setdefault("services", {})["rate_limit"] = "check"
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    out = subprocess.run(
+        [sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest),
+         "--services", "extauthz,costsink"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "TOLLWAY_STATE_DIR": str(tmp_path)})
+    assert out.returncode != 0
+    assert "extauthz and ratelimit must be served together" in out.stderr
