@@ -156,10 +156,13 @@ def test_monitor_mode_lets_everything_through_and_reports(tmp_path: Path) -> Non
         assert log.count("monitor: quota 'watch-only' would refuse key da-sk-acme-team") == 3
 
 
+@pytest.mark.parametrize("rate_limit", ["filter", "check"])
 @pytest.mark.parametrize("fail_closed", [True, False])
-def test_unreachable_redis_follows_the_route_setting(tmp_path: Path, fail_closed: bool) -> None:
+def test_unreachable_redis_follows_the_route_setting(tmp_path: Path, fail_closed: bool,
+                                                     rate_limit: str) -> None:
     def route(ex: dict[str, Any]) -> None:
         ex["routes"][0]["fail_closed"] = fail_closed
+        ex["services"]["rate_limit"] = rate_limit
     with run_gateway(tmp_path, mutate=team_ai("redis://127.0.0.1:1/0", route)) as gw:
         gw.issue("da-sk-acme-team")
         c = client(gw)
