@@ -98,6 +98,18 @@ def cpu_line(r: dict[str, float]) -> str:
             + f", all {sum(cpu.values()):.2f} ms")
 
 
+def print_runs(runs: dict[str, list[dict[str, float]]]) -> None:
+    """One line per run: requests/s, latency, failures and the CPU per request."""
+    for name, results in runs.items():
+        for r in results:
+            print(f"{name:10} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
+                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
+
+
+def mean(results: list[dict[str, float]], k: str) -> float:
+    return sum(r[k] for r in results) / len(results)
+
+
 def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
     """The same load on bare Envoy (router only) in front of the same mock: the baseline."""
     import tempfile
@@ -131,18 +143,13 @@ def compare_rate_limit(args: argparse.Namespace) -> None:
             runs[mode].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
                                   rate_limit=mode))
         runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
-    for name, results in runs.items():
-        for r in results:
-            print(f"{name:10} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
-                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
+    print_runs(runs)
 
-    def mean(k: str, name: str) -> float:
-        return sum(r[k] for r in runs[name]) / len(runs[name])
-    print(json.dumps({"check_over_filter": {k: round(mean(k, "check") / mean(k, "filter"), 3)
-                                            for k in ("rps", "p50_ms", "p99_ms",
-                                                      "cpu_ms_services")},
-                      "check_over_bare_envoy_rps": round(mean("rps", "check")
-                                                         / mean("rps", "bare Envoy"), 3)}))
+    def ratio(k: str, name: str, base: str) -> float:
+        return round(mean(runs[name], k) / mean(runs[base], k), 3)
+    print(json.dumps({"check_over_filter": {k: ratio(k, "check", "filter") for k in (
+                          "rps", "p50_ms", "p99_ms", "cpu_ms_services")},
+                      "check_over_bare_envoy_rps": ratio("rps", "check", "bare Envoy")}))
 
 
 def main() -> None:
@@ -173,10 +180,7 @@ def main() -> None:
             for n in scaling:
                 scaling[n].append(run(ROOT, args.seconds, args.connections,
                                       args.accept_encoding, workers=n))
-        for n, results in scaling.items():
-            for r in results:
-                print(f"workers {n}  {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
-                      f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
+        print_runs({f"workers {n}": results for n, results in scaling.items()})
         print(json.dumps({"rps_2_over_1": round(
             sum(r["rps"] for r in scaling[2]) / sum(r["rps"] for r in scaling[1]), 3)}))
         return
@@ -188,16 +192,11 @@ def main() -> None:
         runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
                                 rate_limit=args.rate_limit))
         runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
-    for name, results in runs.items():
-        for r in results:
-            print(f"{name:10} {r['rps']:8.1f} rps  p50 {r['p50_ms']:6.2f} ms  "
-                  f"p99 {r['p99_ms']:6.2f} ms  non-2xx {int(r['non_2xx'])}" + cpu_line(r))
-    def mean(k: str, name: str) -> float:
-        return sum(r[k] for r in runs[name]) / len(runs[name])
-    print(json.dumps({"rps_this_over_bare_envoy": round(mean("rps", "this")
-                                                        / mean("rps", "bare Envoy"), 3)}))
+    print_runs(runs)
+    print(json.dumps({"rps_this_over_bare_envoy": round(mean(runs["this"], "rps")
+                                                        / mean(runs["bare Envoy"], "rps"), 3)}))
     if runs["baseline"]:
-        print(json.dumps({k: round(mean(k, "this") / mean(k, "baseline"), 3)
+        print(json.dumps({k: round(mean(runs["this"], k) / mean(runs["baseline"], k), 3)
                           for k in ("rps", "p50_ms", "p99_ms", "cpu_ms_services")}))
 
 

@@ -11,7 +11,6 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import Counter, Histogram
 
@@ -21,8 +20,9 @@ from ratelimit.backend import CounterBackend
 from tollway.errors import error_body, status_of
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
-from tollway.metadata import REQUEST, struct_dict
+from tollway.metadata import REQUEST, struct_dict, to_struct
 from tollway.reload import Compiled
+from tollway.serve import past_deadline, time_remaining
 from tollway.spend import SpendStore
 
 from .budget import Held, hold_budget, release_hold, settle_wait
@@ -45,12 +45,6 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value),
                                       append_action=_OVERWRITE)
-
-
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update({k: v for k, v in values.items() if v is not None})
-    return s
 
 
 def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
@@ -91,7 +85,7 @@ def allow_response(allow: Allow, request_headers: Any, held: int,
                         (("org", b.org.id), ("project", b.project.id), ("client", b.client.id),
                          ("key-id", b.key.id))]
         remove = [h for h in remove if not h.startswith(IDENTITY_HEADER_PREFIX)]
-    metadata = _struct({
+    metadata = to_struct({
         "org": b.org.id, "project": b.project.id, "client": b.client.id, "key_id": b.key.id,
         "model": allow.model, "provider": allow.provider.name, "route": allow.route.name,
         "dialect": allow.route.dialect.value, "action": allow.route.action,
@@ -123,7 +117,7 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=status),
             headers=headers, body=error_body(deny.dialect, deny.code, deny.message)),
-        dynamic_metadata=_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
+        dynamic_metadata=to_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
 
 
 def rate_limit_deny(allow: Allow, limited: Admission) -> Deny:
@@ -140,16 +134,6 @@ def rate_request(allow: Allow) -> RateRequest:
     b = allow.binding
     return RateRequest(org=b.org.id, key_id=b.key.id, model=allow.model, route=allow.route.name,
                        dialect=allow.route.dialect, reserve_tokens=allow.reserve_tokens)
-
-
-def _time_remaining(context: grpc.aio.ServicerContext | None) -> float | None:
-    """What is left of the deadline Envoy sent with the Check (None: no deadline)."""
-    return context.time_remaining() if context is not None else None
-
-
-def _past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
-    remaining = _time_remaining(context)
-    return remaining is not None and remaining <= 0.005
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -204,7 +188,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)
                 held = denied or await hold_budget(self.spend, rt, result, facts, now,
-                                                   settle_wait(_time_remaining(context)))
+                                                   settle_wait(time_remaining(context)))
                 limited = ADMITTED
                 if isinstance(held, Held):
                     limited = await self.rate_limit(rt, result)
@@ -212,7 +196,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                         await release_hold(self.spend, held)
                         held = rate_limit_deny(result, limited)
                 if isinstance(held, Held) and (held.amount or limited.metadata) \
-                        and _past_deadline(context):
+                        and past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold
                     await release_hold(self.spend, held)

@@ -8,18 +8,17 @@ refused, the dialect's error body and Retry-After.
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from google.protobuf import struct_pb2
 
 from tollway.errors import error_body
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
+from tollway.metadata import to_struct
 from tollway.reload import Compiled
+from tollway.serve import past_deadline
 
 from ._proto import settle_pb2, settle_pb2_grpc
 from .admission import Request, admit, lookup, refund, settle
@@ -44,12 +43,6 @@ def _headers(pairs: list[tuple[str, str]]) -> list[base_pb2.HeaderValue]:
     return [base_pb2.HeaderValue(key=k, value=v) for k, v in pairs]
 
 
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(values)
-    return s
-
-
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
                  keys: KeyMirror) -> None:
@@ -69,10 +62,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         if req is None or binding is None:
             return rls_pb2.RateLimitResponse(overall_code=OK)  # extauthz refused it already
         admission = await admit(self.backend, m, binding, req)
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None and remaining <= 0.005:
-            # Envoy has stopped waiting and refused the request (503): it never reaches the
-            # provider, so it must not count against the limits
+        if past_deadline(context):  # the request must not count against the limits
             await refund(self.backend, m, binding, req, admission)
         if admission.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "counter backend unavailable")
@@ -80,7 +70,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         if refused is None:
             return rls_pb2.RateLimitResponse(overall_code=OK,
                                              response_headers_to_add=_headers(admission.headers),
-                                             dynamic_metadata=_struct(admission.metadata))
+                                             dynamic_metadata=to_struct(admission.metadata))
         return rls_pb2.RateLimitResponse(
             overall_code=OVER_LIMIT,
             response_headers_to_add=_headers([
@@ -88,7 +78,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 ("content-type", "application/json"),
                 ("x-tollway-error", "rate_limit_exceeded")]),
             raw_body=error_body(req.dialect, "rate_limit_exceeded", refused.message).encode(),
-            dynamic_metadata=_struct({"denied_quota": refused.quota}))
+            dynamic_metadata=to_struct({"denied_quota": refused.quota}))
 
 
 async def binding_or_abort(m: Manifest, keys: KeyMirror, key_id: str,

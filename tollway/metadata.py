@@ -18,6 +18,15 @@ RATELIMIT = "envoy.filters.http.ratelimit"  # reserved_tokens, charged_at_ms, de
 USAGE = "tollway.usage"  # the provider's reported token usage
 
 
+def to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    """A namespace from Python, as a service answers it; None values are left out."""
+    from google.protobuf import struct_pb2
+
+    s = struct_pb2.Struct()
+    s.update({k: v for k, v in values.items() if v is not None})
+    return s
+
+
 _SCALARS = frozenset(("string_value", "number_value", "bool_value"))
 
 

@@ -109,6 +109,18 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+def time_remaining(context: grpc.aio.ServicerContext | None) -> float | None:
+    """What is left of the deadline Envoy sent with a call (None: no deadline)."""
+    return context.time_remaining() if context is not None else None
+
+
+def past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
+    """Envoy has stopped waiting for this call: whatever it answers, Envoy has refused the
+    request already (503), and it never reaches the provider."""
+    remaining = time_remaining(context)
+    return remaining is not None and remaining <= 0.005
+
+
 def _address(manifest: Manifest, name: str, worker: int = 0) -> str:
     """Where the service binds: services.listen, else the address Envoy dials; worker i of
     several binds the port + i (costsink lives in worker 0 alone)."""
