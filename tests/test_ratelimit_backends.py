@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import uuid
@@ -185,3 +186,48 @@ async def test_retry_after_is_when_the_oldest_counted_request_leaves(
         exact = (60_000 - later) / 1000  # when the request at T0 is 60 s old
         assert exact <= refused.states[0].retry_seconds <= exact + 1
     assert (await backend.charge("o", [r], [1], now_ms=T0 + 61_000)).allowed
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_redis_answers_as_the_memory_backend_step_by_step(seed: int) -> None:
+    """The Redis script and the memory backend are two implementations of one computation:
+    driven through the same random charges, settlements and gaps in time (within a bucket,
+    across buckets, past a whole window), every answer is the same: allowed, used, reset and
+    retry of every rule."""
+    redis_backend = await _redis_or_skip()
+    memory = MemoryBackend()
+    rng = random.Random(seed)
+    rules = [rule(30, 60, name="rpm"), rule(5000, 60, kind="tokens", name="tpm"),
+             rule(20000, 3600, kind="tokens", name="tph"),
+             rule(10, 60, enforce=False, name="watch")]
+    now = T0
+    reservations: list[tuple[int, list[Rule], int]] = []  # charged at, token rules, reserved
+    refused = retry_known = 0
+    try:
+        for step in range(600):
+            now += rng.choice([0, 7, 250, 999, 1000, 1500, 4000, 20_000, 70_000, 130_000])
+            if reservations and rng.random() < 0.25:  # a response's usage arrives
+                at, tokens, reserved = reservations.pop(rng.randrange(len(reservations)))
+                delta = rng.randint(-reserved, 300)  # actual - reserved
+                for b in (memory, redis_backend):
+                    await b.settle("org", tokens, at, delta, now)
+                continue
+            picked = [r for r in rules if rng.random() < 0.7] or rules[:1]
+            reserve = rng.choice([0, 50, 400, 900, 6000])
+            costs = [1 if r.kind == "requests" else reserve for r in picked]
+            want = await memory.charge("org", picked, costs, now)
+            got = await redis_backend.charge("org", picked, costs, now)
+            differ = [(w.rule.quota, (w.used, w.reset_seconds, w.retry_seconds),
+                       (g.used, g.reset_seconds, g.retry_seconds))
+                      for w, g in zip(want.states, got.states, strict=True) if w != g]
+            assert got.allowed == want.allowed and not differ, f"step {step}: {differ}"
+            if want.allowed:
+                reservations.append((now, [r for r in picked if r.kind == "tokens"], reserve))
+            refused += not want.allowed
+            retry_known += any(0 < st.retry_seconds < math.inf for st in want.states)
+        assert refused > 50 and retry_known > 50  # the walk reached the refusal paths
+    finally:
+        for key in [k async for k in redis_backend.client.scan_iter(
+                f"{redis_backend.prefix}:*")]:
+            await redis_backend.client.delete(key)
+        await redis_backend.close()
