@@ -41,6 +41,15 @@ from procstat import cpu_seconds
 from wrk_script import CHAT_1KB, post_script
 workers = int(os.environ.get("BENCH_WORKERS", "0"))
 rate_limit = os.environ.get("BENCH_RATE_LIMIT", "")
+if os.environ.get("BENCH_CPUS"):  # inherited by everything started below, wrk included
+    os.sched_setaffinity(0, {int(c) for c in os.environ["BENCH_CPUS"].split(",")})
+redis = None
+if workers:  # a Redis of the run's own: on the same cores, its CPU read like the others'
+    from tests.e2e.harness import PrivateRedis
+    redis = PrivateRedis(pathlib.Path(tempfile.mkdtemp()))
+    redis.start()
+    import atexit
+    atexit.register(redis.kill)
 def mutate(doc):
     if rate_limit:  # every request charged: quotas that never refuse
         doc["services"]["rate_limit"] = rate_limit
@@ -48,7 +57,7 @@ def mutate(doc):
             {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
     if workers:  # services.workers: N processes, Redis counters, costsink in its own
         doc["services"]["workers"] = workers
-        doc["storage"]["counters"] = "redis://127.0.0.1:6379/14"
+        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
 with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
                  split=bool(workers)) as gw:
     key = gw.issue("k-main")
@@ -60,6 +69,8 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
     subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
     pids = {n: gw.named[n].pid for n in ("services", "costsink", "envoy", "mock")
             if n in gw.named}  # costsink: a process of its own with workers
+    if redis:
+        pids["redis"] = redis.proc.pid
     before = {n: cpu_seconds(pid, descendants=True) for n, pid in pids.items()}
     out = subprocess.run([*wrk, "-d" + os.environ["BENCH_SECONDS"] + "s", "--latency", url],
                          capture_output=True, text=True).stdout
@@ -71,11 +82,13 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
 
 
 def run(checkout: Path, seconds: int, connections: int, encoding: str,
-        workers: int = 0, rate_limit: str = "") -> dict[str, float]:
+        workers: int = 0, rate_limit: str = "", cpus: str = "") -> dict[str, float]:
+    """One gateway run in `checkout`; `cpus` ("0", "0,1"): the cores that the gateway, its
+    mock provider and wrk all run on (default: every core)."""
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
-           "BENCH_RATE_LIMIT": rate_limit,
+           "BENCH_RATE_LIMIT": rate_limit, "BENCH_CPUS": cpus,
            "BENCH_DIR": str(Path(__file__).resolve().parent)}
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                            text=True, cwd=checkout, timeout=seconds + 120)
@@ -152,6 +165,28 @@ def compare_rate_limit(args: argparse.Namespace) -> None:
                       "check_over_bare_envoy_rps": ratio("rps", "check", "bare Envoy")}))
 
 
+# (name, cores the whole run is pinned to, services.workers)
+SCALING = [("1 core, 1 worker", "0", 1), ("2 cores, 1 worker", "0,1", 1),
+           ("2 cores, 2 workers", "0,1", 2)]
+
+
+def compare_workers(args: argparse.Namespace) -> None:
+    """The gateway's scaling with cores and service processes: everything (Envoy, the
+    services, a Redis of the run's own, the mock provider and wrk) pinned to one core, then to
+    both, with one service process and with two; interleaved. Each run's Redis CPU per request
+    bounds how far one Redis carries more processes on a bigger node."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in SCALING}
+    for _ in range(args.rounds):
+        for name, cpus, workers in SCALING:
+            runs[name].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
+                                  workers=workers, rate_limit=args.rate_limit, cpus=cpus))
+    print_runs(runs)
+    one = SCALING[0][0]
+    print(json.dumps({f"{name} / {one}": {k: round(mean(runs[name], k) / mean(runs[one], k), 3)
+                                          for k in ("rps", "p50_ms", "p99_ms")}
+                      for name, _, _ in SCALING[1:]}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=10)
@@ -162,8 +197,9 @@ def main() -> None:
                     help="what the client accepts (gzip, as the SDKs send; identity: no "
                          "compression work for the gateway)")
     ap.add_argument("--workers", action="store_true",
-                    help="instead: this checkout with Redis counters and services.workers 1 "
-                         "vs 2 (the scaling of the Python services over processes)")
+                    help="instead: this checkout with Redis counters on 1 core with 1 "
+                         "service process, then on 2 cores with 1 and with 2 (the scaling "
+                         "over cores and processes; with --rate-limit, quotas charged)")
     ap.add_argument("--rate-limit", choices=["filter", "check"], default="",
                     help="services.rate_limit in every run, with quotas charged")
     ap.add_argument("--rate-limit-in-check", action="store_true",
@@ -175,14 +211,7 @@ def main() -> None:
         compare_rate_limit(args)
         return
     if args.workers:
-        scaling: dict[int, list[dict[str, float]]] = {1: [], 2: []}
-        for _ in range(args.rounds):
-            for n in scaling:
-                scaling[n].append(run(ROOT, args.seconds, args.connections,
-                                      args.accept_encoding, workers=n))
-        print_runs({f"workers {n}": results for n, results in scaling.items()})
-        print(json.dumps({"rps_2_over_1": round(
-            sum(r["rps"] for r in scaling[2]) / sum(r["rps"] for r in scaling[1]), 3)}))
+        compare_workers(args)
         return
     runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": [], "bare Envoy": []}
     for _ in range(args.rounds):  # interleaved: all see the same machine
