@@ -18,8 +18,10 @@ class ExtAuthz:
     def __init__(self, ctx: ServiceContext, runtime: Compiled[Runtime]) -> None:
         self.ctx = ctx
         self.mirror = ctx.key_mirror()
+        # memory counters are ratelimit's own: a private set here would split every count
+        apart = ctx.manifest.storage.counters == "memory" and "ratelimit" not in ctx.hosted
         self.servicer = AuthorizationService(runtime, self.mirror, ctx.spend_store(),
-                                             ctx.counter_backend())
+                                             None if apart else ctx.counter_backend())
 
     def register(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)

@@ -20,7 +20,7 @@ from ratelimit.backend import CounterBackend
 from tollway.errors import error_body, status_of
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
-from tollway.metadata import REQUEST, struct_dict, to_struct
+from tollway.metadata import RATE_LIMITED_BY, REQUEST, struct_dict, to_struct
 from tollway.reload import Compiled
 from tollway.serve import past_deadline, time_remaining
 from tollway.spend import SpendStore
@@ -66,11 +66,12 @@ def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
 
 
 def allow_response(allow: Allow, request_headers: Any, held: int,
-                   limited: Admission = ADMITTED) -> external_auth_pb2.CheckResponse:
+                   limited: Admission | None = None) -> external_auth_pb2.CheckResponse:
     """`limited`: the rate limit's answer when this Check gave it (services.rate_limit:
     check): its x-ratelimit-* headers go to the client, and when the charge was made, for
     token settlement, in the metadata beside the reservation."""
     b = allow.binding
+    rate = limited or ADMITTED
     if allow.provider.dialect is Dialect.ANTHROPIC:
         set_headers = [_header("x-api-key", allow.credential)]
         remove = ["authorization"]
@@ -94,13 +95,15 @@ def allow_response(allow: Allow, request_headers: Any, held: int,
         # a string: Envoy's rate-limit descriptors read string metadata only
         "reserve_tokens": str(allow.reserve_tokens),
         "budget_hold": str(held) if held else None,  # units; costsink releases it
-        "charged_at_ms": limited.metadata.get("charged_at_ms"),
+        "charged_at_ms": rate.metadata.get("charged_at_ms"),
+        # the rate-limit filter, if this listener still has it, must not charge again
+        RATE_LIMITED_BY: "check" if limited is not None else None,
     })
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=set_headers, headers_to_remove=remove,
-            response_headers_to_add=[_header(k, v) for k, v in limited.headers]),
+            response_headers_to_add=[_header(k, v) for k, v in rate.headers]),
         dynamic_metadata=metadata)
 
 
@@ -146,15 +149,27 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self.policies = PolicyGate(spend)
         self.guesses = GuessThrottle()
 
-    async def rate_limit(self, rt: Runtime, allow: Allow) -> Admission:
+    async def rate_limit(self, rt: Runtime, allow: Allow,
+                         rendered_for: str) -> Admission | None:
         """With services.rate_limit: check, the rate limit Envoy's filter would ask for, in
-        this Check: every quota charged in one step, as ShouldRateLimit charges them."""
-        if self.counters is None or rt.manifest.services.rate_limit != "check":
-            return ADMITTED
+        this Check: every quota charged in one step, as ShouldRateLimit charges them. None:
+        the rate-limit filter answers it. `rendered_for`: the mode of the listener that asks
+        (its route says it; the manifest's for a route rendered before it did). Envoy's
+        configuration, not this process's manifest, decides whether a rate-limit filter will
+        ask after this Check, so a reload of either never leaves a request charged twice or
+        not at all."""
+        if (rendered_for or rt.manifest.services.rate_limit) != "check":
+            return None
+        if self.counters is None:
+            log.error("route %s has extauthz answer the rate limit, but the memory counters "
+                      "live in the ratelimit process: refusing; serve extauthz with ratelimit "
+                      "or use Redis counters", allow.route.name)
+            return Admission(unavailable=True)
         return await admit(self.counters, rt.manifest, allow.binding, rate_request(allow))
 
-    async def undo_rate_limit(self, rt: Runtime, allow: Allow, limited: Admission) -> None:
-        if self.counters is not None and limited.metadata:
+    async def undo_rate_limit(self, rt: Runtime, allow: Allow,
+                              limited: Admission | None) -> None:
+        if self.counters is not None and limited is not None and limited.metadata:
             await refund(self.counters, rt.manifest, allow.binding,
                          rate_request(allow), limited)
 
@@ -189,13 +204,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 denied = await self.policies.check(rt, result, facts, now)
                 held = denied or await hold_budget(self.spend, rt, result, facts, now,
                                                    settle_wait(time_remaining(context)))
-                limited = ADMITTED
+                limited = None
                 if isinstance(held, Held):
-                    limited = await self.rate_limit(rt, result)
-                    if not limited.allowed:
+                    limited = await self.rate_limit(
+                        rt, result, request.attributes.context_extensions.get(RATE_LIMITED_BY, ""))
+                    if limited is not None and not limited.allowed:
                         await release_hold(self.spend, held)
                         held = rate_limit_deny(result, limited)
-                if isinstance(held, Held) and (held.amount or limited.metadata) \
+                if isinstance(held, Held) and (held.amount or (limited and limited.metadata)) \
                         and past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold

@@ -16,7 +16,7 @@ from tollway.errors import error_body
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
-from tollway.metadata import to_struct
+from tollway.metadata import RATE_LIMITED_BY, to_struct
 from tollway.reload import Compiled
 from tollway.serve import past_deadline
 
@@ -39,6 +39,17 @@ def parse(request: rls_pb2.RateLimitRequest) -> Request | None:
         return None
 
 
+def charged_in_check(request: rls_pb2.RateLimitRequest, m: Manifest) -> bool:
+    """extauthz charged this request in its Check: the request says so (its route's
+    descriptor RATE_LIMITED_BY, from ext_authz's metadata); from a route rendered before it
+    could say so, the manifest's services.rate_limit decides."""
+    for d in request.descriptors:
+        for e in d.entries:
+            if e.key == RATE_LIMITED_BY:
+                return bool(e.value == "check")
+    return m.services.rate_limit == "check"
+
+
 def _headers(pairs: list[tuple[str, str]]) -> list[base_pb2.HeaderValue]:
     return [base_pb2.HeaderValue(key=k, value=v) for k, v in pairs]
 
@@ -53,9 +64,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
                               context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
         m = self.manifest.value
-        if m.services.rate_limit == "check":
-            # extauthz charged this request in its Check; Envoy asks only while its listener
-            # still has the filter (a reload that switched to check is on its way to it)
+        if charged_in_check(request, m):
+            # Envoy asks only while its listener still has the filter (a switch to check on
+            # its way to it): the Check answered this request's rate limit already
             return rls_pb2.RateLimitResponse(overall_code=OK)
         req = parse(request)
         binding = await lookup(self.keys, m, req.key_id) if req else None

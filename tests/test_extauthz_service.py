@@ -201,6 +201,43 @@ async def test_in_filter_mode_the_check_charges_no_rate_limit() -> None:
         assert r.status.code == 0 and not r.ok_response.response_headers_to_add
 
 
+def rendered_for(mode: str, rid: str) -> external_auth_pb2.CheckRequest:
+    """A Check from a route rendered for services.rate_limit `mode`."""
+    req = check(rid)
+    req.attributes.context_extensions["rate_limited_by"] = mode
+    return req
+
+
+async def test_the_listener_not_the_manifest_decides_whether_the_check_charges() -> None:
+    """During a reload Envoy's listener and the services' manifest may disagree; the route
+    says what the listener has, so a request is charged once: by the Check when the listener
+    has no rate-limit filter, else by the filter's call."""
+    svc = answering_rate_limits(MemorySpendStore(), MemoryBackend(), rpm=1, mode="filter")
+    first = await svc.Check(rendered_for("check", "r1"), Context(0.4))
+    assert first.status.code == 0
+    assert first.dynamic_metadata["rate_limited_by"] == "check"  # the filter must not charge
+    assert response_headers(first)["x-ratelimit-remaining-requests"] == "0"
+    assert (await svc.Check(rendered_for("check", "r2"), Context(0.4))).denied_response \
+        .status.code == 429
+
+    svc = answering_rate_limits(MemorySpendStore(), MemoryBackend(), rpm=1, mode="check")
+    for rid in ("r1", "r2"):  # the listener still has the filter: it charges these
+        r = await svc.Check(rendered_for("filter", rid), Context(0.4))
+        assert r.status.code == 0 and not r.ok_response.response_headers_to_add
+        assert "rate_limited_by" not in r.dynamic_metadata
+
+
+async def test_a_check_asked_for_the_rate_limit_without_the_counters_refuses() -> None:
+    """Memory counters live in the ratelimit process; an extauthz apart from it has none to
+    charge, and must not count on a private set."""
+    store = MemorySpendStore()
+    svc = answering_rate_limits(store, MemoryBackend())
+    svc.counters = None
+    r = await svc.Check(rendered_for("check", "r1"), Context(0.4))
+    assert r.denied_response.status.code == 503
+    assert held(store) == 0
+
+
 async def test_a_check_past_envoys_deadline_takes_back_its_rate_limit_charge() -> None:
     store, counters = MemorySpendStore(), MemoryBackend()
     svc = answering_rate_limits(store, counters, rpm=1)

@@ -41,10 +41,14 @@ async def channel(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
     await store.close()
 
 
-def should(model: str, reserve: int) -> rls_pb2.RateLimitRequest:
+def should(model: str, reserve: int, rate_limited_by: str = "") -> rls_pb2.RateLimitRequest:
+    """`rate_limited_by`: the descriptor a route rendered by this version adds ("filter"
+    unless the Check charged the request); empty: a route rendered before it."""
     entries = {"org": "acme", "project": "team-ai", "key_id": "da-sk-acme-team",
                "model": model, "route": "route0", "dialect": "openai",
                "reserve_tokens": str(reserve)}
+    if rate_limited_by:
+        entries["rate_limited_by"] = rate_limited_by
     d = ratelimit_pb2.RateLimitDescriptor(entries=[
         ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries.items()])
     return rls_pb2.RateLimitRequest(domain="tollway", descriptors=[d])
@@ -97,6 +101,30 @@ async def test_with_the_rate_limit_in_the_check_the_filter_is_answered_without_a
             answer = await rls.ShouldRateLimit(should("gpt-5.4", 10), None)
             assert answer.overall_code == rls_pb2.RateLimitResponse.OK
         assert not any(backend._counters.values())  # nothing counted
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("manifest_says", ["filter", "check"])
+async def test_the_request_not_the_manifest_says_whether_the_check_charged(
+        tmp_path: Path, manifest_says: str) -> None:
+    """Whatever this process's manifest says during a reload, the filter's call charges
+    exactly the requests whose Check did not: their descriptor says which."""
+    import dataclasses
+
+    m = load(TEAM_AI)
+    m = dataclasses.replace(m, services=dataclasses.replace(m.services, rate_limit=manifest_says))
+    backend = MemoryBackend()
+    store = SqliteKeyStore(tmp_path / "keys.db")
+    await store.open()
+    rls = RateLimitService(Compiled(lambda x: x, m), backend, KeyMirror(store))
+    try:
+        for _ in range(5):
+            charged = await rls.ShouldRateLimit(should("gpt-5.4", 10, "check"), None)
+            assert charged.overall_code == rls_pb2.RateLimitResponse.OK
+        assert not any(backend._counters.values())  # the Check counted these
+        answer = await rls.ShouldRateLimit(should("gpt-5.4", 10, "filter"), None)
+        assert headers(answer)["x-ratelimit-remaining-requests"] == "39"  # of 40 a minute
     finally:
         await store.close()
 

@@ -36,7 +36,13 @@ def test_routes_carry_their_identity_to_extauthz() -> None:
     chat = routes[0]
     assert chat["match"]["path"] == "/v1/chat/completions"
     per_route = chat["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
-    assert per_route["check_settings"]["context_extensions"] == {"route": "route0"}
+    # and the mode its listener was rendered for: whether a rate-limit filter asks later
+    assert per_route["check_settings"]["context_extensions"] == {
+        "route": "route0", "rate_limited_by": "filter"}
+    actions = chat["route"]["rate_limits"][0]["actions"]
+    by = next(a["metadata"] for a in actions
+              if a["metadata"]["descriptor_key"] == "rate_limited_by")
+    assert by["default_value"] == "filter"  # a Check that did not charge says nothing
     assert routes[-1]["name"] == "not_found"
     cluster = next(c for c in doc["static_resources"]["clusters"]
                    if c["name"] == "provider_openai")
@@ -95,6 +101,9 @@ def test_with_the_rate_limit_in_the_check_envoy_has_no_rate_limit_filter(
     filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
     assert "envoy.filters.http.ext_authz" in filters
     assert "envoy.filters.http.ratelimit" not in filters
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
+        "check_settings"]["context_extensions"]["rate_limited_by"] == "check"
     istio = yaml.safe_dump(envoy_filter(m, host="gw", port=80, target_port=8080,
                                         selector={"app": "gw"}))
     assert "filters.http.ratelimit.v3.RateLimit" not in istio and "envoy.filters.http.lua" in istio

@@ -16,6 +16,13 @@ REQUEST = "tollway.request"  # model, stream, max_tokens, body_error: from the r
 AUTHZ = "envoy.filters.http.ext_authz"  # identity, model, route, reserve_tokens
 RATELIMIT = "envoy.filters.http.ratelimit"  # reserved_tokens, charged_at_ms, denied_quota
 USAGE = "tollway.usage"  # the provider's reported token usage
+# Who answers a request's rate limit travels with the request, so that the Check and the
+# rate-limit filter's call agree whatever manifest each service holds during a reload: each
+# route tells ext_authz (a context extension of this name) the services.rate_limit its listener
+# was rendered for, "check" when it has no rate-limit filter; a Check that answered the rate
+# limit says so under this name in AUTHZ, which the filter's call, if the listener still has
+# the filter, carries as a descriptor ("filter" when absent).
+RATE_LIMITED_BY = "rate_limited_by"
 
 
 def to_struct(values: dict[str, Any]) -> struct_pb2.Struct:

@@ -24,7 +24,7 @@ from tollway.access_log import FILE_FORMAT, access_log_path
 from tollway.errors import error_body
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect, ServiceTls
-from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE
+from tollway.metadata import AUTHZ, RATE_LIMITED_BY, RATELIMIT, REQUEST, USAGE
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 # libyaml's emitter when PyYAML has it: a big manifest's Envoy config is megabytes
@@ -235,10 +235,13 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
         "route": {"cluster": f"provider_{p.name}", "timeout": f"{r.timeout_seconds}s",
                   "host_rewrite_literal": p.upstream.sni or p.upstream.host,
                   "rate_limits": [{"actions": [
-                      {"metadata": {"descriptor_key": k, "source": "DYNAMIC",
+                      *({"metadata": {"descriptor_key": k, "source": "DYNAMIC",
+                                      "metadata_key": {"key": AUTHZ, "path": [{"key": k}]}}}
+                        for k in DESCRIPTOR_KEYS),
+                      {"metadata": {"descriptor_key": RATE_LIMITED_BY, "source": "DYNAMIC",
                                     "metadata_key": {"key": AUTHZ,
-                                                     "path": [{"key": k}]}}}
-                      for k in DESCRIPTOR_KEYS]}]},
+                                                     "path": [{"key": RATE_LIMITED_BY}]},
+                                    "default_value": "filter"}}]}]},
         # the usage filter reads the provider's answer as it streams: ask for it plain
         "request_headers_to_add": [{"header": {"key": "accept-encoding", "value": "identity"},
                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
@@ -247,7 +250,8 @@ def _route(m: Manifest, r: Any) -> dict[str, Any]:
             "action": r.action}}},
         "typed_per_filter_config": {AUTHZ: _typed(
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-            check_settings={"context_extensions": {"route": r.name}})},
+            check_settings={"context_extensions": {
+                "route": r.name, RATE_LIMITED_BY: m.services.rate_limit}})},
     }
 
 

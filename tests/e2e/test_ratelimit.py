@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -154,6 +156,46 @@ def test_monitor_mode_lets_everything_through_and_reports(tmp_path: Path) -> Non
                                                max_tokens=5)
         log = (tmp_path / "logs" / "services.log").read_text()
         assert log.count("monitor: quota 'watch-only' would refuse key da-sk-acme-team") == 3
+
+
+def static_envoy_rendered_for(mode: str) -> Any:
+    """Envoy's config as an operator rendered it once (`tollway render`, a static bootstrap),
+    with services.rate_limit `mode`; the services may hold another manifest since."""
+    def config(manifest_path: Path, ports: dict[str, int]) -> Path:
+        doc = yaml.safe_load(manifest_path.read_text())
+        doc["services"]["rate_limit"] = mode
+        then = manifest_path.with_name("manifest-as-rendered.yaml")
+        then.write_text(yaml.safe_dump(doc))
+        out = subprocess.run([sys.executable, "-m", "tollway.cli", "render", "--manifest",
+                              str(then)], capture_output=True, text=True, check=True, timeout=60)
+        path = manifest_path.with_name("envoy-static.yaml")
+        path.write_text(out.stdout)
+        return path
+    return config
+
+
+@pytest.mark.parametrize(("envoy_mode", "services_mode"), [("check", "filter"),
+                                                           ("filter", "check")])
+def test_envoy_and_the_services_disagreeing_on_the_mode_count_each_request_once(
+        tmp_path: Path, envoy_mode: str, services_mode: str) -> None:
+    """A switch of services.rate_limit reaches the services by reload and Envoy's listener
+    when it is rendered again (at once with the watched files, later with a static bootstrap
+    or an EnvoyFilter applied by hand). Whoever is behind, each request is counted once, by
+    the Check if the listener has no rate-limit filter, else by the filter's call: the 41st
+    gpt-5.4 request of the minute is refused, not the 21st nor never."""
+    def mode(ex: dict[str, Any]) -> None:
+        ex["services"]["rate_limit"] = services_mode
+    with run_gateway(tmp_path, mutate=team_ai("memory", mode),
+                     envoy_config=static_envoy_rendered_for(envoy_mode)) as gw:
+        gw.issue("da-sk-acme-team")
+        c = client(gw)
+        for i in range(40):
+            raw = c.chat.completions.with_raw_response.create(
+                model="gpt-5.4", messages=MESSAGES, max_tokens=10)
+            assert raw.headers["x-ratelimit-remaining-requests"] == str(39 - i)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=10)
+        assert e.value.code == "rate_limit_exceeded"
 
 
 @pytest.mark.parametrize("rate_limit", ["filter", "check"])
