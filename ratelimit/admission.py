@@ -99,11 +99,12 @@ def rate_headers(outcome: Outcome) -> list[tuple[str, str]]:
     return headers
 
 
-def refusal(req: Request, denied: list[RuleState], costs: dict[str, int]) -> str:
-    worst = max(denied, key=lambda s: s.retry_seconds)
+def refusal(req: Request, worst: RuleState, cost: int) -> str:
+    """The message of a refusal by `worst`, the quota that refuses longest; `cost`: what the
+    request would have charged it."""
     r = worst.rule
     if worst.retry_seconds == math.inf:
-        return (f"this request reserves {costs[r.counter]} tokens, more than quota '{r.quota}' "
+        return (f"this request reserves {cost} tokens, more than quota '{r.quota}' "
                 f"allows in {_duration(r.period)} ({r.limit}); lower max_tokens or the prompt")
     return (f"rate limit reached for {req.model}: quota '{r.quota}' allows {r.limit} {r.kind} "
             f"per {_duration(r.period)}; retry in {_duration(worst.retry_seconds)}")
@@ -155,12 +156,12 @@ async def admit(backend: CounterBackend, m: Manifest, binding: KeyBinding,
     if outcome.allowed:
         return Admission(headers, metadata={"reserved_tokens": req.reserve_tokens,
                                             "charged_at_ms": charged_at})
-    denied = [s for s in outcome.states if s.over and s.rule.enforce]
-    retry = max(s.retry_seconds for s in denied)
-    retry_after = math.ceil(retry) if retry != math.inf else max(s.rule.period for s in denied)
-    message = refusal(req, denied, {r.counter: c for r, c in zip(rules, costs, strict=True)})
-    worst = max(denied, key=lambda s: s.retry_seconds)
-    return Admission(headers, Refusal(message, retry_after, worst.rule.quota))
+    denied = [(s, c) for s, c in zip(outcome.states, costs, strict=True)
+              if s.over and s.rule.enforce]
+    worst, cost = max(denied, key=lambda sc: sc[0].retry_seconds)
+    retry_after = (math.ceil(worst.retry_seconds) if worst.retry_seconds != math.inf
+                   else max(s.rule.period for s, _ in denied))
+    return Admission(headers, Refusal(refusal(req, worst, cost), retry_after, worst.rule.quota))
 
 
 async def settle(backend: CounterBackend, keys: KeyMirror, m: Manifest, key_id: str,

@@ -28,8 +28,12 @@ OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
-def parse(request: rls_pb2.RateLimitRequest) -> Request | None:
-    entries = {e.key: e.value for d in request.descriptors for e in d.entries}
+def descriptor_entries(request: rls_pb2.RateLimitRequest) -> dict[str, str]:
+    """The request's descriptor entries (one descriptor per request), by key."""
+    return {e.key: e.value for d in request.descriptors for e in d.entries}
+
+
+def parse(entries: dict[str, str]) -> Request | None:
     try:
         return Request(org=entries["org"], key_id=entries["key_id"], model=entries["model"],
                        route=entries.get("route", ""),
@@ -39,15 +43,11 @@ def parse(request: rls_pb2.RateLimitRequest) -> Request | None:
         return None
 
 
-def charged_in_check(request: rls_pb2.RateLimitRequest, m: Manifest) -> bool:
+def charged_in_check(entries: dict[str, str], m: Manifest) -> bool:
     """extauthz charged this request in its Check: the request says so (its route's
     descriptor RATE_LIMITED_BY, from ext_authz's metadata); from a route rendered before it
     could say so, the manifest's services.rate_limit decides."""
-    for d in request.descriptors:
-        for e in d.entries:
-            if e.key == RATE_LIMITED_BY:
-                return bool(e.value == "check")
-    return m.services.rate_limit == "check"
+    return entries.get(RATE_LIMITED_BY, m.services.rate_limit) == "check"
 
 
 def _headers(pairs: list[tuple[str, str]]) -> list[base_pb2.HeaderValue]:
@@ -64,11 +64,12 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
                               context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
         m = self.manifest.value
-        if charged_in_check(request, m):
+        entries = descriptor_entries(request)
+        if charged_in_check(entries, m):
             # Envoy asks only while its listener still has the filter (a switch to check on
             # its way to it): the Check answered this request's rate limit already
             return rls_pb2.RateLimitResponse(overall_code=OK)
-        req = parse(request)
+        req = parse(entries)
         binding = await lookup(self.keys, m, req.key_id) if req else None
         if req is None or binding is None:
             return rls_pb2.RateLimitResponse(overall_code=OK)  # extauthz refused it already

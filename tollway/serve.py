@@ -28,10 +28,10 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 from tollway.reload import ManifestWatcher, settle_heap
 from tollway.spend import SpendStore, open_spend_store
+from tollway.tls import server_credentials, target
 
 if TYPE_CHECKING:
     from ratelimit.backend import CounterBackend
-from tollway.tls import server_credentials, target
 
 log = logging.getLogger("tollway.serve")
 
