@@ -112,3 +112,23 @@ def test_with_the_rate_limit_in_the_check_envoy_has_no_rate_limit_filter(
     out = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config),
                           "--base-id", "977"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_call_is_sent_again_only_when_it_was_cut_off(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checks and rate-limit calls go to another endpoint when the connection failed or was
+    reset under them, never after a timeout (the call may have charged quotas); every
+    service cluster leaves out an endpoint that keeps failing so."""
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    rendered = render(load(EXAMPLES[0]))
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = {f["name"]: f["typed_config"] for f in hcm["typed_config"]["http_filters"]}
+    services = [filters["envoy.filters.http.ext_authz"]["grpc_service"],
+                filters["envoy.filters.http.ratelimit"]["rate_limit_service"]["grpc_service"]]
+    for service in services:
+        conditions = set(service["retry_policy"]["retry_on"].split(","))
+        assert conditions == {"connect-failure", "refused-stream", "reset"}
+    clusters = [c for c in rendered["static_resources"]["clusters"]
+                if c["name"].startswith("tollway_")]
+    assert len(clusters) == 4
+    assert all(c["outlier_detection"]["split_external_local_origin_errors"] for c in clusters)

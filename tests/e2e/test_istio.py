@@ -114,6 +114,14 @@ def test_the_chain_is_istios_ext_authz_gated_by_the_custom_policy(gw: Gateway) -
         "envoy.filters.http.ratelimit") < names.index("envoy.filters.http.router")
     assert names[:3] == [f"envoy.filters.http.compressor.{c}" for c in ("gzip", "brotli",
                                                                           "zstd")]
+    # a Check cut off by a pod's death goes to another pod; a pod refusing is left out
+    authz = hcm["http_filters"][names.index("envoy.filters.http.ext_authz")]["typed_config"]
+    assert "reset" in authz["grpc_service"]["retry_policy"]["retry_on"]
+    clusters = {c["cluster"]["name"]: c["cluster"] for c in
+                config_dump(gw)["configs"][1]["static_clusters"]}
+    mesh = [c for name, c in clusters.items() if name.startswith("outbound|")]
+    assert mesh and all(c["outlier_detection"]["consecutive_local_origin_failure"] == 2
+                        for c in mesh)
 
 
 @pytest.fixture(scope="module")
