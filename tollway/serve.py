@@ -245,14 +245,17 @@ async def _health_port(m: Manifest) -> tuple[grpc.aio.Server, health.aio.HealthS
 def run(manifest_path: Path, names: list[str],
         metrics_address: tuple[str, int] | None = None, worker: int | None = None) -> int:
     """`worker` None: this process serves, or with services.workers > 1 supervises the
-    workers (one process each, one core each)."""
+    workers (one process each, one core each: tollway/workers.py)."""
     from tollway.manifest import load
 
     m = load(manifest_path)
     workers = m.services.workers
     # costsink alone (served apart) is one process whatever services.workers says
     if worker is None and workers > 1 and set(names) != {"costsink"}:
-        return _supervise(manifest_path, m, names, workers, metrics_address)
+        from tollway.workers import supervise
+
+        return supervise(manifest_path, names, workers,
+                         metrics_address or (m.services.metrics_host, m.services.metrics_port))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
@@ -261,36 +264,3 @@ def run(manifest_path: Path, names: list[str],
     asyncio.run(serve(manifest_path, names, metrics_address=metrics_address,
                       worker=worker or 0, manifest=m))
     return 0
-
-
-def _supervise(manifest_path: Path, m: Manifest, names: list[str], workers: int,
-               metrics_address: tuple[str, int] | None) -> int:
-    """Start the workers; if one exits, stop the others and exit with its status, so the
-    orchestrator restarts the set as it would one process. Worker i exposes its metrics on
-    the metrics port + i."""
-    import subprocess
-    import sys
-
-    host, port = metrics_address or (m.services.metrics_host, m.services.metrics_port)
-    procs = [subprocess.Popen([sys.executable, "-m", "tollway.cli", "serve", "--manifest",
-                               str(manifest_path), "--services", ",".join(names),
-                               "--worker", str(i), "--metrics", f"{host}:{port + i}"])
-             for i in range(workers)]
-
-    def stop(*_: object) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
-    status = 0
-    while any(proc.poll() is None for proc in procs):
-        for proc in procs:
-            try:
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
-            if proc.returncode and not status:
-                status = proc.returncode
-                stop()
-    return status

@@ -3,7 +3,9 @@ spreads the Checks over them; the rate limit stays exact across them (Redis coun
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,9 @@ import openai
 import pytest
 import yaml
 
-from .harness import PrivateRedis, run_gateway
+from tollway.workers import STEADY_AFTER
+
+from .harness import PrivateRedis, run_gateway, tcp_open, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -53,5 +57,80 @@ def test_two_workers_share_the_checks_and_one_set_of_limits(tmp_path: Path,
             served = [checks_served(metrics), checks_served(metrics + 1)]
             # Envoy balances round robin over the workers' ports
             assert all(n >= 15 for n in served), served
+    finally:
+        redis.kill()
+
+
+def _workers(supervisor: int) -> dict[int, int]:
+    """The supervisor's worker processes: worker number → pid."""
+    found = {}
+    for task in Path(f"/proc/{supervisor}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"--worker" not in argv:  # a worker that died, until the supervisor reaps it
+                continue
+            found[int(argv[argv.index(b"--worker") + 1])] = int(child)
+    return found
+
+
+def _age(pid: int) -> float:
+    """Seconds since the process started."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_worker_killed_costs_no_request_and_is_started_again(tmp_path: Path) -> None:
+    """kill -9 of one worker, as the OOM killer does: Envoy sends the calls that could not
+    reach it to the other worker, so no request fails, and the supervisor starts it again.
+    A worker that dies again soon after its start stops the set, for the orchestrator."""
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+
+    def mutate(doc: dict[str, Any]) -> None:
+        doc["services"]["workers"] = 2
+        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+
+    try:
+        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
+                                   max_retries=0)
+
+            def ask() -> None:  # raises unless the answer is a 200
+                client.chat.completions.create(model="gpt-5.4-mini", messages=[
+                    {"role": "user", "content": "hi"}])
+            supervisor = gw.named["services"]
+            metrics = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
+            first = _workers(supervisor.pid)[1]
+            # a worker that dies in its first seconds is not started again (STEADY_AFTER)
+            wait_until(lambda: _age(first) > STEADY_AFTER, "worker 1 past its start",
+                       timeout=STEADY_AFTER + 10)
+            ask()
+            os.kill(first, signal.SIGKILL)
+            for _ in range(20):  # round robin would give worker 1's port every other call
+                ask()
+            admin = yaml.safe_load(gw.manifest_path.read_text())["gateway"]["admin_port"]
+            stats = dict(line.split(": ", 1) for line in httpx.get(
+                f"http://127.0.0.1:{admin}/stats?filter=outlier|retry_success").text.splitlines())
+            for cluster in ("tollway_extauthz", "tollway_ratelimit"):
+                # the calls that met the dead port were sent again, and the port was left out
+                assert int(stats[f"cluster.{cluster}.upstream_rq_retry_success"]) >= 1, stats
+                assert int(stats[
+                    f"cluster.{cluster}.outlier_detection.ejections_enforced_total"]) >= 1, stats
+            wait_until(lambda: _workers(supervisor.pid).get(1, first) != first,
+                       "worker 1 started again", proc=supervisor)
+            wait_until(lambda: tcp_open(metrics + 1), "worker 1's metrics")
+
+            def served_by_the_new_worker() -> bool:
+                ask()
+                return checks_served(metrics + 1) > 0
+            # Envoy left the dead port out for a while (outlier detection), then tries it again
+            wait_until(served_by_the_new_worker, "a Check served by the new worker 1")
+            assert supervisor.poll() is None
+
+            workers = _workers(supervisor.pid)
+            os.kill(workers[1], signal.SIGKILL)
+            assert supervisor.wait(timeout=10) == 128 + signal.SIGKILL
+            assert not Path(f"/proc/{workers[0]}").exists()  # stopped and reaped
     finally:
         redis.kill()

@@ -1,0 +1,73 @@
+"""services.workers: one `tollway serve` process per core, kept running by a supervisor.
+
+Worker i listens on each service's port + i (costsink lives in worker 0 alone) and exposes its
+metrics on the metrics port + i; Envoy balances each call over the workers' ports and sends a
+call that could not reach one to another (render.SERVICE_RETRY). So a worker that dies (kill -9,
+the OOM killer) costs no request, and the supervisor starts it again. A worker that fails soon
+after it started (a port taken, a manifest it cannot read, a crash on every request) would only
+fail again: the supervisor then stops the set and exits with that worker's status, for the
+orchestrator to see and restart the set as it would one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("tollway.workers")
+
+# a worker that exits sooner than this after its start is not restarted
+STEADY_AFTER = 10.0
+
+
+def supervise(manifest_path: Path, names: list[str], workers: int,
+              metrics_address: tuple[str, int]) -> int:
+    """Run `workers` worker processes until SIGTERM or SIGINT (then 0), or until one fails
+    within STEADY_AFTER of its start (then its status: 128 + N for signal N, 1 for a worker that
+    exited with 0 unasked)."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = metrics_address
+
+    def start(i: int) -> tuple[subprocess.Popen[bytes], float]:
+        return subprocess.Popen([
+            sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest_path),
+            "--services", ",".join(names), "--worker", str(i),
+            "--metrics", f"{host}:{port + i}"]), time.monotonic()
+
+    procs = [start(i) for i in range(workers)]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc, _started in procs:
+            if proc.poll() is None:
+                proc.terminate()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    status = 0
+    while not stopping:
+        for i, (proc, started) in enumerate(procs):
+            try:
+                code = proc.wait(timeout=0.5 / workers)
+            except subprocess.TimeoutExpired:
+                continue
+            if stopping:
+                break
+            if time.monotonic() - started < STEADY_AFTER:
+                log.error("worker %d exited with status %d %.1f s after it started; "
+                          "stopping the others", i, code, time.monotonic() - started)
+                # a worker killed by a signal: the status a shell would report
+                status = 128 - code if code < 0 else code or 1
+                stop()
+                break
+            log.error("worker %d exited with status %d; starting it again", i, code)
+            procs[i] = start(i)
+    for proc, _started in procs:
+        proc.wait()
+    return status
