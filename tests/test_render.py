@@ -116,19 +116,23 @@ def test_with_the_rate_limit_in_the_check_envoy_has_no_rate_limit_filter(
 
 def test_a_call_is_sent_again_only_when_it_was_cut_off(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checks and rate-limit calls go to another endpoint when the connection failed or was
-    reset under them, never after a timeout (the call may have charged quotas); every
-    service cluster leaves out an endpoint that keeps failing so."""
+    """Checks and rate-limit calls go to another endpoint when they could not reach one, never
+    once sent, not even after a timeout (the call may have charged quotas); a try is not cut
+    short (Envoy takes the back-off's max_interval as the per-try timeout); every service
+    cluster health-checks its endpoints."""
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
     rendered = render(load(EXAMPLES[0]))
     hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     filters = {f["name"]: f["typed_config"] for f in hcm["typed_config"]["http_filters"]}
     services = [filters["envoy.filters.http.ext_authz"]["grpc_service"],
                 filters["envoy.filters.http.ratelimit"]["rate_limit_service"]["grpc_service"]]
-    for service in services:
+    timeouts = [filters["envoy.filters.http.ext_authz"]["grpc_service"]["timeout"],
+                filters["envoy.filters.http.ratelimit"]["timeout"]]
+    for service, timeout in zip(services, timeouts, strict=True):
         conditions = set(service["retry_policy"]["retry_on"].split(","))
-        assert conditions == {"connect-failure", "refused-stream", "reset"}
+        assert conditions == {"connect-failure", "refused-stream", "reset-before-request"}
+        assert service["retry_policy"]["retry_back_off"]["max_interval"] == timeout
     clusters = [c for c in rendered["static_resources"]["clusters"]
                 if c["name"].startswith("tollway_")]
     assert len(clusters) == 4
-    assert all(c["outlier_detection"]["split_external_local_origin_errors"] for c in clusters)
+    assert all("grpc_health_check" in c["health_checks"][0] for c in clusters)

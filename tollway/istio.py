@@ -14,9 +14,7 @@ Istio owns the gateway's Envoy; Tollway adds to it what istiod lets one add:
   filter, rate limit and decompressors before the router, the compressors first, Tollway's
   routes (each with its ext_authz context and rate-limit descriptors) first in the virtual
   host, the provider clusters, the access logs, local replies and the HTTP hardening, and the
-  Checks' retry to another pod when one dies under them (render.SERVICE_RETRY);
-* a `DestinationRule` per mesh Service the gateway dials, leaving out a pod that refuses
-  connections as the plain gateway does (render.SERVICE_OUTLIER_DETECTION).
+  Checks' retry to another pod when one could not be reached (render.service_retry).
 
 The admin API (and GET /v1/models, which it answers) is not added to the Istio gateway: serve
 it through a mesh Service of its own. The pieces are render.py's own: the same filters, routes
@@ -27,7 +25,6 @@ Tollway's own when it dials loopback (costsink beside the gateway, reading its a
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from tollway.manifest import Manifest
@@ -36,14 +33,13 @@ from tollway.render import (
     COSTSINK_CLUSTER,
     EXTAUTHZ_TIMEOUT,
     RATELIMIT_CLUSTER,
-    SERVICE_OUTLIER_DETECTION,
-    SERVICE_RETRY,
     access_logs,
     grpc_cluster,
     http_filters,
     local_replies,
     provider_cluster,
     routes,
+    service_retry,
     skeleton,
 )
 
@@ -122,7 +118,7 @@ def envoy_filter(m: Manifest, *, host: str, port: int, target_port: int,
         _patch("HTTP_FILTER", at(AUTHZ), "MERGE", {"name": AUTHZ, "typed_config": {
             "@type": filters[AUTHZ]["typed_config"]["@type"],
             "metadata_context_namespaces": [REQUEST], "include_peer_certificate": False,
-            "grpc_service": {"retry_policy": copy.deepcopy(SERVICE_RETRY)}}}),
+            "grpc_service": {"retry_policy": service_retry(EXTAUTHZ_TIMEOUT)}}}),
         *(_patch("HTTP_FILTER", at(ROUTER), "INSERT_BEFORE", f) for f in after_authz),
         _patch("NETWORK_FILTER", {"listener": {"portNumber": target_port, "filterChain": {
             "filter": {"name": HCM}}}}, "MERGE", {"name": HCM, "typed_config": {
@@ -176,20 +172,5 @@ def objects(m: Manifest, *, host: str = "*", port: int = 80, target_port: int = 
     ]
     ef = envoy_filter(m, host=host, port=port, target_port=target_port, selector=selector)
     ef["metadata"].update(meta)
-    return [*result, *destination_rules(m, meta), ef]
+    return [*result, ef]
 
-
-def destination_rules(m: Manifest, meta: dict[str, str]) -> list[dict[str, Any]]:
-    """Outlier detection on the mesh Services the gateway dials, in Istio's terms."""
-    od = SERVICE_OUTLIER_DETECTION
-    hosts = dict.fromkeys(host for host, _port in (m.services.dial(name) for name in
-                                                    ("extauthz", "ratelimit", "costsink"))
-                          if not _loopback(host))
-    return [{"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-             "metadata": {"name": f"tollway-{host.split('.')[0]}", **meta},
-             "spec": {"host": host, "trafficPolicy": {"outlierDetection": {
-                 "splitExternalLocalOriginErrors": od["split_external_local_origin_errors"],
-                 "consecutiveLocalOriginFailures": od["consecutive_local_origin_failure"],
-                 "interval": od["interval"], "baseEjectionTime": od["base_ejection_time"],
-                 "maxEjectionPercent": od["max_ejection_percent"]}}}}
-            for host in hosts]

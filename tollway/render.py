@@ -38,30 +38,19 @@ ADMIN_CLUSTER = "tollway_admin"
 # released once its entry reaches costsink, and extauthz waits up to budget.SETTLE_WAIT for that
 ACCESS_LOG_FLUSH = "0.1s"
 RATELIMIT_TIMEOUT = "0.5s"
-# A call cut off by its service's process (gone: the connection refused, or reset under the
-# call) is sent to another of the service's endpoints, so a worker or pod that dies costs no
-# request. If the dead process had already charged the call's quotas, that request counts twice
-# in its rate-limit windows (stricter, never looser); the ledger and spend come from the access
-# log and count it once. A call that timed out is not sent again.
-SERVICE_RETRY = {
-    "retry_on": "connect-failure,refused-stream,reset",
-    "num_retries": 2,
-    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
-    "retry_host_predicate": [{
-        "name": "envoy.retry_host_predicates.previous_hosts",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
-                                  "previous_hosts.v3.PreviousHostsPredicate"}}],
-    "host_selection_retry_max_attempts": 5,
-}
-# ...and an endpoint that keeps failing that way is left out for a while (2 s, longer each
-# time it is left out again), rather than cost every other call a retry. At most half of a
-# service's endpoints are left out; a service with one endpoint keeps it.
-SERVICE_OUTLIER_DETECTION = {
-    "split_external_local_origin_errors": True,
-    "consecutive_local_origin_failure": 2,
+
+# Envoy asks each endpoint's gRPC health service every second, and leaves out one that failed
+# to answer SERVING three times running (gone, or shutting down), until it answers again. Not
+# outlier detection: that counts a slow call as a failure, and under overload it would take a
+# busy process out and pile its share on the others. When every endpoint fails, Envoy uses them
+# all (its panic threshold), so one endpoint is never left out.
+SERVICE_HEALTH_CHECK = {
+    "timeout": "1s",
     "interval": "1s",
-    "base_ejection_time": "2s",
-    "max_ejection_percent": 50,
+    "no_traffic_interval": "5s",  # before the first call (Envoy's default: a minute)
+    "unhealthy_threshold": 3,
+    "healthy_threshold": 1,
+    "grpc_health_check": {},
 }
 # what the rate-limit service reads from extauthz's metadata, one descriptor per request
 DESCRIPTOR_KEYS = ("org", "project", "key_id", "model", "route", "dialect", "reserve_tokens")
@@ -149,6 +138,27 @@ def _json_to_metadata() -> dict[str, Any]:
     }
 
 
+def service_retry(timeout: str) -> dict[str, Any]:
+    """A call that could not reach its service's process (the connection refused, or reset
+    before the call went out, as when the process has just died) is sent to another of the
+    service's endpoints. A call that may have been served is never sent again, not even after a
+    timeout: a Check or a rate-limit call may have charged quotas, and the count must stay exact.
+
+    `timeout` is the call's own: Envoy turns a gRPC service's retry policy into a route's and
+    takes its back-off's max_interval as the per-try timeout, so a shorter max_interval would
+    cut every call off at it (the back-off between tries stays under 5 and 15 ms)."""
+    return {
+        "retry_on": "connect-failure,refused-stream,reset-before-request",
+        "num_retries": 2,
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": timeout},
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
+                                      "previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 5,
+    }
+
+
 def _ext_authz() -> dict[str, Any]:
     return {
         "name": AUTHZ,  # the filter's name is also the namespace it writes metadata to
@@ -156,7 +166,7 @@ def _ext_authz() -> dict[str, Any]:
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             grpc_service={"envoy_grpc": {"cluster_name": EXTAUTHZ_CLUSTER},
                           "timeout": EXTAUTHZ_TIMEOUT,
-                          "retry_policy": copy.deepcopy(SERVICE_RETRY)},
+                          "retry_policy": service_retry(EXTAUTHZ_TIMEOUT)},
             transport_api_version="V3",
             failure_mode_allow=False,  # authentication is always fail-closed
             status_on_error={"code": 503},
@@ -178,7 +188,7 @@ def _ratelimit(cluster: str = RATELIMIT_CLUSTER) -> dict[str, Any]:
             failure_mode_deny=True,
             status_on_error={"code": 503},
             rate_limit_service={"grpc_service": {"envoy_grpc": {"cluster_name": cluster},
-                                                 "retry_policy": copy.deepcopy(SERVICE_RETRY)},
+                                                 "retry_policy": service_retry(RATELIMIT_TIMEOUT)},
                                 "transport_api_version": "V3"},
         ),
     }
@@ -411,8 +421,8 @@ def _mtls(tls: ServiceTls, sds_dir: str) -> dict[str, Any]:
 def grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | None,
                  workers: int = 1) -> dict[str, Any]:
     """A Tollway service; with several workers, one endpoint per worker port, and Envoy
-    balances each request over them (round robin), leaving out an endpoint that refuses
-    connections (SERVICE_OUTLIER_DETECTION)."""
+    balances each request over them (round robin), leaving out an endpoint that fails its
+    health checks (SERVICE_HEALTH_CHECK)."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC" if host[0].isdigit() or ":" in host else "STRICT_DNS",
@@ -423,7 +433,7 @@ def grpc_cluster(name: str, host: str, port: int, transport: dict[str, Any] | No
                 explicit_http_config={"http2_protocol_options": {}})},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket(host, port + i)}} for i in range(workers)]}]},
-        "outlier_detection": copy.deepcopy(SERVICE_OUTLIER_DETECTION),
+        "health_checks": [copy.deepcopy(SERVICE_HEALTH_CHECK)],
     }
     if transport:
         cluster["transport_socket"] = transport

@@ -2,7 +2,7 @@
 
 Worker i listens on each service's port + i (costsink lives in worker 0 alone) and exposes its
 metrics on the metrics port + i; Envoy balances each call over the workers' ports and sends a
-call that could not reach one to another (render.SERVICE_RETRY). So a worker that dies (kill -9,
+call that could not reach one to another (render.service_retry). So a worker that dies (kill -9,
 the OOM killer) costs no request, and the supervisor starts it again. A worker that fails soon
 after it started (a port taken, a manifest it cannot read, a crash on every request) would only
 fail again: the supervisor then stops the set and exits with that worker's status, for the

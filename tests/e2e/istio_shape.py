@@ -8,11 +8,10 @@ routes from the route configuration `http.<server port>`, one virtual host `<hos
 Gateway host with the VirtualService's routes; for the CUSTOM AuthorizationPolicy, an RBAC
 filter in shadow mode whose policy id gates istiod's ext_authz filter (built from the
 extension provider) through `filter_enabled_metadata`; Istio's outbound clusters
-`outbound|PORT||HOST` for mesh Services, with their DestinationRules' outlier detection; then
-the EnvoyFilter patches, applied in order with istiod's operations (INSERT_FIRST,
-INSERT_BEFORE, MERGE as a protobuf merge that appends repeated fields, ADD). Every patch must
-match something: istiod would skip a patch that matches nothing silently, and the test would
-then prove less than it claims.
+`outbound|PORT||HOST` for mesh Services; then the EnvoyFilter patches, applied in order with
+istiod's operations (INSERT_FIRST, INSERT_BEFORE, MERGE as a protobuf merge that appends
+repeated fields, ADD). Every patch must match something: istiod would skip a patch that
+matches nothing silently, and the test would then prove less than it claims.
 
 Left out, because stock Envoy lacks them or they do not touch Tollway's chain: Istio's own
 filters (istio.metadata_exchange, istio.stats, istio_authn), the mesh's mTLS between the
@@ -82,22 +81,9 @@ def _ext_authz(provider: dict[str, Any]) -> dict[str, Any]:
             "value": {"string_match": {"prefix": "istio-ext-authz"}}})}
 
 
-def _outlier_detection(rule: dict[str, Any]) -> dict[str, Any]:
-    """A DestinationRule's outlierDetection as istiod gives it to Envoy: the fields Tollway
-    sets, success-rate ejection off."""
-    od = rule["spec"]["trafficPolicy"]["outlierDetection"]
-    return {"split_external_local_origin_errors": od["splitExternalLocalOriginErrors"],
-            "consecutive_local_origin_failure": od["consecutiveLocalOriginFailures"],
-            "enforcing_consecutive_local_origin_failure": 100,
-            "enforcing_local_origin_success_rate": 0, "enforcing_success_rate": 0,
-            "interval": od["interval"], "base_ejection_time": od["baseEjectionTime"],
-            "max_ejection_percent": od["maxEjectionPercent"]}
-
-
-def _mesh_cluster(name: str, local_port: int, rule: dict[str, Any] | None) -> dict[str, Any]:
-    """A mesh Service port as istiod's CDS + EDS would resolve it (gRPC: HTTP/2), with the
-    DestinationRule of its host."""
-    cluster = {"name": name, "type": "STATIC", "connect_timeout": "10s",
+def _mesh_cluster(name: str, local_port: int) -> dict[str, Any]:
+    """A mesh Service port as istiod's CDS + EDS would resolve it (gRPC: HTTP/2)."""
+    return {"name": name, "type": "STATIC", "connect_timeout": "10s",
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -105,9 +91,6 @@ def _mesh_cluster(name: str, local_port: int, rule: dict[str, Any] | None) -> di
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {
                     "address": "127.0.0.1", "port_value": local_port}}}}]}]}}
-    if rule:
-        cluster["outlier_detection"] = _outlier_detection(rule)
-    return cluster
 
 
 def gateway_config(mesh: dict[str, Any], objects: list[dict[str, Any]], pod_port: int,
@@ -117,7 +100,6 @@ def gateway_config(mesh: dict[str, Any], objects: list[dict[str, Any]], pod_port
     [server] = gateway["spec"]["servers"]
     port = server["port"]["number"]
     vs = _one(objects, "VirtualService")
-    rules = {o["spec"]["host"]: o for o in objects if o["kind"] == "DestinationRule"}
     policy = _one(objects, "AuthorizationPolicy")
     [provider] = [p for p in mesh["extensionProviders"]
                   if p["name"] == policy["spec"]["provider"]["name"]]
@@ -151,8 +133,7 @@ def gateway_config(mesh: dict[str, Any], objects: list[dict[str, Any]], pod_port
                                                "port_value": pod_port}},
                 "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm}]}]}],
             "clusters": [_mesh_cluster(f"outbound|{hp.rsplit(':', 1)[1]}||"
-                                       f"{hp.rsplit(':', 1)[0]}", local,
-                                       rules.get(hp.rsplit(":", 1)[0]))
+                                       f"{hp.rsplit(':', 1)[0]}", local)
                          for hp, local in endpoints.items()]}}
 
 
