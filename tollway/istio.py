@@ -173,4 +173,3 @@ def objects(m: Manifest, *, host: str = "*", port: int = 80, target_port: int = 
     ef = envoy_filter(m, host=host, port=port, target_port=target_port, selector=selector)
     ef["metadata"].update(meta)
     return [*result, ef]
-
