@@ -38,7 +38,6 @@ ADMIN_CLUSTER = "tollway_admin"
 # released once its entry reaches costsink, and extauthz waits up to budget.SETTLE_WAIT for that
 ACCESS_LOG_FLUSH = "0.1s"
 RATELIMIT_TIMEOUT = "0.5s"
-
 # Envoy asks each endpoint's gRPC health service every second, and leaves out one that failed
 # to answer SERVING three times running (gone, or shutting down), until it answers again. Not
 # outlier detection: that counts a slow call as a failure, and under overload it would take a

@@ -73,9 +73,15 @@ def _workers(supervisor: int) -> dict[int, int]:
     return found
 
 
+def _stat(pid: int) -> list[str]:
+    """A process's /proc stat fields after its command name (state first; proc(5)'s field
+    numbers less 3)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _age(pid: int) -> float:
     """Seconds since the process started."""
-    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    ticks = int(_stat(pid)[19])
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
@@ -83,7 +89,7 @@ def _age(pid: int) -> float:
 def _gone(pid: int) -> bool:
     """The process has exited and its sockets are closed (a zombie until reaped, or reaped)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return _stat(pid)[0] == "Z"
     except FileNotFoundError:
         return True
 
