@@ -8,9 +8,11 @@ Starts the test harness's gateway (mock provider, `tollway serve`, the real Envo
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
 eat the 2 cores the gateway runs on. `--baseline DIR` runs the same against another checkout
 (e.g. `git worktree add /tmp/base <commit>`) in the same invocation, interleaved, so the ratio
-compares like with like; bare Envoy (router only) in front of the same mock is measured in
-every round too. Prints requests/s, p50/p99 and the CPU per request of each process (the
-services, Envoy, the mock provider) per run, then the ratios. `--rate-limit MODE` sets
+compares like with like. Measured in every round too: bare Envoy (router only) in front of the
+same mock, and the architecture's floor, this checkout's Envoy config with no-op Python
+servicers in place of the services (bench/noop_services.py). Prints requests/s, p50/p99 and
+the CPU per request of each process (the services, Envoy, the mock provider) per run, then
+the ratios. `--rate-limit MODE` sets
 services.rate_limit in every run and charges each request to a project rpm and tpm too high to
 refuse it (without it no quota applies); `--rate-limit-in-check` compares instead the two modes,
 so charged, in this checkout.
@@ -24,7 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from common import wrk_figures
 from wrk_script import CHAT_1KB, post_script
@@ -123,28 +127,65 @@ def mean(results: list[dict[str, float]], k: str) -> float:
     return sum(r[k] for r in results) / len(results)
 
 
+def drive(url: str, encoding: str, seconds: int, connections: int, tmp: Path,
+          pids: dict[str, int] | None = None) -> dict[str, float]:
+    """wrk's warm-up and its measured run against `url` with the provider's own key, as bare
+    Envoy and the no-op servicers need; with `pids`, those processes' CPU per request."""
+    from procstat import cpu_seconds
+
+    from tests.e2e.harness import PROVIDER_KEY
+
+    script = post_script(tmp / "post.lua", CHAT_1KB, {"authorization": f"Bearer {PROVIDER_KEY}",
+                                                      "accept-encoding": encoding})
+    wrk = ["wrk", "-t1", f"-c{connections}", "-s", str(script)]
+    subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
+    pids = pids or {}
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    f = wrk_figures(subprocess.run([*wrk, f"-d{seconds}s", "--latency", url],
+                                   capture_output=True, text=True).stdout)
+    return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"],
+            **{f"cpu_ms_{n}": 1000 * (cpu_seconds(pid) - before[n]) / f["requests"]
+               for n, pid in pids.items()}}
+
+
 def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
     """The same load on bare Envoy (router only) in front of the same mock: the baseline."""
-    import tempfile
-
     from common import bare_envoy
 
-    from tests.e2e.harness import PROVIDER_KEY, run_gateway
+    from tests.e2e.harness import run_gateway
 
     with tempfile.TemporaryDirectory() as tmpdir, run_gateway(Path(tmpdir)) as gw:
         proc, url = bare_envoy(gw.manifest_path, Path(tmpdir))
         try:
-            script = post_script(Path(tmpdir) / "post.lua", CHAT_1KB,
-                                 {"authorization": f"Bearer {PROVIDER_KEY}",
-                                  "accept-encoding": encoding})
-            wrk = ["wrk", "-t1", f"-c{connections}", "-s", str(script)]
-            subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
-            f = wrk_figures(subprocess.run([*wrk, f"-d{seconds}s", "--latency", url],
-                                           capture_output=True, text=True).stdout)
+            return drive(url, encoding, seconds, connections, Path(tmpdir))
         finally:
             proc.terminate()
             proc.wait()
-    return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"]}
+
+
+def floor(seconds: int, connections: int, encoding: str, rate_limit: str) -> dict[str, float]:
+    """The floor of the architecture at full load: this checkout's Envoy config (for
+    `rate_limit`: with or without the rate-limit filter) with no-op Python servicers in place
+    of the services (noop_services.py), i.e. the gRPC round trips into Python and nothing of
+    Tollway's own work."""
+    from noop_services import replace_services
+
+    from tests.e2e.harness import run_gateway
+
+    def mutate(doc: dict[str, Any]) -> None:
+        if rate_limit:
+            doc["services"]["rate_limit"] = rate_limit
+
+    with tempfile.TemporaryDirectory() as tmpdir, \
+            run_gateway(Path(tmpdir), mutate=mutate) as gw:
+        noop = replace_services(gw)
+        try:
+            return drive(gw.url + "/v1/chat/completions", encoding, seconds, connections,
+                         Path(tmpdir), {"noop": noop.pid, "envoy": gw.named["envoy"].pid,
+                                        "mock": gw.named["mock"].pid})
+        finally:
+            noop.terminate()
+            noop.wait()
 
 
 def compare_rate_limit(args: argparse.Namespace) -> None:
@@ -213,17 +254,21 @@ def main() -> None:
     if args.workers:
         compare_workers(args)
         return
-    runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": [], "bare Envoy": []}
+    runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": [], "floor": [],
+                                               "bare Envoy": []}
     for _ in range(args.rounds):  # interleaved: all see the same machine
         if args.baseline:
             runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
                                         args.accept_encoding, rate_limit=args.rate_limit))
         runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
                                 rate_limit=args.rate_limit))
+        runs["floor"].append(floor(args.seconds, args.connections, args.accept_encoding,
+                                   args.rate_limit))
         runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
     print_runs(runs)
-    print(json.dumps({"rps_this_over_bare_envoy": round(mean(runs["this"], "rps")
-                                                        / mean(runs["bare Envoy"], "rps"), 3)}))
+    print(json.dumps({f"rps_this_over_{name.replace(' ', '_').lower()}":
+                      round(mean(runs["this"], "rps") / mean(runs[name], "rps"), 3)
+                      for name in ("floor", "bare Envoy")}))
     if runs["baseline"]:
         print(json.dumps({k: round(mean(runs["this"], k) / mean(runs["baseline"], k), 3)
                           for k in ("rps", "p50_ms", "p99_ms", "cpu_ms_services")}))

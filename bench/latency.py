@@ -26,69 +26,19 @@ import argparse
 import asyncio
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-import yaml
 from common import bare_envoy, pct
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from google.protobuf import struct_pb2
-from google.rpc import code_pb2, status_pb2
+from noop_services import replace_services
 from procstat import cpu_seconds
 
-from tests.e2e.harness import PROVIDER_KEY, PrivateRedis, run_gateway, tcp_open, wait_until
+from tests.e2e.harness import PROVIDER_KEY, PrivateRedis, run_gateway
 
 BODY = {"model": "gpt-5.4-mini", "max_tokens": 5,
         "messages": [{"role": "user", "content": "word " * 50}]}
-
-
-class NoopAuthz(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """OK, with what Tollway's Lua and rate-limit descriptors read, and the credential swap."""
-
-    def __init__(self) -> None:
-        md = struct_pb2.Struct()
-        md.update({"org": "acme", "project": "team-ai", "client": "app", "key_id": "k-main",
-                   "model": "gpt-5.4-mini", "provider": "openai", "route": "route0",
-                   "dialect": "openai", "stream": False, "reserve_tokens": "100"})
-        self.response = external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK), dynamic_metadata=md,
-            ok_response=external_auth_pb2.OkHttpResponse(headers=[
-                {"header": {"key": "authorization", "value": f"Bearer {PROVIDER_KEY}"}}]))
-
-    async def Check(self, request: Any, context: Any) -> Any:
-        return self.response
-
-
-class NoopLimit(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
-        return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
-
-
-class NoopSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    async def StreamAccessLogs(self, it: Any, context: Any) -> Any:
-        async for _ in it:
-            pass
-        return als_pb2.StreamAccessLogsResponse()
-
-
-async def noop_services(ports: list[int]) -> None:
-    servers = []
-    for port, (add, servicer) in zip(ports, (
-            (external_auth_pb2_grpc.add_AuthorizationServicer_to_server, NoopAuthz()),
-            (rls_pb2_grpc.add_RateLimitServiceServicer_to_server, NoopLimit()),
-            (als_pb2_grpc.add_AccessLogServiceServicer_to_server, NoopSink())), strict=True):
-        server = grpc.aio.server()
-        add(servicer, server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        servers.append(server)
-    await asyncio.Event().wait()
 
 
 def h2load(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str, float]:
@@ -175,7 +125,6 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
     floor_cpu = 0.0
     with run_gateway(tmp, mutate=mutate) as gw:
         key = gw.issue("k-main")
-        doc = yaml.safe_load(gw.manifest_path.read_text())
         bare, bare_url = bare_envoy(gw.manifest_path, tmp)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
         ours = {"authorization": f"Bearer {key}"}
@@ -189,13 +138,8 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
             cpu = (cpu_seconds(services) - cpu) / ((seconds + 2) * 100)
             ttfb.append((f"Tollway ({label})", streamed_ttfb(url, ours, seconds)))
             if floor:  # the same Envoy, the services replaced by no-op servicers
-                gw.kill("services")
-                ports = [int(doc["services"][n].rsplit(":", 1)[1])
-                         for n in ("extauthz", "ratelimit", "costsink")]
-                noop = subprocess.Popen([sys.executable, __file__, "--noop", json.dumps(ports)])
+                noop = replace_services(gw)
                 try:
-                    wait_until(lambda: all(tcp_open(p) for p in ports), "no-op servicers",
-                               proc=noop)
                     floor_cpu = cpu_seconds(noop.pid)
                     rows.append(("floor (no-op servicers)", h2load(url, provider, seconds, tmp)))
                     floor_cpu = (cpu_seconds(noop.pid) - floor_cpu) / ((seconds + 2) * 100)
@@ -280,7 +224,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--noop":
-        asyncio.run(noop_services(json.loads(sys.argv[2])))
-    else:
-        main()
+    main()
