@@ -35,6 +35,8 @@ BUDGET_DECISIONS = Counter("tollway_budget_decisions_total",
                            "Budget checks of allowed requests",
                            ["result"])  # held, refused, in_flight, monitor_over, no_budget,
 # store_down
+# the children every allowed Check counts, looked up once
+NO_BUDGET, HELD = BUDGET_DECISIONS.labels("no_budget"), BUDGET_DECISIONS.labels("held")
 
 HOLD_GRACE_MS = 60_000
 # a request refused only by other requests' holds waits this long for them to settle (within
@@ -93,7 +95,7 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     m, b = rt.manifest, allow.binding
     budgets = budgets_for(m, b, allow.model, period_labels(now, m.gateway.timezone))
     if not budgets:
-        BUDGET_DECISIONS.labels("no_budget").inc()
+        NO_BUDGET.inc()
         return Held(0)
     amount = max_hold(rt, allow, facts)
     # Envoy always sets x-request-id; without one, a hold of its own (released by expiry)
@@ -119,7 +121,7 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: Reque
     _report_monitor_budgets(outcome, b.key.id)
     refused = outcome.refused_by
     if refused is None:
-        BUDGET_DECISIONS.labels("held").inc()
+        HELD.inc()
         return held if held.counters else Held(0)
     over = outcome.over_budget
     if over is None:

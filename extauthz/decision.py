@@ -137,7 +137,7 @@ def key_state(record: KeyRecord, binding: KeyBinding, d: Dialect, now: datetime
               ) -> Caller | Deny:
     """Revoked, suspended or expired, at any level (org, project, client, key, store)."""
     key_id = record.key_id
-    status = max(record.status, binding.status, key=lambda s: s.severity)
+    status = KeyStatus.worst(record.status, binding.status)
     if status is KeyStatus.REVOKED:
         return Deny("key_revoked", f"key {key_id} has been revoked", d, key_id)
     if status is KeyStatus.SUSPENDED:

@@ -23,9 +23,13 @@ class KeyStatus(StrEnum):
     SUSPENDED = "suspended"
     REVOKED = "revoked"
 
-    @property
-    def severity(self) -> int:
-        return {"active": 0, "suspended": 1, "revoked": 2}[self.value]
+    @staticmethod
+    def worst(*statuses: KeyStatus) -> KeyStatus:
+        """The most severe of a key's statuses at its levels (every Check asks)."""
+        return max(statuses, key=_SEVERITY.__getitem__)
+
+
+_SEVERITY = {KeyStatus.ACTIVE: 0, KeyStatus.SUSPENDED: 1, KeyStatus.REVOKED: 2}
 
 
 class Enforcement(StrEnum):
@@ -290,8 +294,8 @@ class KeyBinding:
 
     @property
     def status(self) -> KeyStatus:
-        levels = (self.org.status, self.project.status, self.client.status, self.key.status)
-        return max(levels, key=lambda s: s.severity)
+        return KeyStatus.worst(self.org.status, self.project.status, self.client.status,
+                               self.key.status)
 
     @property
     def model_rules(self) -> tuple[ModelRule, ...]:
