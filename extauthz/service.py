@@ -21,6 +21,7 @@ from tollway.errors import error_body, status_of
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
 from tollway.metadata import RATE_LIMITED_BY, REQUEST, struct_dict, to_struct
+from tollway.quotas import limits_apply
 from tollway.reload import Compiled
 from tollway.serve import past_deadline, time_remaining
 from tollway.spend import SpendStore
@@ -67,10 +68,14 @@ def facts_from(request: external_auth_pb2.CheckRequest) -> RequestFacts:
 
 
 def allow_response(allow: Allow, request_headers: Any, held: int,
-                   limited: Admission | None = None) -> external_auth_pb2.CheckResponse:
+                   limited: Admission | None = None,
+                   ask_rate_limit: bool = True) -> external_auth_pb2.CheckResponse:
     """`limited`: the rate limit's answer when this Check gave it (services.rate_limit:
     check): its x-ratelimit-* headers go to the client, and when the charge was made, for
-    token settlement, in the metadata beside the reservation."""
+    token settlement, in the metadata beside the reservation. `ask_rate_limit`: some request
+    or token limit counts this request; without one, the metadata has no reserve_tokens, so
+    Envoy's rate-limit filter, missing that descriptor entry, does not call ratelimit at all
+    (a round trip that could only answer OK)."""
     b = allow.binding
     rate = limited or ADMITTED
     if allow.provider.dialect is Dialect.ANTHROPIC:
@@ -94,7 +99,7 @@ def allow_response(allow: Allow, request_headers: Any, held: int,
         "stream": allow.stream, "max_tokens": allow.max_tokens,
         "fail_closed": allow.route.fail_closed,
         # a string: Envoy's rate-limit descriptors read string metadata only
-        "reserve_tokens": str(allow.reserve_tokens),
+        "reserve_tokens": str(allow.reserve_tokens) if ask_rate_limit else None,
         "budget_hold": str(held) if held else None,  # units; costsink releases it
         "charged_at_ms": rate.metadata.get("charged_at_ms"),
         # the rate-limit filter, if this listener still has it, must not charge again
@@ -222,7 +227,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                                 result.route.dialect, result.binding.key.id)
                 if isinstance(held, Held):
                     ALLOWED.inc()
-                    return allow_response(result, facts.headers, held.amount, limited)
+                    return allow_response(
+                        result, facts.headers, held.amount, limited,
+                        limits_apply(rt.manifest, result.binding, result.model))
                 result = held
             DECISIONS.labels("deny", result.code).inc()
             return deny_response(result)

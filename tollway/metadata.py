@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # the CLI imports this module: protobuf only where entries ar
     from google.protobuf import struct_pb2
 
 REQUEST = "tollway.request"  # model, stream, max_tokens, body_error: from the request body
-AUTHZ = "envoy.filters.http.ext_authz"  # identity, model, route, reserve_tokens
+# identity, model, route, and reserve_tokens when a request or token limit applies
+AUTHZ = "envoy.filters.http.ext_authz"
 RATELIMIT = "envoy.filters.http.ratelimit"  # reserved_tokens, charged_at_ms, denied_quota
 USAGE = "tollway.usage"  # the provider's reported token usage
 # Who answers a request's rate limit travels with the request, so that the Check and the

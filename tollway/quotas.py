@@ -24,8 +24,13 @@ class Rule:
     enforce: bool
 
 
+def _applies(quota: Quota, model: str) -> bool:
+    """The quota has a request or token limit, and counts this model."""
+    return bool(quota.limits) and (not quota.models or model in quota.models)
+
+
 def _rules(scope: str, quota: Quota, model: str) -> list[Rule]:
-    if quota.models and model not in quota.models:
+    if not _applies(quota, model):
         return []
     out = []
     for name, value in quota.limits.items():
@@ -37,7 +42,8 @@ def _rules(scope: str, quota: Quota, model: str) -> list[Rule]:
     return out
 
 
-def rules_for(m: Manifest, b: KeyBinding, model: str) -> list[Rule]:
+def _levels(m: Manifest, b: KeyBinding) -> list[tuple[str, tuple[Quota, ...]]]:
+    """Each scope a key's request counts in, with the quotas written there."""
     levels: list[tuple[str, tuple[Quota, ...]]] = [(f"org:{b.org.id}", b.org.quotas)]
     project_scope = f"project:{b.project.id}"
     if b.project.plan:
@@ -47,7 +53,17 @@ def rules_for(m: Manifest, b: KeyBinding, model: str) -> list[Rule]:
     if b.key.plan:
         levels.append((f"{key_scope}/plan:{b.key.plan}", m.plan(b.key.plan).quotas))
     levels.append((key_scope, b.key.quotas))
-    return [r for scope, quotas in levels for q in quotas for r in _rules(scope, q, model)]
+    return levels
+
+
+def rules_for(m: Manifest, b: KeyBinding, model: str) -> list[Rule]:
+    return [r for scope, quotas in _levels(m, b) for q in quotas for r in _rules(scope, q, model)]
+
+
+def limits_apply(m: Manifest, b: KeyBinding, model: str) -> bool:
+    """Whether rules_for(m, b, model) has any rule, without building them: extauthz asks it
+    of every allowed request, and one that no limit applies to skips the rate-limit call."""
+    return any(_applies(q, model) for _, quotas in _levels(m, b) for q in quotas)
 
 
 def reserve_tokens(body_bytes: int, max_tokens: int | None, max_output_tokens: int) -> int:

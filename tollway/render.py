@@ -51,7 +51,9 @@ SERVICE_HEALTH_CHECK = {
     "healthy_threshold": 1,
     "grpc_health_check": {},
 }
-# what the rate-limit service reads from extauthz's metadata, one descriptor per request
+# what the rate-limit service reads from extauthz's metadata, one descriptor per request; a
+# key absent from the metadata (reserve_tokens, when no request or token limit applies to the
+# request) makes Envoy skip the call (no default_value, skip_if_absent false)
 DESCRIPTOR_KEYS = ("org", "project", "key_id", "model", "route", "dialect", "reserve_tokens")
 
 # body fields copied into metadata; several dialect spellings of the output cap share one key

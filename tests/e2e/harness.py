@@ -6,6 +6,7 @@ with a deadline, never slept for.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -147,6 +148,14 @@ def offline_manifest() -> dict[str, Any]:
     return base_manifest({n: 1000 + i for i, n in enumerate(
         ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink", "metrics"))},
         "sqlite:///unused")
+
+
+def envoy_stat(admin_port: int, name: str) -> int:
+    """One of Envoy's counters or gauges from its admin port; 0 before it first counts."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?format=json&filter="
+                                f"^{name}$", timeout=2) as r:
+        stats = json.load(r)["stats"]
+    return int(stats[0]["value"]) if stats else 0
 
 
 @dataclass

@@ -9,12 +9,10 @@ restart nor replace its listener for a route edit (which would drain connections
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import openai
 import pytest
 import yaml
 
-from .harness import PROVIDER_KEY, Gateway, free_port, run_gateway, tcp_open, wait_until
+from .harness import PROVIDER_KEY, Gateway, envoy_stat, free_port, run_gateway, tcp_open, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -75,13 +73,6 @@ class Load:
     def __exit__(self, *_: object) -> None:
         self.stop.set()
         self.thread.join(timeout=15)
-
-
-def envoy_stat(admin_port: int, name: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?format=json&filter="
-                                f"^{name}$", timeout=2) as r:
-        stats = json.load(r)["stats"]
-    return int(stats[0]["value"]) if stats else 0
 
 
 def test_route_edit_under_load_fails_no_request(tmp_path: Path, second_mock: str) -> None:

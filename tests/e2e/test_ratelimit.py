@@ -17,7 +17,7 @@ import yaml
 
 from tests.test_ratelimit_backends import REDIS_URL
 
-from .harness import ROOT, Gateway, run_gateway
+from .harness import ROOT, Gateway, envoy_stat, run_gateway
 
 pytestmark = pytest.mark.e2e
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -145,6 +145,43 @@ def test_a_reservation_alone_over_the_limit_says_so(tmp_path: Path) -> None:
                                            max_tokens=100)
 
 
+def test_a_request_no_limit_counts_skips_the_rate_limit_call(tmp_path: Path) -> None:
+    """No request or token limit on the key's org, project or key: the Check leaves
+    reserve_tokens out of its metadata, and Envoy's rate-limit filter, its descriptor
+    incomplete, does not call ratelimit. A reload that adds an rpm brings the call, and the
+    limit, back; one that takes it away leaves requests uncounted again."""
+    with run_gateway(tmp_path) as gw:  # the base manifest: no quota anywhere
+        c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"), max_retries=0,
+                          timeout=10)
+        doc = yaml.safe_load(gw.manifest_path.read_text())
+
+        def asked() -> tuple[int, int]:
+            return tuple(envoy_stat(doc["gateway"]["admin_port"],  # type: ignore[return-value]
+                                    f"cluster.provider_openai.ratelimit.{answer}")
+                         for answer in ("ok", "over_limit"))
+
+        def chat() -> Any:
+            return c.chat.completions.with_raw_response.create(
+                model="gpt-5.4-mini", messages=MESSAGES, max_tokens=5)
+        for _ in range(3):
+            assert "x-ratelimit-limit-requests" not in chat().headers
+        assert asked() == (0, 0)
+
+        doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "tight", "rpm": 2}]
+        reload(gw, doc)
+        assert chat().headers["x-ratelimit-remaining-requests"] == "1"
+        assert chat().headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError):
+            chat()
+        assert asked() == (2, 1)
+
+        doc["organizations"][0]["projects"][0]["quotas"] = []
+        reload(gw, doc)
+        for _ in range(3):
+            chat()
+        assert asked() == (2, 1)
+
+
 def test_monitor_mode_lets_everything_through_and_reports(tmp_path: Path) -> None:
     def monitor(ex: dict[str, Any]) -> None:
         quotas = ex["organizations"][0]["projects"][0]["quotas"]
@@ -218,16 +255,8 @@ def test_unreachable_redis_follows_the_route_setting(tmp_path: Path, fail_closed
             assert "allowing (fail-open)" in metrics
 
 
-def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
-    import time
-
-    c = client(gw)
-    for _ in range(5):
-        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
-    doc = yaml.safe_load(gw.manifest_path.read_text())
-    quota = doc["organizations"][0]["projects"][0]["quotas"][2]
-    assert quota["name"] == "high-capability-model"
-    quota["rpm"] = 7
+def reload(gw: Gateway, doc: dict[str, Any]) -> None:
+    """Write the manifest and wait until the services say they applied it."""
     log = gw.manifest_path.parent / "logs" / "services.log"
     before = log.read_text().count("manifest reloaded")
     gw.write_manifest(doc)
@@ -235,6 +264,17 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
     while log.read_text().count("manifest reloaded") == before:
         assert time.monotonic() < deadline, "manifest not reloaded within 5 s"
         time.sleep(0.05)
+
+
+def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
+    c = client(gw)
+    for _ in range(5):
+        c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
+    doc = yaml.safe_load(gw.manifest_path.read_text())
+    quota = doc["organizations"][0]["projects"][0]["quotas"][2]
+    assert quota["name"] == "high-capability-model"
+    quota["rpm"] = 7
+    reload(gw, doc)
     raw = c.chat.completions.with_raw_response.create(model="gpt-5.4", messages=MESSAGES,
                                                       max_tokens=5)
     assert raw.headers["x-ratelimit-limit-requests"] == "7"
