@@ -18,7 +18,8 @@ from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from tollway.manifest import Enforcement, KeyBinding, Manifest, Quota
+from tollway.manifest import Enforcement, KeyBinding, Manifest
+from tollway.quotas import levels
 
 UNIT = Decimal("1e-10")
 PERIODS = ("day", "month")
@@ -94,20 +95,6 @@ class Budget:
         return f"{self.scope}/{self.quota} spend_per_{self.counter.period}"
 
 
-def _levels(m: Manifest, b: KeyBinding) -> list[tuple[str, str, tuple[Quota, ...]]]:
-    """(scope, counter base, quotas) from the widest level to the narrowest."""
-    org, project, key = f"org:{b.org.id}", f"project:{b.project.id}", f"key:{b.key.id}"
-    levels = [(org, org, b.org.quotas)]
-    if b.project.plan:
-        levels.append((f"{project}/plan:{b.project.plan}", project,
-                       m.plan(b.project.plan).quotas))
-    levels.append((project, project, b.project.quotas))
-    if b.key.plan:
-        levels.append((f"{key}/plan:{b.key.plan}", key, m.plan(b.key.plan).quotas))
-    levels.append((key, key, b.key.quotas))
-    return levels
-
-
 def base_counters(org: str, project: str, key_id: str, labels: dict[str, str]
                   ) -> list[SpendCounter]:
     """The key's, project's and org's own counters for the periods in `labels`."""
@@ -124,7 +111,7 @@ def key_counters(key_id: str, labels: dict[str, str]) -> list[SpendCounter]:
 def budgets_for(m: Manifest, b: KeyBinding, model: str, labels: dict[str, str]
                 ) -> list[Budget]:
     out = []
-    for scope, base, quotas in _levels(m, b):
+    for scope, base, quotas in levels(m, b):
         for q in quotas:
             if q.models and model not in q.models:
                 continue

@@ -1,4 +1,5 @@
-"""Which request and token limits apply to a request.
+"""Which request and token limits apply to a request, and the levels every quota is written at
+(the walk that budgets take too).
 
 Quotas are written where they apply: on the org, the project, the key, or a plan that a project
 or key names (instantiated at that project's or key's scope). A quota with `models` counts only
@@ -42,28 +43,36 @@ def _rules(scope: str, quota: Quota, model: str) -> list[Rule]:
     return out
 
 
-def _levels(m: Manifest, b: KeyBinding) -> list[tuple[str, tuple[Quota, ...]]]:
-    """Each scope a key's request counts in, with the quotas written there."""
-    levels: list[tuple[str, tuple[Quota, ...]]] = [(f"org:{b.org.id}", b.org.quotas)]
-    project_scope = f"project:{b.project.id}"
+# (scope, base, quotas): where quotas are written ("org:acme", "project:team-ai/plan:pro",
+# "key:k1"), the level's own counters (a plan's quotas count at its project or key), and the
+# quotas. A plain tuple: several are built for every request.
+Level = tuple[str, str, tuple[Quota, ...]]
+
+
+def levels(m: Manifest, b: KeyBinding) -> list[Level]:
+    """Every level a key's request counts at, from the widest to the narrowest: the org, the
+    project's plan, the project, the key's plan, the key. Rate limits (rules_for) and budgets
+    (tollway.budgets.budgets_for) both walk these."""
+    org, project, key = f"org:{b.org.id}", f"project:{b.project.id}", f"key:{b.key.id}"
+    out = [(org, org, b.org.quotas)]
     if b.project.plan:
-        levels.append((f"{project_scope}/plan:{b.project.plan}", m.plan(b.project.plan).quotas))
-    levels.append((project_scope, b.project.quotas))
-    key_scope = f"key:{b.key.id}"
+        out.append((f"{project}/plan:{b.project.plan}", project, m.plan(b.project.plan).quotas))
+    out.append((project, project, b.project.quotas))
     if b.key.plan:
-        levels.append((f"{key_scope}/plan:{b.key.plan}", m.plan(b.key.plan).quotas))
-    levels.append((key_scope, b.key.quotas))
-    return levels
+        out.append((f"{key}/plan:{b.key.plan}", key, m.plan(b.key.plan).quotas))
+    out.append((key, key, b.key.quotas))
+    return out
 
 
 def rules_for(m: Manifest, b: KeyBinding, model: str) -> list[Rule]:
-    return [r for scope, quotas in _levels(m, b) for q in quotas for r in _rules(scope, q, model)]
+    return [r for scope, _, quotas in levels(m, b) for q in quotas
+            for r in _rules(scope, q, model)]
 
 
 def limits_apply(m: Manifest, b: KeyBinding, model: str) -> bool:
     """Whether rules_for(m, b, model) has any rule, without building them: extauthz asks it
     of every allowed request, and one that no limit applies to skips the rate-limit call."""
-    return any(_applies(q, model) for _, quotas in _levels(m, b) for q in quotas)
+    return any(_applies(q, model) for _, _, quotas in levels(m, b) for q in quotas)
 
 
 def reserve_tokens(body_bytes: int, max_tokens: int | None, max_output_tokens: int) -> int:
