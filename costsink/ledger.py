@@ -151,7 +151,7 @@ class SqliteLedger(Ledger):
             db.execute("BEGIN IMMEDIATE")
             try:
                 for r in rows:
-                    if db.execute(sql, tuple(_sqlite_value(v) for v in values_of(r))).rowcount:
+                    if db.execute(sql, _sqlite_params(r)).rowcount:
                         new.add(r.request_id)
                 db.execute("COMMIT")
                 return new
@@ -199,12 +199,18 @@ def _sqlite_row(r: tuple[Any, ...]) -> LedgerRow:
     return LedgerRow(**v)
 
 
-def _sqlite_value(v: object) -> object:
-    if isinstance(v, datetime):
-        return v.astimezone(UTC).isoformat()
-    if isinstance(v, Decimal):
-        return str(v)
-    return v
+_AT, _COST = COLUMNS.index("at"), COLUMNS.index("cost")
+
+
+def _sqlite_params(r: LedgerRow) -> list[object]:
+    """A row's values as SQLite keeps them: the time as ISO 8601 text in UTC, the cost as exact
+    decimal text. By column, not a test of every value: this runs for every row on the writer
+    thread, holding the GIL the services' event loop needs."""
+    values: list[object] = list(values_of(r))
+    values[_AT] = r.at.astimezone(UTC).isoformat()
+    if r.cost is not None:
+        values[_COST] = str(r.cost)
+    return values
 
 
 class PostgresLedger(Ledger):
