@@ -36,6 +36,7 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest, Route
 from tollway.manifest.model import Dialect
 from tollway.policy import request_context
+from tollway.quotas import limits_apply
 from tollway.spend import SpendStore
 
 # the Usage API's answer for a key and model, or None when the service cannot be asked
@@ -136,7 +137,10 @@ async def explain(m: Manifest, mirror: KeyMirror, spend: SpendStore, key_id: str
     if budget_denial is not None:
         return out.deny(budget_denial)
 
-    if usage is None:
+    if not limits_apply(m, allowed.binding, model):
+        out.lines.append("rate limits: none applies to this key and model (the gateway does "
+                         "not ask ratelimit)")
+    elif usage is None:
         out.lines.append("rate limits: not checked (--no-rate-limits)")
     else:
         answer = await usage(key_id, model)

@@ -109,6 +109,20 @@ def test_a_spent_rate_limit_is_explained_as_429(gw: Gateway) -> None:
     assert explained == served == (429, "rate_limit_exceeded")
 
 
+def test_explain_says_whether_a_rate_limit_is_asked(gw: Gateway) -> None:
+    """k-main's project has no quota: the gateway does not call ratelimit for it. k-limited's
+    has an rpm (spent or not, by the test before: explain lists it either way)."""
+    def steps(key_id: str) -> list[str]:
+        out = gw.run_cli("explain", "--", "--key", key_id, "--model", "gpt-5.4-mini",
+                         "--format", "json")
+        assert out.returncode in (0, 3), out.stderr
+        result: list[str] = json.loads(out.stdout)["steps"]
+        return result
+    assert "rate limits: none applies to this key and model (the gateway does not ask " \
+           "ratelimit)" in steps("k-main")
+    assert any(s.startswith("rate limit one-a-minute (rpm): ") for s in steps("k-limited"))
+
+
 def test_explain_refuses_what_is_not_an_address(gw: Gateway) -> None:
     out = gw.run_cli("explain", "--", "--key", "k-main", "--model", "gpt-5.4-mini", "--ip",
                      "notanip")
