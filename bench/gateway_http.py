@@ -12,10 +12,10 @@ compares like with like. Measured in every round too: bare Envoy (router only) i
 same mock, and the architecture's floor, this checkout's Envoy config with no-op Python
 servicers in place of the services (bench/noop_services.py). Prints requests/s, p50/p99 and
 the CPU per request of each process (the services, Envoy, the mock provider) per run, then
-the ratios. `--rate-limit MODE` sets
-services.rate_limit in every run and charges each request to a project rpm and tpm too high to
-refuse it (without it no quota applies); `--rate-limit-in-check` compares instead the two modes,
-so charged, in this checkout.
+the ratios. `--rate-limit MODE` sets services.rate_limit in every run and charges each request
+to a project rpm and tpm too high to refuse it (without it no quota applies, and the Check
+skips the rate-limit call, which the floor still makes); `--rate-limit-in-check` compares
+instead the two modes, so charged, in this checkout.
 """
 
 from __future__ import annotations

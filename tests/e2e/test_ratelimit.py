@@ -156,9 +156,9 @@ def test_a_request_no_limit_counts_skips_the_rate_limit_call(tmp_path: Path) -> 
         doc = yaml.safe_load(gw.manifest_path.read_text())
 
         def asked() -> tuple[int, int]:
-            return tuple(envoy_stat(doc["gateway"]["admin_port"],  # type: ignore[return-value]
-                                    f"cluster.provider_openai.ratelimit.{answer}")
-                         for answer in ("ok", "over_limit"))
+            """Envoy's count of ratelimit's answers: (OK, over limit)."""
+            admin, stat = doc["gateway"]["admin_port"], "cluster.provider_openai.ratelimit"
+            return envoy_stat(admin, f"{stat}.ok"), envoy_stat(admin, f"{stat}.over_limit")
 
         def chat() -> Any:
             return c.chat.completions.with_raw_response.create(

@@ -48,8 +48,8 @@ MAX_KEY_LENGTH = 256
 
 def hash_secret(pepper: bytes, secret: str) -> bytes:
     # not hmac.digest: that one-shot call releases the GIL, and under load every Check then
-    # waited for another thread (the ledger's SQLite writer) to hand it back: 33 us on
-    # average, against 2 us for this
+    # waited for another thread (the ledger's SQLite writer) to hand it back: 33 us on average
+    # in a profile of the live services, 15 us for this; alone, each takes under 2 us
     return hmac.new(pepper, secret.encode(), hashlib.sha256).digest()
 
 
