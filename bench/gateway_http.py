@@ -3,6 +3,7 @@
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
                                   [--accept-encoding gzip|identity] [--workers]
                                   [--rate-limit filter|check] [--rate-limit-in-check]
+                                  [--pin-cpus]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -15,7 +16,8 @@ the CPU per request of each process (the services, Envoy, the mock provider) per
 the ratios. `--rate-limit MODE` sets services.rate_limit in every run and charges each request
 to a project rpm and tpm too high to refuse it (without it no quota applies, and the Check
 skips the rate-limit call, which the floor still makes); `--rate-limit-in-check` compares
-instead the two modes, so charged, in this checkout.
+instead the two modes, so charged, in this checkout; `--pin-cpus` compares services.pin_cpus off
+and on.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def mutate(doc):
         doc["services"]["rate_limit"] = rate_limit
         doc["organizations"][0]["projects"][0]["quotas"] = [
             {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
+    if os.environ.get("BENCH_PIN"):
+        doc["services"]["pin_cpus"] = True
     if workers:  # services.workers: N processes, Redis counters, costsink in its own
         doc["services"]["workers"] = workers
         doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
@@ -86,13 +90,14 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
 
 
 def run(checkout: Path, seconds: int, connections: int, encoding: str,
-        workers: int = 0, rate_limit: str = "", cpus: str = "") -> dict[str, float]:
+        workers: int = 0, rate_limit: str = "", cpus: str = "",
+        pin: bool = False) -> dict[str, float]:
     """One gateway run in `checkout`; `cpus` ("0", "0,1"): the cores that the gateway, its
-    mock provider and wrk all run on (default: every core)."""
+    mock provider and wrk all run on (default: every core); `pin`: services.pin_cpus."""
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
-           "BENCH_RATE_LIMIT": rate_limit, "BENCH_CPUS": cpus,
+           "BENCH_RATE_LIMIT": rate_limit, "BENCH_CPUS": cpus, "BENCH_PIN": "1" if pin else "",
            "BENCH_DIR": str(Path(__file__).resolve().parent)}
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                            text=True, cwd=checkout, timeout=seconds + 120)
@@ -163,11 +168,13 @@ def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
             proc.wait()
 
 
-def floor(seconds: int, connections: int, encoding: str, rate_limit: str) -> dict[str, float]:
+def floor(seconds: int, connections: int, encoding: str, rate_limit: str,
+          pin: bool = False) -> dict[str, float]:
     """The floor of the architecture at full load: this checkout's Envoy config (for
     `rate_limit`: with or without the rate-limit filter) with no-op Python servicers in place
     of the services (noop_services.py), i.e. the gRPC round trips into Python and nothing of
-    Tollway's own work."""
+    Tollway's own work; `pin`: the servicers' threads on the CPU services.pin_cpus picks."""
+    from noop_services import pin as noop_pin
     from noop_services import replace_services
 
     from tests.e2e.harness import run_gateway
@@ -179,6 +186,8 @@ def floor(seconds: int, connections: int, encoding: str, rate_limit: str) -> dic
     with tempfile.TemporaryDirectory() as tmpdir, \
             run_gateway(Path(tmpdir), mutate=mutate) as gw:
         noop = replace_services(gw)
+        if pin:
+            noop_pin(noop.pid)
         try:
             return drive(gw.url + "/v1/chat/completions", encoding, seconds, connections,
                          Path(tmpdir), {"noop": noop.pid, "envoy": gw.named["envoy"].pid,
@@ -204,6 +213,32 @@ def compare_rate_limit(args: argparse.Namespace) -> None:
     print(json.dumps({"check_over_filter": {k: ratio(k, "check", "filter") for k in (
                           "rps", "p50_ms", "p99_ms", "cpu_ms_services")},
                       "check_over_bare_envoy_rps": ratio("rps", "check", "bare Envoy")}))
+
+
+def compare_pinning(args: argparse.Namespace) -> None:
+    """services.pin_cpus off and on, and the floor likewise (its no-op servicers unpinned and
+    pinned to the same CPU), interleaved, with bare Envoy in the same invocation."""
+    runs: dict[str, list[dict[str, float]]] = {
+        "unpinned": [], "pinned": [], "floor": [], "floor pin": [], "bare Envoy": []}
+    for _ in range(args.rounds):
+        for pin in (False, True):
+            runs["pinned" if pin else "unpinned"].append(run(
+                ROOT, args.seconds, args.connections, args.accept_encoding,
+                rate_limit=args.rate_limit, pin=pin))
+            runs["floor pin" if pin else "floor"].append(floor(
+                args.seconds, args.connections, args.accept_encoding, args.rate_limit, pin=pin))
+        runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
+    print_runs(runs)
+
+    def ratio(k: str, name: str, base: str) -> float:
+        return round(mean(runs[name], k) / mean(runs[base], k), 3)
+    print(json.dumps({
+        "pinned_over_unpinned": {k: ratio(k, "pinned", "unpinned") for k in (
+            "rps", "p50_ms", "p99_ms", "cpu_ms_services")},
+        "floor_pinned_over_unpinned": {k: ratio(k, "floor pin", "floor") for k in (
+            "rps", "cpu_ms_noop")},
+        "rps_over_its_floor": {"unpinned": ratio("rps", "unpinned", "floor"),
+                               "pinned": ratio("rps", "pinned", "floor pin")}}))
 
 
 # (name, cores the whole run is pinned to, services.workers)
@@ -245,6 +280,9 @@ def main() -> None:
                     help="services.rate_limit in every run, with quotas charged")
     ap.add_argument("--rate-limit-in-check", action="store_true",
                     help="instead: services.rate_limit filter vs check, with quotas charged")
+    ap.add_argument("--pin-cpus", action="store_true",
+                    help="instead: services.pin_cpus off vs on (and the floor unpinned vs "
+                         "pinned)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -253,6 +291,9 @@ def main() -> None:
         return
     if args.workers:
         compare_workers(args)
+        return
+    if args.pin_cpus:
+        compare_pinning(args)
         return
     runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": [], "floor": [],
                                                "bare Envoy": []}

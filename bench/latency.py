@@ -1,6 +1,6 @@
 """Latency Tollway adds over bare Envoy at a fixed 100 requests/s, and the architecture's floor.
 
-    python bench/latency.py [--seconds 20] [--rate-limit filter|check]
+    python bench/latency.py [--seconds 20] [--rate-limit filter|check] [--pin-cpus]
 
 Each gateway is driven at a fixed 100 requests/s by h2load (open loop: requests leave on
 schedule whatever the answers' pace) and, for streams, by a small client timing the first
@@ -17,7 +17,8 @@ Also printed: the services' CPU per request during Tollway's run.
 `--rate-limit filter|check` sets services.rate_limit and gives the project an rpm and a tpm
 too high to refuse, so every request is charged: by Envoy's rate-limit filter asking ratelimit
 (filter), or by extauthz in its Check (check; the floor then has no rate-limit filter either).
-Without it, the base manifest has no quota and the rate-limit filter's call charges nothing.
+Without it, the base manifest has no quota and the Check skips the rate-limit call. `--pin-cpus`
+sets services.pin_cpus and pins the floor's no-op servicers to the same CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common import bare_envoy, pct
+from noop_services import pin as noop_pin
 from noop_services import replace_services
 from procstat import cpu_seconds
 
@@ -114,14 +116,17 @@ def streamed_ttfb(url: str, headers: dict[str, str], seconds: int) -> dict[str, 
     return {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": lat[-1]}
 
 
-def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False
-                 ) -> tuple[list[tuple[str, dict[str, float]]], list[tuple[str, dict[str, float]]],
-                            float, float]:
+Rows = list[tuple[str, dict[str, float]]]
+
+
+def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False,
+                 pin: bool = False) -> tuple[Rows, Rows, float, float]:
     """One gateway: bare Envoy, Tollway (and the floor), bare Envoy again, in that order;
     the same for streamed time to first event. Returns both tables' rows and the services'
-    CPU per request during Tollway's run, and the no-op servicers' during the floor's."""
-    rows: list[tuple[str, dict[str, float]]] = []
-    ttfb: list[tuple[str, dict[str, float]]] = []
+    CPU per request during Tollway's run, and the no-op servicers' during the floor's; `pin`:
+    the no-op servicers pinned to the CPU services.pin_cpus picks."""
+    rows: Rows = []
+    ttfb: Rows = []
     floor_cpu = 0.0
     with run_gateway(tmp, mutate=mutate) as gw:
         key = gw.issue("k-main")
@@ -139,6 +144,8 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
             ttfb.append((f"Tollway ({label})", streamed_ttfb(url, ours, seconds)))
             if floor:  # the same Envoy, the services replaced by no-op servicers
                 noop = replace_services(gw)
+                if pin:
+                    noop_pin(noop.pid)
                 try:
                     floor_cpu = cpu_seconds(noop.pid)
                     rows.append(("floor (no-op servicers)", h2load(url, provider, seconds, tmp)))
@@ -156,7 +163,7 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
     return rows, ttfb, cpu, floor_cpu
 
 
-def added(rows: list[tuple[str, dict[str, float]]], name: str) -> str:
+def added(rows: Rows, name: str) -> str:
     by = dict(rows)
     t = by[name]
     base50 = (by["bare Envoy"]["p50"] + by["bare Envoy (again)"]["p50"]) / 2
@@ -174,9 +181,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--rate-limit", choices=["filter", "check"],
                     help="services.rate_limit, with quotas charged on every request")
+    ap.add_argument("--pin-cpus", action="store_true",
+                    help="services.pin_cpus, and the floor's no-op servicers pinned alike")
     args = ap.parse_args()
 
     def rate_limited(doc: dict[str, Any]) -> None:
+        if args.pin_cpus:
+            doc["services"]["pin_cpus"] = True
         if args.rate_limit:
             doc["services"]["rate_limit"] = args.rate_limit
             doc["organizations"][0]["projects"][0]["quotas"] = [
@@ -191,7 +202,8 @@ def main() -> None:
         tmp = Path(tmpdir)
         (tmp / "memory").mkdir()
         mem, mem_ttfb, mem_cpu, floor_cpu = gateway_runs(tmp / "memory", "memory", args.seconds,
-                                              mutate=rate_limited, floor=True)
+                                              mutate=rate_limited, floor=True,
+                                              pin=args.pin_cpus)
         redis = PrivateRedis(tmp)
         redis.start()
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,16 @@ def replace_services(gw: Gateway) -> subprocess.Popen[bytes]:
     noop = subprocess.Popen([sys.executable, str(Path(__file__)), json.dumps(ports)])
     wait_until(lambda: all(tcp_open(p) for p in ports), "no-op servicers", proc=noop)
     return noop
+
+
+def pin(pid: int) -> None:
+    """Every thread of process `pid` on the CPU that services.pin_cpus gives a single
+    `tollway serve` (the floor pinned as the services are)."""
+    from tollway.workers import cpu_for
+
+    cpu = cpu_for(0, os.sched_getaffinity(0))
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), {cpu})
 
 
 if __name__ == "__main__":

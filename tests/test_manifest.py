@@ -155,3 +155,10 @@ def test_who_answers_the_rate_limit_is_filter_or_check() -> None:
     assert loads(MINIMAL + "services: {rate_limit: check}\n").services.rate_limit == "check"
     assert any(p.startswith("services.rate_limit: must be 'filter'")
                for p in problems(MINIMAL + "services: {rate_limit: lua}\n"))
+
+
+def test_pinning_the_services_to_cpus_is_off_unless_asked() -> None:
+    assert loads(MINIMAL).services.pin_cpus is False
+    assert loads(MINIMAL + "services: {pin_cpus: true}\n").services.pin_cpus is True
+    assert "services.pin_cpus: must be true or false" in problems(
+        MINIMAL + "services: {pin_cpus: 'yes please'}\n")

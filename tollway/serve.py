@@ -261,6 +261,10 @@ def run(manifest_path: Path, names: list[str],
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
     if worker:
         names = [n for n in names if n != "costsink"]
+    if m.services.pin_cpus and set(names) != {"costsink"}:
+        from tollway.workers import pin_to_cpu
+
+        pin_to_cpu(worker or 0)
     asyncio.run(serve(manifest_path, names, metrics_address=metrics_address,
                       worker=worker or 0, manifest=m))
     return 0

@@ -7,11 +7,16 @@ the OOM killer) costs no request, and the supervisor starts it again. A worker t
 after it started (a port taken, a manifest it cannot read, a crash on every request) would only
 fail again: the supervisor then stops the set and exits with that worker's status, for the
 orchestrator to see and restart the set as it would one process.
+
+With services.pin_cpus each worker runs on a CPU of its own (pin_to_cpu), as a single
+`tollway serve` does on one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +27,33 @@ log = logging.getLogger("tollway.workers")
 
 # a worker that exits sooner than this after its start is not restarted
 STEADY_AFTER = 10.0
+
+
+def cpu_for(worker: int, allowed: set[int]) -> int:
+    """The CPU worker `worker` is pinned to: the last of those allowed for worker 0, the one
+    before for worker 1, and so on, round again past the first (CPU 0 takes the most of the
+    kernel's own work)."""
+    cpus = sorted(allowed, reverse=True)
+    return cpus[worker % len(cpus)]
+
+
+def pin_to_cpu(worker: int) -> int | None:
+    """services.pin_cpus: this process and every thread it has or will start run on one CPU
+    (cpu_for). Each request crosses from gRPC's poller thread, which reads the sockets, to the
+    event loop and back several times; on one CPU each such wake-up is a run-queue entry, on
+    two an inter-processor interrupt (bench/gateway_http.py --pin-cpus). Returns the CPU, or
+    None where the platform cannot pin."""
+    if not hasattr(os, "sched_setaffinity"):
+        log.warning("services.pin_cpus: this platform cannot pin a process to a CPU; "
+                    "running unpinned")
+        return None
+    cpu = cpu_for(worker, os.sched_getaffinity(0))
+    # the threads already started (the ones started later inherit the pin from theirs)
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task), {cpu})
+    log.info("pinned to CPU %d (services.pin_cpus)", cpu)
+    return cpu
 
 
 def supervise(manifest_path: Path, names: list[str], workers: int,

@@ -174,3 +174,44 @@ def test_a_worker_killed_costs_no_request_and_is_started_again(tmp_path: Path) -
             assert not Path(f"/proc/{workers[0]}").exists()  # stopped and reaped
     finally:
         redis.kill()
+
+
+def _cpus_of_threads(pid: int) -> set[str]:
+    """The CPUs each thread of the process may run on, as the kernel lists them ('1', '0-1')."""
+    return {line.split(":", 1)[1].strip()
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for line in (task / "status").read_text().splitlines()
+            if line.startswith("Cpus_allowed_list:")}
+
+
+def test_pinned_workers_run_each_on_a_cpu_of_its_own(tmp_path: Path) -> None:
+    """services.pin_cpus: every thread of a worker, those gRPC started after the pin included,
+    on one CPU; the two workers on two CPUs; the supervisor, nearly idle, left unpinned."""
+    allowed = os.sched_getaffinity(0)
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+
+    def mutate(doc: dict[str, Any]) -> None:
+        doc["services"]["workers"] = 2
+        doc["services"]["pin_cpus"] = True
+        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+
+    try:
+        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
+                                   max_retries=0)
+            for _ in range(4):  # both workers serve (round robin), their threads all started
+                client.chat.completions.create(model="gpt-5.4-mini", messages=[
+                    {"role": "user", "content": "hi"}])
+            supervisor = gw.named["services"].pid
+            workers = _workers(supervisor)
+            pins = {i: _cpus_of_threads(pid) for i, pid in workers.items()}
+            last = sorted(allowed)[-1]
+            assert pins[0] == {str(last)}, pins
+            if len(allowed) > 1:
+                assert pins[1] == {str(sorted(allowed)[-2])}, pins
+            # gRPC's poller thread and the rest, not the main thread alone
+            assert len(list(Path(f"/proc/{workers[0]}/task").iterdir())) > 2
+            assert _cpus_of_threads(supervisor) != {str(last)} or len(allowed) == 1
+    finally:
+        redis.kill()

@@ -562,7 +562,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
 
     s = root.child("services")
     s.check_keys({"extauthz", "ratelimit", "costsink", "admin", "metrics_port", "metrics_host",
-                  "tls", "listen", "health", "workers", "rate_limit"})
+                  "tls", "listen", "health", "workers", "rate_limit", "pin_cpus"})
     listen: dict[str, tuple[str, int]] = {}
     if s.value.get("listen") is not None:
         ln = s.child("listen")
@@ -587,7 +587,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
                         rate_limit=s.text("rate_limit", "filter", pattern=RATE_LIMIT_RE,
                                           rule="must be 'filter' (Envoy's rate-limit filter "
                                                "asks the ratelimit service) or 'check' "
-                                               "(extauthz answers it in its Check)"))
+                                               "(extauthz answers it in its Check)"),
+                        pin_cpus=s.flag("pin_cpus", False))
 
     st = root.child("storage")
     st.check_keys({"keys", "counters", "ledger", "pepper", "key_cache"})

@@ -242,6 +242,11 @@ class Services:
     # admitted the request (one round trip; the counters must be shared with ratelimit, which
     # still settles tokens and answers usage queries)
     rate_limit: str = "filter"
+    # each service process on one CPU of its own, its threads with it (tollway/workers.py
+    # pin_to_cpu): gRPC's poller thread and the event loop then wake each other without a
+    # cross-CPU interrupt. Only where those CPUs are the process's own (a dedicated VM, a
+    # cpuset, Kubernetes' static CPU manager): pinned beside a busy neighbour it cannot move
+    pin_cpus: bool = False
 
     def ports(self, name: str) -> list[int]:
         """Every port the service is served on, worker by worker."""
