@@ -77,31 +77,54 @@ async def stream(port: int, n: int, run: str) -> float:
         return started
 
 
-def count(ledger: str, run: str) -> int:
+def wait_for_rows(ledger: str, run: str, n: int) -> None:
+    """Until the ledger holds the run's `n` rows. Polled every 10 ms for the last entry by
+    its primary key (the sink writes its queue in order), then counted once: a count every
+    10 ms would scan the table on the cores the sink needs, and so would a new PostgreSQL
+    connection per poll (a backend forked each time)."""
+    last = f"{run}-{n - 1}"
     if not ledger.startswith("sqlite"):
-        return asyncio.run(count_pg(run))
+        asyncio.run(_wait_for_pg_rows(run, last, n))
+        return
     import sqlite3
 
     path = ledger[len("sqlite:///"):]
-    if not Path(path).exists():
-        return 0
-    db = sqlite3.connect(path)
-    try:
-        return int(db.execute("SELECT count(*) FROM tollway_ledger WHERE request_id LIKE ?",
-                              (f"{run}-%",)).fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        db.close()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if Path(path).exists():
+            db = sqlite3.connect(path)
+            try:
+                if db.execute("SELECT 1 FROM tollway_ledger WHERE request_id = ?",
+                              (last,)).fetchone():
+                    found = db.execute("SELECT count(*) FROM tollway_ledger WHERE request_id "
+                                       "LIKE ?", (f"{run}-%",)).fetchone()[0]
+                    if found != n:
+                        raise SystemExit(f"the SQLite ledger holds {found} of {n} entries")
+                    return
+            except sqlite3.OperationalError:  # the table not created yet
+                pass
+            finally:
+                db.close()
+        time.sleep(0.01)
+    raise TimeoutError("the entries did not all reach the SQLite ledger")
 
 
-async def count_pg(run: str) -> int:
+async def _wait_for_pg_rows(run: str, last: str, n: int) -> None:
     conn = await asyncpg.connect(PG)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM tollway_ledger WHERE request_id "
-                                       "LIKE $1", f"{run}-%"))
-    except asyncpg.UndefinedTableError:
-        return 0
+        async with asyncio.timeout(600):
+            while True:
+                try:
+                    if await conn.fetchval("SELECT 1 FROM tollway_ledger WHERE request_id = $1",
+                                           last):
+                        break
+                except asyncpg.UndefinedTableError:
+                    pass
+                await asyncio.sleep(0.01)
+        found = await conn.fetchval("SELECT count(*) FROM tollway_ledger WHERE request_id "
+                                    "LIKE $1", f"{run}-%")
+        if found != n:
+            raise SystemExit(f"the PostgreSQL ledger holds {found} of {n} entries")
     finally:
         await conn.close()
 
@@ -157,8 +180,7 @@ def main() -> None:
                 rows.append((f"no-op sink ({name} run)", args.entries /
                              (time.perf_counter() - started)))
                 started = asyncio.run(stream(port, args.entries, run))
-                while count(ledger, run) < args.entries:
-                    time.sleep(0.01)
+                wait_for_rows(ledger, run, args.entries)
                 rows.append((f"costsink → {name}", args.entries /
                              (time.perf_counter() - started)))
                 if name == "PostgreSQL":
