@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from costsink.entry import Entry
 from costsink.ledger import LedgerRow, SqliteLedger
 from costsink.service import AccessLogSink
@@ -120,3 +122,42 @@ async def test_spend_a_crash_left_out_is_rebuilt_from_the_ledger(tmp_path: Path)
     assert await store.read("o", [month]) == [(want, 0)]
     assert not s.spend_behind_ledger
     await ledger.close()
+
+
+async def test_each_reservation_is_settled_whatever_befalls_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, the batch's settlements run at once: one whose counters fail, one whose
+    metadata cannot be read and one that never answers (cut off at SETTLE_TIMEOUT) leave the
+    others settled, each with its own numbers, and the batch written."""
+    import asyncio
+
+    from costsink import service
+
+    monkeypatch.setattr(service, "SETTLE_TIMEOUT", 0.2)
+    settled: list[tuple[str, str, int, int, int]] = []
+
+    async def settle_here(key_id: str, model: str, reserved: int, actual: int,
+                          charged_at: int) -> None:
+        if reserved == 13:
+            raise ConnectionError("counters down")
+        if reserved == 99:
+            await asyncio.Event().wait()  # never answers
+        settled.append((key_id, model, reserved, actual, charged_at))
+
+    s = AccessLogSink(Compiled(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
+                      Spool(tmp_path / "spool"), SpendRecorder(MemorySpendStore()),
+                      settle_here=settle_here)
+
+    def reserved(i: int, tokens: object) -> Entry:
+        return Entry(row(i), 100 + i, {"reserved_tokens": tokens, "charged_at_ms": 1000.0 + i})
+    await s.write([reserved(1, 30.0), reserved(2, 13), reserved(3, "many"), reserved(4, 40),
+                   Entry(row(5), 105, {})])  # not rate limited: nothing to settle
+    assert sorted(settled) == [("k", "m", 30, 101, 1001), ("k", "m", 40, 104, 1004)]
+    assert len(await s.ledger.rows()) == 5
+
+    settled.clear()
+    started = asyncio.get_running_loop().time()
+    await s.write([reserved(6, 99), reserved(7, 50)])
+    assert settled == [("k", "m", 50, 107, 1007)]
+    assert asyncio.get_running_loop().time() - started < 5  # cut off, not waited for
+    await s.ledger.close()
