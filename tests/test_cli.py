@@ -115,3 +115,27 @@ def test_money_is_exact_and_alike_everywhere() -> None:
 
     assert [money(Decimal(x)) for x in ("0", "0.0000480", "0.00006285", "1E+3", "12.5")] \
         == ["0.00", "0.000048", "0.00006285", "1000.00", "12.50"]
+
+
+def test_up_says_what_holds_a_port_it_needs() -> None:
+    """A server's port, and a port nothing listens on but an outgoing connection's local end
+    holds (the default service ports lie in the kernel's range for those)."""
+    from tollway.up import port_taken
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert port_taken("extauthz", "127.0.0.1", port) == (
+            f"port 127.0.0.1:{port} (extauthz) is already in use")
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            local = client.getsockname()[1]  # from the kernel's range for outgoing connections
+            taken = port_taken("admin API", "127.0.0.1", local)
+            assert taken is not None
+            assert taken.startswith(f"port 127.0.0.1:{local} (admin API) is already in use by "
+                                    "the local end of an outgoing connection")
+            assert "net.ipv4.ip_local_reserved_ports" in taken
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert port_taken("metrics", "127.0.0.1", free) is None

@@ -68,6 +68,34 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel picks the local end of outgoing connections from (Linux)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(0)
+
+
+def port_taken(name: str, host: str, port: int) -> str | None:
+    """Why `tollway up` cannot bind `port`, or None where it can. A port nothing listens on
+    can still be taken: the default service ports (50051-50054) lie in Linux's range for the
+    local end of outgoing connections, which one may hold for a while."""
+    if _port_free(host, port):
+        return None
+    text = f"port {host}:{port} ({name}) is already in use"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.settimeout(1)
+        listening = s.connect_ex((host, port)) == 0
+    ephemeral = _ephemeral_ports()
+    if not listening and port in ephemeral:
+        text += (f" by the local end of an outgoing connection, not by a server (ports "
+                 f"{ephemeral.start}-{ephemeral.stop - 1} are the kernel's for those): try "
+                 f"again once it closes, or keep the kernel off the gateway's ports with "
+                 f"sysctl net.ipv4.ip_local_reserved_ports")
+    return text
+
+
 def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], name: str,
               deadline: float) -> None:
     while time.monotonic() < deadline:
@@ -117,8 +145,9 @@ def planned_ports(m: Manifest) -> list[tuple[str, str, int]]:
 
 def up(manifest_path: Path, m: Manifest) -> int:
     for name, host, port in planned_ports(m):
-        if not _port_free(host, port):
-            print(f"tollway: port {host}:{port} ({name}) is already in use", file=sys.stderr)
+        taken = port_taken(name, host, port)
+        if taken:
+            print(f"tollway: {taken}", file=sys.stderr)
             return 1
     env = dict(os.environ)
     mocks = [p for p in m.providers if p.mock]
