@@ -47,7 +47,11 @@ def pin_to_cpu(worker: int) -> int | None:
         log.warning("services.pin_cpus: this platform cannot pin a process to a CPU; "
                     "running unpinned")
         return None
-    cpu = cpu_for(worker, os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    cpu = cpu_for(worker, allowed)
+    if worker >= len(allowed):
+        log.warning("services.pin_cpus: more workers than the %d CPUs this process may use; "
+                    "worker %d shares CPU %d with another", len(allowed), worker, cpu)
     # the threads already started (the ones started later inherit the pin from theirs)
     for task in os.listdir("/proc/self/task"):
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
