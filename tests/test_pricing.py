@@ -81,3 +81,14 @@ def test_what_the_provider_did_report_is_kept() -> None:
                         True)
     assert (u.input_tokens, u.cached_input_tokens, u.cache_creation_tokens,
             u.cache_creation_1h_tokens, u.output_tokens) == (7, 1024, 2048, 2048, 4)
+
+
+def test_a_price_is_found_by_provider_and_model_alone() -> None:
+    """The same model name at two providers, and a model a provider serves but the card does
+    not price: each lookup finds its own line or none."""
+    assert CARD is not None
+    assert CARD.price_of("anthropic", "claude-haiku") == CARD.prices[1]
+    assert CARD.price_of("openai", "claude-haiku") is None
+    assert price(CARD, "openai", "claude-haiku", Dialect.OPENAI, Usage(10, 10)) is None
+    assert max_cost(CARD, "openai", "gpt-5.4", 4, 1) == (Decimal(4) * Decimal("2.50")
+                                                        + Decimal(15)) / M

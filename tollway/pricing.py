@@ -41,7 +41,7 @@ def price(card: RateCard | None, provider: str, model: str, dialect: Dialect,
     """The cost in the card's currency, or None when the model is not on the card."""
     if card is None:
         return None
-    p = next((p for p in card.prices if p.provider == provider and p.model == model), None)
+    p = card.price_of(provider, model)
     if p is None:
         return None
     cached_price = p.cached_input if p.cached_input is not None else p.input
@@ -68,7 +68,7 @@ def max_cost(card: RateCard | None, provider: str, model: str, body_bytes: int,
     """
     if card is None:
         return None
-    p = next((p for p in card.prices if p.provider == provider and p.model == model), None)
+    p = card.price_of(provider, model)
     if p is None:
         return None
     top_input = max(p.input, p.cached_input or Decimal(0), p.cache_write, p.cache_write_1h)

@@ -98,6 +98,17 @@ class RateCard:
     version: str
     currency: str
     prices: tuple[Price, ...]
+    # by (provider, model): each request's price is looked up twice (its budget hold, its
+    # ledger row), a card may list a model of every server an operator runs
+    _by_model: dict[tuple[str, str], Price] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_model", {(p.provider, p.model): p for p in self.prices})
+
+    def price_of(self, provider: str, model: str) -> Price | None:
+        """The model's price; None where the card does not list it (the loader refuses a
+        model priced twice)."""
+        return self._by_model.get((provider, model))
 
 
 # Limit names a quota may carry; the window each one counts over is part of the name.
