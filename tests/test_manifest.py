@@ -162,3 +162,10 @@ def test_pinning_the_services_to_cpus_is_off_unless_asked() -> None:
     assert loads(MINIMAL + "services: {pin_cpus: true}\n").services.pin_cpus is True
     assert "services.pin_cpus: must be true or false" in problems(
         MINIMAL + "services: {pin_cpus: 'yes please'}\n")
+
+
+def test_a_providers_model_is_found_by_name() -> None:
+    openai = loads(MINIMAL).provider("openai")
+    assert openai.model("gpt-5.4") is openai.models[1]
+    assert openai.model("gpt-5.4-mini") is openai.models[0]
+    assert openai.model("gpt-5") is None

@@ -61,12 +61,16 @@ class Provider:
     models: tuple[Model, ...]
     mock: bool = False
     identity_headers: bool = False  # send x-tollway-org/-project/-client/-key-id upstream
+    # by name: a Check looks its model up three times, in a catalogue of any length
+    _by_name: dict[str, Model] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {m.name: m for m in reversed(self.models)})
 
     def model(self, name: str) -> Model | None:
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
+        """The catalogue's model of that name (the first, were a name listed twice: the
+        loader refuses that)."""
+        return self._by_name.get(name)
 
 
 @dataclass(frozen=True)
