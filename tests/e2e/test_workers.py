@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,31 @@ import yaml
 
 from tollway.workers import STEADY_AFTER
 
-from .harness import PrivateRedis, run_gateway, tcp_open, wait_until
+from .harness import Gateway, PrivateRedis, run_gateway, tcp_open, wait_until
 
 pytestmark = pytest.mark.e2e
+
+
+@contextlib.contextmanager
+def two_workers(tmp_path: Path, quotas: list[dict[str, Any]] | None = None,
+                **services: Any) -> Iterator[Gateway]:
+    """A gateway with services.workers 2 on Redis counters of its own (several workers need
+    shared counters), `services` set beside them and `quotas` on the project; the Redis is
+    killed after."""
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+
+    def mutate(doc: dict[str, Any]) -> None:
+        doc["services"].update(workers=2, **services)
+        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+        if quotas is not None:
+            doc["organizations"][0]["projects"][0]["quotas"] = quotas
+
+    try:
+        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
+            yield gw
+    finally:
+        redis.kill()
 
 
 def checks_served(metrics_port: int) -> float:
@@ -32,34 +55,23 @@ def checks_served(metrics_port: int) -> float:
 def test_two_workers_share_the_checks_and_one_set_of_limits(tmp_path: Path,
                                                             rate_limit: str) -> None:
     """Charged by the rate-limit filter's calls or in the Checks, spread over both workers."""
-    redis = PrivateRedis(tmp_path)
-    redis.start()
-
-    def mutate(doc: dict[str, Any]) -> None:
-        doc["services"]["workers"] = 2
-        doc["services"]["rate_limit"] = rate_limit
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
-        doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "thirty", "rpm": 30}]
-
-    try:
-        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
-            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
-                                   max_retries=0)
-            outcomes = []
-            for _ in range(40):
-                try:
-                    client.chat.completions.create(model="gpt-5.4-mini", messages=[
-                        {"role": "user", "content": "hi"}])
-                    outcomes.append(200)
-                except openai.RateLimitError:
-                    outcomes.append(429)
-            assert outcomes == [200] * 30 + [429] * 10
-            metrics = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
-            served = [checks_served(metrics), checks_served(metrics + 1)]
-            # Envoy balances round robin over the workers' ports
-            assert all(n >= 15 for n in served), served
-    finally:
-        redis.kill()
+    with two_workers(tmp_path, quotas=[{"name": "thirty", "rpm": 30}],
+                     rate_limit=rate_limit) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
+                               max_retries=0)
+        outcomes = []
+        for _ in range(40):
+            try:
+                client.chat.completions.create(model="gpt-5.4-mini", messages=[
+                    {"role": "user", "content": "hi"}])
+                outcomes.append(200)
+            except openai.RateLimitError:
+                outcomes.append(429)
+        assert outcomes == [200] * 30 + [429] * 10
+        metrics = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
+        served = [checks_served(metrics), checks_served(metrics + 1)]
+        # Envoy balances round robin over the workers' ports
+        assert all(n >= 15 for n in served), served
 
 
 def _workers(supervisor: int) -> dict[int, int]:
@@ -100,81 +112,71 @@ def test_a_worker_killed_costs_no_request_and_is_started_again(tmp_path: Path) -
     answers again. A killed one (kill -9, as the OOM killer does): Envoy sends the calls that
     cannot reach it to the other worker, and the supervisor starts it again. A worker that
     dies again soon after its start stops the set, for the orchestrator."""
-    redis = PrivateRedis(tmp_path)
-    redis.start()
+    with two_workers(tmp_path) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
+                               max_retries=0)
 
-    def mutate(doc: dict[str, Any]) -> None:
-        doc["services"]["workers"] = 2
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+        def ask() -> None:  # raises unless the answer is a 200
+            client.chat.completions.create(model="gpt-5.4-mini", messages=[
+                {"role": "user", "content": "hi"}])
+        doc = yaml.safe_load(gw.manifest_path.read_text())
+        metrics = doc["services"]["metrics_port"]
 
-    try:
-        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
-            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
-                                   max_retries=0)
+        def stats() -> dict[str, int]:
+            text = httpx.get(f"http://127.0.0.1:{doc['gateway']['admin_port']}/stats"
+                             "?filter=membership_healthy").text
+            return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
 
-            def ask() -> None:  # raises unless the answer is a 200
-                client.chat.completions.create(model="gpt-5.4-mini", messages=[
-                    {"role": "user", "content": "hi"}])
-            doc = yaml.safe_load(gw.manifest_path.read_text())
-            metrics = doc["services"]["metrics_port"]
+        def healthy(n: int) -> bool:  # as Envoy's gRPC health checks find the ports
+            s = stats()
+            return all(s[f"cluster.tollway_{c}.membership_healthy"] == n
+                       for c in ("extauthz", "ratelimit"))
+        wait_until(lambda: healthy(2), "both workers healthy in Envoy's eyes")
+        supervisor = gw.named["services"]
+        first = _workers(supervisor.pid)[1]
 
-            def stats() -> dict[str, int]:
-                text = httpx.get(f"http://127.0.0.1:{doc['gateway']['admin_port']}/stats"
-                                 "?filter=membership_healthy").text
-                return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
-
-            def healthy(n: int) -> bool:  # as Envoy's gRPC health checks find the ports
-                s = stats()
-                return all(s[f"cluster.tollway_{c}.membership_healthy"] == n
-                           for c in ("extauthz", "ratelimit"))
-            wait_until(lambda: healthy(2), "both workers healthy in Envoy's eyes")
-            supervisor = gw.named["services"]
-            first = _workers(supervisor.pid)[1]
-
-            # a worker that hangs (kill -STOP: its port still accepts, nothing answers) is left
-            # out once its health checks fail, and taken back when it answers again
-            ask()
-            os.kill(first, signal.SIGSTOP)
-            try:
-                wait_until(lambda: healthy(1), "the hung worker left out")
-                for _ in range(10):
-                    ask()
-            finally:
-                os.kill(first, signal.SIGCONT)
-            wait_until(lambda: healthy(2), "the worker taken back")
-            # a worker that dies in its first seconds is not started again (STEADY_AFTER)
-            wait_until(lambda: _age(first) > STEADY_AFTER, "worker 1 past its start",
-                       timeout=STEADY_AFTER + 10)
-            ask()
-            os.kill(first, signal.SIGKILL)
-            wait_until(lambda: _gone(first), "worker 1 gone")
-            failed = []
-            for n in range(20):  # round robin gives worker 1's port every other call
-                try:
-                    ask()
-                except openai.APIStatusError as e:
-                    failed.append((n, e.status_code))
-            # Envoy sent each call that could not reach worker 1 to worker 0. Only the first
-            # request after the death may fail (503, which the SDKs retry by default): its Check
-            # can meet a connection to worker 1 that Envoy has not yet seen closed
-            assert failed in ([], [(0, 503)]), failed
-            wait_until(lambda: _workers(supervisor.pid).get(1, first) != first,
-                       "worker 1 started again", proc=supervisor)
-            wait_until(lambda: healthy(2), "worker 1 healthy again")
-            wait_until(lambda: tcp_open(metrics + 1), "worker 1's metrics")
-
-            def served_by_the_new_worker() -> bool:
+        # a worker that hangs (kill -STOP: its port still accepts, nothing answers) is left
+        # out once its health checks fail, and taken back when it answers again
+        ask()
+        os.kill(first, signal.SIGSTOP)
+        try:
+            wait_until(lambda: healthy(1), "the hung worker left out")
+            for _ in range(10):
                 ask()
-                return checks_served(metrics + 1) > 0
-            wait_until(served_by_the_new_worker, "a Check served by the new worker 1")
-            assert supervisor.poll() is None
+        finally:
+            os.kill(first, signal.SIGCONT)
+        wait_until(lambda: healthy(2), "the worker taken back")
+        # a worker that dies in its first seconds is not started again (STEADY_AFTER)
+        wait_until(lambda: _age(first) > STEADY_AFTER, "worker 1 past its start",
+                   timeout=STEADY_AFTER + 10)
+        ask()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: _gone(first), "worker 1 gone")
+        failed = []
+        for n in range(20):  # round robin gives worker 1's port every other call
+            try:
+                ask()
+            except openai.APIStatusError as e:
+                failed.append((n, e.status_code))
+        # Envoy sent each call that could not reach worker 1 to worker 0. Only the first
+        # request after the death may fail (503, which the SDKs retry by default): its Check
+        # can meet a connection to worker 1 that Envoy has not yet seen closed
+        assert failed in ([], [(0, 503)]), failed
+        wait_until(lambda: _workers(supervisor.pid).get(1, first) != first,
+                   "worker 1 started again", proc=supervisor)
+        wait_until(lambda: healthy(2), "worker 1 healthy again")
+        wait_until(lambda: tcp_open(metrics + 1), "worker 1's metrics")
 
-            workers = _workers(supervisor.pid)
-            os.kill(workers[1], signal.SIGKILL)
-            assert supervisor.wait(timeout=10) == 128 + signal.SIGKILL
-            assert not Path(f"/proc/{workers[0]}").exists()  # stopped and reaped
-    finally:
-        redis.kill()
+        def served_by_the_new_worker() -> bool:
+            ask()
+            return checks_served(metrics + 1) > 0
+        wait_until(served_by_the_new_worker, "a Check served by the new worker 1")
+        assert supervisor.poll() is None
+
+        workers = _workers(supervisor.pid)
+        os.kill(workers[1], signal.SIGKILL)
+        assert supervisor.wait(timeout=10) == 128 + signal.SIGKILL
+        assert not Path(f"/proc/{workers[0]}").exists()  # stopped and reaped
 
 
 def _cpus_of_threads(pid: int) -> list[set[int]]:
@@ -191,30 +193,19 @@ def test_pinned_workers_run_each_on_a_cpu_of_its_own(tmp_path: Path) -> None:
     """services.pin_cpus: every thread of a worker, those gRPC started after the pin included,
     on one CPU; the two workers on two CPUs; the supervisor, nearly idle, left unpinned."""
     allowed = os.sched_getaffinity(0)
-    redis = PrivateRedis(tmp_path)
-    redis.start()
-
-    def mutate(doc: dict[str, Any]) -> None:
-        doc["services"]["workers"] = 2
-        doc["services"]["pin_cpus"] = True
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
-
-    try:
-        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
-            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
-                                   max_retries=0)
-            for _ in range(4):  # both workers serve (round robin), their threads all started
-                client.chat.completions.create(model="gpt-5.4-mini", messages=[
-                    {"role": "user", "content": "hi"}])
-            supervisor = gw.named["services"].pid
-            workers = _workers(supervisor)
-            assert set(workers) == {0, 1}
-            cpus = sorted(allowed, reverse=True)
-            for i, pid in workers.items():
-                threads = _cpus_of_threads(pid)
-                # gRPC's poller thread and the rest, not the main thread alone
-                assert len(threads) > 2
-                assert all(t == {cpus[i % len(cpus)]} for t in threads), (i, threads)
-            assert all(t == allowed for t in _cpus_of_threads(supervisor))
-    finally:
-        redis.kill()
+    with two_workers(tmp_path, pin_cpus=True) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
+                               max_retries=0)
+        for _ in range(4):  # both workers serve (round robin), their threads all started
+            client.chat.completions.create(model="gpt-5.4-mini", messages=[
+                {"role": "user", "content": "hi"}])
+        supervisor = gw.named["services"].pid
+        workers = _workers(supervisor)
+        assert set(workers) == {0, 1}
+        cpus = sorted(allowed, reverse=True)
+        for i, pid in workers.items():
+            threads = _cpus_of_threads(pid)
+            # gRPC's poller thread and the rest, not the main thread alone
+            assert len(threads) > 2
+            assert all(t == {cpus[i % len(cpus)]} for t in threads), (i, threads)
+        assert all(t == allowed for t in _cpus_of_threads(supervisor))
