@@ -14,17 +14,19 @@ rather than nothing, and its row says `estimated` (docs/architecture.md#estimate
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2
 from prometheus_client import Counter
 
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect
-from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE, struct_dict
+from tollway.metadata import AUTHZ, RATELIMIT, REQUEST, USAGE, Namespace
 from tollway.pricing import Usage, price
 
 from .ledger import LedgerRow
@@ -36,6 +38,8 @@ ESTIMATES = Counter("tollway_costsink_estimated_total",
                     "charged an estimate", ["provider", "model"])
 
 BYTES_PER_TOKEN = 4  # the reservation's estimate of input tokens from request bytes
+_DIALECTS = {d.value: d for d in Dialect}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # Timestamp.ToDatetime's arithmetic, at 0.3x its cost
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,12 @@ class Entry:
     hold: int = 0  # the budget hold extauthz placed, in budgets.UNIT
 
 
-def _ns(entry: accesslog_pb2.HTTPAccessLogEntry, name: str) -> dict[str, Any]:
-    s = entry.common_properties.metadata.filter_metadata.get(name)
-    return struct_dict(s) if s is not None else {}
+def _namespaces(entry: accesslog_pb2.HTTPAccessLogEntry) -> Mapping[str, struct_pb2.Struct]:
+    return entry.common_properties.metadata.filter_metadata  # type: ignore[no-any-return]
 
 
 def key_id_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
-    s = entry.common_properties.metadata.filter_metadata.get(AUTHZ)
+    s = _namespaces(entry).get(AUTHZ)
     v = s.fields.get("key_id") if s is not None else None
     return v.string_value if v is not None else ""
 
@@ -63,30 +66,27 @@ def _ms(d: Any) -> int:
     return int(d.seconds * 1000 + d.nanos // 1_000_000)
 
 
-def _int(md: dict[str, Any], name: str) -> int:
-    return int(md.get(name, 0))
-
-
-def reported_usage(md: dict[str, Any]) -> Usage:
+def reported_usage(md: Namespace) -> Usage:
     """The provider's own numbers, as the usage filter found them."""
-    return Usage(input_tokens=_int(md, "input_tokens"), output_tokens=_int(md, "output_tokens"),
-                 cached_input_tokens=_int(md, "cached_input_tokens"),
-                 cache_creation_tokens=_int(md, "cache_creation_input_tokens"),
-                 cache_creation_1h_tokens=_int(md, "cache_creation_1h_tokens"),
-                 reasoning_tokens=_int(md, "reasoning_tokens"))
+    n = md.number
+    return Usage(input_tokens=int(n("input_tokens")), output_tokens=int(n("output_tokens")),
+                 cached_input_tokens=int(n("cached_input_tokens")),
+                 cache_creation_tokens=int(n("cache_creation_input_tokens")),
+                 cache_creation_1h_tokens=int(n("cache_creation_1h_tokens")),
+                 reasoning_tokens=int(n("reasoning_tokens")))
 
 
-def estimated_usage(m: Manifest, provider: str, model: str, md: dict[str, Any],
-                    request: dict[str, Any], body_bytes: int, stream: bool) -> Usage:
+def estimated_usage(m: Manifest, provider: str, model: str, md: Namespace,
+                    request: Namespace, body_bytes: int, stream: bool) -> Usage:
     seen = reported_usage(md)
     catalogue = m.provider(provider).model(model)
     cap = catalogue.max_output_tokens if catalogue else 0
-    asked = int(request.get("max_tokens", 0) or 0)
+    asked = int(request.number("max_tokens"))
     if asked > 0:
         cap = min(cap, asked) if cap else asked
     # a stream the provider began answering generated at least one token, even when the
     # client hung up before the first event reached it
-    output = min(cap, max(seen.output_tokens, _int(md, "events"), 1)) if stream else cap
+    output = min(cap, max(seen.output_tokens, int(md.number("events")), 1)) if stream else cap
     if "input_tokens" in md:  # reported before the answer broke off: the provider's numbers
         return Usage(seen.input_tokens, output, seen.cached_input_tokens,
                      seen.cache_creation_tokens, seen.cache_creation_1h_tokens)
@@ -107,22 +107,28 @@ def request_id_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
 def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry,
              keys: KeyMirror | None = None) -> Entry:
     """`keys`: for a refused request, its key's org, project and client (a refusal's metadata
-    names only the key), from the manifest or, for a runtime key, the key mirror."""
-    authz, usage_md, rl = _ns(entry, AUTHZ), _ns(entry, USAGE), _ns(entry, RATELIMIT)
+    names only the key), from the manifest or, for a runtime key, the key mirror. Each
+    namespace's values are read one by one (Namespace): costsink's work per entry is mostly
+    this function, and an access-log flush is read on the loop the Checks share."""
+    namespaces = _namespaces(entry)
+    authz = Namespace(namespaces.get(AUTHZ))
+    usage_md = Namespace(namespaces.get(USAGE))
     common = entry.common_properties
     flags = common.response_flags
     status = entry.response.response_code.value
-    provider, model = authz.get("provider"), authz.get("model")
-    dialect = Dialect(authz.get("dialect", "openai"))
-    stream = bool(authz.get("stream", False))
+    provider, model = authz.text("provider"), authz.text("model")
+    dialect = _DIALECTS[authz.text("dialect") or "openai"]
+    stream = authz.flag("stream")
+    deny = authz.text("deny_reason")
     # the provider was sent the request and answered it (or was cut off while it did)
-    billed = bool(provider and model and not authz.get("deny_reason")
+    billed = bool(provider and model and not deny
                   and common.HasField("time_to_first_upstream_tx_byte")
                   and (200 <= status < 300 or status == 0))
-    estimated = billed and usage_md.get("usage_final") is not True
+    estimated = billed and not usage_md.flag("usage_final")
     if estimated:
         assert provider and model
-        usage = estimated_usage(m, provider, model, usage_md, _ns(entry, REQUEST),
+        usage = estimated_usage(m, provider, model, usage_md,
+                                Namespace(namespaces.get(REQUEST)),
                                 entry.request.request_body_bytes, stream)
         ESTIMATES.labels(provider, model).inc()
     else:
@@ -133,24 +139,26 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry,
         cost = price(card, provider, model, dialect, usage)
         if cost is None:
             PRICING_MISSES.labels(provider, model).inc()
-    org, project, client = authz.get("org"), authz.get("project"), authz.get("client")
-    key_id = authz.get("key_id")
+    org, project, client = authz.text("org"), authz.text("project"), authz.text("client")
+    key_id = authz.text("key_id")
     if org is None and key_id:  # refused by ext_authz: say whose request it was
         b = keys.binding(m, key_id) if keys is not None else m.bindings.get(key_id)
         if b is not None:
             org, project, client = b.org.id, b.project.id, b.client.id
     if model is None:  # what the body asked for, for a request refused before ext_authz said
-        asked = _ns(entry, REQUEST).get("model")
+        asked = Namespace(namespaces.get(REQUEST)).value("model")
         model = asked if isinstance(asked, str) and len(asked) <= 256 else None
-    deny = authz.get("deny_reason") or usage_md.get("refused")
+    if not deny:
+        deny = usage_md.text("refused")
     if deny is None and flags.rate_limited:
         deny = "rate_limit_exceeded"
     row = LedgerRow(
         request_id=request_id_of(entry),
-        at=common.start_time.ToDatetime(tzinfo=UTC) if common.HasField("start_time")
-        else datetime.now(UTC),
+        at=_EPOCH + timedelta(seconds=common.start_time.seconds,
+                              microseconds=common.start_time.nanos // 1000)
+        if common.HasField("start_time") else datetime.now(UTC),
         org=org, project=project, client=client,
-        key_id=key_id, provider=provider, model=model, route=authz.get("route"),
+        key_id=key_id, provider=provider, model=model, route=authz.text("route"),
         status=status,
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
@@ -167,7 +175,12 @@ def to_entry(m: Manifest, entry: accesslog_pb2.HTTPAccessLogEntry,
         estimated=estimated,
     )
     if "charged_at_ms" in authz:  # rate limited in extauthz's Check (services.rate_limit)
-        rl = {"reserved_tokens": authz.get("reserve_tokens", 0),
-              "charged_at_ms": authz["charged_at_ms"]}
+        rl = {"reserved_tokens": authz.value("reserve_tokens") if "reserve_tokens" in authz
+              else 0,
+              "charged_at_ms": authz.value("charged_at_ms")}
+    else:
+        limited = Namespace(namespaces.get(RATELIMIT))
+        rl = {name: limited.value(name) for name in ("reserved_tokens", "charged_at_ms")
+              if name in limited}
     return Entry(row=row, actual_tokens=usage.total(dialect), ratelimit=rl,
-                 hold=int(authz.get("budget_hold", 0)))
+                 hold=int(authz.number("budget_hold")))

@@ -5,10 +5,12 @@ estimate charged when the provider's usage never reached the gateway."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from costsink.entry import estimated_usage
 from tollway.manifest import loads
 from tollway.manifest.model import Dialect
+from tollway.metadata import Namespace, to_struct
 from tollway.pricing import Usage, max_cost, price
 
 MANIFEST = loads("""
@@ -28,6 +30,11 @@ rate_card:
        cache_write_1h: 3}
 organizations: [{id: acme, projects: [{id: p, clients: [{id: c, keys: [{id: k}]}]}]}]
 """)
+
+
+def ns(values: dict[str, Any]) -> Namespace:
+    """A metadata namespace as an access-log entry carries it."""
+    return Namespace(to_struct(values))
 CARD = MANIFEST.rate_card
 M = Decimal(1_000_000)
 
@@ -59,17 +66,18 @@ def test_the_budget_hold_covers_the_dearest_input_price() -> None:
 
 def test_an_unseen_answer_is_estimated_from_the_request() -> None:
     # nothing reported, not streamed: input from the body's bytes, output at the cap asked
-    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", {}, {"max_tokens": 12}, 4001, False)
+    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", ns({}), ns({"max_tokens": 12}), 4001,
+                        False)
     assert (u.input_tokens, u.output_tokens) == (1001, 12)
     # no cap asked: the model's own
-    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", {}, {}, 40, False)
+    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", ns({}), ns({}), 40, False)
     assert u.output_tokens == 4096
     # a stream cut off after 5 events: about a token each, never above the cap
-    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", {"events": 5}, {"max_tokens": 12}, 40,
-                        True)
+    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", ns({"events": 5}), ns({"max_tokens": 12}),
+                        40, True)
     assert u.output_tokens == 5
-    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", {"events": 50}, {"max_tokens": 12}, 40,
-                        True)
+    u = estimated_usage(MANIFEST, "openai", "gpt-5.4", ns({"events": 50}),
+                        ns({"max_tokens": 12}), 40, True)
     assert u.output_tokens == 12
 
 
@@ -77,8 +85,8 @@ def test_what_the_provider_did_report_is_kept() -> None:
     # Anthropic reports input and cache use in message_start, before a stream breaks
     md = {"input_tokens": 7, "cached_input_tokens": 1024, "cache_creation_input_tokens": 2048,
           "cache_creation_1h_tokens": 2048, "output_tokens": 1, "events": 4}
-    u = estimated_usage(MANIFEST, "anthropic", "claude-haiku", md, {"max_tokens": 100}, 9999,
-                        True)
+    u = estimated_usage(MANIFEST, "anthropic", "claude-haiku", ns(md), ns({"max_tokens": 100}),
+                        9999, True)
     assert (u.input_tokens, u.cached_input_tokens, u.cache_creation_tokens,
             u.cache_creation_1h_tokens, u.output_tokens) == (7, 1024, 2048, 2048, 4)
 

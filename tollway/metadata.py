@@ -7,6 +7,7 @@ the Lua filter (envoy/lua/usage.lua, which spells its namespace itself) into USA
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports this module: protobuf only where entries are read
@@ -74,3 +75,52 @@ def _value(v: struct_pb2.Value) -> Any:
     if kind == "null_value" or kind is None:
         return None
     return getattr(v, kind)
+
+
+_NO_FIELDS: Mapping[str, Any] = {}
+
+
+class Namespace:
+    """One namespace read a value at a time, each as the kind its writer gives it: what
+    costsink reads of every access-log entry. struct_dict pays about 0.7 us a value on upb (the
+    map lookup, which kind, then the value); this asks for the expected kind at once, and reads
+    only the values asked for. A value of another kind is read as struct_dict reads it and
+    converted, never taken for 0 or empty."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, s: struct_pb2.Struct | None) -> None:
+        self._fields: Mapping[str, struct_pb2.Value] = s.fields if s is not None else _NO_FIELDS
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._fields
+
+    def value(self, name: str) -> Any:
+        """As struct_dict has it (None when absent)."""
+        return _value(self._fields[name]) if name in self._fields else None
+
+    def text(self, name: str) -> str | None:
+        if name not in self._fields:
+            return None
+        v = self._fields[name]
+        s = v.string_value
+        if s or v.HasField("string_value"):
+            return s
+        other = _value(v)
+        return None if other is None else str(other)
+
+    def number(self, name: str) -> float:
+        """0 when absent; a string of digits (ext_authz writes reserve_tokens as one) is read
+        as its number."""
+        if name not in self._fields:
+            return 0
+        v = self._fields[name]
+        x = v.number_value
+        if x or v.HasField("number_value"):
+            return x
+        other = _value(v)
+        return float(other) if other is not None else 0
+
+    def flag(self, name: str) -> bool:
+        """True only for a bool that is true: a string "false" is not a flag set."""
+        return name in self._fields and self._fields[name].bool_value
