@@ -24,6 +24,14 @@ from .spool import Spool
 log = logging.getLogger("tollway.costsink")
 
 
+def _settles_here(ctx: ServiceContext) -> bool:
+    """Beside ratelimit, or apart from it with counters in Redis, which this process reaches
+    as ratelimit does: the settlement is made here, not asked of ratelimit over gRPC (a call
+    into the Checks' process per charged request). Only memory counters held by a ratelimit
+    in another process need its Settle."""
+    return "ratelimit" in ctx.hosted or ctx.manifest.storage.counters != "memory"
+
+
 def _settle_here(ctx: ServiceContext, manifest: Compiled[Manifest]) -> SettleHere:
     """ratelimit's settlement, called in this process (the counters ratelimit charges)."""
     from ratelimit.admission import settle
@@ -48,7 +56,7 @@ class CostSink:
         self.sink = AccessLogSink(
             manifest, ledger, spool, self.spend,
             DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"),
-            settle_here=_settle_here(ctx, manifest) if "ratelimit" in ctx.hosted else None)
+            settle_here=_settle_here(ctx, manifest) if _settles_here(ctx) else None)
         # present while a sink runs: found at start, the last one did not stop (drain) cleanly
         self.running = state_dir() / "costsink.running"
 

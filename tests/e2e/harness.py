@@ -231,9 +231,12 @@ class PrivateRedis:
 
 @contextmanager
 def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = None,
-                split: bool = False, envoy_config: Any = None) -> Iterator[Gateway]:
+                split: bool = False, envoy_config: Any = None,
+                ratelimit_apart: bool = False) -> Iterator[Gateway]:
     """`split`: costsink in a process of its own (needs Redis counters), as an operator
     running the services apart has it; `gw.kill("costsink")`, `gw.start("costsink")`.
+    `ratelimit_apart`: ratelimit in a process of its own ("ratelimit"), holding memory
+    counters, which costsink then settles through its Settle call.
     `envoy_config(manifest_path, ports) -> Path`: Envoy's config from elsewhere than
     `tollway render` (an Istio-shaped gateway)."""
     ports = {n: free_port() for n in ("mock", "gateway", "admin", "extauthz", "ratelimit",
@@ -266,12 +269,15 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
                               str(ports["mock"]), "--expected-key", PROVIDER_KEY])
         wait_until(lambda: tcp_open(ports["mock"]), "mock provider", proc=mock)
         serve = [sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest_path)]
-        svc = spawn("services", [*serve, "--services", "extauthz,ratelimit,admin" if split
-                                 else "extauthz,ratelimit,costsink,admin"])
+        hosted = ["extauthz", *([] if ratelimit_apart else ["ratelimit"]),
+                  *([] if split else ["costsink"]), "admin"]
+        svc = spawn("services", [*serve, "--services", ",".join(hosted)])
         sink = spawn("costsink", [*serve, "--services", "costsink", "--metrics",
                                   f"127.0.0.1:{ports['metrics2']}"]) if split else svc
+        limiter = spawn("ratelimit", [*serve, "--services", "ratelimit", "--metrics",
+                                      "127.0.0.1:0"]) if ratelimit_apart else svc
         wait_until(lambda: tcp_open(ports["extauthz"]), "extauthz", proc=svc)
-        wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=svc)
+        wait_until(lambda: tcp_open(ports["ratelimit"]), "ratelimit", proc=limiter)
         wait_until(lambda: tcp_open(ports["costsink"]), "costsink", proc=sink)
         wait_until(lambda: tcp_open(ports["admin_api"]), "admin", proc=svc)
         if envoy_config:

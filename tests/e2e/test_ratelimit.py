@@ -287,17 +287,20 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize(("rate_limit", "costsink"), [
-    ("filter", "beside ratelimit"), ("check", "beside ratelimit"), ("check", "apart")])
+    ("filter", "beside ratelimit"), ("check", "beside ratelimit"), ("check", "apart"),
+    ("filter", "apart from ratelimit's memory counters")])
 def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path, rate_limit: str,
                                                      costsink: str) -> None:
     """Each request here reserves about 30 tokens, but two of them report 490 input tokens:
     once costsink has settled those, the key's 1,000 TPM quota refuses the next request, though
     all reservations together stay far below 1,000. Charged by the rate-limit filter's call or
     in extauthz's Check, the settlement corrects the same counters; a costsink beside ratelimit
-    settles in its process, one apart (Redis counters) calls ratelimit's Settle."""
+    settles in its process, and so does one apart (Redis counters), on Redis; one apart from
+    a ratelimit that holds memory counters calls its Settle."""
     import time
 
     apart = costsink == "apart"
+    settle_call = costsink.startswith("apart from")
     if apart:
         redis_counters_for("acme")
 
@@ -306,7 +309,8 @@ def test_tpm_counts_the_tokens_the_provider_reported(tmp_path: Path, rate_limit:
         key["quotas"] = [{"name": "reported", "tpm": 1000}]
         ex["services"]["rate_limit"] = rate_limit
     counters = REDIS_URL if apart else "memory"
-    with run_gateway(tmp_path, mutate=team_ai(counters, key_tpm), split=apart) as gw:
+    with run_gateway(tmp_path, mutate=team_ai(counters, key_tpm), split=apart,
+                     ratelimit_apart=settle_call) as gw:
         gw.issue("da-sk-acme-team")
         c = client(gw)
         for _ in range(2):
