@@ -123,7 +123,7 @@ def past_deadline(context: grpc.aio.ServicerContext | None) -> bool:
 
 def _address(manifest: Manifest, name: str, worker: int = 0) -> str:
     """Where the service binds: services.listen, else the address Envoy dials; worker i of
-    several binds the port + i (costsink lives in worker 0 alone)."""
+    several binds the port + i (costsink, one process of its own, its port)."""
     host, port = manifest.services.bind(name)
     return target(host, port + (worker if name != "costsink" else 0))
 
@@ -259,7 +259,7 @@ def run(manifest_path: Path, names: list[str],
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack
-    if worker:
+    if worker is not None:  # the supervisor runs costsink in a process of its own
         names = [n for n in names if n != "costsink"]
     if m.services.pin_cpus and set(names) != {"costsink"}:
         from tollway.workers import pin_to_cpu

@@ -1,12 +1,18 @@
 """services.workers: one `tollway serve` process per core, kept running by a supervisor.
 
-Worker i listens on each service's port + i (costsink lives in worker 0 alone) and exposes its
-metrics on the metrics port + i; Envoy balances each call over the workers' ports and sends a
-call that could not reach one to another (render.service_retry). So a worker that dies (kill -9,
-the OOM killer) costs no request, and the supervisor starts it again. A worker that fails soon
-after it started (a port taken, a manifest it cannot read, a crash on every request) would only
-fail again: the supervisor then stops the set and exits with that worker's status, for the
-orchestrator to see and restart the set as it would one process.
+Worker i listens on each service's port + i and exposes its metrics on the metrics port + i;
+Envoy balances each call over the workers' ports and sends a call that could not reach one to
+another (render.service_retry). So a worker that dies (kill -9, the OOM killer) costs no
+request, and the supervisor starts it again. A process that fails soon after it started (a port
+taken, a manifest it cannot read, a crash on every request) would only fail again: the
+supervisor then stops the set and exits with that process's status, for the orchestrator to
+see and restart the set as it would one process.
+
+costsink, which must be one (one spool, one access-log file), runs in a process of its own
+beside the workers, its metrics on the metrics port + workers, and is started again the same
+way (Envoy's access-log file holds what its stream could not deliver meanwhile). Reading
+Envoy's access-log flushes there keeps them off the loops that answer the Checks (the p99 in
+docs/performance.md); with the Redis counters workers need, it settles tokens on Redis.
 
 With services.pin_cpus each worker runs on a CPU of its own (pin_to_cpu), as a single
 `tollway serve` does on one.
@@ -60,22 +66,30 @@ def pin_to_cpu(worker: int) -> int | None:
     return cpu
 
 
+def _name(i: int, workers: int) -> str:
+    return f"worker {i}" if i < workers else "costsink"
+
+
 def supervise(manifest_path: Path, names: list[str], workers: int,
               metrics_address: tuple[str, int]) -> int:
-    """Run `workers` worker processes until SIGTERM or SIGINT (then 0), or until one fails
-    within STEADY_AFTER of its start (then its status: 128 + N for signal N, 1 for a worker that
-    exited with 0 unasked)."""
+    """Run `workers` worker processes, and costsink's own if `names` has it, until SIGTERM or
+    SIGINT (then 0), or until one fails within STEADY_AFTER of its start (then its status: 128
+    + N for signal N, 1 for a process that exited with 0 unasked)."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = metrics_address
+    serve = [sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest_path)]
+    # what each process serves: the workers', then costsink's own (the last index)
+    roles = [["--services", ",".join(n for n in names if n != "costsink"), "--worker", str(i)]
+             for i in range(workers)]
+    if "costsink" in names:
+        roles.append(["--services", "costsink"])
 
     def start(i: int) -> tuple[subprocess.Popen[bytes], float]:
-        return subprocess.Popen([
-            sys.executable, "-m", "tollway.cli", "serve", "--manifest", str(manifest_path),
-            "--services", ",".join(names), "--worker", str(i),
-            "--metrics", f"{host}:{port + i}"]), time.monotonic()
+        return subprocess.Popen([*serve, *roles[i], "--metrics", f"{host}:{port + i}"]), \
+            time.monotonic()
 
-    procs = [start(i) for i in range(workers)]
+    procs = [start(i) for i in range(len(roles))]
     stopping = False
 
     def stop(*_: object) -> None:
@@ -90,19 +104,19 @@ def supervise(manifest_path: Path, names: list[str], workers: int,
     while not stopping:
         for i, (proc, started) in enumerate(procs):
             try:
-                code = proc.wait(timeout=0.5 / workers)
+                code = proc.wait(timeout=0.5 / len(procs))
             except subprocess.TimeoutExpired:
                 continue
             if stopping:
                 break
             if time.monotonic() - started < STEADY_AFTER:
-                log.error("worker %d exited with status %d %.1f s after it started; "
-                          "stopping the others", i, code, time.monotonic() - started)
+                log.error("%s exited with status %d %.1f s after it started; stopping the "
+                          "others", _name(i, workers), code, time.monotonic() - started)
                 # a worker killed by a signal: the status a shell would report
                 status = 128 - code if code < 0 else code or 1
                 stop()
                 break
-            log.error("worker %d exited with status %d; starting it again", i, code)
+            log.error("%s exited with status %d; starting it again", _name(i, workers), code)
             procs[i] = start(i)
     for proc, _started in procs:
         proc.wait()

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ def two_workers(tmp_path: Path, quotas: list[dict[str, Any]] | None = None,
                 **services: Any) -> Iterator[Gateway]:
     """A gateway with services.workers 2 on Redis counters of its own (several workers need
     shared counters), `services` set beside them and `quotas` on the project; the Redis is
-    killed after."""
+    killed after. One `tollway serve` of every service: the supervisor runs the workers and
+    costsink's own process."""
     redis = PrivateRedis(tmp_path)
     redis.start()
 
@@ -39,7 +41,7 @@ def two_workers(tmp_path: Path, quotas: list[dict[str, Any]] | None = None,
             doc["organizations"][0]["projects"][0]["quotas"] = quotas
 
     try:
-        with run_gateway(tmp_path, mutate=mutate, split=True) as gw:
+        with run_gateway(tmp_path, mutate=mutate) as gw:
             yield gw
     finally:
         redis.kill()
@@ -84,6 +86,51 @@ def _workers(supervisor: int) -> dict[int, int]:
                 continue
             found[int(argv[argv.index(b"--worker") + 1])] = int(child)
     return found
+
+
+def _costsink(supervisor: int) -> int | None:
+    """The supervisor's costsink process, if it has one running."""
+    for task in Path(f"/proc/{supervisor}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"--services" in argv and argv[argv.index(b"--services") + 1] == b"costsink":
+                return int(child)
+    return None
+
+
+def test_costsink_runs_beside_the_workers_and_records_every_request(tmp_path: Path) -> None:
+    """costsink is one process of the supervisor's, not a worker's guest: no worker hosts it,
+    every request is recorded once, and one killed is started again."""
+    with two_workers(tmp_path) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=gw.issue("k-main"),
+                               max_retries=0)
+        supervisor = gw.named["services"].pid
+        workers = _workers(supervisor)
+        assert set(workers) == {0, 1}
+        for pid in workers.values():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"costsink" not in argv[argv.index(b"--services") + 1], argv
+        sink = _costsink(supervisor)
+        assert sink is not None
+        ids = [client.chat.completions.with_raw_response.create(
+            model="gpt-5.4-mini", messages=[{"role": "user", "content": "hi"}]
+        ).headers["x-request-id"] for _ in range(6)]
+
+        def recorded() -> list[str]:
+            db = gw.manifest_path.parent / "state" / "ledger.db"
+            if not db.exists():
+                return []
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                return [r[0] for r in conn.execute("SELECT request_id FROM tollway_ledger")]
+        wait_until(lambda: len(recorded()) >= len(ids), "the six requests in the ledger")
+        assert sorted(recorded()) == sorted(ids)
+        wait_until(lambda: _age(sink) > STEADY_AFTER, "costsink past its start",
+                   timeout=STEADY_AFTER + 10)
+        os.kill(sink, signal.SIGKILL)
+        wait_until(lambda: _costsink(supervisor) not in (None, sink), "costsink started again",
+                   proc=gw.named["services"])
+        wait_until(lambda: tcp_open(int(yaml.safe_load(gw.manifest_path.read_text())[
+            "services"]["costsink"].rsplit(":", 1)[1])), "costsink listening again")
 
 
 def _stat(pid: int) -> list[str]:

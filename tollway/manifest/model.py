@@ -249,8 +249,8 @@ class Services:
     admin: tuple[str, int] = ("127.0.0.1", 50054)  # the admin API (gRPC), behind Envoy's
     # grpc_json_transcoder for REST
     # processes per `tollway serve` (one core each): worker i serves extauthz, ratelimit and
-    # admin on their ports + i, and Envoy spreads requests over all of them; costsink stays
-    # in worker 0 (one spool, one access-log file)
+    # admin on their ports + i, and Envoy spreads requests over all of them; costsink runs
+    # in a process of its own beside them (one spool, one access-log file)
     workers: int = 1
     # who answers the rate limit: "filter", Envoy's rate-limit filter asking the ratelimit
     # service (a second gRPC round trip per request); "check", extauthz in the Check that
