@@ -1,6 +1,7 @@
 """Latency Tollway adds over bare Envoy at a fixed 100 requests/s, and the architecture's floor.
 
     python bench/latency.py [--seconds 20] [--rate-limit filter|check] [--pin-cpus]
+                            [--costsink-apart]
 
 Each gateway is driven at a fixed 100 requests/s by h2load (open loop: requests leave on
 schedule whatever the answers' pace) and, for streams, by a small client timing the first
@@ -19,6 +20,9 @@ too high to refuse, so every request is charged: by Envoy's rate-limit filter as
 (filter), or by extauthz in its Check (check; the floor then has no rate-limit filter either).
 Without it, the base manifest has no quota and the Check skips the rate-limit call. `--pin-cpus`
 sets services.pin_cpus and pins the floor's no-op servicers to the same CPU.
+`--costsink-apart` adds a third gateway: Redis counters with costsink in a process of its own,
+as the Kubernetes deployment runs it (deploy/base: costsink beside Envoy in the gateway pod), so
+that costsink's reading of Envoy's access-log flushes leaves the Checks' event loop.
 """
 
 from __future__ import annotations
@@ -120,15 +124,16 @@ Rows = list[tuple[str, dict[str, float]]]
 
 
 def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False,
-                 pin: bool = False) -> tuple[Rows, Rows, float, float]:
+                 pin: bool = False, split: bool = False) -> tuple[Rows, Rows, float, float]:
     """One gateway: bare Envoy, Tollway (and the floor), bare Envoy again, in that order;
     the same for streamed time to first event. Returns both tables' rows and the services'
     CPU per request during Tollway's run, and the no-op servicers' during the floor's; `pin`:
-    the no-op servicers pinned to the CPU services.pin_cpus picks."""
+    the no-op servicers pinned to the CPU services.pin_cpus picks; `split`: costsink in a
+    process of its own, its CPU counted with the services'."""
     rows: Rows = []
     ttfb: Rows = []
     floor_cpu = 0.0
-    with run_gateway(tmp, mutate=mutate) as gw:
+    with run_gateway(tmp, mutate=mutate, split=split) as gw:
         key = gw.issue("k-main")
         bare, bare_url = bare_envoy(gw.manifest_path, tmp)
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
@@ -137,10 +142,10 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
         try:
             rows.append(("bare Envoy", h2load(bare_url, provider, seconds, tmp)))
             ttfb.append(("bare Envoy", streamed_ttfb(bare_url, provider, seconds)))
-            services = gw.named["services"].pid
-            cpu = cpu_seconds(services)
+            pids = [p.pid for n, p in gw.named.items() if n in ("services", "costsink")]
+            cpu = sum(map(cpu_seconds, pids))
             rows.append((f"Tollway ({label})", h2load(url, ours, seconds, tmp)))
-            cpu = (cpu_seconds(services) - cpu) / ((seconds + 2) * 100)
+            cpu = (sum(map(cpu_seconds, pids)) - cpu) / ((seconds + 2) * 100)
             ttfb.append((f"Tollway ({label})", streamed_ttfb(url, ours, seconds)))
             if floor:  # the same Envoy, the services replaced by no-op servicers
                 noop = replace_services(gw)
@@ -183,6 +188,8 @@ def main() -> None:
                     help="services.rate_limit, with quotas charged on every request")
     ap.add_argument("--pin-cpus", action="store_true",
                     help="services.pin_cpus, and the floor's no-op servicers pinned alike")
+    ap.add_argument("--costsink-apart", action="store_true",
+                    help="also the Redis gateway with costsink in a process of its own")
     args = ap.parse_args()
 
     def rate_limited(doc: dict[str, Any]) -> None:
@@ -210,6 +217,17 @@ def main() -> None:
             (tmp / "redis").mkdir()
             red, red_ttfb, red_cpu, _ = gateway_runs(
                 tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.port))
+            runs = [("", "Tollway (memory)", mem, mem_ttfb),
+                    ("Redis run: ", "Tollway (Redis)", red, red_ttfb)]
+            cpus = [f"memory {mem_cpu * 1000:.2f} ms", f"Redis {red_cpu * 1000:.2f} ms"]
+            if args.costsink_apart:
+                (tmp / "apart").mkdir()
+                label = "Redis, costsink apart"
+                apart, apart_ttfb, apart_cpu, _ = gateway_runs(
+                    tmp / "apart", label, args.seconds, mutate=with_redis(redis.port),
+                    split=True)
+                runs.append(("costsink apart run: ", f"Tollway ({label})", apart, apart_ttfb))
+                cpus.append(f"{label} {apart_cpu * 1000:.2f} ms (both processes)")
         finally:
             redis.kill()
     if args.rate_limit:
@@ -218,22 +236,25 @@ def main() -> None:
     print(f"## A fixed 100 requests/s (h2load --h1 -c4 --rps 25 -r1 --rate-period 10ms, "
           f"open loop), {args.seconds} s each")
     print("| gateway | requests | p50 | p99 | max | non-2xx |\n|---|---|---|---|---|---|")
-    for name, r in [*mem, *(("Redis run: " + n, r) for n, r in red)]:
-        print(f"| {name} | {r['requests']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
-              f"{r['max']:.2f} ms | {int(r['non_2xx'])} |")
-    print(f"\nadded over bare Envoy (the mean of its runs before and after, same gateway):\n- "
-          f"{added(mem, 'Tollway (memory)')}\n- {added(red, 'Tollway (Redis)')}")
-    print(f"\nservices' CPU per request (extauthz, ratelimit and costsink in one process): "
-          f"memory {mem_cpu * 1000:.2f} ms, Redis {red_cpu * 1000:.2f} ms; the no-op "
-          f"servicers' (the floor's) {floor_cpu * 1000:.2f} ms")
+    for prefix, _, rows, _ in runs:
+        for name, r in rows:
+            print(f"| {prefix}{name} | {r['requests']:.0f} | {r['p50']:.2f} ms | "
+                  f"{r['p99']:.2f} ms | {r['max']:.2f} ms | {int(r['non_2xx'])} |")
+    print("\nadded over bare Envoy (the mean of its runs before and after, same gateway):")
+    for _, name, rows, _ in runs:
+        print(f"- {added(rows, name)}")
+    print(f"\nservices' CPU per request (extauthz, ratelimit and costsink): {', '.join(cpus)}; "
+          f"the no-op servicers' (the floor's) {floor_cpu * 1000:.2f} ms")
     print(f"\n## Streamed: time to the first event, 100 streams/s started on schedule, "
           f"{args.seconds} s each")
     print("| gateway | p50 | p99 | max |\n|---|---|---|---|")
-    for name, r in [*mem_ttfb, *(("Redis run: " + n, r) for n, r in red_ttfb)]:
-        print(f"| {name} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | {r['max']:.2f} ms |")
-    print(f"\nadded over bare Envoy:\n- {added(mem_ttfb, 'Tollway (memory)')}\n- "
-          f"{added(red_ttfb, 'Tollway (Redis)')}")
-
+    for prefix, _, _, ttfb in runs:
+        for name, r in ttfb:
+            print(f"| {prefix}{name} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
+                  f"{r['max']:.2f} ms |")
+    print("\nadded over bare Envoy:")
+    for _, name, _, ttfb in runs:
+        print(f"- {added(ttfb, name)}")
 
 if __name__ == "__main__":
     main()
