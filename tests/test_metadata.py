@@ -48,6 +48,7 @@ def test_a_namespace_read_value_by_value_agrees_with_struct_dict() -> None:
     assert ns.number("max_tokens") == 10 and ns.number("big") == 10**15
     assert ns.number("zero") == 0 and ns.number("absent") == 0
     assert ns.number("reserve_tokens") == 89  # ext_authz writes it as a string
+    assert Namespace(to_struct({"hold": str(2**60 + 1)})).number("hold") == 2**60 + 1  # exact
     assert ns.flag("fail_closed") and not ns.flag("stream") and not ns.flag("absent")
     assert not ns.flag("text_flag") and not ns.flag("org")  # only a bool true is set
     assert "org" in ns and "absent" not in ns

@@ -112,8 +112,8 @@ class Namespace:
         return None if other is None else str(other)
 
     def number(self, name: str) -> float:
-        """0 when absent; a string of digits (ext_authz writes reserve_tokens as one) is read
-        as its number."""
+        """0 when absent; a string of digits (ext_authz writes reserve_tokens and budget_hold
+        as one) is read as its number, exactly: a hold in units may pass 2**53."""
         if name not in self._fields:
             return 0
         v = self._fields[name]
@@ -121,6 +121,8 @@ class Namespace:
         if x or v.HasField("number_value"):
             return x
         other = _value(v)
+        if isinstance(other, str) and other.lstrip("-").isdigit():
+            return int(other)
         return float(other) if other is not None else 0
 
     def flag(self, name: str) -> bool:
