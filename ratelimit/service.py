@@ -107,7 +107,8 @@ async def binding_or_abort(m: Manifest, keys: KeyMirror, key_id: str,
 
 class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: ignore[misc]
     """Corrects a reservation with the real usage, so TPM counts what the provider reported.
-    For a costsink in another process; one beside ratelimit calls `settle` directly."""
+    For a costsink in another process while the counters are this process's memory; one
+    beside ratelimit, or apart with Redis counters, calls `settle` directly."""
 
     def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
                  keys: KeyMirror) -> None:
