@@ -112,6 +112,10 @@ def test_costsink_runs_beside_the_workers_and_records_every_request(tmp_path: Pa
             assert b"costsink" not in argv[argv.index(b"--services") + 1], argv
         sink = _costsink(supervisor)
         assert sink is not None
+        metrics = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
+        wait_until(lambda: tcp_open(metrics + 2), "costsink's metrics on the port + workers")
+        assert "tollway_costsink_entries_total" in httpx.get(
+            f"http://127.0.0.1:{metrics + 2}/metrics", timeout=5).text
         ids = [client.chat.completions.with_raw_response.create(
             model="gpt-5.4-mini", messages=[{"role": "user", "content": "hi"}]
         ).headers["x-request-id"] for _ in range(6)]
