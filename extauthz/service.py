@@ -10,8 +10,7 @@ from typing import Any
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.type.v3 import http_status_pb2
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2
 from prometheus_client import Counter, Histogram
 
 from ratelimit.admission import ADMITTED, Admission, admit, refund
@@ -44,13 +43,9 @@ LATENCY = Histogram("tollway_extauthz_check_seconds", "Time to answer one Check"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value),
-                                      append_action=_OVERWRITE)
-
-
 def _add_header(headers: Any, key: str, value: str) -> None:
-    """One more header option in a response's repeated field, set where it lies."""
+    """One more header option in a response's repeated field, set where it lies (a message
+    passed to a constructor is copied)."""
     option = headers.add(append_action=_OVERWRITE)
     option.header.key = key
     option.header.value = value
@@ -126,18 +121,19 @@ def allow_response(allow: Allow, request_headers: Any, held: int,
 
 def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
     status = status_of(deny.code)
-    headers = [_header("content-type", "application/json"),
-               _header("x-tollway-error", deny.code)]
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = code_pb2.UNAVAILABLE if status == 503 else code_pb2.PERMISSION_DENIED
+    denied = response.denied_response
+    denied.status.code = status
+    _add_header(denied.headers, "content-type", "application/json")
+    _add_header(denied.headers, "x-tollway-error", deny.code)
     if status in (429, 503):
-        headers.append(_header("retry-after", str(deny.retry_after)))
-    headers += [_header(k, v) for k, v in deny.headers]
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.UNAVAILABLE if status == 503
-                                 else code_pb2.PERMISSION_DENIED),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=headers, body=error_body(deny.dialect, deny.code, deny.message)),
-        dynamic_metadata=to_struct({"deny_reason": deny.code, "key_id": deny.key_id}))
+        _add_header(denied.headers, "retry-after", str(deny.retry_after))
+    for k, v in deny.headers:
+        _add_header(denied.headers, k, v)
+    denied.body = error_body(deny.dialect, deny.code, deny.message)
+    to_struct({"deny_reason": deny.code, "key_id": deny.key_id}, into=response.dynamic_metadata)
+    return response
 
 
 def rate_limit_deny(allow: Allow, limited: Admission) -> Deny:
