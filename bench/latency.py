@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from common import bare_envoy, pct
 from noop_services import pin as noop_pin
@@ -121,6 +121,16 @@ def streamed_ttfb(url: str, headers: dict[str, str], seconds: int) -> dict[str, 
 
 
 Rows = list[tuple[str, dict[str, float]]]
+
+
+class GatewayRun(NamedTuple):
+    """One gateway's part of the report: its rows' prefix, its Tollway row's name, and its
+    rows for requests and for streams."""
+
+    prefix: str
+    name: str
+    requests: Rows
+    streams: Rows
 
 
 def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False,
@@ -217,8 +227,8 @@ def main() -> None:
             (tmp / "redis").mkdir()
             red, red_ttfb, red_cpu, _ = gateway_runs(
                 tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.port))
-            runs = [("", "Tollway (memory)", mem, mem_ttfb),
-                    ("Redis run: ", "Tollway (Redis)", red, red_ttfb)]
+            runs = [GatewayRun("", "Tollway (memory)", mem, mem_ttfb),
+                    GatewayRun("Redis run: ", "Tollway (Redis)", red, red_ttfb)]
             cpus = [f"memory {mem_cpu * 1000:.2f} ms", f"Redis {red_cpu * 1000:.2f} ms"]
             if args.costsink_apart:
                 (tmp / "apart").mkdir()
@@ -226,7 +236,8 @@ def main() -> None:
                 apart, apart_ttfb, apart_cpu, _ = gateway_runs(
                     tmp / "apart", label, args.seconds, mutate=with_redis(redis.port),
                     split=True)
-                runs.append(("costsink apart run: ", f"Tollway ({label})", apart, apart_ttfb))
+                runs.append(GatewayRun("costsink apart run: ", f"Tollway ({label})", apart,
+                                       apart_ttfb))
                 cpus.append(f"{label} {apart_cpu * 1000:.2f} ms (both processes)")
         finally:
             redis.kill()
@@ -235,26 +246,31 @@ def main() -> None:
               f"a tpm\n")
     print(f"## A fixed 100 requests/s (h2load --h1 -c4 --rps 25 -r1 --rate-period 10ms, "
           f"open loop), {args.seconds} s each")
-    print("| gateway | requests | p50 | p99 | max | non-2xx |\n|---|---|---|---|---|---|")
-    for prefix, _, rows, _ in runs:
-        for name, r in rows:
-            print(f"| {prefix}{name} | {r['requests']:.0f} | {r['p50']:.2f} ms | "
-                  f"{r['p99']:.2f} ms | {r['max']:.2f} ms | {int(r['non_2xx'])} |")
-    print("\nadded over bare Envoy (the mean of its runs before and after, same gateway):")
-    for _, name, rows, _ in runs:
-        print(f"- {added(rows, name)}")
+    table(runs, "requests", "| gateway | requests | p50 | p99 | max | non-2xx |",
+          lambda r: f"{r['requests']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
+                    f"{r['max']:.2f} ms | {int(r['non_2xx'])}",
+          "added over bare Envoy (the mean of its runs before and after, same gateway):")
     print(f"\nservices' CPU per request (extauthz, ratelimit and costsink): {', '.join(cpus)}; "
           f"the no-op servicers' (the floor's) {floor_cpu * 1000:.2f} ms")
     print(f"\n## Streamed: time to the first event, 100 streams/s started on schedule, "
           f"{args.seconds} s each")
-    print("| gateway | p50 | p99 | max |\n|---|---|---|---|")
-    for prefix, _, _, ttfb in runs:
-        for name, r in ttfb:
-            print(f"| {prefix}{name} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
-                  f"{r['max']:.2f} ms |")
-    print("\nadded over bare Envoy:")
-    for _, name, _, ttfb in runs:
-        print(f"- {added(ttfb, name)}")
+    table(runs, "streams", "| gateway | p50 | p99 | max |",
+          lambda r: f"{r['p50']:.2f} ms | {r['p99']:.2f} ms | {r['max']:.2f} ms",
+          "added over bare Envoy:")
+
+
+def table(runs: list[GatewayRun], which: str, header: str, cells: Any,
+          added_title: str) -> None:
+    """One of the report's tables (`which`: "requests" or "streams"): every gateway's rows
+    with `cells(figures)`, then each Tollway's time added over bare Envoy."""
+    print(header + "\n" + "|---" * header.count(" | ") + "|---|")
+    for run in runs:
+        for name, r in getattr(run, which):
+            print(f"| {run.prefix}{name} | {cells(r)} |")
+    print("\n" + added_title)
+    for run in runs:
+        print(f"- {added(getattr(run, which), run.name)}")
+
 
 if __name__ == "__main__":
     main()
