@@ -9,6 +9,7 @@ import re
 import signal
 import sqlite3
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -76,26 +77,25 @@ def test_two_workers_share_the_checks_and_one_set_of_limits(tmp_path: Path,
         assert all(n >= 15 for n in served), served
 
 
-def _workers(supervisor: int) -> dict[int, int]:
-    """The supervisor's worker processes: worker number → pid."""
-    found = {}
+def _children(supervisor: int) -> Iterator[tuple[int, dict[bytes, bytes]]]:
+    """The supervisor's child processes: pid, and the value of each `--option` on its command
+    line (none for one that died, until the supervisor reaps it: its command line is empty)."""
     for task in Path(f"/proc/{supervisor}/task").iterdir():
         for child in (task / "children").read_text().split():
             argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            if b"--worker" not in argv:  # a worker that died, until the supervisor reaps it
-                continue
-            found[int(argv[argv.index(b"--worker") + 1])] = int(child)
-    return found
+            yield int(child), {a: v for a, v in pairwise(argv) if a.startswith(b"--")}
+
+
+def _workers(supervisor: int) -> dict[int, int]:
+    """The supervisor's worker processes: worker number → pid."""
+    return {int(options[b"--worker"]): pid for pid, options in _children(supervisor)
+            if b"--worker" in options}
 
 
 def _costsink(supervisor: int) -> int | None:
     """The supervisor's costsink process, if it has one running."""
-    for task in Path(f"/proc/{supervisor}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            if b"--services" in argv and argv[argv.index(b"--services") + 1] == b"costsink":
-                return int(child)
-    return None
+    return next((pid for pid, options in _children(supervisor)
+                 if options.get(b"--services") == b"costsink"), None)
 
 
 def test_costsink_runs_beside_the_workers_and_records_every_request(tmp_path: Path) -> None:
@@ -107,9 +107,9 @@ def test_costsink_runs_beside_the_workers_and_records_every_request(tmp_path: Pa
         supervisor = gw.named["services"].pid
         workers = _workers(supervisor)
         assert set(workers) == {0, 1}
-        for pid in workers.values():
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert b"costsink" not in argv[argv.index(b"--services") + 1], argv
+        for pid, options in _children(supervisor):
+            if pid in workers.values():
+                assert b"costsink" not in options[b"--services"], options
         sink = _costsink(supervisor)
         assert sink is not None
         metrics = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
