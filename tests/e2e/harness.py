@@ -32,22 +32,35 @@ PROVIDER_KEY = "sk-provider-secret-0123456789"
 
 
 _handed_out: set[int] = set()
+# the services.workers the e2e tests run, and the ports each worker i binds at + i (and
+# costsink's metrics at the metrics port + workers)
+MAX_WORKERS = 2
+PER_WORKER = frozenset({"extauthz", "ratelimit", "admin_api", "metrics"})
+WORKER_SPAN = MAX_WORKERS + 1
 
 
-def free_port() -> int:
+def free_port(span: int = 1) -> int:
     """A port free now, below Linux's ephemeral range (32768-60999): a port the kernel picked
-    from that range could be taken by an outgoing connection before our server binds it."""
+    from that range could be taken by an outgoing connection before our server binds it.
+    `span`: the first of that many consecutive ports, all free and none handed out before, for
+    a server whose processes bind the port + i (services.workers: worker i, costsink's
+    metrics on the metrics port + workers)."""
     while True:
-        port = random.randrange(20000, 32000)
-        if port in _handed_out:
+        port = random.randrange(20000, 32000 - span)
+        block = range(port, port + span)
+        if _handed_out.intersection(block) or not all(_bindable(p) for p in block):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
+        _handed_out.update(block)
         return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_until(check: Any, what: str, timeout: float = 20.0, proc: Any = None) -> None:
@@ -239,13 +252,16 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
     counters, which costsink then settles through its Settle call.
     `envoy_config(manifest_path, ports) -> Path`: Envoy's config from elsewhere than
     `tollway render` (an Istio-shaped gateway)."""
-    ports = {n: free_port() for n in ("mock", "gateway", "admin", "extauthz", "ratelimit",
-                                      "costsink", "metrics", "metrics2", "admin_api")}
+    # the ports services.workers adds a worker's number to (WORKER_SPAN) come in blocks
+    ports = {n: free_port(WORKER_SPAN if n in PER_WORKER else 1)
+             for n in ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink",
+                       "metrics", "metrics2", "admin_api")}
     doc = base_manifest(ports, keys_dsn)
     # absolute: this process renders Envoy's config, and its state dir is not the gateway's
     doc["gateway"]["access_log_file"] = str(tmp / "state" / "envoy-access.jsonl")
     if mutate:
         mutate(doc)
+    assert doc["services"].get("workers", 1) <= MAX_WORKERS, "raise MAX_WORKERS: ports clash"
     manifest_path = tmp / "manifest.yaml"
     manifest_path.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "TOLLWAY_STATE_DIR": str(tmp / "state"),
