@@ -15,9 +15,8 @@ rather than nothing, and its row says `estimated` (docs/architecture.md#estimate
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
@@ -42,9 +41,9 @@ _DIALECTS = {d.value: d for d in Dialect}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # Timestamp.ToDatetime's arithmetic, at 0.3x its cost
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One access-log entry, read: its ledger row and what settling its reservation needs."""
+class Entry(NamedTuple):
+    """One access-log entry, read: its ledger row and what settling its reservation needs (a
+    tuple, like LedgerRow: one is made per entry)."""
 
     row: LedgerRow
     actual_tokens: int  # every token the provider processed, as TPM counts them

@@ -10,12 +10,10 @@ from __future__ import annotations
 import abc
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
-from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -23,8 +21,11 @@ from tollway.refs import resolve_dsn
 from tollway.sqlite_worker import SqliteWorker
 
 
-@dataclass(frozen=True)
-class LedgerRow:
+class LedgerRow(NamedTuple):
+    """One request as the ledger keeps it, its values in the table's column order. A tuple,
+    not a frozen dataclass: costsink makes one per access-log entry, and a frozen dataclass
+    sets each of these 24 fields through object.__setattr__ (4.2 µs against 0.6)."""
+
     request_id: str
     at: datetime
     org: str | None
@@ -53,9 +54,7 @@ class LedgerRow:
     estimated: bool = False
 
 
-COLUMNS = [f.name for f in fields(LedgerRow)]
-# a row's values in COLUMNS order (dataclasses.astuple deep-copies every field: 10x slower)
-values_of = attrgetter(*COLUMNS)
+COLUMNS = list(LedgerRow._fields)
 
 SpendTotal = tuple[str, str, str, str | None, Decimal]  # org, project, key_id, model, cost
 
@@ -206,7 +205,7 @@ def _sqlite_params(r: LedgerRow) -> list[object]:
     """A row's values as SQLite keeps them: the time as ISO 8601 text in UTC, the cost as exact
     decimal text. By column, not a test of every value: this runs for every row on the writer
     thread, holding the GIL the services' event loop needs."""
-    values: list[object] = list(values_of(r))
+    values: list[object] = list(r)
     values[_AT] = r.at.astimezone(UTC).isoformat()
     if r.cost is not None:
         values[_COST] = str(r.cost)
@@ -250,7 +249,7 @@ class PostgresLedger(Ledger):
                 f"INSERT INTO tollway_ledger ({', '.join(COLUMNS)}) "
                 f"SELECT * FROM unnest({arrays}) "
                 "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                *[list(col) for col in zip(*(values_of(r) for r in rows), strict=True)])
+                *[list(col) for col in zip(*rows, strict=True)])
         return {r["request_id"] for r in inserted}
 
     async def _page(self, since: datetime | None, until: datetime | None,

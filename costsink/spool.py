@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +20,7 @@ from .ledger import LedgerRow
 
 
 def row_to_json(row: LedgerRow) -> dict[str, Any]:
-    d = asdict(row)
+    d = row._asdict()
     d["at"] = row.at.isoformat()
     d["cost"] = str(row.cost) if row.cost is not None else None
     return d

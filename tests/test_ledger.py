@@ -37,9 +37,7 @@ async def test_rows_round_trip_exactly(ledger: Ledger) -> None:
 
 
 async def test_estimated_rows_and_their_token_columns_round_trip(ledger: Ledger) -> None:
-    from dataclasses import replace
-
-    rows = [replace(row("e"), reasoning_tokens=7, cache_creation_1h_tokens=5, estimated=True)]
+    rows = [row("e")._replace(reasoning_tokens=7, cache_creation_1h_tokens=5, estimated=True)]
     await ledger.append(rows)
     assert await ledger.rows() == rows
 

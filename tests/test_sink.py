@@ -5,7 +5,6 @@ crash left out of the counters is rebuilt from the ledger."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -76,7 +75,7 @@ async def test_the_hold_of_a_check_envoy_gave_up_on_is_released(tmp_path: Path) 
     assert (await store.hold("o", "r9", [cap], 600, 600_000)).allowed
     s = sink(SqliteLedger(tmp_path / "ledger.db"), tmp_path / "spool", store)
     # Envoy answered 503 itself: the entry has no org, no key, no deny reason
-    unauthorized = replace(row(9), org=None, project=None, client=None, key_id=None,
+    unauthorized = row(9)._replace(org=None, project=None, client=None, key_id=None,
                            provider=None, model=None, status=503, cost=None, input_tokens=0,
                            output_tokens=0)
     await s.write([Entry(unauthorized, 0, {})])
@@ -108,7 +107,7 @@ async def test_spend_a_crash_left_out_is_rebuilt_from_the_ledger(tmp_path: Path)
     assert await store.claim_rebuild()  # the store has its data: no rebuild of its own
     ledger = SqliteLedger(tmp_path / "ledger.db")
     now = datetime.now(UTC)
-    rows = [replace(row(i), at=now) for i in (1, 2)]
+    rows = [row(i)._replace(at=now) for i in (1, 2)]
     await ledger.open()
     await ledger.append(rows)  # then kill -9, before the spend commit
     month = SpendCounter("project:p", "month", period_labels(now, "UTC")["month"])
