@@ -1,7 +1,7 @@
 """The append-only ledger: one row per request, idempotent on the request id.
 
 Two backends behind one interface: SQLite (single node, on its own thread) and PostgreSQL
-(asyncpg, batched with executemany). Rows are only ever inserted; a replayed entry with a known
+(asyncpg, a batch copied in). Rows are only ever inserted; a replayed entry with a known
 request id is ignored, so a retried batch is never counted twice.
 """
 
@@ -241,15 +241,27 @@ class PostgresLedger(Ledger):
             self._pool = None
 
     async def append(self, rows: list[LedgerRow]) -> set[str]:
-        """One statement per batch: a column array each, unnested into rows."""
+        """A batch is copied in (COPY): asyncpg encodes each value with its column's codec,
+        at half the CPU of the INSERT from column arrays, whose encoder tests each element of
+        each array for being an array itself. COPY knows no ON CONFLICT: a batch holding a
+        request id the ledger has (a replay, or twins from the gRPC stream and the file) fails
+        whole, and is inserted again skipping the known ids."""
         assert self._pool is not None
-        arrays = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_PG_TYPES))
-        async with self._pool.acquire() as conn, conn.transaction():
-            inserted = await conn.fetch(
-                f"INSERT INTO tollway_ledger ({', '.join(COLUMNS)}) "
-                f"SELECT * FROM unnest({arrays}) "
-                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                *[list(col) for col in zip(*rows, strict=True)])
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table("tollway_ledger", records=rows,
+                                                     columns=COLUMNS)
+                return {r.request_id for r in rows}
+            except asyncpg.UniqueViolationError:
+                pass
+            arrays = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_PG_TYPES))
+            async with conn.transaction():
+                inserted = await conn.fetch(
+                    f"INSERT INTO tollway_ledger ({', '.join(COLUMNS)}) "
+                    f"SELECT * FROM unnest({arrays}) "
+                    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                    *[list(col) for col in zip(*rows, strict=True)])
         return {r["request_id"] for r in inserted}
 
     async def _page(self, since: datetime | None, until: datetime | None,
