@@ -43,6 +43,11 @@ SPEND_ERRORS = Counter("tollway_costsink_spend_errors_total",
                        "Spend commits that failed (the counter store was unreachable)")
 
 
+# thresholds remembered as crossed: a counter key names its period, so the set only grows;
+# past this many it is emptied
+CROSSED_REMEMBERED = 100_000
+
+
 class SpendRecorder:
     def __init__(self, store: SpendStore, keys: KeyMirror | None = None) -> None:
         self.store = store
@@ -55,6 +60,8 @@ class SpendRecorder:
         # held across a batch's ledger write and its spend commit, and across a rebuild: a
         # rebuild reads the ledger, so it must never see a batch whose spend is not in yet
         self.lock = asyncio.Lock()
+        # (org, counter key, threshold) crossed and asked of the store already (_alert)
+        self._crossed: set[tuple[str, str, str]] = set()
 
     def _binding(self, m: Manifest, key_id: str) -> KeyBinding | None:
         return self.keys.binding(m, key_id) if self.keys is not None else None
@@ -106,19 +113,40 @@ class SpendRecorder:
             log.error("could not add %d costs to spend; retrying until the counter store "
                       "takes them: %s", len(batch), e)
             return False
+        await self._alert(m, batch, results)
+        return True
+
+    async def _alert(self, m: Manifest, batch: list[tuple[Commit, list[Budget]]],
+                     results: list[list[int]]) -> None:
+        """Fire the thresholds the batch's totals cross. Each budget's thresholds are looked
+        at once a batch: every commit gets its counters' values after the whole batch, so its
+        rows all see the same total. A threshold crossed is asked of the store (which remembers
+        what fired, across replicas) once, then remembered here: a budget past 80% would
+        otherwise cost a round trip to the store for each of its rows from then on."""
+        looked_at: set[tuple[str, str, str]] = set()
         for (commit, row_budgets), spent in zip(batch, results, strict=True):
-            if not row_budgets:
-                continue
-            now_spent = dict(zip((c.key for c in commit.counters), spent, strict=True))
+            now_spent: dict[str, int] | None = None
             for b in row_budgets:
-                value = now_spent[b.counter.key]
                 for threshold in b.alerts:
-                    if value >= b.limit * threshold and await self.store.first_alert(
-                            commit.tag, b.counter, f"{b.scope}/{b.quota}:{threshold}"):
+                    mark = f"{b.scope}/{b.quota}:{threshold}"
+                    seen = (commit.tag, b.counter.key, mark)
+                    if seen in looked_at or seen in self._crossed:
+                        continue
+                    looked_at.add(seen)
+                    if now_spent is None:
+                        now_spent = dict(zip((c.key for c in commit.counters), spent,
+                                             strict=True))
+                    value = now_spent[b.counter.key]
+                    if value < b.limit * threshold:
+                        continue
+                    first = await self.store.first_alert(commit.tag, b.counter, mark)
+                    if len(self._crossed) >= CROSSED_REMEMBERED:
+                        self._crossed.clear()  # asked again at worst; the store still knows
+                    self._crossed.add(seen)
+                    if first:
                         self._fire(m, b.label, b.scope, b.quota, b.counter.period,
                                    b.counter.label, threshold, from_units(value),
                                    from_units(b.limit))
-        return True
 
     async def rebuild(self, m: Manifest, ledger: Ledger, now: datetime) -> int:
         """Set every counter of the current day and month to what the ledger holds: after the

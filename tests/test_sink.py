@@ -160,3 +160,40 @@ async def test_each_reservation_is_settled_whatever_befalls_the_others(
     assert settled == [("k", "m", 50, 107, 1007)]
     assert asyncio.get_running_loop().time() - started < 5  # cut off, not waited for
     await s.ledger.close()
+
+
+class CountingStore(MemorySpendStore):
+    """The in-process store, counting what the recorder asks it about alerts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alert_questions = 0
+
+    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+        self.alert_questions += 1
+        return await super().first_alert(tag, counter, mark)
+
+
+async def test_a_budget_past_its_thresholds_asks_the_store_once_per_threshold(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every row of a project past 80% of its budget crosses the threshold: the store is asked
+    whether it fired once, not once a row (a round trip each), and it fires once."""
+    m = loads("""
+providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,
+             models: [{name: m}]}]
+routes: [{path: /v1/chat/completions, provider: openai}]
+organizations: [{id: o, projects: [{id: p, clients: [{id: c, keys: [{id: k}]}],
+  quotas: [{name: cap, spend_per_day: 0.0001, alerts: [0.5, 0.9]}]}]}]
+""", "test")
+    store = CountingStore()
+    recorder = SpendRecorder(store)
+    rows = [row(i)._replace(cost=Decimal("0.00001")) for i in range(1, 41)]  # 4x the cap
+    await recorder.record(m, [(r, 0) for r in rows[:20]])
+    assert store.alert_questions == 2  # 0.5 and 0.9, each crossed by the first batch
+    await recorder.record(m, [(r, 0) for r in rows[20:]])
+    assert store.alert_questions == 2  # known crossed: not asked again
+    fired = [r.getMessage() for r in caplog.records if "budget alert" in r.getMessage()]
+    assert len(fired) == 2, fired
+    assert not recorder.pending
+    assert await store.read("o", [SpendCounter("project:p", "day", "2027-01-01")]) \
+        == [(to_units(Decimal("0.0004")), 0)]
