@@ -1,10 +1,13 @@
-"""Benchmark costsink. Run: python bench/costsink.py [--entries 20000]
+"""Benchmark costsink. Run: python bench/costsink.py [--entries 20000] [--ledger postgresql]
+[--budget-crossed]
 
 Access-log entries per second, streamed over gRPC the way Envoy sends them (batches of 100
 entries a message), until every one is priced and committed to the ledger: SQLite and the real
 PostgreSQL, each next to a no-op AccessLogService (reads the stream, writes nothing) measured
 in the same run. The sink runs in its own process, as in production, adding each cost to the
-spend counters in the real Redis.
+spend counters in the real Redis. --budget-crossed: the project's monthly budget is so small
+that every entry's cost passes both its alert thresholds, as for a project past 80% of its
+budget for the rest of the month.
 """
 
 from __future__ import annotations
@@ -159,6 +162,8 @@ def forget_spend() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--entries", type=int, default=20000)
+    ap.add_argument("--ledger", choices=["sqlite", "postgresql", "both"], default="both")
+    ap.add_argument("--budget-crossed", action="store_true")
     ap.add_argument("--noop-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_server:
@@ -168,9 +173,16 @@ def main() -> None:
     rows = []
     cpus: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, ledger in (("SQLite", f"sqlite:///{tmp}/ledger.db"), ("PostgreSQL", PG)):
+        ledgers = [(name, dsn) for name, dsn in (("SQLite", f"sqlite:///{tmp}/ledger.db"),
+                                                  ("PostgreSQL", PG))
+                   if args.ledger in (name.lower(), "both")]
+        for name, ledger in ledgers:
             noop_port, port = free_port(), free_port()
             doc = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
+            if args.budget_crossed:
+                budget = doc["organizations"][0]["projects"][0]["quotas"][0]
+                assert budget["alerts"], budget  # the monthly budget, with its thresholds
+                budget["spend_per_month"] = 0.000001
             # costsink alone keeps spend in Redis (memory counters need extauthz in-process)
             doc["storage"] = {"keys": "sqlite:///keys.db", "ledger": ledger,
                               "counters": REDIS}
@@ -207,7 +219,7 @@ def main() -> None:
     print("| sink | entries/s |\n|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:,.0f} |")
-    for i in (0, 2):
+    for i in range(0, len(rows), 2):
         print(f"{rows[i + 1][0]} / no-op: {rows[i + 1][1] / rows[i][1]:.2f}x")
     print("costsink's CPU per entry (its process, read from /proc; steadier than entries/s on "
           "a shared machine): " + ", ".join(f"{n} {c * 1e6:.1f} us" for n, c in cpus))
