@@ -115,12 +115,24 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         return self._settle[1]
 
     async def write_forever(self) -> None:
+        """The one writer. A batch that fails in a way the ledger and spool paths do not
+        handle is not dropped, and the writer does not end: the batch is written again a
+        second later (the ledger and spool ignore what they hold), and spend is rebuilt from
+        the ledger, which now holds what the failed attempt counted or not."""
         while True:
             self._inflight = [await self.queue.get()]
             while len(self._inflight) < BATCH and not self.queue.empty():
                 self._inflight.append(self.queue.get_nowait())
             QUEUE.set(self.queue.qsize())
-            await self.write(self._inflight)
+            while True:
+                try:
+                    await self.write(self._inflight)
+                    break
+                except Exception:
+                    log.exception("writing %d entries failed; writing them again in 1 s",
+                                  len(self._inflight))
+                    self.spend_behind_ledger = True
+                    await asyncio.sleep(1.0)
             self._inflight = []
 
     async def drain(self) -> None:

@@ -139,7 +139,12 @@ class SpendRecorder:
                     value = now_spent[b.counter.key]
                     if value < b.limit * threshold:
                         continue
-                    first = await self.store.first_alert(commit.tag, b.counter, mark)
+                    try:
+                        first = await self.store.first_alert(commit.tag, b.counter, mark)
+                    except SpendUnavailable as e:  # the costs are in: ask with the next batch
+                        log.warning("could not tell whether %s's %s alert fired; asking again "
+                                    "with the next costs: %s", b.label, threshold, e)
+                        return
                     if len(self._crossed) >= CROSSED_REMEMBERED:
                         self._crossed.clear()  # asked again at worst; the store still knows
                     self._crossed.add(seen)

@@ -5,9 +5,12 @@ crash left out of the counters is rebuilt from the ledger."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +22,7 @@ from costsink.spool import Spool
 from tollway.budgets import Budget, SpendCounter, period_labels, to_units
 from tollway.manifest import loads
 from tollway.reload import Compiled
-from tollway.spend import MemorySpendStore
+from tollway.spend import MemorySpendStore, SpendUnavailable
 
 MANIFEST = loads("""
 providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,
@@ -161,6 +164,15 @@ async def test_each_reservation_is_settled_whatever_befalls_the_others(
     assert asyncio.get_running_loop().time() - started < 5  # cut off, not waited for
     await s.ledger.close()
 
+# a project budget of 0.0001 a day, alerting at half and at 90%
+ALERTING = loads("""
+providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,
+             models: [{name: m}]}]
+routes: [{path: /v1/chat/completions, provider: openai}]
+organizations: [{id: o, projects: [{id: p, clients: [{id: c, keys: [{id: k}]}],
+  quotas: [{name: cap, spend_per_day: 0.0001, alerts: [0.5, 0.9]}]}]}]
+""", "test")
+
 
 class CountingStore(MemorySpendStore):
     """The in-process store, counting what the recorder asks it about alerts."""
@@ -178,22 +190,74 @@ async def test_a_budget_past_its_thresholds_asks_the_store_once_per_threshold(
         caplog: pytest.LogCaptureFixture) -> None:
     """Every row of a project past 80% of its budget crosses the threshold: the store is asked
     whether it fired once, not once a row (a round trip each), and it fires once."""
-    m = loads("""
-providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,
-             models: [{name: m}]}]
-routes: [{path: /v1/chat/completions, provider: openai}]
-organizations: [{id: o, projects: [{id: p, clients: [{id: c, keys: [{id: k}]}],
-  quotas: [{name: cap, spend_per_day: 0.0001, alerts: [0.5, 0.9]}]}]}]
-""", "test")
     store = CountingStore()
     recorder = SpendRecorder(store)
     rows = [row(i)._replace(cost=Decimal("0.00001")) for i in range(1, 41)]  # 4x the cap
-    await recorder.record(m, [(r, 0) for r in rows[:20]])
+    await recorder.record(ALERTING, [(r, 0) for r in rows[:20]])
     assert store.alert_questions == 2  # 0.5 and 0.9, each crossed by the first batch
-    await recorder.record(m, [(r, 0) for r in rows[20:]])
+    await recorder.record(ALERTING, [(r, 0) for r in rows[20:]])
     assert store.alert_questions == 2  # known crossed: not asked again
     fired = [r.getMessage() for r in caplog.records if "budget alert" in r.getMessage()]
     assert len(fired) == 2, fired
     assert not recorder.pending
     assert await store.read("o", [SpendCounter("project:p", "day", "2027-01-01")]) \
         == [(to_units(Decimal("0.0004")), 0)]
+
+
+async def test_an_alert_the_store_could_not_answer_is_asked_with_the_next_costs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis gone between a batch's spend commit and its alert question: the costs are in,
+    the writer goes on, and the threshold is asked about again with the next batch."""
+
+    class Blinking(CountingStore):
+        async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+            if self.alert_questions == 0:
+                self.alert_questions += 1
+                raise SpendUnavailable("redis: connection reset")
+            return await super().first_alert(tag, counter, mark)
+
+    store = Blinking()
+    recorder = SpendRecorder(store)
+    rows = [row(i)._replace(cost=Decimal("0.0001")) for i in range(1, 3)]
+    await recorder.record(ALERTING, [(rows[0], 0)])
+    assert not recorder.pending  # the cost itself was committed
+    assert not [r for r in caplog.records if "budget alert" in r.getMessage()]
+    await recorder.record(ALERTING, [(rows[1], 0)])
+    assert len([r for r in caplog.records if "budget alert" in r.getMessage()]) == 2
+
+
+async def test_the_writer_outlives_a_batch_that_failed_and_writes_it_again(
+        tmp_path: Path) -> None:
+    """An unexpected failure after a batch reached the ledger (here: recording its spend)
+    neither ends the writer nor loses the batch; spend is then rebuilt from the ledger."""
+
+    class FailsOnce(SpendRecorder):
+        failed = False
+
+        async def record(self, m: Any, rows: Any) -> None:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a bug")
+            await super().record(m, rows)
+
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    s = AccessLogSink(Compiled(lambda m: m, MANIFEST), ledger, Spool(tmp_path / "spool"),
+                      FailsOnce(MemorySpendStore()))
+    await s.ensure_open()
+    writer = asyncio.create_task(s.write_forever())
+    try:
+        for i in range(3):
+            s.queue.put_nowait(Entry(row(i), 0, {}))
+        deadline = time.monotonic() + 10
+        while len(await ledger.rows()) < 3 or s.queue.qsize() or s._inflight:
+            assert not writer.done(), writer
+            assert time.monotonic() < deadline, "the batch was not written"
+            await asyncio.sleep(0.05)
+        s.queue.put_nowait(Entry(row(3), 0, {}))  # and the writer takes the next ones
+        while len(await ledger.rows()) < 4:
+            assert time.monotonic() < deadline, "the writer stopped"
+            await asyncio.sleep(0.05)
+        assert s.spend_behind_ledger  # keep_spend_true rebuilds the counters from the ledger
+    finally:
+        writer.cancel()
+        await ledger.close()
