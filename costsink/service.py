@@ -117,8 +117,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
     async def write_forever(self) -> None:
         """The one writer. A batch that fails in a way the ledger and spool paths do not
         handle is not dropped, and the writer does not end: the batch is written again a
-        second later (the ledger and spool ignore what they hold), and spend is rebuilt from
-        the ledger, which now holds what the failed attempt counted or not."""
+        second later (the ledger and spool ignore what they hold; write() has spend rebuilt
+        from the ledger where the failure came after the rows were durable)."""
         while True:
             self._inflight = [await self.queue.get()]
             while len(self._inflight) < BATCH and not self.queue.empty():
@@ -131,7 +131,6 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                 except Exception:
                     log.exception("writing %d entries failed; writing them again in 1 s",
                                   len(self._inflight))
-                    self.spend_behind_ledger = True
                     await asyncio.sleep(1.0)
             self._inflight = []
 
@@ -158,8 +157,13 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             fresh = [item for item in batch if item.row.request_id in new]
             if self.durable_log is not None:  # the file's copies of these can be skipped
                 self.durable_log.durable([item.row.request_id for item in batch])
-            # first, so holds are released as soon as possible
-            await self.spend.record(m, [(item.row, item.hold) for item in fresh])
+            try:  # first, so holds are released as soon as possible
+                await self.spend.record(m, [(item.row, item.hold) for item in fresh])
+            except Exception:
+                # the rows are durable and will not count as new again: spend is rebuilt
+                # from the ledger instead (keep_spend_true), on either path that wrote them
+                self.spend_behind_ledger = True
+                raise
         await self.spend.release_orphans([item.row for item in fresh])
         await self._settle_all([item for item in fresh if "reserved_tokens" in item.ratelimit
                                 and item.row.key_id and item.row.model])
