@@ -236,3 +236,17 @@ async def test_a_retried_batch_is_applied_once() -> None:
         keys = [k async for k in s.client.scan_iter(f"{s.prefix}:*")]
         await s.client.delete(*keys)
         await s.close()
+
+
+async def test_a_batch_of_thousands_releases_each_hold(store: SpendStore) -> None:
+    """A shutdown drains whatever was queued as one batch: more request ids than one Lua call
+    can spread (unpack) into a Redis command."""
+    b = budget(10**12)
+    rids = [f"d{i}" for i in range(9_000)]
+    for rid in rids[::1000]:  # every thousandth holds something
+        assert (await store.hold("o", rid, [b], 50, 60_000)).allowed
+    day = [DAY]  # one list: the commits are one shape, as the recorder builds them
+    results = await store.commit_many([Commit("o", rid, day, 2, held=rid in rids[::1000])
+                                       for rid in rids])
+    assert results[-1] == [18_000]
+    assert await store.read("o", [DAY]) == [(18_000, 0)]
