@@ -1,13 +1,16 @@
-"""Benchmark the Redis counter script alone: Redis's own time per charge.
+"""Benchmark the Redis scripts alone: Redis's own time per rate-limit charge and per spend batch.
 
 Run: python bench/redis_charge.py [--calls 2000] [--rounds 2] [--baseline DIR] [--redis URL]
 
 Charges the two quotas a gpt-5.4 request of examples/team-ai.yaml meets (requests and tokens per
 minute) with every bucket of their windows held (61 each, as a steady load leaves them), and
 reads what Redis spent per call from its own `INFO commandstats` (usec_per_call of EVALSHA), so
-neither the client nor the network counts. `--baseline DIR` loads the script of another
-checkout's ratelimit/redis_backend.py (e.g. `git worktree add /tmp/base <commit>`) and measures
-it interleaved with this one, on the same Redis.
+neither the client nor the network counts. Then costsink's spend commit of a batch of 100
+requests of one key (its 6 counters: key, project and org, by day and month), once with no
+request holding anything (a project without a budget) and once with each holding a budget hold
+to release. `--baseline DIR` loads the scripts of another checkout (ratelimit/redis_backend.py,
+tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base <commit>`) and measures them
+interleaved with this one's, on the same Redis.
 """
 
 from __future__ import annotations
@@ -21,20 +24,22 @@ from types import ModuleType
 
 from common import ROOT
 
+from tollway.budgets import Budget, base_counters
 from tollway.quotas import Rule
+from tollway.spend import Commit
 
 RULES = [Rule("project:p/rpm/requests60", "rpm", "requests", 10**9, 60, True),
          Rule("project:p/tpm/tokens60", "tpm", "tokens", 10**12, 60, True)]
 T0 = 1_800_000_000_000  # a fixed "now": every run sees the same full window
 
 
-def redis_backend_of(checkout: Path) -> ModuleType:
-    """`checkout`'s ratelimit/redis_backend.py, its relative imports this checkout's."""
-    path = checkout / "ratelimit" / "redis_backend.py"
-    spec = importlib.util.spec_from_file_location(f"ratelimit._bench_{uuid.uuid4().hex}", path)
+def module_of(checkout: Path, package: str, name: str) -> ModuleType:
+    """`checkout`'s module `package`.`name`, its relative imports this checkout's."""
+    path = checkout.joinpath(*package.split("."), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{package}._bench_{uuid.uuid4().hex}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "ratelimit"
+    module.__package__ = package
     spec.loader.exec_module(module)
     return module
 
@@ -56,6 +61,34 @@ async def redis_us_per_charge(module: ModuleType, url: str, calls: int) -> float
         await backend.close()
 
 
+async def redis_us_per_spend_batch(module: ModuleType, url: str, batches: int,
+                                   held: bool) -> float:
+    """Redis's time per commit_many of 100 requests of one key, each holding a budget hold
+    or none."""
+    store = module.RedisSpendStore(url, prefix=f"bench-{uuid.uuid4().hex[:8]}")
+    counters = base_counters("acme", "team-ai", "k1", {"day": "2026-12-03", "month": "2026-12"})
+    budget = Budget(counters[2], "project:team-ai", "cap", 10**15, True, ())
+    spent = 0
+    try:
+        for b in range(batches):
+            rids = [f"b{b}-{i}" for i in range(100)]
+            if held:
+                for rid in rids:
+                    await store.hold("acme", rid, [budget], 1000, 60_000)
+            await store.client.config_resetstat()  # the commit alone, not the holds
+            await store.commit_many([Commit("acme", rid, counters, 7, held=held)
+                                     for rid in rids])
+            stats = (await store.client.info("commandstats"))["cmdstat_evalsha"]
+            assert stats["calls"] == 1, stats
+            spent += stats["usec"]
+        return spent / batches
+    finally:
+        keys = [k async for k in store.client.scan_iter(f"{store.prefix}:*")]
+        if keys:
+            await store.client.delete(*keys)
+        await store.close()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
@@ -65,15 +98,25 @@ async def main() -> None:
     args = ap.parse_args()
     checkouts = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline
                                   else {})}
-    modules = {name: redis_backend_of(path) for name, path in checkouts.items()}
-    runs: dict[str, list[float]] = {name: [] for name in modules}
-    for _ in range(args.rounds):  # interleaved: both see the same Redis and machine
-        for name, module in modules.items():
-            runs[name].append(await redis_us_per_charge(module, args.redis, args.calls))
-    for name, us in runs.items():
-        print(f"{name:9} Redis time per charge: " + ", ".join(f"{u:.1f} us" for u in us))
-    if "baseline" in runs:
-        print(f"this / baseline: {sum(runs['this']) / sum(runs['baseline']):.2f}x")
+    backends = {name: module_of(path, "ratelimit", "redis_backend")
+                for name, path in checkouts.items()}
+    stores = {name: module_of(path, "tollway.spend", "redis_store")
+              for name, path in checkouts.items()}
+    measures = {"charge": lambda name: redis_us_per_charge(backends[name], args.redis,
+                                                           args.calls),
+                "spend batch of 100, no holds": lambda name: redis_us_per_spend_batch(
+                    stores[name], args.redis, args.calls // 100, held=False),
+                "spend batch of 100, each held": lambda name: redis_us_per_spend_batch(
+                    stores[name], args.redis, args.calls // 100, held=True)}
+    for what, measure in measures.items():
+        runs: dict[str, list[float]] = {name: [] for name in checkouts}
+        for _ in range(args.rounds):  # interleaved: both see the same Redis and machine
+            for name in checkouts:
+                runs[name].append(await measure(name))
+        for name, us in runs.items():
+            print(f"{name:9} Redis time per {what}: " + ", ".join(f"{u:.1f} us" for u in us))
+        if "baseline" in runs:
+            print(f"this / baseline: {sum(runs['this']) / sum(runs['baseline']):.2f}x")
 
 
 if __name__ == "__main__":
