@@ -33,15 +33,14 @@ def _settles_here(ctx: ServiceContext) -> bool:
 
 
 def _settle_here(ctx: ServiceContext, manifest: Compiled[Manifest]) -> SettleHere:
-    """ratelimit's settlement, called in this process (the counters ratelimit charges)."""
-    from ratelimit.admission import settle
+    """ratelimit's settlement, called in this process (the counters ratelimit charges), for
+    a written batch at once."""
+    from ratelimit.admission import Reservation, settle_many
 
     backend, keys = ctx.counter_backend(), ctx.key_mirror()
 
-    async def settle_here(key_id: str, model: str, reserved: int, actual: int,
-                          charged_at_ms: int) -> object:
-        return await settle(backend, keys, manifest.value, key_id, model, reserved, actual,
-                            charged_at_ms)
+    async def settle_here(reservations: list[Reservation]) -> int:
+        return await settle_many(backend, keys, manifest.value, reservations)
     return settle_here
 
 

@@ -20,6 +20,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from ratelimit._proto import settle_pb2, settle_pb2_grpc
+from ratelimit.admission import Reservation
 from tollway.manifest import Manifest
 from tollway.reload import Compiled
 from tollway.spend import SpendUnavailable
@@ -46,8 +47,8 @@ SPEND_CHECK_INTERVAL = 1.0  # how often missed costs are retried and the store's
 SETTLE_TIMEOUT = 2.0  # a token settlement slower than this is left undone, and logged
 
 
-# settles one reservation in this process: (key_id, model, reserved, actual, charged_at_ms)
-SettleHere = Callable[[str, str, int, int, int], Awaitable[object]]
+# settles a batch's reservations in this process, at once (ratelimit.admission.settle_many)
+SettleHere = Callable[[list[Reservation]], Awaitable[object]]
 
 
 def _reservation(item: Entry) -> tuple[int, int] | None:
@@ -276,35 +277,31 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                     await self.spend.store.unclaim_rebuild()
 
     async def _settle_all(self, due: list[Entry]) -> None:
-        """Settle each entry's token reservation, all at once; one that fails or takes more
+        """Settle each entry's token reservation, all at once: in this process, one call to
+        the counters for the batch; through Settle, a call each. What fails or takes more
         than SETTLE_TIMEOUT is logged, not retried (its reservation's window ends anyway)."""
         if not due:
             return
         if self.settle_here is None:
             await asyncio.gather(*(self._settle_by_call(item) for item in due))
             return
-        settle_here = self.settle_here
-        settling: list[Entry] = []
-        calls: list[Awaitable[object]] = []
+        reservations: list[Reservation] = []
         for item in due:
             reservation = _reservation(item)
             if reservation is not None:
-                settling.append(item)
                 reserved, charged_at = reservation
-                calls.append(settle_here(item.row.key_id or "", item.row.model or "", reserved,
-                                         item.actual_tokens, charged_at))
-        try:
-            # every settlement begins at once, so one deadline bounds each as its own would:
-            # no wait_for per entry, with its own task and timer (9 us an entry, now 2.7)
-            async with asyncio.timeout(SETTLE_TIMEOUT):
-                results = await asyncio.gather(*calls, return_exceptions=True)
-        except TimeoutError:  # the counters slow: as failed Settle calls
-            log.warning("settling %d entries took more than %.0f s; those unfinished were "
-                        "left unsettled", len(settling), SETTLE_TIMEOUT)
+                reservations.append((item.row.key_id or "", item.row.model or "", reserved,
+                                     item.actual_tokens, charged_at))
+        if not reservations:
             return
-        for item, result in zip(settling, results, strict=True):
-            if isinstance(result, Exception):  # the counters down: as a failed Settle call
-                log.warning("could not settle %s: %s", item.row.request_id, result)
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await self.settle_here(reservations)
+        except TimeoutError:
+            log.warning("settling %d entries took more than %.0f s; left unsettled",
+                        len(reservations), SETTLE_TIMEOUT)
+        except Exception as e:  # the counters down: as failed Settle calls
+            log.warning("could not settle %d entries: %s", len(reservations), e)
 
     async def _settle_by_call(self, item: Entry) -> None:
         """Settle through ratelimit's TokenSettlement service, running in another process."""

@@ -21,6 +21,7 @@ import abc
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tollway.quotas import Rule
 
@@ -87,6 +88,16 @@ def evaluate(rule: Rule, buckets: dict[int, int], now_ms: int, cost: int) -> Rul
     return RuleState(rule=rule, used=used, reset_seconds=reset, retry_seconds=retry)
 
 
+class Settlement(NamedTuple):
+    """One request's token reservation to correct: `delta` (actual - reserved, may be
+    negative) on its token `rules`, in the bucket `charged_at_ms` fell in."""
+
+    tag: str
+    rules: list[Rule]
+    charged_at_ms: int
+    delta: int
+
+
 class CounterBackend(abc.ABC):
     @abc.abstractmethod
     async def charge(self, tag: str, rules: list[Rule], costs: list[int],
@@ -99,6 +110,13 @@ class CounterBackend(abc.ABC):
                      now_ms: int | None = None) -> None:
         """Correct a token reservation by `delta` (actual - reserved, may be negative) in the
         bucket it was charged to, if that bucket is still inside the window."""
+
+    async def settle_many(self, settlements: list[Settlement],
+                          now_ms: int | None = None) -> None:
+        """Several settlements, as settle() one by one at the same `now_ms` (costsink settles
+        a written batch's reservations at once)."""
+        for s in settlements:
+            await self.settle(s.tag, s.rules, s.charged_at_ms, s.delta, now_ms)
 
     async def close(self) -> None:
         return None

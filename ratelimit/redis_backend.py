@@ -15,7 +15,14 @@ from redis.exceptions import RedisError
 from tollway.quotas import Rule
 from tollway.redis_client import connect
 
-from .backend import BUCKETS, BackendUnavailable, CounterBackend, Outcome, RuleState
+from .backend import (
+    BUCKETS,
+    BackendUnavailable,
+    CounterBackend,
+    Outcome,
+    RuleState,
+    Settlement,
+)
 
 # the time the script works with: ARGV[n] in ms, or Redis's own clock when that is 0
 NOW = """
@@ -113,6 +120,20 @@ end
 return 1
 """
 
+# settle() for a batch, the org's reservations summed by counter and bucket. ARGV: now_ms,
+# buckets, then per counter and bucket: key index, bucket, width_ms, delta
+SETTLE_MANY = NOW % 1 + """
+local n = tonumber(ARGV[2])
+for p = 3, #ARGV, 4 do
+  local key = KEYS[tonumber(ARGV[p])]
+  local b, w = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  if b >= math.floor(now / w) - n and redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, tostring(b), ARGV[p + 3])
+  end
+end
+return 1
+"""
+
 
 class RedisBackend(CounterBackend):
     def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
@@ -121,6 +142,7 @@ class RedisBackend(CounterBackend):
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
         self._charge = self.client.register_script(CHARGE)
         self._settle = self.client.register_script(SETTLE)
+        self._settle_many = self.client.register_script(SETTLE_MANY)
 
     def key(self, tag: str, rule: Rule) -> str:
         return f"{self.prefix}:{{{tag}}}:rl:{rule.counter}:{rule.period}"
@@ -151,6 +173,34 @@ class RedisBackend(CounterBackend):
             await self._settle(keys=[self.key(tag, r) for r in rules],
                                args=[delta, now_ms or 0, charged_at_ms, BUCKETS,
                                      *(r.period * 1000 // BUCKETS for r in rules)])
+        except (RedisError, OSError) as e:
+            raise BackendUnavailable(f"redis: {e}") from e
+
+    async def settle_many(self, settlements: list[Settlement],
+                          now_ms: int | None = None) -> None:
+        """One script call per org for the batch: the client's work per call (about 0.2 ms
+        of the loop's CPU) is most of a settlement's cost, and a batch's reservations mostly
+        share their counters and buckets, so they go summed."""
+        by_tag: dict[str, dict[tuple[str, int, int], int]] = {}
+        for s in settlements:
+            if not s.delta:
+                continue
+            sums = by_tag.setdefault(s.tag, {})
+            for r in s.rules:
+                width = r.period * 1000 // BUCKETS
+                at = (self.key(s.tag, r), s.charged_at_ms // width, width)
+                sums[at] = sums.get(at, 0) + s.delta
+        try:
+            for sums in by_tag.values():
+                live = [(at, delta) for at, delta in sums.items() if delta]
+                if not live:
+                    continue
+                keys = list(dict.fromkeys(key for (key, _, _), _ in live))
+                index = {key: i + 1 for i, key in enumerate(keys)}
+                args: list[int] = [now_ms or 0, BUCKETS]
+                for (key, bucket, width), delta in live:
+                    args += [index[key], bucket, width, delta]
+                await self._settle_many(keys=keys, args=args)
         except (RedisError, OSError) as e:
             raise BackendUnavailable(f"redis: {e}") from e
 

@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ratelimit.backend import BUCKETS, BackendUnavailable, CounterBackend, MemoryBackend
+from ratelimit.backend import (
+    BUCKETS,
+    BackendUnavailable,
+    CounterBackend,
+    MemoryBackend,
+    Settlement,
+)
 from ratelimit.redis_backend import RedisBackend
 from tests.conftest import REDIS_URL, require_redis
 from tollway.quotas import Rule
@@ -126,6 +132,28 @@ async def test_settle_corrects_a_reservation(backend: CounterBackend) -> None:
     assert (await backend.charge("org", [tokens], [0], T0 + 5)).states[0].used == 1400
 
 
+async def test_settle_many_sums_a_batch_as_settle_would_one_by_one(
+        backend: CounterBackend) -> None:
+    """costsink's batch: reservations sharing a counter and bucket, one in another bucket,
+    one on two quotas, one too old to correct, one of another org, a zero, and a counter
+    never charged (nothing to correct: not created)."""
+    tpm, tph = rule(10**6, kind="tokens", name="tpm"), rule(10**6, 3600, "tokens", name="tph")
+    for at in (T0, T0 + 1000, T0 + 2000):
+        assert (await backend.charge("org", [tpm, tph], [500, 500], at)).allowed
+    assert (await backend.charge("other", [tpm], [500], T0)).allowed
+    await backend.settle_many([
+        Settlement("org", [tpm], T0, -100), Settlement("org", [tpm], T0 + 500, -50),
+        Settlement("org", [tpm], T0 + 1000, 25), Settlement("org", [tpm, tph], T0 + 2000, -400),
+        Settlement("org", [tpm], T0 - 120_000, -7), Settlement("other", [tpm], T0, -300),
+        Settlement("org", [tpm], T0, 0), Settlement("org", [rule(9, kind="tokens",
+                                                                  name="never")], T0, -5),
+    ], now_ms=T0 + 3000)
+    used = [(await backend.charge(tag, rules, [0] * len(rules), T0 + 3000)).states
+            for tag, rules in (("org", [tpm, tph]), ("other", [tpm]))]
+    assert [st.used for states in used for st in states] == [
+        1500 - 100 - 50 + 25 - 400, 1500 - 400, 500 - 300]
+
+
 async def test_counters_are_separate_per_tag(backend: CounterBackend) -> None:
     r = rule(1)
     assert (await backend.charge("org-a", [r], [1], T0)).allowed
@@ -204,13 +232,21 @@ async def test_redis_answers_as_the_memory_backend_step_by_step(seed: int) -> No
     reservations: list[tuple[int, list[Rule], int]] = []  # charged at, token rules, reserved
     refused = retry_known = 0
     try:
-        for step in range(600):
+        for step in range(800):
             now += rng.choice([0, 7, 250, 999, 1000, 1500, 4000, 20_000, 70_000, 130_000])
             if reservations and rng.random() < 0.25:  # a response's usage arrives
                 at, tokens, reserved = reservations.pop(rng.randrange(len(reservations)))
                 delta = rng.randint(-reserved, 300)  # actual - reserved
                 for b in (memory, redis_backend):
                     await b.settle("org", tokens, at, delta, now)
+                continue
+            if len(reservations) > 3 and rng.random() < 0.1:  # a batch's, at once (costsink)
+                batch = [reservations.pop(rng.randrange(len(reservations)))
+                         for _ in range(rng.randint(2, 4))]
+                settlements = [Settlement("org", tokens, at, rng.randint(-reserved, 300))
+                               for at, tokens, reserved in batch]
+                for b in (memory, redis_backend):  # memory's: settle() one by one
+                    await b.settle_many(settlements, now)
                 continue
             picked = [r for r in rules if rng.random() < 0.7] or rules[:1]
             reserve = rng.choice([0, 50, 400, 900, 6000])
