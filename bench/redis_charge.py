@@ -8,9 +8,12 @@ reads what Redis spent per call from its own `INFO commandstats` (usec_per_call 
 neither the client nor the network counts. Then costsink's spend commit of a batch of 100
 requests of one key (its 6 counters: key, project and org, by day and month), once with no
 request holding anything (a project without a budget) and once with each holding a budget hold
-to release. `--baseline DIR` loads the scripts of another checkout (ratelimit/redis_backend.py,
-tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base <commit>`) and measures them
-interleaved with this one's, on the same Redis.
+to release. And costsink's settlement of a batch of 100 requests' token reservations: one
+call each, as before settle_many, against settle_many's one call; there the client's CPU (the
+event loop's, which costsink may share with the Checks) counts as well. `--baseline DIR`
+loads the charge's and the spend batch's scripts of another checkout
+(ratelimit/redis_backend.py, tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base
+<commit>`) and measures them interleaved with this one's, on the same Redis.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import time
 import uuid
 from pathlib import Path
 from types import ModuleType
 
 from common import ROOT
 
+from ratelimit.backend import Settlement
+from ratelimit.redis_backend import RedisBackend
 from tollway.budgets import Budget, base_counters
 from tollway.quotas import Rule
 from tollway.spend import Commit
@@ -89,6 +95,33 @@ async def redis_us_per_spend_batch(module: ModuleType, url: str, batches: int,
         await store.close()
 
 
+async def settlement_of_100(url: str, batches: int, many: bool) -> tuple[float, float]:
+    """The client's CPU and Redis's time per batch of 100 settlements (two token quotas each,
+    charged over a second and a half, as a 0.1 s access-log flush of a busy key brings them),
+    one call each or settle_many's one."""
+    backend = RedisBackend(url, prefix=f"bench-{uuid.uuid4().hex[:8]}")
+    now = int(time.time() * 1000)
+    settlements = [Settlement("org", RULES, now - 15 * i, -(i % 50) - 1) for i in range(100)]
+    try:
+        await backend.charge("org", RULES, [1, 1])
+        await backend.client.config_resetstat()
+        cpu = time.process_time()
+        for _ in range(batches):
+            if many:
+                await backend.settle_many(settlements)
+            else:
+                await asyncio.gather(*(backend.settle(s.tag, s.rules, s.charged_at_ms, s.delta)
+                                       for s in settlements))
+        cpu = (time.process_time() - cpu) / batches
+        stats = (await backend.client.info("commandstats"))["cmdstat_evalsha"]
+        return cpu * 1e6, stats["usec"] / batches
+    finally:
+        keys = [k async for k in backend.client.scan_iter(f"{backend.prefix}:*")]
+        if keys:
+            await backend.client.delete(*keys)
+        await backend.close()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
@@ -117,6 +150,11 @@ async def main() -> None:
             print(f"{name:9} Redis time per {what}: " + ", ".join(f"{u:.1f} us" for u in us))
         if "baseline" in runs:
             print(f"this / baseline: {sum(runs['this']) / sum(runs['baseline']):.2f}x")
+    for _ in range(args.rounds):
+        for many, how in ((False, "one call each"), (True, "settle_many")):
+            cpu, redis_us = await settlement_of_100(args.redis, args.calls // 100, many)
+            print(f"settlement of 100, {how:13}: client CPU {cpu:,.0f} us, "
+                  f"Redis {redis_us:,.0f} us")
 
 
 if __name__ == "__main__":
