@@ -24,7 +24,7 @@ from tollway.sqlite_worker import SqliteWorker
 class LedgerRow(NamedTuple):
     """One request as the ledger keeps it, its values in the table's column order. A tuple,
     not a frozen dataclass: costsink makes one per access-log entry, and a frozen dataclass
-    sets each of these 24 fields through object.__setattr__ (4.2 µs against 0.6)."""
+    sets each of these 24 fields through object.__setattr__ (4.7 µs a row against 1.2)."""
 
     request_id: str
     at: datetime
