@@ -134,20 +134,22 @@ class GatewayRun(NamedTuple):
 
 
 def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False,
-                 pin: bool = False, split: bool = False) -> tuple[Rows, Rows, float, float]:
+                 pin: bool = False, split: bool = False,
+                 headers: dict[str, str] | None = None) -> tuple[Rows, Rows, float, float]:
     """One gateway: bare Envoy, Tollway (and the floor), bare Envoy again, in that order;
     the same for streamed time to first event. Returns both tables' rows and the services'
     CPU per request during Tollway's run, and the no-op servicers' during the floor's; `pin`:
     the no-op servicers pinned to the CPU services.pin_cpus picks; `split`: costsink in a
-    process of its own, its CPU counted with the services'."""
+    process of its own, its CPU counted with the services'; `headers`: sent with every
+    request, to each gateway."""
     rows: Rows = []
     ttfb: Rows = []
     floor_cpu = 0.0
     with run_gateway(tmp, mutate=mutate, split=split) as gw:
         key = gw.issue("k-main")
         bare, bare_url = bare_envoy(gw.manifest_path, tmp)
-        provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
-        ours = {"authorization": f"Bearer {key}"}
+        provider = {"authorization": f"Bearer {PROVIDER_KEY}", **(headers or {})}
+        ours = {"authorization": f"Bearer {key}", **(headers or {})}
         url = f"{gw.url}/v1/chat/completions"
         try:
             rows.append(("bare Envoy", h2load(bare_url, provider, seconds, tmp)))
@@ -200,7 +202,12 @@ def main() -> None:
                     help="services.pin_cpus, and the floor's no-op servicers pinned alike")
     ap.add_argument("--costsink-apart", action="store_true",
                     help="also the Redis gateway with costsink in a process of its own")
+    ap.add_argument("--provider-counts-differ", action="store_true",
+                    help="the mock reports 100 prompt tokens where Tollway reserves for 84 "
+                         "(a real tokenizer's count), so each charged request's reservation "
+                         "is settled")
     args = ap.parse_args()
+    headers = {"x-mock-input-tokens": "100"} if args.provider_counts_differ else None
 
     def rate_limited(doc: dict[str, Any]) -> None:
         if args.pin_cpus:
@@ -220,13 +227,14 @@ def main() -> None:
         (tmp / "memory").mkdir()
         mem, mem_ttfb, mem_cpu, floor_cpu = gateway_runs(tmp / "memory", "memory", args.seconds,
                                               mutate=rate_limited, floor=True,
-                                              pin=args.pin_cpus)
+                                              pin=args.pin_cpus, headers=headers)
         redis = PrivateRedis(tmp)
         redis.start()
         try:
             (tmp / "redis").mkdir()
             red, red_ttfb, red_cpu, _ = gateway_runs(
-                tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.port))
+                tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.port),
+                headers=headers)
             runs = [GatewayRun("", "Tollway (memory)", mem, mem_ttfb),
                     GatewayRun("Redis run: ", "Tollway (Redis)", red, red_ttfb)]
             cpus = [f"memory {mem_cpu * 1000:.2f} ms", f"Redis {red_cpu * 1000:.2f} ms"]
@@ -235,7 +243,7 @@ def main() -> None:
                 label = "Redis, costsink apart"
                 apart, apart_ttfb, apart_cpu, _ = gateway_runs(
                     tmp / "apart", label, args.seconds, mutate=with_redis(redis.port),
-                    split=True)
+                    split=True, headers=headers)
                 runs.append(GatewayRun("costsink apart run: ", f"Tollway ({label})", apart,
                                        apart_ttfb))
                 cpus.append(f"{label} {apart_cpu * 1000:.2f} ms (both processes)")
