@@ -105,24 +105,10 @@ end
 return result
 """
 
-# ARGV: delta, now_ms, charged_at_ms, buckets, then each key's bucket width in ms
-SETTLE = NOW % 2 + """
-local delta = tonumber(ARGV[1])
-local at = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-for i = 1, #KEYS do
-  local w = tonumber(ARGV[4 + i])
-  local b = math.floor(at / w)
-  if b >= math.floor(now / w) - n and redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], tostring(b), delta)
-  end
-end
-return 1
-"""
-
-# settle() for a batch, the org's reservations summed by counter and bucket. ARGV: now_ms,
-# buckets, then per counter and bucket: key index, bucket, width_ms, delta
-SETTLE_MANY = NOW % 1 + """
+# Reservations corrected in the buckets they were charged to, if still inside the window, an
+# org's at once, summed by counter and bucket. ARGV: now_ms, buckets, then per counter and
+# bucket: key index, bucket, width_ms, delta
+SETTLE = NOW % 1 + """
 local n = tonumber(ARGV[2])
 for p = 3, #ARGV, 4 do
   local key = KEYS[tonumber(ARGV[p])]
@@ -142,7 +128,6 @@ class RedisBackend(CounterBackend):
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
         self._charge = self.client.register_script(CHARGE)
         self._settle = self.client.register_script(SETTLE)
-        self._settle_many = self.client.register_script(SETTLE_MANY)
 
     def key(self, tag: str, rule: Rule) -> str:
         return f"{self.prefix}:{{{tag}}}:rl:{rule.counter}:{rule.period}"
@@ -167,14 +152,7 @@ class RedisBackend(CounterBackend):
 
     async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
                      now_ms: int | None = None) -> None:
-        if not rules or delta == 0:
-            return
-        try:
-            await self._settle(keys=[self.key(tag, r) for r in rules],
-                               args=[delta, now_ms or 0, charged_at_ms, BUCKETS,
-                                     *(r.period * 1000 // BUCKETS for r in rules)])
-        except (RedisError, OSError) as e:
-            raise BackendUnavailable(f"redis: {e}") from e
+        await self.settle_many([Settlement(tag, rules, charged_at_ms, delta)], now_ms)
 
     async def settle_many(self, settlements: list[Settlement],
                           now_ms: int | None = None) -> None:
@@ -200,7 +178,7 @@ class RedisBackend(CounterBackend):
                 args: list[int] = [now_ms or 0, BUCKETS]
                 for (key, bucket, width), delta in live:
                     args += [index[key], bucket, width, delta]
-                await self._settle_many(keys=keys, args=args)
+                await self._settle(keys=keys, args=args)
         except (RedisError, OSError) as e:
             raise BackendUnavailable(f"redis: {e}") from e
 
