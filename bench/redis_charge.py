@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from common import ROOT
 
@@ -50,6 +51,14 @@ def module_of(checkout: Path, package: str, name: str) -> ModuleType:
     return module
 
 
+async def forget(client_of: Any) -> None:
+    """A backend's or store's bench keys (its prefix is the run's own) removed, then closed."""
+    keys = [k async for k in client_of.client.scan_iter(f"{client_of.prefix}:*")]
+    if keys:
+        await client_of.client.delete(*keys)
+    await client_of.close()
+
+
 async def redis_us_per_charge(module: ModuleType, url: str, calls: int) -> float:
     backend = module.RedisBackend(url, prefix=f"bench-{uuid.uuid4().hex[:8]}")
     try:
@@ -61,10 +70,7 @@ async def redis_us_per_charge(module: ModuleType, url: str, calls: int) -> float
         stats = await backend.client.info("commandstats")
         return float(stats["cmdstat_evalsha"]["usec_per_call"])
     finally:
-        keys = [k async for k in backend.client.scan_iter(f"{backend.prefix}:*")]
-        if keys:
-            await backend.client.delete(*keys)
-        await backend.close()
+        await forget(backend)
 
 
 async def redis_us_per_spend_batch(module: ModuleType, url: str, batches: int,
@@ -89,10 +95,7 @@ async def redis_us_per_spend_batch(module: ModuleType, url: str, batches: int,
             spent += stats["usec"]
         return spent / batches
     finally:
-        keys = [k async for k in store.client.scan_iter(f"{store.prefix}:*")]
-        if keys:
-            await store.client.delete(*keys)
-        await store.close()
+        await forget(store)
 
 
 async def settlement_of_100(url: str, batches: int, many: bool) -> tuple[float, float]:
@@ -116,10 +119,7 @@ async def settlement_of_100(url: str, batches: int, many: bool) -> tuple[float, 
         stats = (await backend.client.info("commandstats"))["cmdstat_evalsha"]
         return cpu * 1e6, stats["usec"] / batches
     finally:
-        keys = [k async for k in backend.client.scan_iter(f"{backend.prefix}:*")]
-        if keys:
-            await backend.client.delete(*keys)
-        await backend.close()
+        await forget(backend)
 
 
 async def main() -> None:
