@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import bare_envoy, pct
+from common import bare_envoy, charged_quotas, pct
 from noop_services import pin as noop_pin
 from noop_services import replace_services
 from procstat import cpu_seconds
@@ -214,8 +214,7 @@ def main() -> None:
             doc["services"]["pin_cpus"] = True
         if args.rate_limit:
             doc["services"]["rate_limit"] = args.rate_limit
-            doc["organizations"][0]["projects"][0]["quotas"] = [
-                {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
+            doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
 
     def with_redis(port: int) -> Any:
         def mutate(doc: dict[str, Any]) -> None:

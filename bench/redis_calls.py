@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (the checkout on sys.path, as every bench has it)
 import httpx
 import yaml
+from common import charged_quotas
 
 from tests.e2e.harness import PrivateRedis, run_gateway, wait_until
 
@@ -48,8 +48,7 @@ def main() -> None:
 
         def mutate(doc: dict[str, Any]) -> None:
             doc["services"]["rate_limit"] = args.rate_limit
-            doc["organizations"][0]["projects"][0]["quotas"] = [
-                {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
+            doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
             doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
         try:
             (tmp / "gateway").mkdir()
