@@ -104,9 +104,11 @@ return out
 # is mostly one or two shapes, so the arguments are about one per commit, not a dozen.
 # Returns each counter's spent after the whole batch.
 COMMIT_BATCH = COMMON + """
--- release as release() does, for a shape's requests at once: one HMGET finds which of them
--- hold anything here (most requests of a project without a budget hold nothing), so a request
--- without a hold costs no HGET and ZREM of its own per counter
+-- release() for a shape's requests at once: one HMGET finds which of them hold anything here
+-- (most requests of a project without a budget hold nothing), so a request without a hold
+-- costs no HGET and ZREM of its own per counter. A hold's field and its expiry entry are made
+-- and dropped together, so a request without the field has no entry to drop; purge() keeps
+-- release()'s unconditional ZREM, for the entries it finds expired
 -- (1,000 at a time: unpack cannot spread more than Lua's stack holds, and a shutdown's
 -- drain sends a batch of whatever was queued)
 local function release_all(h, z, rids, fields)
