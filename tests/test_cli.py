@@ -139,3 +139,37 @@ def test_up_says_what_holds_a_port_it_needs() -> None:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     assert port_taken("metrics", "127.0.0.1", free) is None
+
+
+def test_keys_show_names_a_runtime_keys_place(tmp_path: Path) -> None:
+    """A runtime key (made by the admin API) is in no manifest: show names its org, project
+    and client from its stored spec, as `keys list` does, not nulls."""
+    import asyncio
+    import json
+
+    from tollway.keys import KeyManager
+    from tollway.keys.sqlite import SqliteKeyStore
+
+    env = {"TOLLWAY_STATE_DIR": str(tmp_path)}
+    manifest = str(ROOT / "examples" / "quickstart.yaml")
+    assert tollway("keys", "issue", "-m", manifest, "demo-alice", env=env).returncode == 0
+
+    async def issue_runtime_key() -> None:
+        store = SqliteKeyStore(tmp_path / "keys.db")
+        await store.open()
+        try:
+            secret = (tmp_path / "pepper").read_text().strip().encode()
+            await KeyManager(store, secret).issue(
+                "rt-1", spec=json.dumps({"org": "demo", "project": "playground",
+                                         "client": "alice", "key": {"id": "rt-1"}}))
+        finally:
+            await store.close()
+    asyncio.run(issue_runtime_key())
+
+    runtime = json.loads(tollway("keys", "show", "-m", manifest, "rt-1", env=env).stdout)
+    assert (runtime["runtime"], runtime["manifest_status"]) == (True, None)
+    assert (runtime["org"], runtime["project"], runtime["client"]) \
+        == ("demo", "playground", "alice")
+    listed = json.loads(tollway("keys", "show", "-m", manifest, "demo-alice", env=env).stdout)
+    assert (listed["runtime"], listed["manifest_status"], listed["client"]) \
+        == (False, "active", "alice")

@@ -374,14 +374,18 @@ def cmd_mock(args: argparse.Namespace) -> int:
 # -- keys ------------------------------------------------------------------------------------
 
 def _show(record: KeyRecord, m: Manifest) -> dict[str, Any]:
+    """A manifest key's place is the manifest's; a runtime key's, its stored spec's (as
+    `keys list` shows it), whether or not its project is still in the manifest."""
     b = m.bindings.get(record.key_id)
+    spec = json.loads(record.spec) if b is None and record.spec else {}
     return {
         "key_id": record.key_id,
         "status": record.status.value,
         "manifest_status": b.status.value if b else None,
-        "org": b.org.id if b else None,
-        "project": b.project.id if b else None,
-        "client": b.client.id if b else None,
+        "runtime": b is None and bool(spec),
+        "org": b.org.id if b else spec.get("org"),
+        "project": b.project.id if b else spec.get("project"),
+        "client": b.client.id if b else spec.get("client"),
         "expires_at": record.expires_at.isoformat() if record.expires_at else None,
         "previous_secret_valid_until": record.previous_valid_until.isoformat()
         if record.previous_valid_until else None,
