@@ -12,16 +12,18 @@ Priced as the providers' pricing documentation states it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from tollway.manifest.model import Dialect, RateCard
 
 MILLION = Decimal(1_000_000)
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
+    """A request's tokens as the provider reported them (a tuple: costsink makes one per
+    access-log entry, and a frozen dataclass's __init__ costs twice a tuple's)."""
+
     input_tokens: int = 0
     output_tokens: int = 0  # reasoning included, as both providers count and bill them
     cached_input_tokens: int = 0
