@@ -128,14 +128,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for n in names:
         if n not in SERVICE_NAMES:
             raise CliError(f"unknown service {n!r}: choose from {', '.join(SERVICE_NAMES)}")
-    _manifest(args)  # refuse a bad manifest with its own message before anything starts
+    m = _manifest(args)  # a bad manifest is refused with its own message before anything starts
     metrics = None
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
         if not port.isdigit() or not host:
             raise CliError(f"--metrics {args.metrics!r}: use HOST:PORT, e.g. 0.0.0.0:9464")
         metrics = (host.strip("[]"), int(port))
-    return run(_manifest_path(args), names, metrics, args.worker)
+    return run(_manifest_path(args), names, metrics, args.worker, manifest=m)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

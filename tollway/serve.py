@@ -243,12 +243,15 @@ async def _health_port(m: Manifest) -> tuple[grpc.aio.Server, health.aio.HealthS
 
 
 def run(manifest_path: Path, names: list[str],
-        metrics_address: tuple[str, int] | None = None, worker: int | None = None) -> int:
+        metrics_address: tuple[str, int] | None = None, worker: int | None = None,
+        manifest: Manifest | None = None) -> int:
     """`worker` None: this process serves, or with services.workers > 1 supervises the
-    workers (one process each, one core each: tollway/workers.py)."""
+    workers (one process each, one core each: tollway/workers.py). `manifest`: the one at
+    `manifest_path`, if the caller has loaded it (it is loaded once per process: 10,000
+    projects took a second of a start on a slow machine)."""
     from tollway.manifest import load
 
-    m = load(manifest_path)
+    m = manifest or load(manifest_path)
     workers = m.services.workers
     # costsink alone (served apart) is one process whatever services.workers says
     if worker is None and workers > 1 and set(names) != {"costsink"}:
