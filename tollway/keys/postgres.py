@@ -16,6 +16,7 @@ import asyncpg
 from tollway.manifest.model import KeyStatus
 
 from .store import (
+    STATUSES,
     AuditQuery,
     KeyEvent,
     KeyExists,
@@ -84,7 +85,7 @@ CONNECT_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceErr
 
 def _record(row: asyncpg.Record) -> KeyRecord:
     return KeyRecord(key_id=row["key_id"], secret_hash=bytes(row["secret_hash"]),
-                     status=KeyStatus(row["status"]), expires_at=row["expires_at"],
+                     status=STATUSES[row["status"]], expires_at=row["expires_at"],
                      previous_hash=bytes(row["previous_hash"])
                      if row["previous_hash"] is not None else None,
                      previous_valid_until=row["previous_valid_until"],

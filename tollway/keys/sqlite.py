@@ -13,6 +13,7 @@ from tollway.manifest.model import KeyStatus
 from tollway.sqlite_worker import SqliteWorker
 
 from .store import (
+    STATUSES,
     AuditQuery,
     KeyEvent,
     KeyExists,
@@ -83,7 +84,7 @@ def _ts(v: str | None) -> datetime | None:
 def _record(row: tuple[Any, ...]) -> KeyRecord:
     created, updated = _ts(row[6]), _ts(row[7])
     assert created is not None and updated is not None
-    return KeyRecord(key_id=row[0], secret_hash=bytes(row[1]), status=KeyStatus(row[2]),
+    return KeyRecord(key_id=row[0], secret_hash=bytes(row[1]), status=STATUSES[row[2]],
                      expires_at=_ts(row[3]),
                      previous_hash=bytes(row[4]) if row[4] is not None else None,
                      previous_valid_until=_ts(row[5]), created_at=created, updated_at=updated,
