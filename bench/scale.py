@@ -40,6 +40,7 @@ from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
 from procstat import cpu_seconds, rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
+from tollway.metadata import REQUEST
 
 
 def timed(cmd: list[str], env: dict[str, str], runs: int = 3) -> float:
@@ -92,14 +93,17 @@ def cpu_per_check(pid: int, load: Callable[[], tuple[float, list[float]]]
     return rate, latencies, (cpu_seconds(pid) - before) / len(latencies)
 
 
-def passes(port: int, key: str) -> bool:
-    """One Check with `key`: allowed?"""
+def passes(port: int, key: str, model: str | None = None) -> bool:
+    """One Check with `key` (asking for `model`, else check_request's): allowed?"""
     from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+    request = check_request(key, "route0")
+    if model is not None:
+        request.attributes.metadata_context.filter_metadata[REQUEST].update({"model": model})
 
     async def one() -> bool:
         async with grpc_channel(port) as ch:
-            r = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(
-                check_request(key, "route0"))
+            r = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(request, timeout=1)
             return bool(r.status.code == 0)
     try:
         return asyncio.run(one())
