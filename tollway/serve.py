@@ -131,12 +131,10 @@ def _address(manifest: Manifest, name: str, worker: int = 0) -> str:
 async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
                 metrics_address: tuple[str, int] | None = None,
                 stop: asyncio.Event | None = None, worker: int = 0,
-                manifest: Manifest | None = None) -> None:
-    """`manifest`: the manifest at `manifest_path` if the caller has loaded it already (10,000
-    projects of YAML take half a second to load)."""
-    from tollway.manifest import load
-
-    watcher = ManifestWatcher(manifest_path, manifest or load(manifest_path))
+                manifest: Manifest) -> None:
+    """`manifest`: the manifest at `manifest_path`, as run() loaded it (10,000 projects of
+    YAML take half a second to load: once per process)."""
+    watcher = ManifestWatcher(manifest_path, manifest)
     ctx = ServiceContext(manifest_path=manifest_path, watcher=watcher, hosted=frozenset(names))
     if ctx.spend_store().shared_in_process and {"extauthz", "costsink"} - set(names) \
             and {"extauthz", "costsink"} & set(names):
