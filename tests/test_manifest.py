@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tollway.manifest import ManifestError, load, loads
+from tollway.manifest import ManifestError, load, loads, parse
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
@@ -140,14 +140,42 @@ def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) ->
     doc = offline_manifest()
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump(doc))
-    assert load_beside(plain).organizations == load(plain).organizations
+    assert load_beside(plain, {}).organizations == load(plain).organizations
     first, second = doc["providers"]
     rest = {k: v for k, v in doc.items() if k != "providers"}
     merged = tmp_path / "merged.yaml"
     merged.write_text(yaml.safe_dump(rest) + "providers:\n  - &first " + json.dumps(first)
                       + "\n  - {<<: *first, " + ", ".join(
                           f"{json.dumps(k)}: {json.dumps(v)}" for k, v in second.items()) + "}\n")
-    assert load_beside(merged).providers == load(plain).providers
+    assert load_beside(merged, {}).providers == load(plain).providers
+
+
+def test_a_reload_compiles_only_the_organizations_that_changed() -> None:
+    """A serving process's reload takes from the manifest in force each organization whose
+    document is unchanged, and compiles the others: including an edit that == would miss."""
+    doc = yaml.safe_load(MINIMAL)
+    doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
+        {"rpm": 2}], "clients": [{"id": f"c{i}", "keys": [
+            {"id": f"k{i}", "expires_at": "2030-01-01T00:00:00+00:00"}]}]}]} for i in range(3)]
+    assert parse(doc).compiled_orgs == {}  # a one-shot command records nothing
+    first = parse(doc, reuse={})
+    assert len(first.compiled_orgs) == 4
+
+    doc["organizations"][1]["projects"][0]["quotas"][0]["rpm"] = 3
+    second = parse(doc, reuse=first.compiled_orgs)
+    old, new = first.organizations, second.organizations
+    assert [a is b for a, b in zip(old, new, strict=True)] == [True, False, True, True]
+    assert new[1].projects[0].quotas[0].limits["rpm"] == 3
+    assert second.bindings["k0"].org is new[1]  # bindings name the organization in force
+
+    # equal under == but not the same document: 2 == 2.0 == True, a date and its text
+    doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] = 2.0
+    with pytest.raises(ManifestError, match=r"organizations\[2\].*rpm: must be a positive"):
+        parse(doc, reuse=second.compiled_orgs)
+    doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] = 2
+    doc["organizations"][3]["projects"][0]["clients"][0]["keys"][0]["expires_at"] = "soon"
+    with pytest.raises(ManifestError, match="expires_at: must be an ISO 8601 timestamp"):
+        parse(doc, reuse=second.compiled_orgs)
 
 
 def test_who_answers_the_rate_limit_is_filter_or_check() -> None:

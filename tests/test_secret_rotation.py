@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -109,3 +110,27 @@ def test_a_pepper_created_at_first_start_is_not_a_reload(tmp_path: Path,
     assert not watcher.check()
     path.write_text(path.read_text().replace("65536", "70000"))
     assert watcher.check()
+
+
+def test_a_reload_recompiles_only_the_edited_organization(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher hands the manifest in force to the load, which takes from it every
+    organization whose document the edit left alone; even a start loaded without them."""
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    doc = offline_manifest()
+    doc["organizations"].append({"id": "other", "projects": [{"id": "p", "quotas": [
+        {"rpm": 5}]}]})
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    watcher = ManifestWatcher(path, load(path))
+
+    def edit(rpm: int) -> tuple[Any, ...]:
+        before = watcher.manifest.organizations
+        doc["organizations"][-1]["projects"][0]["quotas"][0]["rpm"] = rpm
+        path.write_text(yaml.safe_dump(doc))
+        assert watcher.check()
+        return tuple(a is b for a, b in zip(before, watcher.manifest.organizations,
+                                            strict=True))
+    assert edit(6) == (False, False)  # loaded without fingerprints: all compiled once
+    assert edit(7) == (True, False)
+    assert watcher.manifest.organizations[-1].projects[0].quotas[0].limits["rpm"] == 7

@@ -57,8 +57,10 @@ def _manifest_path(args: argparse.Namespace) -> Path:
     return Path(path)
 
 
-def _manifest(args: argparse.Namespace) -> Manifest:
-    return load(_manifest_path(args))
+def _manifest(args: argparse.Namespace, *, serving: bool = False) -> Manifest:
+    """The manifest; `serving`: for a process that reloads it, whose reloads then compile
+    only the organizations that changed."""
+    return load(_manifest_path(args), reuse={} if serving else None)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -128,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for n in names:
         if n not in SERVICE_NAMES:
             raise CliError(f"unknown service {n!r}: choose from {', '.join(SERVICE_NAMES)}")
-    m = _manifest(args)  # a bad manifest is refused with its own message before anything starts
+    # a bad manifest is refused with its own message before anything starts
+    m = _manifest(args, serving=True)
     metrics = None
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
@@ -141,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from tollway.up import up
 
-    return up(_manifest_path(args), _manifest(args))
+    return up(_manifest_path(args), _manifest(args, serving=True))
 
 
 def _period(text: str, tz: ZoneInfo) -> tuple[datetime, datetime]:

@@ -249,7 +249,7 @@ def run(manifest_path: Path, names: list[str],
     projects took a second of a start on a slow machine)."""
     from tollway.manifest import load
 
-    m = manifest or load(manifest_path)
+    m = manifest or load(manifest_path, reuse={})
     workers = m.services.workers
     # costsink alone (served apart) is one process whatever services.workers says
     if worker is None and workers > 1 and set(names) != {"costsink"}:

@@ -11,7 +11,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from datetime import UTC
@@ -390,6 +390,28 @@ def _org(n: Node) -> Organization:
     )
 
 
+def _orgs(root: Node, reuse: Mapping[str, Organization] | None
+          ) -> tuple[list[Organization], dict[str, Organization] | None]:
+    """The organizations, and with `reuse` each by the repr() of its document. An
+    organization compiles from its own document alone (the checks across organizations come
+    after, over all of them), so one whose document is unchanged since the manifest in force
+    is taken from it: a reload of 10,000 projects with one rpm edited compiles 100 of them.
+    repr() tells apart what == does not (1, 1.0 and true; a date and its text)."""
+    nodes = root.items("organizations", required=True)
+    if reuse is None:
+        return [_org(o) for o in nodes], None
+    orgs: list[Organization] = []
+    compiled: dict[str, Organization] = {}
+    for node in nodes:
+        text = repr(node.value)
+        org = reuse.get(text)
+        if org is None:
+            org = _org(node)
+        compiled[text] = org
+        orgs.append(org)
+    return orgs, compiled
+
+
 def _provider(n: Node) -> Provider:
     n.check_keys({"name", "dialect", "upstream", "credential", "models", "mock",
                   "identity_headers", "notes"})
@@ -535,8 +557,13 @@ def _resolve_bindings(m: Manifest, errors: list[str], paths: dict[str, str]) -> 
     return out
 
 
-def parse(doc: Any, source: str = "") -> Manifest:
-    """Validate a decoded YAML document; raise ManifestError listing every problem."""
+def parse(doc: Any, source: str = "", *,
+          reuse: Mapping[str, Organization] | None = None) -> Manifest:
+    """Validate a decoded YAML document; raise ManifestError listing every problem.
+
+    `reuse`, for a serving process: the organizations of the manifest in force
+    (`Manifest.compiled_orgs`, empty at first) to take those whose document is unchanged,
+    and the new manifest records its own. None (a one-shot command): nothing is recorded."""
     errors: list[str] = []
     if not isinstance(doc, dict):
         raise ManifestError(source, ["(document): must be a mapping"])
@@ -637,7 +664,7 @@ def parse(doc: Any, source: str = "") -> Manifest:
     _unique([(Node({}, f"plans[{i}]", errors), p.name) for i, p in enumerate(plans)],
             errors, "plan")
 
-    orgs = [_org(o) for o in root.items("organizations", required=True)]
+    orgs, compiled_orgs = _orgs(root, reuse)
 
     # identifiers are unique where they are addressed: keys and clients globally (a key id is
     # what the client sends), projects within their org, orgs globally
@@ -686,6 +713,8 @@ def parse(doc: Any, source: str = "") -> Manifest:
     if errors:
         raise ManifestError(source, errors)
     object.__setattr__(manifest, "bindings", MappingProxyType(bindings))
+    if compiled_orgs is not None:
+        object.__setattr__(manifest, "compiled_orgs", MappingProxyType(compiled_orgs))
     # policies are checked against a schema generated from the rest, so they come last
     from tollway.policy import validate
 
@@ -736,8 +765,9 @@ def document(text: str, source: str = "", *, quick: bool = False) -> Any:
                                      f"{getattr(e, 'problem', e)}"]) from None
 
 
-def loads(text: str, source: str = "") -> Manifest:
-    return parse(document(text, source), source)
+def loads(text: str, source: str = "", *,
+          reuse: Mapping[str, Organization] | None = None) -> Manifest:
+    return parse(document(text, source), source, reuse=reuse)
 
 
 def _read(p: Path) -> str:
@@ -747,9 +777,10 @@ def _read(p: Path) -> str:
         raise ManifestError(str(p), [f"(file): cannot read: {e}"]) from None
 
 
-def load(path: str | Path) -> Manifest:
+def load(path: str | Path, *, reuse: Mapping[str, Organization] | None = None) -> Manifest:
+    """The manifest at `path`; `reuse` as parse() takes it (a serving process passes {})."""
     p = Path(path)
-    return loads(_read(p), str(p))
+    return loads(_read(p), str(p), reuse=reuse)
 
 
 # run by load_beside: the document as JSON on stdout, or the problems
@@ -766,15 +797,16 @@ else:
 """
 
 
-def load_beside(path: str | Path) -> Manifest:
+def load_beside(path: str | Path, reuse: Mapping[str, Organization]) -> Manifest:
     """load() for a serving process, run on a thread: the document is read in ways that let
     the GIL go every few microseconds (JSON in C at once; YAML event by event), so requests in
     flight go on. Only a document PyYAML's loader must read (merge keys, explicit tags), whose
     libyaml composition would hold the GIL for a whole document (0.7 s for 10,000 projects),
-    is read in a child process and arrives as JSON."""
+    is read in a child process and arrives as JSON. `reuse`: the organizations of the
+    manifest in force (see parse)."""
     p = Path(path)
     try:
-        return parse(document(_read(p), str(p), quick=True), str(p))
+        return parse(document(_read(p), str(p), quick=True), str(p), reuse=reuse)
     except Unusual:
         pass
     out = subprocess.run([sys.executable, "-c", _AS_JSON, str(p)], capture_output=True,
@@ -784,4 +816,4 @@ def load_beside(path: str | Path) -> Manifest:
     result = json.loads(out.stdout)
     if "problems" in result:
         raise ManifestError(str(p), result["problems"])
-    return parse(result["doc"], str(p))
+    return parse(result["doc"], str(p), reuse=reuse)

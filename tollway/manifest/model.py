@@ -6,6 +6,7 @@ started with one snapshot finishes with it, and nothing can observe a half-appli
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -346,6 +347,11 @@ class Manifest:
     source: str = ""  # the file it came from, for messages
     bindings: MappingProxyType[str, KeyBinding] = field(
         default_factory=lambda: MappingProxyType({})
+    )
+    # a serving process's manifest: each organization by the repr() of its document, so a
+    # reload compiles only the organizations that changed (tollway.manifest.loader.parse)
+    compiled_orgs: Mapping[str, Organization] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
 
     def provider(self, name: str) -> Provider:
