@@ -197,3 +197,20 @@ def test_a_providers_model_is_found_by_name() -> None:
     assert openai.model("gpt-5.4") is openai.models[1]
     assert openai.model("gpt-5.4-mini") is openai.models[0]
     assert openai.model("gpt-5") is None
+
+
+def test_cedar_is_loaded_only_for_a_manifest_with_policies(tmp_path: Path) -> None:
+    """Importing cedarpy took 30 ms of every `tollway` command: a manifest without policies
+    does not pay it, and one with a bad policy is still refused."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.yaml"
+    path.write_text(MINIMAL)
+    probe = ("import sys; from tollway.manifest import load; load(sys.argv[1]); "
+             "print('cedarpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert any("does not parse" in p for p in problems(
+        MINIMAL + "policies: [{id: bad, text: 'permit(principal'}]\n"))
