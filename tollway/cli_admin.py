@@ -4,7 +4,6 @@ on the key store directly (the admin API itself is `tollway serve --services adm
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -25,6 +24,14 @@ async def with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> i
         return await fn(store)
     finally:
         await store.close()
+
+
+def run_with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+    """with_store, run to its end; asyncio is imported here, not by every command (this
+    module is imported to build the CLI's parsers)."""
+    import asyncio
+
+    return asyncio.run(with_store(m, fn))
 
 
 def cli_actor() -> str:
@@ -49,7 +56,7 @@ def cmd_tokens(args: argparse.Namespace, manifest_path: Any) -> int:
             print(f"{args.token_id}: revoked")
         return 0
     try:
-        return asyncio.run(with_store(m, go))
+        return run_with_store(m, go)
     except KeyExists:
         print(f"tollway: admin token {args.token_id} exists", file=sys.stderr)
     except KeyNotFound:
@@ -80,7 +87,7 @@ def cmd_audit(args: argparse.Namespace, manifest_path: Any) -> int:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         return 0
-    return asyncio.run(with_store(m, go))
+    return run_with_store(m, go)
 
 
 def add_parsers(sub: Any, with_manifest: Callable[[argparse.ArgumentParser], None]) -> None:
