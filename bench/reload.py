@@ -90,16 +90,18 @@ def main() -> None:
         busy = run_wrk(url, key, args.seconds, tmp)
         editor.join()
         log = (tmp / "logs" / "services.log").read_text()
-        applied = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        applied = [(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"),
+                    line.rpartition("(")[2].rstrip(")"))
                    for line in log.splitlines() if "manifest reloaded" in line]
-        after = [t for t in applied if t >= edited[0].replace(microsecond=0)]
-        took = (after[0] - edited[0]).total_seconds() if after else float("nan")
+        after = [(t, what) for t, what in applied if t >= edited[0].replace(microsecond=0)]
+        took = (after[0][0] - edited[0]).total_seconds() if after else float("nan")
     print(f"## {args.projects:,} projects, ~100 requests/s on one connection, "
           f"{args.seconds} s each")
     print(f"no edit:                 {summary(quiet)}")
     print(f"one rpm edited mid-run:  {summary(busy)}")
     print(f"the services applied it {took:.2f} s after the edit ({args.format}; their watcher "
-          "stats the file every 0.25 s, then parses and compiles off the event loop and swaps)")
+          "stats the file every 0.25 s, then parses and compiles off the event loop and swaps)"
+          + (f"; {after[0][1]}" if after else ""))
 
 
 if __name__ == "__main__":

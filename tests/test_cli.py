@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from tollway import __version__
 
@@ -173,3 +175,24 @@ def test_keys_show_names_a_runtime_keys_place(tmp_path: Path) -> None:
     listed = json.loads(tollway("keys", "show", "-m", manifest, "demo-alice", env=env).stdout)
     assert (listed["runtime"], listed["manifest_status"], listed["client"]) \
         == (False, "active", "alice")
+
+
+def test_serve_and_up_load_the_manifest_for_reloads(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A serving process's manifest records its organizations from the start, so even its
+    first reload compiles only the organizations an edit touched."""
+    import yaml
+
+    from tests.e2e.harness import offline_manifest
+    from tollway.cli import main
+
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(offline_manifest()))
+    served: list[Any] = []
+    monkeypatch.setattr("tollway.serve.run", lambda *a, manifest, **k: served.append(manifest))
+    monkeypatch.setattr("tollway.up.up", lambda path, m: served.append(m))
+    for command in ("serve", "up"):
+        with pytest.raises(SystemExit):
+            main([command, "--manifest", str(path)])
+    assert [len(m.compiled_orgs) for m in served] == [1, 1]

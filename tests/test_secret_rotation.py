@@ -112,11 +112,13 @@ def test_a_pepper_created_at_first_start_is_not_a_reload(tmp_path: Path,
     assert watcher.check()
 
 
-def test_a_reload_recompiles_only_the_edited_organization(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reload_recompiles_only_the_edited_organization(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The watcher hands the manifest in force to the load, which takes from it every
     organization whose document the edit left alone; even a start loaded without them."""
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    caplog.set_level("INFO", logger="tollway.reload")
     doc = offline_manifest()
     doc["organizations"].append({"id": "other", "projects": [{"id": "p", "quotas": [
         {"rpm": 5}]}]})
@@ -133,4 +135,5 @@ def test_a_reload_recompiles_only_the_edited_organization(tmp_path: Path,
                                             strict=True))
     assert edit(6) == (False, False)  # loaded without fingerprints: all compiled once
     assert edit(7) == (True, False)
+    assert "(1 of 2 organizations compiled, the others unchanged)" in caplog.messages[-1]
     assert watcher.manifest.organizations[-1].projects[0].quotas[0].limits["rpm"] == 7
