@@ -135,5 +135,5 @@ def test_a_reload_recompiles_only_the_edited_organization(
                                             strict=True))
     assert edit(6) == (False, False)  # loaded without fingerprints: all compiled once
     assert edit(7) == (True, False)
-    assert "(1 of 2 organizations compiled, the others unchanged)" in caplog.messages[-1]
+    assert "(1 of 2 organizations compiled, unchanged ones reused)" in caplog.messages[-1]
     assert watcher.manifest.organizations[-1].projects[0].quotas[0].limits["rpm"] == 7

@@ -154,8 +154,8 @@ class ManifestWatcher:
         self._stats = self._read_stats()
         RELOADS.labels("applied").inc()
         GENERATION.inc()
-        log.info("manifest reloaded from %s (%d of %d organizations compiled, the others "
-                 "unchanged)", self.path, compiled, len(manifest.organizations))
+        log.info("manifest reloaded from %s (%d of %d organizations compiled, unchanged "
+                 "ones reused)", self.path, compiled, len(manifest.organizations))
         return True
 
     async def run(self) -> None:
