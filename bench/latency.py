@@ -47,11 +47,29 @@ BODY = {"model": "gpt-5.4-mini", "max_tokens": 5,
         "messages": [{"role": "user", "content": "word " * 50}]}
 
 
+class Request(NamedTuple):
+    """One line of h2load's per-request log."""
+
+    start: float  # seconds since the epoch
+    status: str
+    ms: float  # until the end of the response
+
+
 def h2load(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str, float]:
+    """p50/p99/max of h2load_requests."""
+    rows = h2load_requests(url, headers, seconds, tmp)
+    lat = sorted(r.ms for r in rows)
+    return {"rps": len(rows) / seconds, "p50": pct(lat, 50), "p99": pct(lat, 99),
+            "max": lat[-1], "requests": len(rows),
+            "non_2xx": sum(1 for r in rows if not r.status.startswith("2"))}
+
+
+def h2load_requests(url: str, headers: dict[str, str], seconds: int, tmp: Path
+                    ) -> list[Request]:
     """A fixed 100 requests/s, open loop: h2load sends each request on schedule (4 HTTP/1.1
     connections, 25 requests/s each: a request every 40 ms per connection, well above any
     latency here) whatever the answers' pace, so a slow answer does not hold the next ones
-    back and hide its own delay. p50/p99/max from h2load's per-request log."""
+    back and hide its own delay. Each request from h2load's per-request log."""
     body = tmp / "body.json"
     body.write_text(json.dumps(BODY))
     log = tmp / "h2load.log"
@@ -66,10 +84,7 @@ def h2load(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[s
     subprocess.run([*cmd, "-n", str(seconds * 100), "--log-file", str(log), url],
                    capture_output=True, check=True)
     rows = [line.split("\t") for line in log.read_text().splitlines() if line]
-    lat = sorted(int(r[2]) / 1000 for r in rows)
-    return {"rps": len(rows) / seconds, "p50": pct(lat, 50), "p99": pct(lat, 99),
-            "max": lat[-1], "requests": len(rows),
-            "non_2xx": sum(1 for r in rows if not r[1].startswith("2"))}
+    return [Request(int(r[0]) / 1e6, r[1], int(r[2]) / 1000) for r in rows]
 
 
 async def _first_event(host: str, port: int, path: str, headers: dict[str, str]) -> float:

@@ -132,10 +132,10 @@ def test_the_examples_read_the_same_with_the_fast_reader() -> None:
 
 
 def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) -> None:
-    """load_beside reads a plain manifest on the calling thread and one with merge keys
-    (only PyYAML's loader reads those) in a child process: both as load() does."""
+    """load_beside reads the manifest in a child process, a plain one and one with merge
+    keys (only PyYAML's loader reads those): both as load() does."""
     from tests.e2e.harness import offline_manifest
-    from tollway.manifest.loader import load_beside
+    from tollway.manifest.beside import load_beside
 
     doc = offline_manifest()
     plain = tmp_path / "plain.yaml"
@@ -176,6 +176,34 @@ def test_a_reload_compiles_only_the_organizations_that_changed() -> None:
     doc["organizations"][3]["projects"][0]["clients"][0]["keys"][0]["expires_at"] = "soon"
     with pytest.raises(ManifestError, match="expires_at: must be an ISO 8601 timestamp"):
         parse(doc, reuse=second.compiled_orgs)
+
+
+def test_a_reload_read_in_a_child_process_carries_only_what_changed(tmp_path: Path) -> None:
+    """The child sends an organization the manifest in force holds as its fingerprint, taken
+    of the document as read: a YAML timestamp, which JSON would carry as text, still matches."""
+    from datetime import UTC, datetime
+
+    from tollway.manifest.beside import load_beside, read
+
+    doc = yaml.safe_load(MINIMAL)
+    doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
+        {"rpm": 2}], "clients": [{"id": f"c{i}", "keys": [
+            {"id": f"k{i}", "expires_at": datetime(2030, 1, 1, tzinfo=UTC)}]}]}]}
+        for i in range(2)]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert "expires_at: 2030-01-01 00:00:00+00:00" in path.read_text()  # a timestamp
+    first = load(path, reuse={})
+
+    doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] = 3
+    path.write_text(yaml.safe_dump(doc))
+    answer = read(str(path), set(first.compiled_orgs))
+    assert ["known" in o for o in answer["organizations"]] == [True, True, False]
+    second = load_beside(path, first.compiled_orgs)
+    assert [a is b for a, b in zip(first.organizations, second.organizations, strict=True)] \
+        == [True, True, False]
+    assert second.bindings["k1"].key.expires_at == "2030-01-01T00:00:00+00:00"
+    assert set(second.compiled_orgs) == set(load(path, reuse={}).compiled_orgs)
 
 
 def test_who_answers_the_rate_limit_is_filter_or_check() -> None:

@@ -84,7 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from tollway.render import render_yaml, write_config
 
-    m = _manifest(args)
+    m = _manifest(args, serving=args.watch)
     if args.target != "envoy":
         return _render_istio(m, args)
     if args.dir:

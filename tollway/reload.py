@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 from prometheus_client import Counter, Gauge
 
 from tollway.manifest import Manifest, ManifestError
-from tollway.manifest.loader import load_beside
+from tollway.manifest.beside import load_beside
 from tollway.refs import state_dir
 
 log = logging.getLogger("tollway.reload")

@@ -7,10 +7,8 @@ fixing a ConfigMap wants the whole list at once, not one error per apply.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import re
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
@@ -18,7 +16,7 @@ from datetime import UTC
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -53,7 +51,7 @@ from .model import (
     Upstream,
     User,
 )
-from .yaml_reader import Unusual, quick_load, safe_load
+from .yaml_reader import safe_load
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
@@ -390,24 +388,57 @@ def _org(n: Node) -> Organization:
     )
 
 
+def fingerprint(org_document: Any) -> str:
+    """What tells an organization's document from any other: the SHA-256 of its repr(),
+    which tells apart what == does not (2, 2.0 and true; a date and its text)."""
+    return hashlib.sha256(repr(org_document).encode()).hexdigest()
+
+
+class Known(NamedTuple):
+    """In place of an organization's document: the manifest in force holds it compiled."""
+
+    fingerprint: str
+
+
+class Fresh(NamedTuple):
+    """An organization's document, with its fingerprint taken where it was read (a child
+    process sends documents as JSON, which writes a date as its text)."""
+
+    fingerprint: str
+    document: Any
+
+
 def _orgs(root: Node, reuse: Mapping[str, Organization] | None
           ) -> tuple[list[Organization], dict[str, Organization] | None]:
-    """The organizations, and with `reuse` each by the repr() of its document. An
-    organization compiles from its own document alone (the checks across organizations come
-    after, over all of them), so one whose document is unchanged since the manifest in force
-    is taken from it: a reload of 10,000 projects with one rpm edited compiles 100 of them.
-    repr() tells apart what == does not (1, 1.0 and true; a date and its text)."""
-    nodes = root.items("organizations", required=True)
+    """The organizations, and with `reuse` each by its fingerprint. An organization compiles
+    from its own document alone (the checks across organizations come after, over all of
+    them), so one whose document is unchanged since the manifest in force is taken from it:
+    a reload of 10,000 projects with one rpm edited compiles 100 of them. An item may also
+    be Known or Fresh (see tollway.manifest.beside), never from the YAML itself."""
     if reuse is None:
-        return [_org(o) for o in nodes], None
+        return [_org(o) for o in root.items("organizations", required=True)], None
+    items = root.value.get("organizations")
+    if not isinstance(items, list):
+        return [_org(o) for o in root.items("organizations", required=True)], {}
     orgs: list[Organization] = []
     compiled: dict[str, Organization] = {}
-    for node in nodes:
-        text = repr(node.value)
-        org = reuse.get(text)
-        if org is None:
-            org = _org(node)
-        compiled[text] = org
+    for i, item in enumerate(items):
+        if isinstance(item, Known):
+            org = reuse.get(item.fingerprint)
+            if org is None:
+                root.errors.append(f"organizations[{i}]: the manifest in force no longer "
+                                   "holds it (load it again)")
+                continue
+            compiled[item.fingerprint] = org
+        else:
+            fresh = item if isinstance(item, Fresh) else Fresh(fingerprint(item), item)
+            if not isinstance(fresh.document, dict):
+                root.errors.append(f"organizations[{i}]: must be a mapping")
+                continue
+            org = reuse.get(fresh.fingerprint)
+            if org is None:
+                org = _org(Node(fresh.document, f"organizations[{i}]", root.errors))
+            compiled[fresh.fingerprint] = org
         orgs.append(org)
     return orgs, compiled
 
@@ -753,11 +784,10 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[s
                            key.quotas)
 
 
-def document(text: str, source: str = "", *, quick: bool = False) -> Any:
-    """The YAML document, or ManifestError saying where it is not YAML. `quick`: raise
-    Unusual rather than read a document only PyYAML's loader reads (see yaml_reader)."""
+def document(text: str, source: str = "") -> Any:
+    """The YAML document, or ManifestError saying where it is not YAML."""
     try:
-        return quick_load(text) if quick else safe_load(text)
+        return safe_load(text)
     except RecursionError:
         raise ManifestError(source, ["(document): nested too deeply"]) from None
     except yaml.YAMLError as e:
@@ -783,39 +813,3 @@ def load(path: str | Path, *, reuse: Mapping[str, Organization] | None = None) -
     """The manifest at `path`; `reuse` as parse() takes it (a serving process passes {})."""
     p = Path(path)
     return loads(_read(p), str(p), reuse=reuse)
-
-
-# run by load_beside: the document as JSON on stdout, or the problems
-_AS_JSON = """
-import json, sys
-from tollway.manifest.loader import ManifestError, _read, document
-from pathlib import Path
-try:
-    doc = document(_read(Path(sys.argv[1])), sys.argv[1])
-except ManifestError as e:
-    print(json.dumps({"problems": e.problems}))
-else:
-    print(json.dumps({"doc": doc}, default=str))  # YAML timestamps as ISO 8601 text
-"""
-
-
-def load_beside(path: str | Path, reuse: Mapping[str, Organization]) -> Manifest:
-    """load() for a serving process, run on a thread: the document is read in ways that let
-    the GIL go every few microseconds (JSON in C at once; YAML event by event), so requests in
-    flight go on. Only a document PyYAML's loader must read (merge keys, explicit tags), whose
-    libyaml composition would hold the GIL for a whole document (0.7 s for 10,000 projects),
-    is read in a child process and arrives as JSON. `reuse`: the organizations of the
-    manifest in force (see parse)."""
-    p = Path(path)
-    try:
-        return parse(document(_read(p), str(p), quick=True), str(p), reuse=reuse)
-    except Unusual:
-        pass
-    out = subprocess.run([sys.executable, "-c", _AS_JSON, str(p)], capture_output=True,
-                         text=True, timeout=120)
-    if out.returncode != 0:
-        raise ManifestError(str(p), [f"(file): the parser failed: {out.stderr[-500:]}"])
-    result = json.loads(out.stdout)
-    if "problems" in result:
-        raise ManifestError(str(p), result["problems"])
-    return parse(result["doc"], str(p), reuse=reuse)
