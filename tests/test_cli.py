@@ -196,3 +196,28 @@ def test_serve_and_up_load_the_manifest_for_reloads(tmp_path: Path,
         with pytest.raises(SystemExit):
             main([command, "--manifest", str(path)])
     assert [len(m.compiled_orgs) for m in served] == [1, 1]
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
+    """`tollway keys list | head -1`: the command stops quietly when its reader has gone."""
+    proc = subprocess.Popen([sys.executable, "-m", "tollway.cli", "check", "--manifest",
+                             str(ROOT / "examples" / "quickstart.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command has printed anything
+    assert proc.wait(timeout=30) == 141
+    assert proc.stderr.read() == b""
+
+
+def test_a_broken_connection_is_still_an_error(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the reader's pipe is let go quietly: a store's connection broken the same way is
+    reported as any other error."""
+    from tollway import cli
+
+    def broken(args: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "cmd_check", broken)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["check", "--manifest", str(ROOT / "examples" / "quickstart.yaml")])
+    assert e.value.code == 1 and "Broken pipe" in capsys.readouterr().err

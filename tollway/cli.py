@@ -702,6 +702,18 @@ def _admin_command(args: argparse.Namespace) -> int:
     return code
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe nobody reads any more (poll says POLLERR)."""
+    import select
+
+    poll = select.poll()
+    try:
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+    except (OSError, ValueError):  # no file behind it
+        return False
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     private_files()
@@ -710,6 +722,13 @@ def main(argv: list[str] | None = None) -> None:
     except ManifestError as e:
         print(f"tollway: manifest refused: {e}", file=sys.stderr)
         code = 2
+    except BrokenPipeError as e:
+        if not _stdout_gone():  # a connection's, not the reader's: an error like another
+            print(f"tollway: {e}", file=sys.stderr)
+            code = 1
+        else:  # the reader went away (`tollway spend | head`): quietly, as other commands
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141  # 128 + SIGPIPE, what a shell reports for such a command
     except (CliError, UnresolvedReference, StoreUnavailable, OSError) as e:
         print(f"tollway: {e}", file=sys.stderr)
         code = 1
