@@ -348,7 +348,7 @@ class Manifest:
     bindings: MappingProxyType[str, KeyBinding] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    # a serving process's manifest: each organization by the repr() of its document, so a
+    # a serving process's manifest: each organization by its document's fingerprint, so a
     # reload compiles only the organizations that changed (tollway.manifest.loader.parse)
     compiled_orgs: Mapping[str, Organization] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False

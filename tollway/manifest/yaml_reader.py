@@ -41,7 +41,7 @@ _RESOLVED_MAX = 200_000
 
 
 class Unusual(Exception):
-    """A document `quick_load` does not read: PyYAML's loader does."""
+    """A document `_from_events` does not read: PyYAML's loader does."""
 
 
 class ManifestLoader(_Base):  # type: ignore[misc]
@@ -135,24 +135,17 @@ def _from_events(text: str) -> Any:
     return None if root is _NO_KEY else root
 
 
-def quick_load(text: str) -> Any:
-    """JSON as JSON, else YAML from libyaml's events; Unusual for what only PyYAML's loader
-    reads. Either way the GIL is let go between events: a serving process reads a manifest
-    on a thread without holding up its requests."""
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass  # YAML's flow style, or not valid at all: libyaml says where
-    return _from_events(text)
-
-
 def safe_load(text: str) -> Any:
     """`yaml.safe_load(text)`, faster on large documents. A document in JSON (which YAML
     contains; what a program generating 10,000 projects may as well write) is read as JSON.
     Otherwise the document is built from libyaml's events: making PyYAML's node objects
     took 0.7 s of a 10,000-project manifest, the events 0.1 s."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # YAML's flow style, or not valid at all: libyaml says where
     try:
-        return quick_load(text)
+        return _from_events(text)
     except Unusual:
         return yaml.load(text, Loader=ManifestLoader)
