@@ -55,13 +55,17 @@ class Request(NamedTuple):
     ms: float  # until the end of the response
 
 
-def h2load(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str, float]:
-    """p50/p99/max of h2load_requests."""
-    rows = h2load_requests(url, headers, seconds, tmp)
+def figures(rows: list[Request]) -> dict[str, float]:
+    """p50/p99/max (ms), how many requests and how many were not answered 2xx."""
     lat = sorted(r.ms for r in rows)
-    return {"rps": len(rows) / seconds, "p50": pct(lat, 50), "p99": pct(lat, 99),
-            "max": lat[-1], "requests": len(rows),
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": lat[-1], "requests": len(rows),
             "non_2xx": sum(1 for r in rows if not r.status.startswith("2"))}
+
+
+def h2load(url: str, headers: dict[str, str], seconds: int, tmp: Path) -> dict[str, float]:
+    """The figures of h2load_requests, and the requests/s."""
+    rows = h2load_requests(url, headers, seconds, tmp)
+    return {"rps": len(rows) / seconds, **figures(rows)}
 
 
 def h2load_requests(url: str, headers: dict[str, str], seconds: int, tmp: Path

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import pct
-from latency import Request, h2load_requests
+from latency import Request, figures, h2load_requests
 
 from tests.e2e.harness import run_gateway, wait_until
 from tollway.render import SAFE_DUMPER
@@ -33,9 +32,9 @@ from tollway.render import SAFE_DUMPER
 def summary(rows: list[Request]) -> str:
     if not rows:
         return "no request"
-    lat = sorted(r.ms for r in rows)
-    return (f"{len(rows):5d} requests  p50 {pct(lat, 50):6.2f} ms  p99 {pct(lat, 99):6.2f} ms  "
-            f"max {lat[-1]:6.2f} ms  non-2xx {sum(not r.status.startswith('2') for r in rows)}")
+    f = figures(rows)
+    return (f"{f['requests']:5.0f} requests  p50 {f['p50']:6.2f} ms  p99 {f['p99']:6.2f} ms  "
+            f"max {f['max']:6.2f} ms  non-2xx {f['non_2xx']:.0f}")
 
 
 def applied(log: str) -> list[tuple[float, str]]:
