@@ -55,7 +55,8 @@ class CostSink:
         self.sink = AccessLogSink(
             manifest, ledger, spool, self.spend,
             DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"),
-            settle_here=_settle_here(ctx, manifest) if _settles_here(ctx) else None)
+            settle_here=_settle_here(ctx, manifest) if _settles_here(ctx) else None,
+            shares_loop=bool(ctx.hosted & {"extauthz", "ratelimit"}))
         # present while a sink runs: found at start, the last one did not stop (drain) cleanly
         self.running = state_dir() / "costsink.running"
 

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.service.accesslog.v3 import als_pb2
 
 from costsink.entry import Entry
 from costsink.ledger import LedgerRow, SqliteLedger
-from costsink.service import AccessLogSink
+from costsink.service import READ_SLICE, AccessLogSink
 from costsink.spend import SpendRecorder
 from costsink.spool import Spool
 from tollway.budgets import Budget, SpendCounter, period_labels, to_units
@@ -262,3 +264,53 @@ async def test_the_writer_outlives_a_batch_that_failed_and_writes_it_again(
     finally:
         writer.cancel()
         await ledger.close()
+
+
+async def test_a_big_message_is_read_in_slices_and_whole_at_shutdown(tmp_path: Path) -> None:
+    """A 64 KB flush (about 64 entries) lets the loop run between slices of READ_SLICE entries
+    (Checks may share it) and is queued once read, for the writer to take whole; a shutdown that
+    cancels the stream in between still queues the whole message, which Envoy counts as
+    delivered, for the drain to write."""
+    n = 3 * READ_SLICE + 5
+    message = als_pb2.StreamAccessLogsMessage()
+    for i in range(n):
+        message.http_logs.log_entry.add().request.request_id = f"big-{i}"
+    taken = asyncio.Event()
+
+    async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        taken.set()
+        yield message
+        await asyncio.Event().wait()  # Envoy keeps its stream open
+
+    s = sink(SqliteLedger(tmp_path / "ledger.db"), tmp_path / "spool")
+    assert s.read_slice == READ_SLICE  # shares_loop, the default
+    reading = asyncio.create_task(s.StreamAccessLogs(stream(), None))
+    deadline = time.monotonic() + 10
+    while not taken.is_set():
+        assert time.monotonic() < deadline, "the message was not taken"
+        await asyncio.sleep(0)
+    # the loop runs in the middle of the message, before any of it is queued
+    assert not reading.done() and s.queue.qsize() == 0
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert [s.queue.get_nowait().row.request_id for _ in range(s.queue.qsize())] == [
+        f"big-{i}" for i in range(n)]
+
+
+async def test_a_sink_alone_on_its_loop_reads_a_message_whole(tmp_path: Path) -> None:
+    """Without Checks to let in, each turn of the loop in a message would only cost time."""
+    message = als_pb2.StreamAccessLogsMessage()
+    for i in range(3 * READ_SLICE):
+        message.http_logs.log_entry.add().request.request_id = f"big-{i}"
+
+    async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        yield message
+
+    s = AccessLogSink(Compiled(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
+                      Spool(tmp_path / "spool"), SpendRecorder(MemorySpendStore()),
+                      shares_loop=False)
+    reading = asyncio.create_task(s.StreamAccessLogs(stream(), None))
+    await asyncio.sleep(0)  # one turn: the message is read and queued within it
+    assert s.queue.qsize() == 3 * READ_SLICE
+    await reading
