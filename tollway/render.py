@@ -37,6 +37,11 @@ ADMIN_CLUSTER = "tollway_admin"
 # how long an entry may wait in Envoy before it is sent: a finished request's budget hold is
 # released once its entry reaches costsink, and extauthz waits up to budget.SETTLE_WAIT for that
 ACCESS_LOG_FLUSH = "0.1s"
+# an Envoy worker sends its entries sooner when they pass this size: an entry is about 1 KB,
+# and each message costs costsink about 0.1-0.3 ms of its own beyond its entries, so 16 KB
+# (Envoy's default, ~16 entries) cost 70-86 us an entry under load, 64 KB 55-57
+# (docs/performance.md#costsink); below ~650 requests/s a worker the flush comes first anyway
+ACCESS_LOG_BUFFER_BYTES = 65536
 RATELIMIT_TIMEOUT = "0.5s"
 # Envoy asks each endpoint's gRPC health service every second, and leaves out one that failed
 # to answer SERVING three times running (gone, or shutting down), until it answers again. Not
@@ -212,7 +217,7 @@ def _access_log(cluster: str = COSTSINK_CLUSTER) -> dict[str, Any]:
             common_config={"log_name": "tollway", "transport_api_version": "V3",
                            "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
                            "buffer_flush_interval": ACCESS_LOG_FLUSH,
-                           "buffer_size_bytes": 16384}),
+                           "buffer_size_bytes": ACCESS_LOG_BUFFER_BYTES}),
     }
 
 
