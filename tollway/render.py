@@ -38,8 +38,8 @@ ADMIN_CLUSTER = "tollway_admin"
 # released once its entry reaches costsink, and extauthz waits up to budget.SETTLE_WAIT for that
 ACCESS_LOG_FLUSH = "0.1s"
 # an Envoy worker sends its entries sooner when they pass this size: an entry is about 1 KB,
-# and each message costs costsink about 0.1-0.3 ms of its own beyond its entries, so 16 KB
-# (Envoy's default, ~16 entries) cost 70-86 us an entry under load, 64 KB 55-57
+# and each message costs costsink 0.1-0.3 ms of its own beyond its entries, so with 16 KB
+# (Envoy's default, ~16 entries) it spent 80-95 us an entry, with 64 KB 65-69
 # (docs/performance.md#costsink); below ~650 requests/s a worker the flush comes first anyway
 ACCESS_LOG_BUFFER_BYTES = 65536
 RATELIMIT_TIMEOUT = "0.5s"
