@@ -37,6 +37,9 @@ log = logging.getLogger("tollway.costsink")
 
 INGESTED = Counter("tollway_costsink_entries_total", "Access-log entries ingested", ["result"])
 INGESTED_QUEUED = INGESTED.labels("queued")
+MESSAGES = Counter("tollway_costsink_messages_total",
+                   "Access-log messages received: entries over messages is how many entries Envoy "
+                   "packs in one (more cost the sink less each, docs/performance.md#costsink)")
 QUEUE = Gauge("tollway_costsink_queue_depth", "Entries waiting for the ledger writer")
 LAG = Gauge("tollway_costsink_lag_seconds", "Age of the newest entry written to the ledger")
 SPOOL_DEPTH = Gauge("tollway_costsink_spool_depth",
@@ -99,6 +102,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
+            MESSAGES.inc()
             m = self.manifest.value
             entries = message.http_logs.log_entry
             if self.spend.keys is not None:  # a refusal names its key's owner from the mirror
