@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from envoy.service.accesslog.v3 import als_pb2
+from prometheus_client import REGISTRY
 
 from costsink.entry import Entry
 from costsink.ledger import LedgerRow, SqliteLedger
@@ -310,7 +311,9 @@ async def test_a_sink_alone_on_its_loop_reads_a_message_whole(tmp_path: Path) ->
     s = AccessLogSink(Compiled(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
                       Spool(tmp_path / "spool"), SpendRecorder(MemorySpendStore()),
                       shares_loop=False)
+    before = REGISTRY.get_sample_value("tollway_costsink_messages_total") or 0
     reading = asyncio.create_task(s.StreamAccessLogs(stream(), None))
     await asyncio.sleep(0)  # one turn: the message is read and queued within it
     assert s.queue.qsize() == 3 * READ_SLICE
     await reading
+    assert REGISTRY.get_sample_value("tollway_costsink_messages_total") == before + 1
