@@ -126,13 +126,13 @@ def messages(n: int, run: str, buffer_bytes: int) -> list[als_pb2.StreamAccessLo
     return out
 
 
-async def stream(port: int, messages: list[als_pb2.StreamAccessLogsMessage]) -> float:
+async def stream(port: int, sent: list[als_pb2.StreamAccessLogsMessage]) -> float:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = als_pb2_grpc.AccessLogServiceStub(ch)
         started = time.perf_counter()
 
         async def gen():  # type: ignore[no-untyped-def]
-            for m in messages:
+            for m in sent:
                 yield m
         await stub.StreamAccessLogs(gen())
         return started
