@@ -3,7 +3,7 @@
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
                                   [--accept-encoding gzip|identity] [--workers]
                                   [--rate-limit filter|check] [--rate-limit-in-check]
-                                  [--pin-cpus]
+                                  [--pin-cpus] [--redis]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -17,7 +17,8 @@ the ratios. `--rate-limit MODE` sets services.rate_limit in every run and charge
 to a project rpm and tpm too high to refuse it (without it no quota applies, and the Check
 skips the rate-limit call, which the floor still makes); `--rate-limit-in-check` compares
 instead the two modes, so charged, in this checkout; `--pin-cpus` compares services.pin_cpus off
-and on.
+and on; `--redis` runs the gateway (this checkout and the baseline) with Redis counters, a
+Redis of each run's own.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ rate_limit = os.environ.get("BENCH_RATE_LIMIT", "")
 if os.environ.get("BENCH_CPUS"):  # inherited by everything started below, wrk included
     os.sched_setaffinity(0, {int(c) for c in os.environ["BENCH_CPUS"].split(",")})
 redis = None
-if workers:  # a Redis of the run's own: on the same cores, its CPU read like the others'
+with_redis = workers or os.environ.get("BENCH_REDIS")
+if with_redis:  # a Redis of the run's own: on the same cores, its CPU read like the others'
     from tests.e2e.harness import PrivateRedis
     redis = PrivateRedis(pathlib.Path(tempfile.mkdtemp()))
     redis.start()
@@ -63,8 +65,9 @@ def mutate(doc):
             {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
     if os.environ.get("BENCH_PIN"):
         doc["services"]["pin_cpus"] = True
-    if workers:  # services.workers: N processes, Redis counters, costsink in its own
+    if workers:  # services.workers: N processes, costsink in its own
         doc["services"]["workers"] = workers
+    if with_redis:
         doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
 with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
                  split=bool(workers)) as gw:
@@ -91,13 +94,14 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
 
 def run(checkout: Path, seconds: int, connections: int, encoding: str,
         workers: int = 0, rate_limit: str = "", cpus: str = "",
-        pin: bool = False) -> dict[str, float]:
+        pin: bool = False, redis: bool = False) -> dict[str, float]:
     """One gateway run in `checkout`; `cpus` ("0", "0,1"): the cores that the gateway, its
     mock provider and wrk all run on (default: every core); `pin`: services.pin_cpus."""
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
            "BENCH_RATE_LIMIT": rate_limit, "BENCH_CPUS": cpus, "BENCH_PIN": "1" if pin else "",
+           "BENCH_REDIS": "1" if redis else "",
            "BENCH_DIR": str(Path(__file__).resolve().parent)}
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                            text=True, cwd=checkout, timeout=seconds + 120)
@@ -283,6 +287,8 @@ def main() -> None:
     ap.add_argument("--pin-cpus", action="store_true",
                     help="instead: services.pin_cpus off vs on (and the floor unpinned vs "
                          "pinned)")
+    ap.add_argument("--redis", action="store_true",
+                    help="Redis counters (a Redis of each run's own) instead of memory ones")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -300,9 +306,10 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved: all see the same machine
         if args.baseline:
             runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
-                                        args.accept_encoding, rate_limit=args.rate_limit))
+                                        args.accept_encoding, rate_limit=args.rate_limit,
+                                        redis=args.redis))
         runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
-                                rate_limit=args.rate_limit))
+                                rate_limit=args.rate_limit, redis=args.redis))
         runs["floor"].append(floor(args.seconds, args.connections, args.accept_encoding,
                                    args.rate_limit))
         runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
