@@ -143,6 +143,30 @@ def test_up_says_what_holds_a_port_it_needs() -> None:
     assert port_taken("metrics", "127.0.0.1", free) is None
 
 
+def test_a_leaked_key_is_suspended_while_an_unrelated_edit_breaks_the_manifest(
+        tmp_path: Path) -> None:
+    """Key commands read only the storage section and the key ids' places: a colleague's
+    mistake in another part of the manifest does not stop an operator from suspending a key,
+    and a mistake in storage, which they do read, is named."""
+    env = {"TOLLWAY_STATE_DIR": str(tmp_path)}
+    good = (ROOT / "examples" / "quickstart.yaml").read_text()
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(good)
+    assert tollway("keys", "issue", "-m", str(manifest), "demo-alice", env=env).returncode == 0
+    manifest.write_text(good.replace("routes:", "routes:\n  - path: nowhere", 1))
+    assert tollway("check", "-m", str(manifest), env=env).returncode == 2
+    out = tollway("keys", "suspend", "-m", str(manifest), "demo-alice", "--reason", "leaked",
+                  env=env)
+    assert (out.returncode, out.stdout.strip()) == (0, "demo-alice: suspended"), out.stderr
+    listed = tollway("keys", "list", "-m", str(manifest), env=env).stdout
+    assert "demo-alice" in listed and "suspended" in listed
+    assert tollway("audit", "-m", str(manifest), "--target", "demo-alice",
+                   env=env).stdout.count("leaked") == 1
+    manifest.write_text(good.replace("keys: sqlite:///keys.db", "keys: mysql://x", 1))
+    out = tollway("keys", "show", "-m", str(manifest), "demo-alice", env=env)
+    assert out.returncode == 2 and "storage.keys: must start with one of" in out.stderr
+
+
 def test_keys_show_names_a_runtime_keys_place(tmp_path: Path) -> None:
     """A runtime key (made by the admin API) is in no manifest: show names its org, project
     and client from its stored spec, as `keys list` does, not nulls."""

@@ -242,3 +242,51 @@ def test_cedar_is_loaded_only_for_a_manifest_with_policies(tmp_path: Path) -> No
     assert out.stdout.strip() == "False"
     assert any("does not parse" in p for p in problems(
         MINIMAL + "policies: [{id: bad, text: 'permit(principal'}]\n"))
+
+
+def _with_statuses(path: Path) -> dict[str, Any]:
+    """The example with a status written at each level somewhere, for the reads to agree on."""
+    doc = yaml.safe_load(path.read_text())
+    org = doc["organizations"][-1]
+    org["projects"][0]["status"] = "suspended"
+    org["projects"][-1]["clients"][0]["keys"][0]["status"] = "revoked"
+    doc["organizations"][0]["projects"][0]["clients"][-1]["status"] = "suspended"
+    return doc
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_keys_part_places_keys_where_the_compile_binds_them(path: Path,
+                                                                tmp_path: Path) -> None:
+    """`tollway keys` reads the key ids' places without compiling the manifest: it must
+    agree with the compile, status included, on every example."""
+    from tollway.manifest.keys_part import load_keys_part
+
+    written = tmp_path / path.name
+    written.write_text(yaml.safe_dump(_with_statuses(path)))
+    m, part = load(written), load_keys_part(written)
+    assert part.storage == m.storage
+    assert {k: (p.org, p.project, p.client, p.status) for k, p in part.places.items()} == {
+        k: (b.org.id, b.project.id, b.client.id, b.status) for k, b in m.bindings.items()}
+    assert {p.status.value for p in part.places.values()} - {"active"}  # statuses were read
+
+
+def test_the_keys_part_reads_past_a_mistake_elsewhere_but_not_in_storage(
+        tmp_path: Path) -> None:
+    from tollway.manifest.keys_part import load_keys_part
+
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["organizations"][0]["projects"][0]["plan"] = "no-such-plan"
+    doc["routes"] = "not a list"
+    written = tmp_path / "m.yaml"
+    written.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ManifestError):
+        load(written)
+    assert load_keys_part(written).places  # the keys are still found
+    doc["storage"] = {"keys": "mysql://x", "ledger": 3}
+    written.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ManifestError) as e:
+        load_keys_part(written)
+    assert set(e.value.problems) == {
+        "storage.keys: must start with one of sqlite:, postgresql:, postgres:, env:",
+        "storage.ledger: must be a non-empty string",
+        "storage.ledger: must start with one of sqlite:, postgresql:, postgres:, env:"}

@@ -30,6 +30,8 @@ from tollway.keys import (
     StoreUnavailable,
 )
 from tollway.manifest import KeyStatus, Manifest, ManifestError, load
+from tollway.manifest.keys_part import KeyPlace, load_keys_part
+from tollway.manifest.model import Storage
 from tollway.refs import UnresolvedReference, pepper, private_files
 
 T = TypeVar("T")
@@ -245,7 +247,7 @@ async def _is_runtime_key(m: Manifest, key_id: str) -> bool:
         record = await store.get(key_id)
         return int(record is not None and record.spec is not None)
     try:
-        return bool(await with_store(m, look))
+        return bool(await with_store(m.storage, look))
     except StoreUnavailable:
         return False
 
@@ -390,19 +392,18 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 # -- keys ------------------------------------------------------------------------------------
 
-def _show(record: KeyRecord, m: Manifest) -> dict[str, Any]:
+def _show(record: KeyRecord, place: KeyPlace | None) -> dict[str, Any]:
     """A manifest key's place is the manifest's; a runtime key's, its stored spec's (as
     `keys list` shows it), whether or not its project is still in the manifest."""
-    b = m.bindings.get(record.key_id)
-    spec = json.loads(record.spec) if b is None and record.spec else {}
+    spec = json.loads(record.spec) if place is None and record.spec else {}
     return {
         "key_id": record.key_id,
         "status": record.status.value,
-        "manifest_status": b.status.value if b else None,
-        "runtime": b is None and bool(spec),
-        "org": b.org.id if b else spec.get("org"),
-        "project": b.project.id if b else spec.get("project"),
-        "client": b.client.id if b else spec.get("client"),
+        "manifest_status": place.status.value if place else None,
+        "runtime": place is None and bool(spec),
+        "org": place.org if place else spec.get("org"),
+        "project": place.project if place else spec.get("project"),
+        "client": place.client if place else spec.get("client"),
         "expires_at": record.expires_at.isoformat() if record.expires_at else None,
         "previous_secret_valid_until": record.previous_valid_until.isoformat()
         if record.previous_valid_until else None,
@@ -411,21 +412,22 @@ def _show(record: KeyRecord, m: Manifest) -> dict[str, Any]:
     }
 
 
-async def _with_manager(m: Manifest, fn: Callable[[KeyManager], Awaitable[int]]) -> int:
+async def _with_manager(storage: Storage, fn: Callable[[KeyManager], Awaitable[int]]
+                        ) -> int:
     from tollway.cli_admin import cli_actor, with_store
 
-    secret = pepper(m.storage.pepper, create=True)
-    return await with_store(m, lambda store: fn(KeyManager(store, secret, actor=cli_actor())))
+    secret = pepper(storage.pepper, create=True)
+    return await with_store(storage, lambda store: fn(KeyManager(store, secret, actor=cli_actor())))
 
 
-async def _exists_message(m: Manifest, key_id: str) -> str:
+async def _exists_message(storage: Storage, key_id: str) -> str:
     """What to do about an id that is taken: rotate a live key; a revoked id is gone for good."""
     from tollway.cli_admin import with_store
 
     async def status(store: KeyStore) -> int:
         record = await store.get(key_id)
         return 1 if record is not None and record.status is KeyStatus.REVOKED else 0
-    if await with_store(m, status):
+    if await with_store(storage, status):
         return (f"key {key_id} was revoked, and a revoked id is never reused: add a new key id "
                 "to the manifest and issue that")
     return (f"key {key_id} already exists: `tollway keys rotate {key_id}` gives it a new "
@@ -437,17 +439,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
         from tollway.cli_admin import keys_via_server
 
         return keys_via_server(args)
-    m = _manifest(args)
+    # the storage section and the key ids' places only: a key command neither waits for
+    # 10,000 projects to compile nor is refused by a mistake in one of them
+    part = load_keys_part(_manifest_path(args))
     action: str = args.keys_action
 
     async def go(km: KeyManager) -> int:
         if action == "list":
             records = {r.key_id: r for r in await km.store.changes_since(0)}
             print(f"{'KEY ID':<28} {'STORE':<10} {'MANIFEST':<10} {'PROJECT':<20} EXPIRES")
-            for listed in sorted(set(records) | set(m.bindings)):
-                r, b = records.get(listed), m.bindings.get(listed)
+            for listed in sorted(set(records) | set(part.places)):
+                r, b = records.get(listed), part.places.get(listed)
                 spec = json.loads(r.spec) if r and r.spec else None  # a runtime key
-                where = (f"{b.org.id}/{b.project.id}" if b else
+                where = (f"{b.org}/{b.project}" if b else
                          f"{spec['org']}/{spec['project']}" if spec else "-")
                 print(f"{listed:<28} {r.status.value if r else 'not-issued':<10} "
                       f"{b.status.value if b else 'runtime' if spec else 'absent':<10} "
@@ -456,8 +460,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         key_id: str = args.key_id
         if action == "issue":
-            if key_id not in m.bindings:
-                raise CliError(f"key id {key_id!r} is not in {m.source}: add it under a "
+            if key_id not in part.places:
+                raise CliError(f"key id {key_id!r} is not in {part.source}: add it under a "
                                "client's keys first")
             expires = datetime.now(UTC) + args.expires_in if args.expires_in else None
             issued = await km.issue(key_id, expires_at=expires)
@@ -477,7 +481,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             record = await km.store.get(key_id)
             if record is None:
                 raise KeyNotFound(key_id)
-            out = _show(record, m)
+            out = _show(record, part.places.get(key_id))
             out["events"] = [{"action": e.action, "at": e.at.isoformat(), "actor": e.actor,
                               "detail": e.detail} for e in await km.store.events(key_id)]
             print(json.dumps(out, indent=2))
@@ -495,11 +499,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return _run(_with_manager(m, go))
+        return _run(_with_manager(part.storage, go))
     except KeyNotFound as e:
         raise CliError(f"key {e} has not been issued") from None
     except KeyExists as e:
-        raise CliError(_run(_exists_message(m, str(e)))) from None
+        raise CliError(_run(_exists_message(part.storage, str(e)))) from None
     except ValueError as e:
         raise CliError(str(e)) from None
 

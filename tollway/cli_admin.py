@@ -12,13 +12,14 @@ from datetime import datetime
 from typing import Any
 
 from tollway.keys import AuditQuery, KeyExists, KeyNotFound, KeyStore, open_key_store
-from tollway.manifest import Manifest, load
+from tollway.manifest.keys_part import load_keys_part
+from tollway.manifest.model import Storage
 from tollway.refs import pepper
 
 
-async def with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+async def with_store(storage: Storage, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
     """Run `fn` on the manifest's key store, opened for it and closed after."""
-    store = open_key_store(m.storage.keys)
+    store = open_key_store(storage.keys)
     await store.open()
     try:
         return await fn(store)
@@ -26,12 +27,12 @@ async def with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> i
         await store.close()
 
 
-def run_with_store(m: Manifest, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
+def run_with_store(storage: Storage, fn: Callable[[KeyStore], Awaitable[int]]) -> int:
     """with_store, run to its end; asyncio is imported here, not by every command (this
     module is imported to build the CLI's parsers)."""
     import asyncio
 
-    return asyncio.run(with_store(m, fn))
+    return asyncio.run(with_store(storage, fn))
 
 
 def cli_actor() -> str:
@@ -42,11 +43,11 @@ def cli_actor() -> str:
 def cmd_tokens(args: argparse.Namespace, manifest_path: Any) -> int:
     from tollway.admin import tokens
 
-    m = load(manifest_path)
+    storage = load_keys_part(manifest_path).storage
 
     async def go(store: KeyStore) -> int:
         if args.tokens_action == "issue":
-            token = await tokens.issue(store, pepper(m.storage.pepper, create=True),
+            token = await tokens.issue(store, pepper(storage.pepper, create=True),
                                        args.token_id, args.scope, cli_actor())
             print(token)
             print(f"# admin token {args.token_id} ({args.scope}); shown once, stored as a hash",
@@ -56,7 +57,7 @@ def cmd_tokens(args: argparse.Namespace, manifest_path: Any) -> int:
             print(f"{args.token_id}: revoked")
         return 0
     try:
-        return run_with_store(m, go)
+        return run_with_store(storage, go)
     except KeyExists:
         print(f"tollway: admin token {args.token_id} exists", file=sys.stderr)
     except KeyNotFound:
@@ -67,7 +68,7 @@ def cmd_tokens(args: argparse.Namespace, manifest_path: Any) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, manifest_path: Any) -> int:
-    m = load(manifest_path)
+    storage = load_keys_part(manifest_path).storage
     since = datetime.fromisoformat(args.since) if args.since else None
     query = AuditQuery(kind=args.kind, target=args.target, actor=args.actor,
                        action=args.action, since=since, limit=args.limit)
@@ -87,7 +88,7 @@ def cmd_audit(args: argparse.Namespace, manifest_path: Any) -> int:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         return 0
-    return run_with_store(m, go)
+    return run_with_store(storage, go)
 
 
 def add_parsers(sub: Any, with_manifest: Callable[[argparse.ArgumentParser], None]) -> None:

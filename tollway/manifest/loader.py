@@ -227,6 +227,25 @@ def _host_port(node: Node, name: str, default: str) -> tuple[str, int]:
     return (host.strip("[]"), int(port))
 
 
+def storage_section(root: Node) -> Storage:
+    """The `storage` section, read on its own: commands that only open the key store
+    (`tollway keys`, `admin-tokens`, `audit`) read this and nothing else it would refuse."""
+    st = root.child("storage")
+    st.check_keys({"keys", "counters", "ledger", "pepper", "key_cache"})
+    storage = Storage(keys=st.text("keys", "sqlite:///keys.db"),
+                      counters=st.text("counters", "memory"),
+                      ledger=st.text("ledger", "sqlite:///ledger.db"),
+                      pepper=st.text("pepper", "file:pepper"),
+                      key_cache=st.integer("key_cache", DEFAULT_KEY_CACHE))
+    for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
+                           ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
+                           ("counters", ("memory", "redis:", "rediss:", "redis+cluster:", "env:")),
+                           ("pepper", ("env:", "file:"))):
+        if not getattr(storage, name).startswith(prefixes):
+            st.fail(name, f"must start with one of {', '.join(prefixes)}")
+    return storage
+
+
 def _unique(nodes: list[tuple[Node, str]], errors: list[str], what: str) -> None:
     seen: dict[str, str] = {}
     for node, value in nodes:
@@ -654,19 +673,7 @@ def parse(doc: Any, source: str = "", *,
                                                "(extauthz answers it in its Check)"),
                         pin_cpus=s.flag("pin_cpus", False))
 
-    st = root.child("storage")
-    st.check_keys({"keys", "counters", "ledger", "pepper", "key_cache"})
-    storage = Storage(keys=st.text("keys", "sqlite:///keys.db"),
-                      counters=st.text("counters", "memory"),
-                      ledger=st.text("ledger", "sqlite:///ledger.db"),
-                      pepper=st.text("pepper", "file:pepper"),
-                      key_cache=st.integer("key_cache", DEFAULT_KEY_CACHE))
-    for name, prefixes in (("keys", ("sqlite:", "postgresql:", "postgres:", "env:")),
-                           ("ledger", ("sqlite:", "postgresql:", "postgres:", "env:")),
-                           ("counters", ("memory", "redis:", "rediss:", "redis+cluster:", "env:")),
-                           ("pepper", ("env:", "file:"))):
-        if not getattr(storage, name).startswith(prefixes):
-            st.fail(name, f"must start with one of {', '.join(prefixes)}")
+    storage = storage_section(root)
     if services.workers > 1 and storage.counters == "memory":
         s.fail("workers", "several workers need shared counters: storage.counters must be "
                "redis:// (in memory, each worker would count apart)")
