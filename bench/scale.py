@@ -14,7 +14,8 @@
    first Check of a key passes, RSS; Check of one key (held in memory) and of keys never
    presented before (each a store fetch), p50/p99, and for one key the services' CPU per
    Check against the small manifest's (steadier than Check/s: the client shares the cores).
-4. `tollway keys` commands against that store: show, suspend, resume, rotate, each timed.
+4. `tollway keys` commands against that store: show, suspend, resume, rotate and a page of
+   list, each timed.
 """
 
 from __future__ import annotations
@@ -238,6 +239,9 @@ def run(args: argparse.Namespace, keys_dsn: str | None) -> None:
         t = timed([*cli, "keys", "rotate", "bk7", "--grace", "0", "--manifest",
                    str(gw.manifest_path)], gw.env)
         print(f"tollway keys rotate bk7: {t:.2f} s")
+        t = timed([*cli, "keys", "list", "--after", "bk5", "--limit", "100", "--manifest",
+                   str(gw.manifest_path)], gw.env)
+        print(f"tollway keys list --after bk5 --limit 100: {t:.2f} s")
 
 
 if __name__ == "__main__":

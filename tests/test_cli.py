@@ -167,6 +167,53 @@ def test_a_leaked_key_is_suspended_while_an_unrelated_edit_breaks_the_manifest(
     assert out.returncode == 2 and "storage.keys: must start with one of" in out.stderr
 
 
+def test_keys_list_merges_the_store_and_the_manifest_a_page_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The store is read a page at a time (a million keys in constant memory) and merged
+    with the manifest's key ids in order; --limit and --after page through the listing."""
+    import asyncio
+    import json
+
+    from tollway import cli
+    from tollway.keys import KeyManager
+    from tollway.keys.sqlite import SqliteKeyStore
+    from tollway.refs import pepper
+
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(cli, "LIST_PAGE", 2)  # pages that end between the manifest's ids
+    manifest = str(ROOT / "examples" / "quickstart.yaml")
+
+    async def issue() -> None:
+        store = SqliteKeyStore(tmp_path / "keys.db")
+        await store.open()
+        km = KeyManager(store, pepper("file:pepper", create=True))
+        for key_id in ("a-rt", "demo-b", "demo-bb", "zz"):
+            await km.issue(key_id, spec=json.dumps({"org": "demo", "project": "playground",
+                                                    "client": "alice"}))
+        await km.issue("demo-alice")
+        await store.close()
+    asyncio.run(issue())
+
+    def listed(*args: str) -> tuple[list[list[str]], str]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["keys", "list", "-m", manifest, *args])
+        out = capsys.readouterr()
+        assert exit_.value.code == 0, out.err
+        return [line.split()[:3] for line in out.out.splitlines()[1:]], out.err
+
+    rows, err = listed()
+    assert rows == [["a-rt", "active", "runtime"], ["demo-alice", "active", "active"],
+                    ["demo-b", "active", "runtime"], ["demo-bb", "active", "runtime"],
+                    ["demo-ci", "not-issued", "active"], ["zz", "active", "runtime"]]
+    assert err == ""
+    first, err = listed("--limit", "3")
+    assert [r[0] for r in first] == ["a-rt", "demo-alice", "demo-b"]
+    assert err.strip() == "# more keys follow: tollway keys list --after demo-b"
+    rest, err = listed("--after", "demo-b", "--limit", "3")
+    assert [r[0] for r in rest] == ["demo-bb", "demo-ci", "zz"] and err == ""
+
+
 def test_keys_show_names_a_runtime_keys_place(tmp_path: Path) -> None:
     """A runtime key (made by the admin API) is in no manifest: show names its org, project
     and client from its stored spec, as `keys list` does, not nulls."""

@@ -141,6 +141,65 @@ async def test_client_keys_finds_one_clients_runtime_keys(store: KeyStore) -> No
     assert await store.client_keys("nobody") == []
 
 
+# ids whose byte order (Python's) is not a natural-language collation's
+UNCOLLATED_IDS = ["ab", "B", "a_b", "Z9", "a-b", "a", "9z"]
+
+
+async def _walk(store: KeyStore, limit: int) -> list[str]:
+    seen: list[str] = []
+    while page := await store.page(seen[-1] if seen else "", limit):
+        assert len(page) <= limit
+        seen += [r.key_id for r in page]
+    return seen
+
+
+async def test_pages_walk_every_key_once_in_byte_order(store: KeyStore) -> None:
+    km = KeyManager(store, PEPPER)
+    for key_id in UNCOLLATED_IDS:
+        await km.issue(key_id)
+    for limit in (1, 2, 100):
+        assert await _walk(store, limit) == sorted(UNCOLLATED_IDS)
+    assert [r.key_id for r in await store.page("a-b", 2)] == ["a_b", "ab"]
+    assert await store.page("ab", 10) == []
+
+
+async def test_pages_keep_byte_order_where_the_database_collates_otherwise() -> None:
+    """PostgreSQL orders text by the database's collation, which in most installations is
+    a language's (en-US puts "a-b" beside "ab", "B" after "a"); `tollway keys list` merges
+    the store's pages with the manifest's ids in Python's order, so pages must be in it."""
+    import os
+
+    import asyncpg
+
+    from tests.conftest import require_postgres
+
+    require_postgres()
+    name = f"tollway_icu_{os.getpid()}"
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
+                            "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8' ENCODING 'UTF8'")
+        dsn = PG_DSN.rsplit("/", 1)[0] + f"/{name}"
+        conn = await asyncpg.connect(dsn)
+        collated = await conn.fetchval("SELECT array_agg(x ORDER BY x) FROM unnest($1::text[]) "
+                                       "AS x", UNCOLLATED_IDS)
+        await conn.close()
+        assert collated != sorted(UNCOLLATED_IDS)  # else this test proves nothing
+        store = PostgresKeyStore(dsn)
+        await store.open()
+        try:
+            km = KeyManager(store, PEPPER)
+            for key_id in UNCOLLATED_IDS:
+                await km.issue(key_id)
+            assert await _walk(store, 2) == sorted(UNCOLLATED_IDS)
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
 async def test_a_follower_racing_concurrent_writers_misses_no_write(store: KeyStore) -> None:
     """Sequence numbers must become visible in order: a PostgreSQL writer takes its number
     (nextval) before it commits, so without the writers' lock a follower could read seq 8

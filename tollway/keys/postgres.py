@@ -62,6 +62,8 @@ ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS after TEXT NOT NULL DEFA
 ALTER TABLE tollway_key_events ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS tollway_key_events_target ON tollway_key_events (kind, key_id);
 CREATE INDEX IF NOT EXISTS tollway_keys_client ON tollway_keys ((spec::jsonb ->> 'client'));
+-- the keys in byte order whatever the database's collation, for KeyStore.page
+CREATE INDEX IF NOT EXISTS tollway_keys_bytes ON tollway_keys (key_id COLLATE "C");
 CREATE TABLE IF NOT EXISTS tollway_objects (
     kind TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -237,6 +239,15 @@ class PostgresKeyStore(KeyStore):
                                     "ORDER BY seq DESC LIMIT $1", limit)
             return int(seq), [_record(r) for r in rows]
         result: tuple[int, list[KeyRecord]] = await self._tx(q)
+        return result
+
+    async def page(self, after: str, limit: int) -> list[KeyRecord]:
+        async def q(conn: asyncpg.Connection) -> list[KeyRecord]:
+            rows = await conn.fetch(f"SELECT {COLUMNS} FROM tollway_keys "
+                                    'WHERE key_id COLLATE "C" > $1 '
+                                    'ORDER BY key_id COLLATE "C" LIMIT $2', after, limit)
+            return [_record(r) for r in rows]
+        result: list[KeyRecord] = await self._tx(q)
         return result
 
     async def client_keys(self, client_id: str) -> list[KeyRecord]:

@@ -226,6 +226,13 @@ class SqliteKeyStore(KeyStore):
             return int(seq), [_record(r) for r in rows]
         return await self._run(q)
 
+    async def page(self, after: str, limit: int) -> list[KeyRecord]:
+        def q(db: sqlite3.Connection) -> list[KeyRecord]:
+            rows = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE key_id > ? "
+                              "ORDER BY key_id LIMIT ?", (after, limit)).fetchall()
+            return [_record(r) for r in rows]
+        return await self._run(q)
+
     async def client_keys(self, client_id: str) -> list[KeyRecord]:
         def q(db: sqlite3.Connection) -> list[KeyRecord]:
             rows = db.execute(f"SELECT {COLUMNS} FROM tollway_keys WHERE "

@@ -128,6 +128,12 @@ class KeyStore(abc.ABC):
         nothing, since every row read already shows every change up to it."""
 
     @abc.abstractmethod
+    async def page(self, after: str, limit: int) -> list[KeyRecord]:
+        """At most `limit` keys whose ids sort after `after`, in order of their bytes (as
+        Python orders str): `tollway keys list` walks a million keys a page at a time, on an
+        index, instead of holding them all."""
+
+    @abc.abstractmethod
     async def client_keys(self, client_id: str) -> list[KeyRecord]:
         """The runtime keys of one runtime client (indexed: a store may hold millions)."""
 
