@@ -129,7 +129,8 @@ class ManifestWatcher:
         # loop takes the GIL after 0.5 ms instead of Python's default 5 ms
         sys.setswitchinterval(min(interval, 0.0005))
         try:
-            manifest = load_beside(self.path, self.manifest.compiled_orgs)
+            manifest = load_beside(self.path, self.manifest.compiled_orgs,
+                                   self.manifest.org_texts)
             built = [s.build(manifest) for s in self._subscribers]
         except ManifestError as e:
             RELOADS.labels("rejected").inc()

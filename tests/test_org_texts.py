@@ -1,0 +1,158 @@
+"""A reload reads only the organizations whose text changed: the text is cut at the
+`organizations:` entries only where each entry, read alone, reads as it does in its
+document. Every text here is held to that: cut and read in parts, it reads as the whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tollway.manifest import load
+from tollway.manifest.beside import load_beside, read
+from tollway.manifest.org_texts import cut
+
+TOP = "version: 1\nproviders: []\n"
+TAIL = "routes: []\n"
+
+
+def read_in_parts(text: str) -> Any:
+    """The document as the cut reads it; None where the text is not cut."""
+    parts = cut(text)
+    if parts is None:
+        return None
+    rest = yaml.safe_load(parts.rest)
+    assert rest["organizations"] is None
+    orgs = [yaml.safe_load(entry) for entry in parts.entries]
+    assert all(isinstance(o, list) and len(o) == 1 for o in orgs)
+    return {**rest, "organizations": [o[0] for o in orgs]}
+
+
+def assert_reads_alike(text: str, *, cut_expected: bool | None) -> None:
+    """Cut (or not, as expected; None: either) and read in parts, it reads as the whole."""
+    parts = read_in_parts(text)
+    assert cut_expected is None or (parts is not None) == cut_expected, text
+    if parts is not None:
+        assert parts == yaml.safe_load(text)
+
+
+MANIFESTS = [*(ROOT / "examples").glob("*.yaml"), *(ROOT / "deploy").rglob("manifest.yaml")]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_shipped_manifests_are_cut_and_read_alike(path: Path) -> None:
+    assert_reads_alike(path.read_text(), cut_expected=True)
+
+
+@pytest.mark.parametrize("indent", [0, 2, 4])
+def test_entries_at_any_indentation_with_comments_and_folded_text(indent: int) -> None:
+    pad = " " * indent
+    text = (f"---\n{TOP}organizations:   # all of them\n\n# a comment at column 0\n"
+            f"{pad}- id: a   # the first\n"
+            f"{pad}  name: \"A # not a comment\"\n"
+            f"{pad}  notes: it's plain, with a quote's 'inside' and R&D and a > b\n"
+            f"{pad}  projects: [{{id: p, quotes: ['[', \"{{\"]}}]\n"
+            f"{pad}  folded: a plain scalar\n{pad}    that goes on\n"
+            "# between entries\n\n"
+            f"{pad}-\n{pad}  id: b\n{pad}  single: 'it''s'\n"
+            f"{pad}- id: c\n{pad}  escaped: \"a \\\" quote\"\n\n# the end\n{TAIL}")
+    assert_reads_alike(text, cut_expected=True)
+    assert [o["id"] for o in read_in_parts(text)["organizations"]] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("section", [
+    # a quoted scalar over two lines, its second line looking like an entry
+    '  - id: a\n    name: "x\n  - id: b"\n  - id: c\n',
+    "  - id: a\n    name: 'x\n  - id: b'\n",
+    # a flow collection over two lines
+    "  - {id: a,\n  - id: b}\n",
+    "  - id: a\n    models: [x,\n  - y]\n",
+    # a block scalar, whose lines may be anything
+    "  - id: a\n    notes: |\n      - id: b\n",
+    "  - id: a\n    notes: >-\n      text\n",
+    # an anchor in one entry and its alias in another; a tag; a complex key
+    "  - &org {id: a}\n  - *org\n",
+    "  - id: a\n    q: &q {rpm: 1}\n  - id: b\n    q: *q\n",
+    "  - !!map {id: a}\n",
+    "  - ? id\n    : a\n",
+    # content at the entries' indentation that is not an entry, or left of them
+    "  - id: a\n  id: b\n",
+    "    - id: a\n  - id: b\n",
+    # the first line is not an entry
+    "  -1\n",
+])
+def test_a_text_that_could_read_otherwise_in_parts_is_read_whole(section: str) -> None:
+    text = TOP + "organizations:\n" + section + TAIL
+    try:
+        whole = yaml.safe_load(text)
+    except yaml.YAMLError:
+        whole = None  # the cut must not make it read
+    assert cut(text) is None, (section, whole)
+
+
+@pytest.mark.parametrize("text", [
+    TOP + "organizations: []\n" + TAIL,  # flow style
+    TOP + "organizations:\n" + TAIL,  # no entries
+    TOP + "organizations:\n  - id: a\n" + TAIL + "---\norganizations:\n  - id: b\n",
+    "%YAML 1.1\n---\n" + TOP + "organizations:\n  - id: a\n",
+    TOP + "organizations:\n\t- id: a\n",
+    '{"version": 1, "organizations": [{"id": "a"}]}',
+])
+def test_other_layouts_are_read_whole(text: str) -> None:
+    assert cut(text) is None
+
+
+def test_a_generated_manifest_of_many_organizations_is_cut_and_read_alike() -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["organizations"] += [{"id": f"org{o}", "name": f"Org {o}: \"{o}\" #{o}", "projects": [
+        {"id": f"p{p}", "quotas": [{"name": "team", "rpm": 300}, {"spend_per_month": 1.5}],
+         "metadata": {"owner": f"o{p}@example.com", "cost-center": "R&D > ops"}}
+        for p in range(5)]} for o in range(50)]
+    # block style, deeper indentation: cut; long scalars folded over lines: cut unless a
+    # line starts with an indicator ("> ops"); flow collections over lines: read whole
+    for style, cut_expected in (({}, True), ({"indent": 4}, True), ({"width": 20}, None),
+                                ({"default_flow_style": None, "width": 40}, False)):
+        text = yaml.safe_dump(doc, sort_keys=False, **style)  # type: ignore[arg-type]
+        assert_reads_alike(text, cut_expected=cut_expected)
+    folded = " ".join(["folded over lines"] * 9)
+    notes = {**doc, "organizations": [{"id": f"org{o}", "notes": folded} for o in range(3)]}
+    assert_reads_alike(yaml.safe_dump(notes, width=20), cut_expected=True)
+
+
+def test_a_reload_reads_only_the_organization_whose_text_changed(tmp_path: Path) -> None:
+    """The first reload records each organization's text; the next parses only the entry
+    whose text changed and takes the others from the manifest in force."""
+    path = tmp_path / "m.yaml"
+    doc = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
+    doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
+        {"rpm": 2}]}]} for i in range(3)]
+    path.write_text(yaml.safe_dump(doc))
+    first = load_beside(path, load(path, reuse={}).compiled_orgs)
+    assert len(first.org_texts) == 4
+
+    doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] = 3
+    path.write_text(yaml.safe_dump(doc))
+    answer = read(str(path), set(first.compiled_orgs), first.org_texts)
+    assert [sorted(o) for o in answer["organizations"]] == [
+        ["known", "text"], ["known", "text"], ["document", "fingerprint", "text"],
+        ["known", "text"]]
+    second = load_beside(path, first.compiled_orgs, first.org_texts)
+    assert [a is b for a, b in zip(first.organizations, second.organizations, strict=True)] \
+        == [True, True, False, True]
+    assert second.organizations == load(path).organizations
+    assert second.org_texts != first.org_texts and len(second.org_texts) == 4
+
+
+def test_an_entry_that_is_no_mapping_is_refused_with_its_line(tmp_path: Path) -> None:
+    """Cut, `- just text` reads alone as a scalar: the text is read whole, so the problem
+    is the one `tollway check` names."""
+    path = tmp_path / "m.yaml"
+    text = (ROOT / "examples" / "quickstart.yaml").read_text()
+    path.write_text(text.replace("organizations:\n", "organizations:\n  - just text\n", 1))
+    answer = read(str(path), set())
+    assert "problems" not in answer and "text" not in answer["organizations"][0]
+    with pytest.raises(Exception, match=r"organizations\[0\]: must be a mapping"):
+        load_beside(path, {})
