@@ -290,3 +290,21 @@ def test_the_keys_part_reads_past_a_mistake_elsewhere_but_not_in_storage(
         "storage.keys: must start with one of sqlite:, postgresql:, postgres:, env:",
         "storage.ledger: must be a non-empty string",
         "storage.ledger: must start with one of sqlite:, postgresql:, postgres:, env:"}
+
+
+def test_quotas_written_alike_are_compiled_once_and_every_problem_is_still_named() -> None:
+    """Quotas are compiled once per distinct document (10,000 projects may write the same
+    ones) and shared; a document with a problem is never taken from what was compiled, so
+    each place that writes it is named, and 2.0 is not taken for the 2 compiled before."""
+    doc = yaml.safe_load(MINIMAL)
+    projects = doc["organizations"][0]["projects"]
+    projects += [{"id": f"p{i}", "quotas": [{"name": "team", "rpm": 300}, {"rpm": 2}]}
+                 for i in range(3)]
+    m = parse(doc)
+    p1, p2, p3 = m.organizations[0].projects[1:]
+    assert p1.quotas is p2.quotas is p3.quotas and p1.quotas[1].limits == {"rpm": 2}
+    projects[1]["quotas"][1]["rpm"] = 2.0
+    projects[3]["quotas"][1]["rpm"] = 2.0
+    assert [p for p in problems(yaml.safe_dump(doc)) if "rpm" in p] == [
+        "organizations[0].projects[1].quotas[1].rpm: must be a positive integer",
+        "organizations[0].projects[3].quotas[1].rpm: must be a positive integer"]

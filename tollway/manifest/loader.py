@@ -306,13 +306,34 @@ def _quota(n: Node) -> Quota:
     )
 
 
+# quotas compiled, by their document's repr(): 10,000 projects may write the same quotas
+# ({name: team, rpm: 300}) thousands of times, and a Quota is immutable, so they share them.
+# Only quotas read without a problem are kept, and what _quotas checks depends on their
+# document alone (repr, unlike ==, tells 2, 2.0 and true apart): a hit has nothing to report.
+_QUOTAS: dict[str, tuple[Quota, ...]] = {}
+_QUOTAS_MAX = 10_000
+
+
 def _quotas(n: Node) -> tuple[Quota, ...]:
     """A name is a quota's counter identity within its scope: two that would share one (two
     unnamed `rpm` quotas) are told apart by their place, `rpm #2`."""
+    written = n.value.get("quotas")
+    if written is None:
+        return ()
+    key = repr(written)
+    known = _QUOTAS.get(key)
+    if known is not None:
+        return known
+    errors = len(n.errors)
     quotas = [_quota(q) for q in n.items("quotas")]
     names = [q.name for q in quotas]
-    return tuple(replace(q, name=f"{q.name} #{i + 1}") if names.count(q.name) > 1 else q
-                 for i, q in enumerate(quotas))
+    compiled = tuple(replace(q, name=f"{q.name} #{i + 1}") if names.count(q.name) > 1 else q
+                     for i, q in enumerate(quotas))
+    if len(n.errors) == errors:
+        if len(_QUOTAS) >= _QUOTAS_MAX:
+            _QUOTAS.clear()
+        _QUOTAS[key] = compiled
+    return compiled
 
 
 def _expires(n: Node) -> str | None:
