@@ -308,3 +308,29 @@ def test_quotas_written_alike_are_compiled_once_and_every_problem_is_still_named
     assert [p for p in problems(yaml.safe_dump(doc)) if "rpm" in p] == [
         "organizations[0].projects[1].quotas[1].rpm: must be a positive integer",
         "organizations[0].projects[3].quotas[1].rpm: must be a positive integer"]
+
+
+def test_the_checks_across_organizations_name_every_place() -> None:
+    """These checks run over every organization at each reload, so they make a path only
+    where something is wrong: each wrong place is still named."""
+    doc = yaml.safe_load(MINIMAL)
+    doc["plans"] = [{"name": "pro", "quotas": [{"rpm": 5, "models": ["gpt-0"]}]}]
+    doc["organizations"].append({
+        "id": "beta", "quotas": [{"rpm": 5, "models": ["gpt-1"]}],
+        "model_rules": [{"models": ["gpt-2"]}],
+        "projects": [{"id": "a"}, {"id": "b", "models": ["gpt-3"], "plan": "gold",
+                                   "model_rules": [{"models": ["gpt-4"]}],
+                                   "quotas": [{"rpm": 1}, {"rpm": 2, "models": ["gpt-5"]}]},
+                     {"id": "a"}]})
+    found = problems(yaml.safe_dump(doc))
+    for expected in (
+            "plans[0].quotas[0].models[0]: unknown model 'gpt-0'",
+            "organizations[1].quotas[0].models[0]: unknown model 'gpt-1'",
+            "organizations[1].model_rules[0].models[0]: unknown model 'gpt-2'",
+            "organizations[1].projects[1].models[0]: unknown model 'gpt-3'",
+            "organizations[1].projects[1].plan: unknown plan 'gold'",
+            "organizations[1].projects[1].model_rules[0].models[0]: unknown model 'gpt-4'",
+            "organizations[1].projects[1].quotas[1].models[0]: unknown model 'gpt-5'",
+            "organizations[1].projects[2].id: duplicate project id 'a' "
+            "(first at organizations[1].projects[0])"):
+        assert any(p.startswith(expected) for p in found), (expected, found)

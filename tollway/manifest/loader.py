@@ -730,11 +730,17 @@ def parse(doc: Any, source: str = "", *,
     plan_refs: dict[str, str] = {}
     key_ids: list[tuple[Node, str]] = []
     client_ids: list[tuple[Node, str]] = []
+    # a path is made only where it is used: a reload runs these checks over every
+    # organization, with the serving process's requests waiting for the GIL meanwhile
     for oi, org in enumerate(orgs):
         op = f"organizations[{oi}]"
-        _unique([(Node({}, f"{op}.projects[{pi}]", errors), p.id)
-                 for pi, p in enumerate(org.projects)], errors, "project id")
+        project_ids = [p.id for p in org.projects]
+        if len(set(project_ids)) < len(project_ids):
+            _unique([(Node({}, f"{op}.projects[{pi}]", errors), p)
+                     for pi, p in enumerate(project_ids)], errors, "project id")
         for pi, proj in enumerate(org.projects):
+            if not (proj.models or proj.plan or proj.clients):
+                continue
             pp = f"{op}.projects[{pi}]"
             _check_models(errors, f"{pp}.models", proj.models, catalogue)
             if proj.plan:
@@ -788,28 +794,34 @@ def parse(doc: Any, source: str = "", *,
 def _check_model_rules(errors: list[str], orgs: list[Organization], catalogue: set[str]
                        ) -> None:
     for oi, org in enumerate(orgs):
-        levels = [(f"organizations[{oi}]", org.model_rules)] + [
-            (f"organizations[{oi}].projects[{pi}]", p.model_rules)
-            for pi, p in enumerate(org.projects)]
+        levels = [(f"organizations[{oi}]", org.model_rules)] if org.model_rules else []
+        levels += [(f"organizations[{oi}].projects[{pi}]", p.model_rules)
+                   for pi, p in enumerate(org.projects) if p.model_rules]
         for path, rules in levels:
             for ri, rule in enumerate(rules):
                 _check_models(errors, f"{path}.model_rules[{ri}].models", rule.models,
                               catalogue)
 
 
-def _all_quotas(plans: list[Plan], orgs: list[Organization]) -> Iterator[tuple[str,
-                                                                                tuple[Quota,
-                                                                                      ...]]]:
+def _all_quotas(plans: list[Plan], orgs: list[Organization]
+                ) -> Iterator[tuple[str, tuple[Quota, ...]]]:
+    """Every level's quotas that name models, with the level's path (made only for them)."""
+    def named(quotas: tuple[Quota, ...]) -> bool:
+        return any(q.models for q in quotas)
     for i, plan in enumerate(plans):
-        yield f"plans[{i}]", plan.quotas
+        if named(plan.quotas):
+            yield f"plans[{i}]", plan.quotas
     for oi, org in enumerate(orgs):
-        yield f"organizations[{oi}]", org.quotas
+        if named(org.quotas):
+            yield f"organizations[{oi}]", org.quotas
         for pi, proj in enumerate(org.projects):
-            yield f"organizations[{oi}].projects[{pi}]", proj.quotas
+            if named(proj.quotas):
+                yield f"organizations[{oi}].projects[{pi}]", proj.quotas
             for ci, client in enumerate(proj.clients):
                 for ki, key in enumerate(client.keys):
-                    yield (f"organizations[{oi}].projects[{pi}].clients[{ci}].keys[{ki}]",
-                           key.quotas)
+                    if named(key.quotas):
+                        yield (f"organizations[{oi}].projects[{pi}].clients[{ci}].keys[{ki}]",
+                               key.quotas)
 
 
 def document(text: str, source: str = "") -> Any:
