@@ -469,19 +469,27 @@ async def _listing(store: KeyStore, places: Mapping[str, KeyPlace], after: str
 
 async def _list_keys(store: KeyStore, places: Mapping[str, KeyPlace], after: str,
                      limit: int | None) -> int:
-    print(f"{'KEY ID':<28} {'STORE':<10} {'MANIFEST':<10} {'PROJECT':<20} EXPIRES")
-    shown, last = 0, after
+    lines = [f"{'KEY ID':<28} {'STORE':<10} {'MANIFEST':<10} {'PROJECT':<20} EXPIRES"]
+    shown, last, more = 0, after, False
     async for key_id, r, b in _listing(store, places, after):
         if limit is not None and shown == limit:
-            print(f"# more keys follow: tollway keys list --after {last}", file=sys.stderr)
+            more = True
             break
         spec = json.loads(r.spec) if r and r.spec else None  # a runtime key
         where = (f"{b.org}/{b.project}" if b else
                  f"{spec['org']}/{spec['project']}" if spec else "-")
-        print(f"{key_id:<28} {r.status.value if r else 'not-issued':<10} "
-              f"{b.status.value if b else 'runtime' if spec else 'absent':<10} "
-              f"{where:<20} {r.expires_at.isoformat() if r and r.expires_at else '-'}")
+        lines.append(f"{key_id:<28} {r.status.value if r else 'not-issued':<10} "
+                     f"{b.status.value if b else 'runtime' if spec else 'absent':<10} "
+                     f"{where:<20} {r.expires_at.isoformat() if r and r.expires_at else '-'}")
         shown, last = shown + 1, key_id
+        if len(lines) >= LIST_PAGE:  # written a page at a time, not a call per line
+            sys.stdout.write("\n".join(lines) + "\n")
+            lines = []
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
+    if more:
+        sys.stdout.flush()  # the rows first, then where the next page starts
+        print(f"# more keys follow: tollway keys list --after {last}", file=sys.stderr)
     return 0
 
 
