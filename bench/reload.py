@@ -7,8 +7,9 @@ their keys would be runtime keys). h2load sends 100 requests/s on schedule (open
 --seconds, once without an edit and once while --edits edits, evenly spaced, each change one
 project's rpm. Reported, from h2load's log of every request: p50/p99/max and non-2xx of the
 run without an edit, of the requests that were in flight while a reload was under way (from
-the edit's write to the services' log line saying it is in force), and of the edited run's
-other requests; and how long each reload took and how much of the manifest it compiled. A
+the edit's write to the services' log line saying it is in force; and of those, the ones in
+flight while it was worked on, from the log line saying the change was noticed), and of the
+edited run's other requests; and how long each reload took and how much of the manifest it compiled. A
 first reload, before both runs, puts the manifest in the bench's format in force.
 """
 
@@ -38,11 +39,12 @@ def summary(rows: list[Request]) -> str:
             f"max {f['max']:6.2f} ms  non-2xx {f['non_2xx']:.0f}")
 
 
-def applied(log: str) -> list[tuple[float, str]]:
-    """The services' reload lines: when (seconds since the epoch) and what they compiled."""
+def applied(log: str, what: str = "manifest reloaded") -> list[tuple[float, str]]:
+    """The services' reload lines (or others, by `what`): when (seconds since the epoch) and
+    what they compiled."""
     return [(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(),
              line.rpartition("(")[2].rstrip(")"))
-            for line in log.splitlines() if "manifest reloaded" in line]
+            for line in log.splitlines() if what in line]
 
 
 def main() -> None:
@@ -103,24 +105,35 @@ def main() -> None:
         editor.start()
         busy = h2load_requests(url, headers, args.seconds, tmp)
         editor.join()
-        done = [(t, what) for t, what in applied(log.read_text()) if t >= since - 0.001]
+        text = log.read_text()
+        done = [(t, what) for t, what in applied(text) if t >= since - 0.001]
+        noticed = [t for t, _ in applied(text, "changed: reading it") if t >= since - 0.001]
 
-    # each edit is in force at the first reload line after it (the log's clock has ms)
-    windows = []
+    # each edit is in force at the first reload line after it (the log's clock has ms); the
+    # reload's work began at the line saying the change was noticed (before it, the watcher
+    # was waiting for its next stat, up to 0.25 s, and nothing of the reload ran)
+    windows, working = [], []
     for t in edited:
         after = [(at, what) for at, what in done if at >= t - 0.001]
         if after:
             windows.append((t, after[0][0], after[0][1]))
-    during = [r for r in busy
-              if any(r.start < end and r.start + r.ms / 1000 > start for start, end, _ in windows)]
+            began = [n for n in noticed if t - 0.001 <= n <= after[0][0]]
+            working.append((began[0] if began else t, after[0][0]))
+
+    def overlaps(r: Request, spans: list[tuple[float, float]]) -> bool:
+        return any(r.start < end and r.start + r.ms / 1000 > start for start, end in spans)
+    during = [r for r in busy if overlaps(r, [(s, e) for s, e, _ in windows])]
+    reading = [r for r in busy if overlaps(r, working)]
     others = [r for r in busy if r not in during]
     print(f"## {args.projects:,} projects, 100 requests/s on schedule (h2load), {args.seconds} s "
           f"each, {args.format}")
     print(f"no edit:                          {summary(quiet)}")
     print(f"{len(windows)} edits, in flight in a reload: {summary(during)}")
+    print(f"  of which while it was worked on: {summary(reading)}")
     print(f"{len(windows)} edits, the other requests:    {summary(others)}")
-    for start, end, what in windows:
-        print(f"an edit in force {end - start:.2f} s after it was written ({what})")
+    for (start, end, what), (began, _) in zip(windows, working, strict=True):
+        print(f"an edit in force {end - start:.2f} s after it was written, "
+              f"{end - began:.2f} s after it was noticed ({what})")
     if len(windows) < len(edited):
         print(f"{len(edited) - len(windows)} edits never reported in force")
 

@@ -123,6 +123,7 @@ class ManifestWatcher:
         if digest is None or digest == self._digest:
             return False
         self._digest = digest
+        log.info("manifest %s changed: reading it", self.path)  # the reload's start
         collecting, interval = gc.isenabled(), sys.getswitchinterval()
         gc.disable()  # see settle_heap
         # this thread competes with the event loop for the GIL while it compiles: a waiting
