@@ -9,8 +9,8 @@ project's rpm. Reported, from h2load's log of every request: p50/p99/max and non
 run without an edit, of the requests that were in flight while a reload was under way (from
 the edit's write to the services' log line saying it is in force; and of those, the ones in
 flight while it was worked on, from the log line saying the change was noticed), and of the
-edited run's other requests; and how long each reload took and how much of the manifest it compiled. A
-first reload, before both runs, puts the manifest in the bench's format in force.
+edited run's other requests; and how long each reload took and how much of the manifest it
+compiled. A first reload, before both runs, puts the manifest in the bench's format in force.
 """
 
 from __future__ import annotations
