@@ -76,11 +76,17 @@ def read(path: str, known: set[str], texts: Mapping[str, str] | None = None
     orgs = doc.get("organizations") if isinstance(doc, dict) else None
     if not isinstance(orgs, list):
         return {"doc": doc}  # parse says what is wrong with it
-    items = []
-    for org in orgs:
-        digest = fingerprint(org)  # of the document as read, before JSON writes dates as text
-        items.append({"known": digest} if digest in known
-                     else {"fingerprint": digest, "document": org})
+    return _answer(doc, [_item(org, known) for org in orgs])
+
+
+def _item(org: Any, known: set[str]) -> dict[str, Any]:
+    """An organization as the child sends it: its fingerprint if the manifest in force holds
+    it, else its document with its fingerprint."""
+    digest = fingerprint(org)  # of the document as read, before JSON writes dates as text
+    return {"known": digest} if digest in known else {"fingerprint": digest, "document": org}
+
+
+def _answer(doc: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"doc": {k: v for k, v in doc.items() if k != "organizations"},
             "organizations": items}
 
@@ -115,12 +121,8 @@ def _read_cut(text: str, path: str, known: set[str], texts: Mapping[str, str]
         if not (isinstance(read_alone, list) and len(read_alone) == 1
                 and isinstance(read_alone[0], dict)):
             return None
-        org = read_alone[0]
-        fp = fingerprint(org)
-        items.append({"known": fp, "text": digest} if fp in known
-                     else {"fingerprint": fp, "document": org, "text": digest})
-    return {"doc": {k: v for k, v in rest.items() if k != "organizations"},
-            "organizations": items}
+        items.append({**_item(read_alone[0], known), "text": digest})
+    return _answer(rest, items)
 
 
 def main() -> None:
