@@ -80,9 +80,8 @@ def main() -> None:
             edited.append(time.time())
             tmp_file.replace(gw.manifest_path)
 
-        # the manifest in the bench's format, in force first: as in a process that has
-        # served a while, the measured reloads are not the first since its start (the first
-        # reads every organization's text; later ones only what changed)
+        # the manifest in the bench's format, in force first: the harness wrote it in a
+        # layout of its own, and each measured edit is to change one organization's text
         before = log.read_text().count("manifest reloaded")
         doc["organizations"][1]["projects"][0]["quotas"][0]["rpm"] = 299
         write(text(doc))

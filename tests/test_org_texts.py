@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tollway.manifest import load
-from tollway.manifest.beside import load_beside, read
+from tollway.manifest.beside import load_beside, load_first, read
 from tollway.manifest.org_texts import cut
 
 TOP = "version: 1\nproviders: []\n"
@@ -45,6 +45,8 @@ MANIFESTS = [*(ROOT / "examples").glob("*.yaml"), *(ROOT / "deploy").rglob("mani
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_shipped_manifests_are_cut_and_read_alike(path: Path) -> None:
     assert_reads_alike(path.read_text(), cut_expected=True)
+    started = load_first(path)  # as a serving process starts: each text recorded
+    assert started == load(path) and len(started.org_texts) == len(started.organizations)
 
 
 @pytest.mark.parametrize("indent", [0, 2, 4])
@@ -123,15 +125,16 @@ def test_a_generated_manifest_of_many_organizations_is_cut_and_read_alike() -> N
 
 
 def test_a_reload_reads_only_the_organization_whose_text_changed(tmp_path: Path) -> None:
-    """The first reload records each organization's text; the next parses only the entry
-    whose text changed and takes the others from the manifest in force."""
+    """The start records each organization's text; a reload, the first included, parses
+    only the entry whose text changed and takes the others from the manifest in force."""
     path = tmp_path / "m.yaml"
     doc = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
     doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
         {"rpm": 2}]}]} for i in range(3)]
     path.write_text(yaml.safe_dump(doc))
-    first = load_beside(path, load(path, reuse={}).compiled_orgs)
+    first = load_first(path)
     assert len(first.org_texts) == 4
+    assert first.organizations == load(path).organizations
 
     doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] = 3
     path.write_text(yaml.safe_dump(doc))
@@ -154,5 +157,6 @@ def test_an_entry_that_is_no_mapping_is_refused_with_its_line(tmp_path: Path) ->
     path.write_text(text.replace("organizations:\n", "organizations:\n  - just text\n", 1))
     answer = read(str(path), set())
     assert "problems" not in answer and "text" not in answer["organizations"][0]
-    with pytest.raises(Exception, match=r"organizations\[0\]: must be a mapping"):
-        load_beside(path, {})
+    for loaded in (lambda: load_beside(path, {}), lambda: load_first(path)):
+        with pytest.raises(Exception, match=r"organizations\[0\]: must be a mapping"):
+            loaded()

@@ -76,9 +76,13 @@ def _manifest_path(args: argparse.Namespace) -> Path:
 
 
 def _manifest(args: argparse.Namespace, *, serving: bool = False) -> Manifest:
-    """The manifest; `serving`: for a process that reloads it, whose reloads then compile
-    only the organizations that changed."""
-    return load(_manifest_path(args), reuse={} if serving else None)
+    """The manifest; `serving`: for a process that reloads it, whose reloads then read and
+    compile only the organizations that changed."""
+    if serving:
+        from tollway.manifest.beside import load_first
+
+        return load_first(_manifest_path(args))
+    return load(_manifest_path(args))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

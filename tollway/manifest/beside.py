@@ -46,11 +46,26 @@ def load_beside(path: str | Path, reuse: Mapping[str, Organization],
                          capture_output=True, text=True, timeout=TIMEOUT)
     if out.returncode != 0:
         raise ManifestError(str(p), [f"(file): the parser failed: {out.stderr[-500:]}"])
-    result = json.loads(out.stdout)
-    if "problems" in result:
-        raise ManifestError(str(p), result["problems"])
-    doc = result["doc"]
-    items = result.get("organizations")
+    return _manifest(json.loads(out.stdout), p, reuse)
+
+
+def load_first(path: str | Path) -> Manifest:
+    """load() for a serving process's start: the reload's reading, in this process (nothing
+    serves yet), so that the manifest records its organizations' texts and the first reload
+    reads only the ones an edit changed, as every later one does (read whole at the start,
+    the first reload of 10,000 projects read them all again)."""
+    p = Path(path)
+    return _manifest(read(str(p), set()), p, {})
+
+
+def _manifest(answer: dict[str, Any], p: Path, reuse: Mapping[str, Organization]
+              ) -> Manifest:
+    """The manifest from a reading's answer (read()), its unchanged organizations taken
+    from `reuse`."""
+    if "problems" in answer:
+        raise ManifestError(str(p), answer["problems"])
+    doc = answer["doc"]
+    items = answer.get("organizations")
     if items is not None:
         doc["organizations"] = [Known(o["known"]) if "known" in o
                                 else Fresh(o["fingerprint"], o["document"]) for o in items]
