@@ -150,6 +150,24 @@ def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) ->
     assert load_beside(merged, {}).providers == load(plain).providers
 
 
+def test_a_reloads_child_imports_only_the_reading_of_the_text() -> None:
+    """The child a reload starts (python -m tollway.manifest.reading) imports neither the
+    model nor its compiler: they were most of its start, CPU the requests in flight share.
+    The package's names still come from where they live."""
+    import subprocess
+    import sys
+
+    import tollway.manifest as package
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, tollway.manifest.reading; print(sorted("
+         "m for m in sys.modules if m.startswith('tollway')))"],
+        capture_output=True, text=True, check=True).stdout
+    assert "tollway.manifest.model" not in loaded and "tollway.manifest.loader" not in loaded
+    assert sorted(package.__all__) == sorted(package._HOMES)
+    assert all(getattr(package, name).__name__ == name for name in package.__all__)
+
+
 def test_a_reload_compiles_only_the_organizations_that_changed() -> None:
     """A serving process's reload takes from the manifest in force each organization whose
     document is unchanged, and compiles the others: including an edit that == would miss."""
@@ -183,7 +201,8 @@ def test_a_reload_read_in_a_child_process_carries_only_what_changed(tmp_path: Pa
     of the document as read: a YAML timestamp, which JSON would carry as text, still matches."""
     from datetime import UTC, datetime
 
-    from tollway.manifest.beside import load_beside, read
+    from tollway.manifest.beside import load_beside
+    from tollway.manifest.reading import read
 
     doc = yaml.safe_load(MINIMAL)
     doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [

@@ -12,8 +12,9 @@ import yaml
 
 from tests.conftest import ROOT
 from tollway.manifest import load
-from tollway.manifest.beside import load_beside, load_first, read
+from tollway.manifest.beside import load_beside, load_first
 from tollway.manifest.org_texts import cut
+from tollway.manifest.reading import read
 
 TOP = "version: 1\nproviders: []\n"
 TAIL = "routes: []\n"

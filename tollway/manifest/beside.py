@@ -11,10 +11,8 @@ and the others whole (`Fresh`): an edit of one rpm sends one of 101.
 
 Where the YAML can be cut at its organizations (tollway.manifest.org_texts), the child reads
 only the organizations whose text the manifest in force does not hold, and the rest of the
-document: an edit of one rpm is then one organization's text read, not 10,000 projects'.
-
-    python -m tollway.manifest.beside MANIFEST < held.json   (the child's side; held.json:
-    {"known": [fingerprint, ...], "texts": {text digest: fingerprint}})
+document: an edit of one rpm is then one organization's text read, not 10,000 projects'. The
+child's side is tollway.manifest.reading.
 """
 
 from __future__ import annotations
@@ -27,9 +25,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import org_texts
-from .loader import Fresh, Known, ManifestError, _read, document, fingerprint, parse
+from .loader import Fresh, Known, parse
 from .model import Manifest, Organization
+from .reading import ManifestError, read
 
 TIMEOUT = 120  # seconds: a child that takes longer is stuck, and the reload is refused
 
@@ -41,7 +39,7 @@ def load_beside(path: str | Path, reuse: Mapping[str, Organization],
     `org_texts`, each organization's fingerprint by the digest of its text."""
     p = Path(path)
     held = {d: fp for d, fp in (texts or {}).items() if fp in reuse}
-    out = subprocess.run([sys.executable, "-m", "tollway.manifest.beside", str(p)],
+    out = subprocess.run([sys.executable, "-m", "tollway.manifest.reading", str(p)],
                          input=json.dumps({"known": list(reuse), "texts": held}),
                          capture_output=True, text=True, timeout=TIMEOUT)
     if out.returncode != 0:
@@ -76,75 +74,3 @@ def _manifest(answer: dict[str, Any], p: Path, reuse: Mapping[str, Organization]
     return manifest
 
 
-def read(path: str, known: set[str], texts: Mapping[str, str] | None = None
-         ) -> dict[str, Any]:
-    """The child's answer: the document (or its problems), its organizations apart; each
-    with the digest of its text where the text could be cut at them (org_texts)."""
-    try:
-        text = _read(Path(path))
-        answer = _read_cut(text, path, known, texts or {})
-        if answer is not None:
-            return answer
-        doc = document(text, path)
-    except ManifestError as e:
-        return {"problems": e.problems}
-    orgs = doc.get("organizations") if isinstance(doc, dict) else None
-    if not isinstance(orgs, list):
-        return {"doc": doc}  # parse says what is wrong with it
-    return _answer(doc, [_item(org, known) for org in orgs])
-
-
-def _item(org: Any, known: set[str]) -> dict[str, Any]:
-    """An organization as the child sends it: its fingerprint if the manifest in force holds
-    it, else its document with its fingerprint."""
-    digest = fingerprint(org)  # of the document as read, before JSON writes dates as text
-    return {"known": digest} if digest in known else {"fingerprint": digest, "document": org}
-
-
-def _answer(doc: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"doc": {k: v for k, v in doc.items() if k != "organizations"},
-            "organizations": items}
-
-
-def _read_cut(text: str, path: str, known: set[str], texts: Mapping[str, str]
-              ) -> dict[str, Any] | None:
-    """The answer read from the text cut at its organizations (tollway.manifest.org_texts),
-    parsing only the entries whose text the manifest in force does not hold; None where
-    the text cannot be cut, or a part does not read alone as it must: then it is read
-    whole, which also gives a problem its line in the file."""
-    parts = org_texts.cut(text)
-    if parts is None:
-        return None
-    try:
-        rest = document(parts.rest, path)
-    except ManifestError:
-        return None
-    if not isinstance(rest, dict) or "organizations" not in rest \
-            or rest["organizations"] is not None:
-        return None
-    items: list[dict[str, Any]] = []
-    for entry in parts.entries:
-        digest = org_texts.digest(entry)
-        held = texts.get(digest)
-        if held is not None and held in known:
-            items.append({"known": held, "text": digest})
-            continue
-        try:
-            read_alone = document(entry, path)
-        except ManifestError:
-            return None
-        if not (isinstance(read_alone, list) and len(read_alone) == 1
-                and isinstance(read_alone[0], dict)):
-            return None
-        items.append({**_item(read_alone[0], known), "text": digest})
-    return _answer(rest, items)
-
-
-def main() -> None:
-    held = json.load(sys.stdin)
-    answer = read(sys.argv[1], set(held["known"]), held["texts"])
-    json.dump(answer, sys.stdout, default=str)  # YAML timestamps as ISO 8601 text
-
-
-if __name__ == "__main__":
-    main()

@@ -17,8 +17,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .loader import ManifestError, Node, _read, document, storage_section
+from .loader import Node, storage_section
 from .model import KeyStatus, Storage
+from .reading import ManifestError, document, read_text
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def load_keys_part(path: str | Path) -> KeysPart:
     """The storage section (ManifestError if it, or the document as YAML, is wrong) and the
     places of the key ids, read without compiling anything else."""
     source = str(path)
-    doc = document(_read(Path(path)), source)
+    doc = document(read_text(Path(path)), source)
     if not isinstance(doc, dict):
         raise ManifestError(source, ["(document): must be a mapping"])
     errors: list[str] = []

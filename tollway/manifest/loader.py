@@ -7,7 +7,6 @@ fixing a ConfigMap wants the whole list at once, not one error per apply.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -18,8 +17,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-import yaml
 
 from .model import (
     DEFAULT_KEY_CACHE,
@@ -51,7 +48,7 @@ from .model import (
     Upstream,
     User,
 )
-from .yaml_reader import safe_load
+from .reading import ManifestError, document, fingerprint, read_text
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
@@ -68,16 +65,6 @@ DEFAULT_ACTIONS = {
 }
 
 T = TypeVar("T")
-
-
-class ManifestError(Exception):
-    """A manifest that does not validate; `problems` lists every `path: rule` found."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        head = f"{source}: {len(problems)} problem(s)" if source else f"{len(problems)} problem(s)"
-        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems))
 
 
 class Node:
@@ -426,12 +413,6 @@ def _org(n: Node) -> Organization:
         projects=tuple(_project(p) for p in n.items("projects")),
         model_rules=_model_rules(n),
     )
-
-
-def fingerprint(org_document: Any) -> str:
-    """What tells an organization's document from any other: the SHA-256 of its repr(),
-    which tells apart what == does not (2, 2.0 and true; a date and its text)."""
-    return hashlib.sha256(repr(org_document).encode()).hexdigest()
 
 
 class Known(NamedTuple):
@@ -824,32 +805,12 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]
                                key.quotas)
 
 
-def document(text: str, source: str = "") -> Any:
-    """The YAML document, or ManifestError saying where it is not YAML."""
-    try:
-        return safe_load(text)
-    except RecursionError:
-        raise ManifestError(source, ["(document): nested too deeply"]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ManifestError(source, [f"(document): {where}not valid YAML: "
-                                     f"{getattr(e, 'problem', e)}"]) from None
-
-
 def loads(text: str, source: str = "", *,
           reuse: Mapping[str, Organization] | None = None) -> Manifest:
     return parse(document(text, source), source, reuse=reuse)
 
 
-def _read(p: Path) -> str:
-    try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(str(p), [f"(file): cannot read: {e}"]) from None
-
-
 def load(path: str | Path, *, reuse: Mapping[str, Organization] | None = None) -> Manifest:
     """The manifest at `path`; `reuse` as parse() takes it (a serving process passes {})."""
     p = Path(path)
-    return loads(_read(p), str(p), reuse=reuse)
+    return loads(read_text(p), str(p), reuse=reuse)
