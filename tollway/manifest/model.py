@@ -353,9 +353,9 @@ class Manifest:
     compiled_orgs: Mapping[str, Organization] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
-    # and each organization's fingerprint by the digest of its text in the YAML, where a
-    # reload could cut the text at them, so the next reads only the texts that changed
-    # (tollway.manifest.beside)
+    # and each organization's fingerprint by the digest of its text in the YAML, where the
+    # text could be cut at them (the start and every reload record them), so a reload reads
+    # only the texts that changed (tollway.manifest.beside)
     org_texts: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
