@@ -3,12 +3,16 @@ without it, interleaved.
 
 Run: python bench/filter_cost.py [--without envoy.filters.http.ratelimit] [--rounds 5]
                                  [--seconds 8] [--connections 16]
+                                 [--lua-without envoy_on_response]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy following the
 files `tollway render --dir` wrote) and, in every round, swaps the listener file Envoy watches
 between the rendered one and one without the named HTTP filters, waits until Envoy reports the
 listener applied, then drives the 1 KB chat completion of `gateway_http.py` through it with
-`wrk`. Nothing restarts between variants, so the ratio compares one process set with itself.
+`wrk`. `--lua-without FUNCTION` instead keeps every filter and renames one of the usage
+filter's two functions (`envoy_on_request`, `envoy_on_response`), which Envoy then does not
+call: what each side of the Lua filter costs. Nothing restarts between variants, so the
+ratio compares one process set with itself.
 
 Why: the ratelimit filter's gRPC round trip is the largest cost left on the request path
 (docs/performance.md). Without it, nothing is rate limited: the figure is an upper bound of
@@ -71,10 +75,33 @@ def without(doc: dict[str, Any], filters: set[str]) -> dict[str, Any]:
     return variant
 
 
+def lua_without(doc: dict[str, Any], function: str) -> dict[str, Any]:
+    """The listener with the usage filter's `function` renamed, so Envoy never calls it."""
+    variant = copy.deepcopy(doc)
+    found = False
+    for listener in variant["resources"]:
+        for chain in listener["filter_chains"]:
+            for net in chain["filters"]:
+                for f in net["typed_config"]["http_filters"]:
+                    if f["name"] == "envoy.filters.http.lua":
+                        source = f["typed_config"]["default_source_code"]
+                        code = source["inline_string"]
+                        if f"function {function}(" not in code:
+                            raise SystemExit(f"the usage filter has no {function}")
+                        source["inline_string"] = code.replace(
+                            f"function {function}(", f"local function unused_{function}(")
+                        found = True
+    if not found:
+        raise SystemExit("no Lua filter in the listener")
+    return variant
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--without", action="append", default=[],
                     help="an HTTP filter's name (repeatable; default: the rate limit filter)")
+    ap.add_argument("--lua-without", choices=("envoy_on_request", "envoy_on_response"),
+                    help="instead: every filter, the usage filter without this function")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--connections", type=int, default=16)
@@ -88,8 +115,12 @@ def main() -> None:
         port = yaml.safe_load(bootstrap.read_text())["admin"]["address"]["socket_address"]
         admin = f"http://127.0.0.1:{port['port_value']}"
         rendered = yaml.safe_load(lds.read_text())
-        variants = {"as rendered": rendered, "without " + ", ".join(sorted(removed)):
-                    without(rendered, removed)}
+        if args.lua_without:
+            variants = {"as rendered": rendered, f"Lua without {args.lua_without}":
+                        lua_without(rendered, args.lua_without)}
+        else:
+            variants = {"as rendered": rendered, "without " + ", ".join(sorted(removed)):
+                        without(rendered, removed)}
         key = gw.issue("k-main")
         script = post_script(tmp / "post.lua", CHAT_1KB, {"authorization": f"Bearer {key}",
                                                           "accept-encoding": "gzip"})

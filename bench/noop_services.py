@@ -1,6 +1,7 @@
 """The architecture's floor: no-op Python servicers in place of Tollway's services.
 
     python bench/noop_services.py '[EXTAUTHZ_PORT, RATELIMIT_PORT, COSTSINK_PORT]'
+    python bench/noop_services.py '[["127.0.0.1:PORT", "unix:/PATH"], ...]'  (several each)
 
 ext_authz answers OK with the metadata Tollway's Lua and rate-limit descriptors read and the
 credential swap, the rate limit answers OK, the access-log sink reads and drops. Behind the
@@ -59,28 +60,37 @@ class NoopSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         return als_pb2.StreamAccessLogsResponse()
 
 
-async def noop_services(ports: list[int]) -> None:
+SERVICES = ("extauthz", "ratelimit", "costsink")
+
+
+async def noop_services(addresses: list[list[str]]) -> None:
+    """The three servicers, each on its addresses (gRPC's: `host:port`, `unix:/path`)."""
     servers = []
-    for port, (add, servicer) in zip(ports, (
+    for bound, (add, servicer) in zip(addresses, (
             (external_auth_pb2_grpc.add_AuthorizationServicer_to_server, NoopAuthz()),
             (rls_pb2_grpc.add_RateLimitServiceServicer_to_server, NoopLimit()),
             (als_pb2_grpc.add_AccessLogServiceServicer_to_server, NoopSink())), strict=True):
         server = grpc.aio.server()
         add(servicer, server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        for address in bound:
+            server.add_insecure_port(address)
         await server.start()
         servers.append(server)
     await asyncio.Event().wait()
 
 
-def replace_services(gw: Gateway) -> subprocess.Popen[bytes]:
-    """kill -9 the gateway's services and start the no-op servicers on their ports; the
-    caller terminates the process returned."""
+def replace_services(gw: Gateway, unix_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    """kill -9 the gateway's services and start the no-op servicers on their ports (and, with
+    `unix_dir`, on a Unix socket each too: `unix_dir / f"{service}.sock"`); the caller
+    terminates the process returned."""
     doc = yaml.safe_load(gw.manifest_path.read_text())
     gw.kill("services")
-    ports = [int(doc["services"][n].rsplit(":", 1)[1])
-             for n in ("extauthz", "ratelimit", "costsink")]
-    noop = subprocess.Popen([sys.executable, str(Path(__file__)), json.dumps(ports)])
+    ports = [int(doc["services"][n].rsplit(":", 1)[1]) for n in SERVICES]
+    addresses = [[f"127.0.0.1:{p}"] for p in ports]
+    if unix_dir is not None:
+        for bound, name in zip(addresses, SERVICES, strict=True):
+            bound.append(f"unix:{unix_dir / f'{name}.sock'}")
+    noop = subprocess.Popen([sys.executable, str(Path(__file__)), json.dumps(addresses)])
     wait_until(lambda: all(tcp_open(p) for p in ports), "no-op servicers", proc=noop)
     return noop
 
@@ -96,4 +106,5 @@ def pin(pid: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(noop_services(json.loads(sys.argv[1])))
+    asyncio.run(noop_services([[f"127.0.0.1:{a}"] if isinstance(a, int) else a
+                               for a in json.loads(sys.argv[1])]))
