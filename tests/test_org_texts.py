@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tollway.manifest import load
-from tollway.manifest.beside import load_beside, load_first
+from tollway.manifest.beside import load_beside, load_here
 from tollway.manifest.org_texts import cut
 from tollway.manifest.reading import read
 
@@ -46,7 +46,7 @@ MANIFESTS = [*(ROOT / "examples").glob("*.yaml"), *(ROOT / "deploy").rglob("mani
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_shipped_manifests_are_cut_and_read_alike(path: Path) -> None:
     assert_reads_alike(path.read_text(), cut_expected=True)
-    started = load_first(path)  # as a serving process starts: each text recorded
+    started = load_here(path)  # as a serving process starts: each text recorded
     assert started == load(path) and len(started.org_texts) == len(started.organizations)
 
 
@@ -133,7 +133,7 @@ def test_a_reload_reads_only_the_organization_whose_text_changed(tmp_path: Path)
     doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
         {"rpm": 2}]}]} for i in range(3)]
     path.write_text(yaml.safe_dump(doc))
-    first = load_first(path)
+    first = load_here(path)
     assert len(first.org_texts) == 4
     assert first.organizations == load(path).organizations
 
@@ -158,6 +158,33 @@ def test_an_entry_that_is_no_mapping_is_refused_with_its_line(tmp_path: Path) ->
     path.write_text(text.replace("organizations:\n", "organizations:\n  - just text\n", 1))
     answer = read(str(path), set())
     assert "problems" not in answer and "text" not in answer["organizations"][0]
-    for loaded in (lambda: load_beside(path, {}), lambda: load_first(path)):
+    for loaded in (lambda: load_beside(path, {}), lambda: load_here(path)):
         with pytest.raises(Exception, match=r"organizations\[0\]: must be a mapping"):
             loaded()
+
+
+def test_a_process_that_serves_nothing_reloads_without_a_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tollway render --watch` reads an edit in its own process (no child's Python start),
+    and still only the organization whose text changed."""
+    import subprocess
+
+    from tollway.reload import ManifestWatcher
+
+    path = tmp_path / "m.yaml"
+    doc = yaml.safe_load((ROOT / "examples" / "team-ai.yaml").read_text())
+    doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
+        {"rpm": 2}]}]} for i in range(3)]
+    path.write_text(yaml.safe_dump(doc))
+    watcher = ManifestWatcher(path, load_here(path), serving=False)
+    first = watcher.manifest
+
+    def no_child(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"a child process was started: {args}")
+    monkeypatch.setattr(subprocess, "run", no_child)
+    doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] = 30
+    path.write_text(yaml.safe_dump(doc))
+    assert watcher.check()
+    assert [a is b for a, b in zip(first.organizations, watcher.manifest.organizations,
+                                   strict=True)] == [True, True, False, True]
+    assert watcher.manifest.organizations == load(path).organizations

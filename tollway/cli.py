@@ -79,9 +79,9 @@ def _manifest(args: argparse.Namespace, *, serving: bool = False) -> Manifest:
     """The manifest; `serving`: for a process that reloads it, whose reloads then read and
     compile only the organizations that changed."""
     if serving:
-        from tollway.manifest.beside import load_first
+        from tollway.manifest.beside import load_here
 
-        return load_first(_manifest_path(args))
+        return load_here(_manifest_path(args))
     return load(_manifest_path(args))
 
 

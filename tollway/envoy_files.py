@@ -113,7 +113,8 @@ def follow(manifest_path: Path, m: Manifest, directory: Path, stop: threading.Ev
            interval: float = 0.25) -> None:
     """Re-render into `directory` whenever the manifest changes, until `stop` is set."""
     directory = directory.absolute()
-    watcher = ManifestWatcher(manifest_path, m, interval=interval)
+    # it serves no request: a changed manifest is read here, without a child's Python start
+    watcher = ManifestWatcher(manifest_path, m, interval=interval, serving=False)
     rendered = watcher.subscribe(Compiled(lambda new: resources(new, directory), m))
     while not stop.wait(interval):
         if watcher.check():

@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 from prometheus_client import Counter, Gauge
 
 from tollway.manifest import Manifest, ManifestError
-from tollway.manifest.beside import load_beside
+from tollway.manifest.beside import load_beside, load_here
 from tollway.refs import state_dir
 
 log = logging.getLogger("tollway.reload")
@@ -61,8 +61,11 @@ class Compiled(Generic[T]):
 
 class ManifestWatcher:
     def __init__(self, path: str | Path, manifest: Manifest, *, interval: float = 0.25,
-                 hash_every: float = 1.0) -> None:
+                 hash_every: float = 1.0, serving: bool = True) -> None:
+        """`serving`: this process serves requests, so a changed manifest is read in a
+        child process (tollway.manifest.beside); without, in this process."""
         self.path = Path(path)
+        self.serving = serving
         self.manifest = manifest
         self.interval = interval
         self.hash_every = hash_every
@@ -130,8 +133,8 @@ class ManifestWatcher:
         # loop takes the GIL after 0.5 ms instead of Python's default 5 ms
         sys.setswitchinterval(min(interval, 0.0005))
         try:
-            manifest = load_beside(self.path, self.manifest.compiled_orgs,
-                                   self.manifest.org_texts)
+            load = load_beside if self.serving else load_here
+            manifest = load(self.path, self.manifest.compiled_orgs, self.manifest.org_texts)
             built = [s.build(manifest) for s in self._subscribers]
         except ManifestError as e:
             RELOADS.labels("rejected").inc()

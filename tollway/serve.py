@@ -247,9 +247,9 @@ def run(manifest_path: Path, names: list[str],
     workers (one process each, one core each: tollway/workers.py). `manifest`: the one at
     `manifest_path`, if the caller has loaded it (it is loaded once per process: 10,000
     projects took a second of a start on a slow machine)."""
-    from tollway.manifest.beside import load_first
+    from tollway.manifest.beside import load_here
 
-    m = manifest or load_first(manifest_path)
+    m = manifest or load_here(manifest_path)
     workers = m.services.workers
     # costsink alone (served apart) is one process whatever services.workers says
     if worker is None and workers > 1 and set(names) != {"costsink"}:

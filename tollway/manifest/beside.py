@@ -38,22 +38,30 @@ def load_beside(path: str | Path, reuse: Mapping[str, Organization],
     organizations of the manifest in force, by fingerprint (see parse); `texts`: its
     `org_texts`, each organization's fingerprint by the digest of its text."""
     p = Path(path)
-    held = {d: fp for d, fp in (texts or {}).items() if fp in reuse}
     out = subprocess.run([sys.executable, "-m", "tollway.manifest.reading", str(p)],
-                         input=json.dumps({"known": list(reuse), "texts": held}),
+                         input=json.dumps({"known": list(reuse), "texts": _held(reuse, texts)}),
                          capture_output=True, text=True, timeout=TIMEOUT)
     if out.returncode != 0:
         raise ManifestError(str(p), [f"(file): the parser failed: {out.stderr[-500:]}"])
     return _manifest(json.loads(out.stdout), p, reuse)
 
 
-def load_first(path: str | Path) -> Manifest:
-    """load() for a serving process's start: the reload's reading, in this process (nothing
-    serves yet), so that the manifest records its organizations' texts and the first reload
-    reads only the ones an edit changed, as every later one does (read whole at the start,
+def load_here(path: str | Path, reuse: Mapping[str, Organization] = MappingProxyType({}),
+              texts: Mapping[str, str] | None = None) -> Manifest:
+    """load_beside()'s reading in this process, where no request waits for the GIL: a
+    serving process's start (nothing serves yet), and `tollway render --watch`, which serves
+    nothing and for which a child's Python start would be most of a reload's CPU. Either
+    way the manifest records its organizations' texts, so that the next reload, the first
+    after a start included, reads only the ones an edit changed (read whole at the start,
     the first reload of 10,000 projects read them all again)."""
     p = Path(path)
-    return _manifest(read(str(p), set()), p, {})
+    return _manifest(read(str(p), set(reuse), _held(reuse, texts)), p, reuse)
+
+
+def _held(reuse: Mapping[str, Organization], texts: Mapping[str, str] | None
+          ) -> dict[str, str]:
+    """The texts of the organizations the manifest in force holds compiled."""
+    return {d: fp for d, fp in (texts or {}).items() if fp in reuse}
 
 
 def _manifest(answer: dict[str, Any], p: Path, reuse: Mapping[str, Organization]
