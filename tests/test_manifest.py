@@ -150,6 +150,40 @@ def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) ->
     assert load_beside(merged, {}).providers == load(plain).providers
 
 
+@pytest.mark.parametrize(("org", "expected"), [
+    ({"quotas": [{"rpm": 5, "models": ["gpt-1"]}], "projects": [{"id": "a"}]},
+     "organizations[1].quotas[0].models[0]: unknown model 'gpt-1'"),
+    ({"model_rules": [{"models": ["gpt-2"]}], "projects": [{"id": "a"}]},
+     "organizations[1].model_rules[0].models[0]: unknown model 'gpt-2'"),
+    ({"projects": [{"id": "a", "models": ["gpt-3"]}]},
+     "organizations[1].projects[0].models[0]: unknown model 'gpt-3'"),
+    ({"projects": [{"id": "a", "plan": "gold"}]},
+     "organizations[1].projects[0].plan: unknown plan 'gold'"),
+    ({"projects": [{"id": "a", "model_rules": [{"models": ["gpt-4"]}]}]},
+     "organizations[1].projects[0].model_rules[0].models[0]: unknown model 'gpt-4'"),
+    ({"projects": [{"id": "a", "quotas": [{"rpm": 2, "models": ["gpt-5"]}]}]},
+     "organizations[1].projects[0].quotas[0].models[0]: unknown model 'gpt-5'"),
+    ({"projects": [{"id": "a"}, {"id": "a"}]},
+     "organizations[1].projects[1].id: duplicate project id 'a'"),
+    ({"projects": [{"id": "a", "clients": [{"id": "app", "keys": [{"id": "k9"}]}]}]},
+     "organizations[1].projects[0].clients[0].id: duplicate client id 'app'"),
+    ({"projects": [{"id": "a", "clients": [{"id": "c9", "keys": [{"id": "team-a"}]}]}]},
+     "organizations[1].projects[0].clients[0].keys[0].id: duplicate key id 'team-a'"),
+])
+def test_each_reference_alone_takes_its_organization_through_the_checks_across(
+        org: dict[str, Any], expected: str) -> None:
+    """An organization with nothing for the checks across the manifest skips them (a
+    reload's parse then goes over the few that have something); one reference of any kind,
+    alone in its organization, is enough to be checked."""
+    doc = yaml.safe_load(MINIMAL)
+    doc["organizations"].append({"id": "beta", **org})
+    found = problems(yaml.safe_dump(doc))
+    assert any(p.startswith(expected) for p in found), (expected, found)
+    doc["organizations"][1] = {"id": "beta", "projects": [{"id": "a"}, {"id": "b", "quotas": [
+        {"rpm": 2}]}]}
+    assert parse(doc).organizations[1].self_contained
+
+
 def test_a_reloads_child_imports_only_the_reading_of_the_text() -> None:
     """The child a reload starts (python -m tollway.manifest.reading) imports neither the
     model nor its compiler: they were most of its start, CPU the requests in flight share.

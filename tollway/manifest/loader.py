@@ -404,15 +404,33 @@ def _model_rules(n: Node) -> tuple[ModelRule, ...]:
 def _org(n: Node) -> Organization:
     n.check_keys({"id", "name", "status", "quotas", "metadata", "projects", "notes",
                   "model_rules"})
-    return Organization(
-        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
-        name=n.text("name", str(n.value.get("id") or "")),
-        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
-        quotas=_quotas(n),
-        metadata=n.mapping("metadata"),
-        projects=tuple(_project(p) for p in n.items("projects")),
-        model_rules=_model_rules(n),
-    )
+    # read in the document's order, so that its problems are listed in that order
+    org_id = n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'")
+    name = n.text("name", str(n.value.get("id") or ""))
+    status = n.enum("status", KeyStatus, KeyStatus.ACTIVE)
+    quotas = _quotas(n)
+    metadata = n.mapping("metadata")
+    projects = tuple(_project(p) for p in n.items("projects"))
+    model_rules = _model_rules(n)
+    return Organization(id=org_id, name=name, status=status, quotas=quotas, metadata=metadata,
+                        projects=projects, model_rules=model_rules,
+                        self_contained=_self_contained(quotas, projects, model_rules))
+
+
+def _self_contained(quotas: tuple[Quota, ...], projects: tuple[Project, ...],
+                    model_rules: tuple[ModelRule, ...]) -> bool:
+    """Whether an organization holds nothing that parse's checks across the manifest look
+    at (see there): a reload's parse skips such an organization in them, where they went over
+    all 10,000 projects of a manifest with the serving process's requests waiting for the GIL."""
+    if model_rules or any(q.models for q in quotas):
+        return False
+    ids: set[str] = set()
+    for p in projects:
+        if p.models or p.plan or p.clients or p.model_rules or p.id in ids \
+                or any(q.models for q in p.quotas):
+            return False
+        ids.add(p.id)
+    return True
 
 
 class Known(NamedTuple):
@@ -596,6 +614,8 @@ def _resolve_bindings(m: Manifest, errors: list[str], paths: dict[str, str]) -> 
     plans = {p.name: p for p in m.plans}
     out: dict[str, KeyBinding] = {}
     for org in m.organizations:
+        if org.self_contained:  # no client, so no key
+            continue
         for proj in org.projects:
             for client in proj.clients:
                 for key in client.keys:
@@ -714,6 +734,8 @@ def parse(doc: Any, source: str = "", *,
     # a path is made only where it is used: a reload runs these checks over every
     # organization, with the serving process's requests waiting for the GIL meanwhile
     for oi, org in enumerate(orgs):
+        if org.self_contained:
+            continue
         op = f"organizations[{oi}]"
         project_ids = [p.id for p in org.projects]
         if len(set(project_ids)) < len(project_ids):
@@ -775,6 +797,8 @@ def parse(doc: Any, source: str = "", *,
 def _check_model_rules(errors: list[str], orgs: list[Organization], catalogue: set[str]
                        ) -> None:
     for oi, org in enumerate(orgs):
+        if org.self_contained:
+            continue
         levels = [(f"organizations[{oi}]", org.model_rules)] if org.model_rules else []
         levels += [(f"organizations[{oi}].projects[{pi}]", p.model_rules)
                    for pi, p in enumerate(org.projects) if p.model_rules]
@@ -793,6 +817,8 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]
         if named(plan.quotas):
             yield f"plans[{i}]", plan.quotas
     for oi, org in enumerate(orgs):
+        if org.self_contained:
+            continue
         if named(org.quotas):
             yield f"organizations[{oi}]", org.quotas
         for pi, proj in enumerate(org.projects):

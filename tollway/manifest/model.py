@@ -211,6 +211,10 @@ class Organization:
     metadata: MappingProxyType[str, Any]
     projects: tuple[Project, ...]
     model_rules: tuple[ModelRule, ...] = ()
+    # nothing in it for the checks across the manifest (tollway.manifest.loader.parse): no
+    # model, plan, client or key, no model rule, no quota naming models, no project id twice.
+    # A reload takes most organizations unchanged and checks across only the others.
+    self_contained: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
