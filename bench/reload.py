@@ -9,8 +9,9 @@ project's rpm. Reported, from h2load's log of every request: p50/p99/max and non
 run without an edit, of the requests that were in flight while a reload was under way (from
 the edit's write to the services' log line saying it is in force; and of those, the ones in
 flight while it was worked on, from the log line saying the change was noticed), and of the
-edited run's other requests; and how long each reload took and how much of the manifest it
-compiled. A first reload, before both runs, puts the manifest in the bench's format in force.
+edited run's other requests; how long each reload took and how much of the manifest it
+compiled; and where the three slowest of the other requests fell (how long after a reload).
+A first reload, before both runs, puts the manifest in the bench's format in force.
 """
 
 from __future__ import annotations
@@ -133,6 +134,14 @@ def main() -> None:
     for (start, end, what), (began, _) in zip(windows, working, strict=True):
         print(f"an edit in force {end - start:.2f} s after it was written, "
               f"{end - began:.2f} s after it was noticed ({what})")
+    # where the slowest of the others fell: right after a reload (work it left behind) or
+    # away from any (something else on the machine)
+    for r in sorted(others, key=lambda r: -r.ms)[:3]:
+        since = [r.start - end for _, end, _ in windows if r.start >= end]
+        until = [start - r.start for start, _, _ in windows if start >= r.start]
+        print(f"a slowest other request, {r.ms:.1f} ms: "
+              + (f"{min(since):.2f} s after a reload ended" if since else "before any reload")
+              + (f", {min(until):.2f} s before the next edit" if until else ""))
     if len(windows) < len(edited):
         print(f"{len(edited) - len(windows)} edits never reported in force")
 
