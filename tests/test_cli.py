@@ -40,6 +40,27 @@ def test_the_manifest_may_come_from_the_environment_for_up_too(tmp_path: Path) -
     assert "--manifest" not in out.stderr.split("manifest refused")[0]
 
 
+def test_the_mock_provider_holds_the_last_requests_only() -> None:
+    """It runs for weeks under `tollway up` and in the single pod: what it keeps for
+    /_mock/seen and /_mock/bill is the last --keep requests, the oldest dropped first."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tollway.mock_provider import MockProvider
+
+    async def scenario() -> tuple[list[str | None], list[str]]:
+        async with TestClient(TestServer(MockProvider(keep=3).app())) as client:
+            for i in range(5):
+                r = await client.post("/v1/chat/completions", headers={"x-request-id": f"r{i}"},
+                                      json={"model": "mock-small", "messages": []})
+                assert r.status == 200
+            seen = await (await client.get("/_mock/seen")).json()
+            bill = await (await client.get("/_mock/bill")).json()
+        return [s["request_id"] for s in seen], list(bill)
+    assert asyncio.run(scenario()) == (["r2", "r3", "r4"], ["r2", "r3", "r4"])
+
+
 def test_mock_provider_takes_its_options_as_the_readme_shows() -> None:
     from tests.e2e.harness import free_port
 
