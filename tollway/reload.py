@@ -18,7 +18,8 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -49,6 +50,20 @@ def settle_heap() -> None:
     off while a manifest is parsed and compiled, and what survives is frozen (moved where
     collections do not look: reference counting still frees it when it is replaced)."""
     gc.freeze()
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a large, long-lived structure is built (a
+    manifest, the key mirror's first load), which settle_heap then freezes: each full
+    collection on the way would walk all of it again."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class Compiled(Generic[T]):
@@ -127,15 +142,15 @@ class ManifestWatcher:
             return False
         self._digest = digest
         log.info("manifest %s changed: reading it", self.path)  # the reload's start
-        collecting, interval = gc.isenabled(), sys.getswitchinterval()
-        gc.disable()  # see settle_heap
+        interval = sys.getswitchinterval()
         # this thread competes with the event loop for the GIL while it compiles: a waiting
         # loop takes the GIL after 0.5 ms instead of Python's default 5 ms
         sys.setswitchinterval(min(interval, 0.0005))
         try:
-            load = load_beside if self.serving else load_here
-            manifest = load(self.path, self.manifest.compiled_orgs, self.manifest.org_texts)
-            built = [s.build(manifest) for s in self._subscribers]
+            with collection_paused():
+                load = load_beside if self.serving else load_here
+                manifest = load(self.path, self.manifest.compiled_orgs, self.manifest.org_texts)
+                built = [s.build(manifest) for s in self._subscribers]
         except ManifestError as e:
             RELOADS.labels("rejected").inc()
             log.error("manifest refused, keeping the previous one in force: %s", e)
@@ -147,8 +162,6 @@ class ManifestWatcher:
             return False
         finally:
             sys.setswitchinterval(interval)
-            if collecting:
-                gc.enable()
         for s, value in zip(self._subscribers, built, strict=True):
             s.value = value
         kept = {id(o) for o in self.manifest.organizations}
