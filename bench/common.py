@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -25,6 +25,9 @@ from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
 from tollway.metadata import REQUEST  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.e2e.harness import Gateway
 
 
 def charged_quotas() -> list[dict[str, Any]]:
@@ -186,6 +189,26 @@ async def _bulk_postgres(dsn: str, secret_hash: bytes, client_docs: Any,
                          for kid, spec in keys])
     finally:
         await conn.close()
+
+
+def install_watched(path: Path, doc: dict[str, Any], gw: Gateway, applied: str) -> None:
+    """Write a file the gateway's Envoy watches (lds.yaml, cds.yaml) as `tollway render`
+    does, a rename its watch sees, and wait until Envoy's counter `applied` (e.g.
+    `listener_manager.lds.update_success`) says it took it."""
+    import yaml
+
+    from tests.e2e.harness import envoy_stat
+
+    admin_port = yaml.safe_load(gw.manifest_path.read_text())["gateway"]["admin_port"]
+    before = envoy_stat(admin_port, applied)
+    tmp = path.with_name(f".bench-{path.name}")
+    tmp.write_text(yaml.safe_dump(doc))
+    tmp.replace(path)
+    deadline = time.monotonic() + 10
+    while envoy_stat(admin_port, applied) == before:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"Envoy did not apply {path.name} within 10 s")
+        time.sleep(0.05)
 
 
 def bare_envoy(manifest: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:

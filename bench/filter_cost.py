@@ -28,71 +28,50 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import wrk_figures
+from common import install_watched, wrk_figures
 from procstat import cpu_seconds
 from wrk_script import CHAT_1KB, post_script
 
 from tests.e2e.harness import run_gateway
 
 
-def applied_listeners(admin: str) -> int:
-    with urllib.request.urlopen(f"{admin}/stats?filter=^listener_manager.lds.update_success$",
-                                timeout=2) as r:
-        return int(r.read().decode().rsplit(":", 1)[1])
-
-
-def install(lds: Path, doc: dict[str, Any], admin: str) -> None:
-    """Write the listener file as `tollway render` does (a rename Envoy's watch sees) and wait
-    until Envoy applied it; the draining old listener's connections close with wrk's warm-up."""
-    before = applied_listeners(admin)
-    tmp = lds.with_name(".bench-lds.yaml")
-    tmp.write_text(yaml.safe_dump(doc))
-    tmp.replace(lds)
-    deadline = time.monotonic() + 10
-    while applied_listeners(admin) == before:
-        if time.monotonic() > deadline:
-            raise SystemExit("Envoy did not apply the listener file within 10 s")
-        time.sleep(0.05)
+def http_managers(listeners: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Each HTTP connection manager's config in a listener file, to edit in place."""
+    for listener in listeners["resources"]:
+        for chain in listener["filter_chains"]:
+            for net in chain["filters"]:
+                yield net["typed_config"]
 
 
 def without(doc: dict[str, Any], filters: set[str]) -> dict[str, Any]:
     variant = copy.deepcopy(doc)
-    for listener in variant["resources"]:
-        for chain in listener["filter_chains"]:
-            for net in chain["filters"]:
-                hcm = net["typed_config"]
-                missing = filters - {f["name"] for f in hcm["http_filters"]}
-                if missing:
-                    raise SystemExit(f"no such HTTP filter in the listener: {sorted(missing)}")
-                hcm["http_filters"] = [f for f in hcm["http_filters"]
-                                       if f["name"] not in filters]
+    for hcm in http_managers(variant):
+        missing = filters - {f["name"] for f in hcm["http_filters"]}
+        if missing:
+            raise SystemExit(f"no such HTTP filter in the listener: {sorted(missing)}")
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in filters]
     return variant
 
 
 def lua_without(doc: dict[str, Any], function: str) -> dict[str, Any]:
     """The listener with the usage filter's `function` renamed, so Envoy never calls it."""
     variant = copy.deepcopy(doc)
-    found = False
-    for listener in variant["resources"]:
-        for chain in listener["filter_chains"]:
-            for net in chain["filters"]:
-                for f in net["typed_config"]["http_filters"]:
-                    if f["name"] == "envoy.filters.http.lua":
-                        source = f["typed_config"]["default_source_code"]
-                        code = source["inline_string"]
-                        if f"function {function}(" not in code:
-                            raise SystemExit(f"the usage filter has no {function}")
-                        source["inline_string"] = code.replace(
-                            f"function {function}(", f"local function unused_{function}(")
-                        found = True
-    if not found:
+    lua = [f for hcm in http_managers(variant) for f in hcm["http_filters"]
+           if f["name"] == "envoy.filters.http.lua"]
+    if not lua:
         raise SystemExit("no Lua filter in the listener")
+    for f in lua:
+        source = f["typed_config"]["default_source_code"]
+        code = source["inline_string"]
+        if f"function {function}(" not in code:
+            raise SystemExit(f"the usage filter has no {function}")
+        source["inline_string"] = code.replace(f"function {function}(",
+                                               f"local function unused_{function}(")
     return variant
 
 
@@ -111,9 +90,7 @@ def main() -> None:
     removed = set(args.without or ["envoy.filters.http.ratelimit"])
     tmp = Path(tempfile.mkdtemp())
     with run_gateway(tmp) as gw:
-        lds, bootstrap = tmp / "envoy" / "lds.yaml", tmp / "envoy" / "envoy.yaml"
-        port = yaml.safe_load(bootstrap.read_text())["admin"]["address"]["socket_address"]
-        admin = f"http://127.0.0.1:{port['port_value']}"
+        lds = tmp / "envoy" / "lds.yaml"
         rendered = yaml.safe_load(lds.read_text())
         if args.lua_without:
             variants = {"as rendered": rendered, f"Lua without {args.lua_without}":
@@ -130,7 +107,8 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, doc in variants.items():
-                install(lds, doc, admin)
+                # the draining old listener's connections close with wrk's warm-up
+                install_watched(lds, doc, gw, "listener_manager.lds.update_success")
                 subprocess.run([*wrk, "-d2s", url], capture_output=True)  # warm-up
                 before = {n: cpu_seconds(p) for n, p in pids.items()}
                 f = wrk_figures(subprocess.run([*wrk, f"-d{args.seconds}s", "--latency", url],

@@ -24,39 +24,17 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import wrk_figures
+from common import install_watched, wrk_figures
 from latency import h2load
 from noop_services import SERVICES, replace_services
 from procstat import cpu_seconds
 from wrk_script import CHAT_1KB, post_script
 
 from tests.e2e.harness import PROVIDER_KEY, run_gateway
-
-
-def applied_clusters(admin: str) -> int:
-    with urllib.request.urlopen(f"{admin}/stats?filter=^cluster_manager.cds.update_success$",
-                                timeout=2) as r:
-        return int(r.read().decode().rsplit(":", 1)[1])
-
-
-def install(cds: Path, doc: dict[str, Any], admin: str) -> None:
-    """Write the cluster file as `tollway render` does (a rename) and wait until Envoy
-    applied it."""
-    before = applied_clusters(admin)
-    tmp = cds.with_name(".bench-cds.yaml")
-    tmp.write_text(yaml.safe_dump(doc))
-    tmp.replace(cds)
-    deadline = time.monotonic() + 10
-    while applied_clusters(admin) == before:
-        if time.monotonic() > deadline:
-            raise SystemExit("Envoy did not apply the cluster file within 10 s")
-        time.sleep(0.05)
 
 
 def over_unix_sockets(doc: dict[str, Any], sockets: Path) -> dict[str, Any]:
@@ -87,9 +65,7 @@ def main() -> None:
     with run_gateway(tmp) as gw:
         noop = replace_services(gw, unix_dir=tmp)
         try:
-            cds, bootstrap = tmp / "envoy" / "cds.yaml", tmp / "envoy" / "envoy.yaml"
-            port = yaml.safe_load(bootstrap.read_text())["admin"]["address"]["socket_address"]
-            admin = f"http://127.0.0.1:{port['port_value']}"
+            cds = tmp / "envoy" / "cds.yaml"
             rendered = yaml.safe_load(cds.read_text())
             variants = {"TCP": rendered, "Unix sockets": over_unix_sockets(rendered, tmp)}
             headers = {"authorization": f"Bearer {PROVIDER_KEY}", "accept-encoding": "gzip"}
@@ -101,7 +77,7 @@ def main() -> None:
             results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
             for _ in range(args.rounds):
                 for name, doc in variants.items():
-                    install(cds, doc, admin)
+                    install_watched(cds, doc, gw, "cluster_manager.cds.update_success")
                     subprocess.run([*wrk, "-d2s", url], capture_output=True)  # warm-up
                     before = {n: cpu_seconds(p) for n, p in pids.items()}
                     full = wrk_figures(subprocess.run(
