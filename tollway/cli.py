@@ -565,11 +565,7 @@ def mock_provider_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--port", type=int, default=8081, help="port to listen on (default 8081)")
     ap.add_argument("--expected-key", default=None,
                     help="refuse requests that do not carry this provider key")
-    def at_least_one(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
-        return int(text)
-    ap.add_argument("--keep", type=at_least_one, default=10_000,
+    ap.add_argument("--keep", type=_positive, default=10_000,
                     help="requests held for /_mock/seen and /_mock/bill (default 10,000)")
 
 

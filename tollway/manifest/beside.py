@@ -39,7 +39,9 @@ def load_beside(path: str | Path, reuse: Mapping[str, Organization],
     `org_texts`, each organization's fingerprint by the digest of its text."""
     p = Path(path)
     out = subprocess.run([sys.executable, "-m", "tollway.manifest.reading", str(p)],
-                         input=json.dumps({"known": list(reuse), "texts": _held(reuse, texts)}),
+                         # only the texts of what the child may answer as known: less to send
+                         input=json.dumps({"known": list(reuse), "texts": {
+                             d: fp for d, fp in (texts or {}).items() if fp in reuse}}),
                          capture_output=True, text=True, timeout=TIMEOUT)
     if out.returncode != 0:
         raise ManifestError(str(p), [f"(file): the parser failed: {out.stderr[-500:]}"])
@@ -55,13 +57,7 @@ def load_here(path: str | Path, reuse: Mapping[str, Organization] = MappingProxy
     after a start included, reads only the ones an edit changed (read whole at the start,
     the first reload of 10,000 projects read them all again)."""
     p = Path(path)
-    return _manifest(read(str(p), set(reuse), _held(reuse, texts)), p, reuse)
-
-
-def _held(reuse: Mapping[str, Organization], texts: Mapping[str, str] | None
-          ) -> dict[str, str]:
-    """The texts of the organizations the manifest in force holds compiled."""
-    return {d: fp for d, fp in (texts or {}).items() if fp in reuse}
+    return _manifest(read(str(p), set(reuse), texts), p, reuse)
 
 
 def _manifest(answer: dict[str, Any], p: Path, reuse: Mapping[str, Organization]
@@ -80,5 +76,3 @@ def _manifest(answer: dict[str, Any], p: Path, reuse: Mapping[str, Organization]
         object.__setattr__(manifest, "org_texts", MappingProxyType(
             {o["text"]: o.get("known") or o["fingerprint"] for o in items}))
     return manifest
-
-

@@ -417,17 +417,22 @@ def _org(n: Node) -> Organization:
                         self_contained=_self_contained(quotas, projects, model_rules))
 
 
+def _name_models(quotas: tuple[Quota, ...]) -> bool:
+    """Whether any of the quotas names models, which the manifest's catalogue must know."""
+    return any(q.models for q in quotas)
+
+
 def _self_contained(quotas: tuple[Quota, ...], projects: tuple[Project, ...],
                     model_rules: tuple[ModelRule, ...]) -> bool:
     """Whether an organization holds nothing that parse's checks across the manifest look
     at (see there): a reload's parse skips such an organization in them, where they went over
     all 10,000 projects of a manifest with the serving process's requests waiting for the GIL."""
-    if model_rules or any(q.models for q in quotas):
+    if model_rules or _name_models(quotas):
         return False
     ids: set[str] = set()
     for p in projects:
         if p.models or p.plan or p.clients or p.model_rules or p.id in ids \
-                or any(q.models for q in p.quotas):
+                or _name_models(p.quotas):
             return False
         ids.add(p.id)
     return True
@@ -811,22 +816,20 @@ def _check_model_rules(errors: list[str], orgs: list[Organization], catalogue: s
 def _all_quotas(plans: list[Plan], orgs: list[Organization]
                 ) -> Iterator[tuple[str, tuple[Quota, ...]]]:
     """Every level's quotas that name models, with the level's path (made only for them)."""
-    def named(quotas: tuple[Quota, ...]) -> bool:
-        return any(q.models for q in quotas)
     for i, plan in enumerate(plans):
-        if named(plan.quotas):
+        if _name_models(plan.quotas):
             yield f"plans[{i}]", plan.quotas
     for oi, org in enumerate(orgs):
         if org.self_contained:
             continue
-        if named(org.quotas):
+        if _name_models(org.quotas):
             yield f"organizations[{oi}]", org.quotas
         for pi, proj in enumerate(org.projects):
-            if named(proj.quotas):
+            if _name_models(proj.quotas):
                 yield f"organizations[{oi}].projects[{pi}]", proj.quotas
             for ci, client in enumerate(proj.clients):
                 for ki, key in enumerate(client.keys):
-                    if named(key.quotas):
+                    if _name_models(key.quotas):
                         yield (f"organizations[{oi}].projects[{pi}].clients[{ci}].keys[{ki}]",
                                key.quotas)
 
