@@ -37,8 +37,8 @@ def runtime_and_mirror() -> tuple[Any, KeyMirror]:
               "k-expire": (KeyStatus.ACTIVE, NOW - timedelta(seconds=1)),
               "k-mini": (KeyStatus.ACTIVE, None)}
     for key_id, (status, expires) in states.items():
-        mirror._keys[key_id] = KeyRecord(key_id, hash_secret(PEPPER.encode(), "s"), status,
-                                         expires, None, None, NOW, NOW, 1)
+        mirror._put(KeyRecord(key_id, hash_secret(PEPPER.encode(), "s"), status,
+                              expires, None, None, NOW, NOW, 1))
     return rt, mirror
 
 

@@ -49,8 +49,8 @@ def service(store: MemorySpendStore, budget: str = "10") -> AuthorizationService
     m = parse(doc)
     mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand below
     now = datetime.now(UTC)
-    mirror._keys["k-main"] = KeyRecord("k-main", hash_secret(PEPPER, "s"), KeyStatus.ACTIVE,
-                                       None, None, None, now, now, 1)
+    mirror._put(KeyRecord("k-main", hash_secret(PEPPER, "s"), KeyStatus.ACTIVE,
+                          None, None, None, now, now, 1))
     mirror._fresh_at = time.monotonic() + 3600
     return AuthorizationService(Compiled(compile_runtime, m), mirror, store)
 
@@ -128,11 +128,13 @@ async def test_a_key_the_follower_brings_during_the_fetch_is_accepted() -> None:
     """The mirror's follower can load a newly issued key while a Check fetches it: the
     fetch then finds nothing newer, and the Check must still see the key."""
     svc = service(MemorySpendStore())
-    record = svc.mirror._keys.pop("k-main")
+    record = svc.mirror.get("k-main")
+    assert record is not None
+    del svc.mirror._keys["k-main"]
 
     class Store:
         async def get(self, key_id: str) -> KeyRecord:
-            svc.mirror._keys[key_id] = record  # the follower's refresh, mid-fetch
+            svc.mirror._put(record)  # the follower's refresh, mid-fetch
             return record
     svc.mirror.store = Store()  # type: ignore[assignment]
     r = await svc.Check(check("r1"), Context(0.4))

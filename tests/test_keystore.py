@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PG_DSN
+from tests.e2e.harness import offline_manifest
 from tollway.keys import (
     AuditQuery,
     KeyEvent,
@@ -18,12 +21,15 @@ from tollway.keys import (
     KeyNotFound,
     KeyRecord,
     KeyStore,
+    runtime,
     verify_secret,
 )
+from tollway.keys import mirror as mirror_module
 from tollway.keys.mirror import KeyMirror
 from tollway.keys.postgres import PostgresKeyStore
 from tollway.keys.sqlite import SqliteKeyStore
 from tollway.manifest import KeyStatus
+from tollway.manifest.loader import parse
 
 PEPPER = b"test-pepper-0123456789abcdef"
 
@@ -353,3 +359,32 @@ async def test_a_store_bigger_than_the_mirror_is_mirrored_in_part(store: KeyStor
     await mirror.refresh()  # three new keys: the mirror holds only them now
     assert mirror.get("nobody") is None
     assert await mirror.fetch("nobody") and mirror.get("nobody") is not None
+
+
+async def test_a_full_collection_walks_no_record_and_few_bindings(
+        store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror holds up to 100,000 keys: as objects the collector tracks, every full
+    collection walked them all (0.36 s). Its records are plain tuples the collector stops
+    tracking, only the bindings last used stay built, and a dropped one is rebuilt the same."""
+    monkeypatch.setattr(mirror_module, "BINDINGS_HELD", 2)
+    m = parse(offline_manifest())
+    org, project = m.organizations[0].id, m.organizations[0].projects[0].id
+    km = KeyManager(store, PEPPER)
+    await store.put_object(runtime.CLIENT, "rc", json.dumps(
+        {"org": org, "project": project, "client": {"id": "rc", "user": {"role": "dev"}}}),
+        KeyEvent("rc", "create", datetime.now(UTC), "test", "", kind="client"), create=True)
+    for i in range(4):
+        await km.issue(f"rk{i}", spec=json.dumps({"org": org, "project": project,
+                                                  "client": "rc", "key": {"id": f"rk{i}"}}))
+    mirror = KeyMirror(store)
+    await mirror.refresh()
+    first = [mirror.binding(m, f"rk{i}") for i in range(4)]
+    assert all(b is not None and b.client.user.role == "dev" for b in first)
+    assert list(mirror._bindings) == ["rk2", "rk3"]  # the two used last
+    gc.collect()
+    assert not any(gc.is_tracked(held) for held in mirror._keys.values())
+    assert mirror.binding(m, "rk3") is first[3]  # held: not rebuilt
+    again = mirror.binding(m, "rk0")  # dropped: rebuilt, equal
+    assert again is not first[0] and again == first[0]
+    record = mirror.get("rk0")
+    assert record is not None and record.status is KeyStatus.ACTIVE and record.spec

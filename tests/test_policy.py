@@ -120,7 +120,7 @@ async def test_explain_prints_the_decision_and_the_determining_policy() -> None:
     m = parse(doc({"prod": PRODUCTION}, tenant="production", is_agent=True))
     mirror = KeyMirror(None)  # type: ignore[arg-type]  # filled by hand: key k is issued
     now = datetime.now(UTC)
-    mirror._keys["k"] = KeyRecord("k", b"h", KeyStatus.ACTIVE, None, None, None, now, now, 1)
+    mirror._put(KeyRecord("k", b"h", KeyStatus.ACTIVE, None, None, None, now, now, 1))
     spend = MemorySpendStore()
     allowed = await explain(m, mirror, spend, "k", "gpt-4o-mini", ip="10.1.2.3")
     assert allowed.allowed and allowed.status == 200

@@ -2,8 +2,10 @@
 
 It holds the key records (up to `capacity` of them, the most recently used) and every runtime
 client, and answers `binding(manifest, key_id)`: the manifest's binding, else a runtime key's
-(tollway/keys/runtime.py), built once per change and cached. Every service that needs a key's
-binding (extauthz, ratelimit, costsink) shares the one mirror of its process.
+(tollway/keys/runtime.py), built once per change and kept for the keys used last. Every service
+that needs a key's binding (extauthz, ratelimit, costsink) shares the one mirror of its process.
+What it holds per key is invisible to Python's garbage collector (see _Held): a collection's
+pause must not grow with the number of keys.
 
 A store that fits (`complete`) is loaded whole: a key the mirror lacks does not exist, and a
 Check never touches the database. A bigger store (a million runtime keys) is mirrored in part:
@@ -22,7 +24,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import NamedTuple
+from datetime import datetime
+from typing import Final, NamedTuple
 
 from prometheus_client import Gauge
 
@@ -30,7 +33,7 @@ from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import DEFAULT_KEY_CACHE
 
 from . import runtime
-from .store import KeyRecord, KeyStore, StoredObject, StoreUnavailable
+from .store import STATUSES, KeyRecord, KeyStore, StoredObject, StoreUnavailable
 
 log = logging.getLogger("tollway.keys.mirror")
 
@@ -40,6 +43,28 @@ COMPLETE = Gauge("tollway_keystore_mirror_complete",
                  "1 when the mirror holds every key of the store (0: the most used ones)")
 
 FETCH_AGAIN = 1.0  # seconds before an id that the store did not have is asked for again
+# runtime keys whose binding stays built; another key's is rebuilt from its spec (about 26 us)
+# at its Check, then served from here to its rate limit and its cost. A binding is eight
+# objects the collector walks: 100,000 of them made each full collection 0.36 s.
+BINDINGS_HELD = 4096
+
+# A record as the mirror holds it: a plain tuple of strings, bytes, numbers and datetimes, the
+# status by its value. CPython's collector stops tracking such a tuple the first time it looks
+# at it, so the mirror's records cost a full collection nothing; a KeyRecord (a tuple subclass,
+# holding an enum) stays tracked for life and would be walked by every one of them.
+_Held = tuple[str, bytes, str, datetime | None, bytes | None, datetime | None, datetime,
+              datetime, int, str | None]
+_SEQ: Final = 8
+_SPEC: Final = 9
+
+
+def _held(r: KeyRecord) -> _Held:
+    return (r.key_id, r.secret_hash, r.status.value, r.expires_at, r.previous_hash,
+            r.previous_valid_until, r.created_at, r.updated_at, r.seq, r.spec)
+
+
+def _record(h: _Held) -> KeyRecord:
+    return KeyRecord(h[0], h[1], STATUSES[h[2]], *h[3:])
 
 
 class _Built(NamedTuple):
@@ -58,7 +83,7 @@ class KeyMirror:
         self.max_staleness = max_staleness
         self.capacity = capacity
         self.complete = True  # until the store holds more keys than the mirror may
-        self._keys: OrderedDict[str, KeyRecord] = OrderedDict()  # least recently used first
+        self._keys: OrderedDict[str, _Held] = OrderedDict()  # least recently used first
         self._seq = 0
         self._loaded = False
         self._objects: dict[tuple[str, str], StoredObject] = {}
@@ -67,20 +92,23 @@ class KeyMirror:
         # ids the store had nothing new for: the ids are public, and a caller presenting
         # unknown ids or wrong secrets must not turn Checks into queries
         self._missed: dict[str, tuple[float, bool]] = {}  # id → (when, the store had none)
-        # a runtime key's binding, rebuilt when the manifest, the key or its client changes
-        self._bindings: dict[str, _Built] = {}
+        # the runtime keys' bindings last used, rebuilt when the manifest, the key or its
+        # client changes; least recently used first
+        self._bindings: OrderedDict[str, _Built] = OrderedDict()
 
     def get(self, key_id: str) -> KeyRecord | None:
-        record = self._keys.get(key_id)
-        if record is not None and not self.complete:
+        held = self._keys.get(key_id)
+        if held is None:
+            return None
+        if not self.complete:
             self._keys.move_to_end(key_id)  # recently used: evicted last
-        return record
+        return _record(held)
 
     def _put(self, record: KeyRecord) -> None:
         known = self._keys.get(record.key_id)
-        if known is not None and known.seq >= record.seq:
+        if known is not None and known[_SEQ] >= record.seq:
             return
-        self._keys[record.key_id] = record
+        self._keys[record.key_id] = _held(record)
         self._keys.move_to_end(record.key_id)
         self._missed.pop(record.key_id, None)  # it exists now, whatever the store said before
         while len(self._keys) > self.capacity:
@@ -99,19 +127,24 @@ class KeyMirror:
         found = m.bindings.get(key_id)
         if found is not None:
             return found
-        record = self._keys.get(key_id)
-        if record is None or record.spec is None:
+        held = self._keys.get(key_id)
+        if held is None or held[_SPEC] is None:
             return None
+        spec, seq = held[_SPEC], held[_SEQ]
         cached = self._bindings.get(key_id)
-        fresh_key = cached is not None and cached.manifest is m and cached.key_seq == record.seq
+        fresh_key = cached is not None and cached.manifest is m and cached.key_seq == seq
         # the spec is JSON: read its client id once per key version, not once per Check
-        client_id = cached.client_id if cached and fresh_key else runtime.client_of(record.spec)
+        client_id = cached.client_id if cached and fresh_key else runtime.client_of(spec)
         client = self._objects.get((runtime.CLIENT, client_id))
         client_seq = client.seq if client else 0
         if cached and fresh_key and cached.client_seq == client_seq:
+            self._bindings.move_to_end(key_id)
             return cached.binding
-        built = runtime.binding(m, client.doc if client else None, record.spec)
-        self._bindings[key_id] = _Built(m, record.seq, client_id, client_seq, built)
+        built = runtime.binding(m, client.doc if client else None, spec)
+        self._bindings[key_id] = _Built(m, seq, client_id, client_seq, built)
+        self._bindings.move_to_end(key_id)
+        if len(self._bindings) > BINDINGS_HELD:
+            self._bindings.popitem(last=False)
         return built
 
     async def fetch(self, key_id: str) -> bool:
@@ -128,14 +161,16 @@ class KeyMirror:
         try:
             record = await self.store.get(key_id)
             known = self._keys.get(key_id)
-            if record is None or (known is not None and known.seq >= record.seq):
+            if record is None or (known is not None and known[_SEQ] >= record.seq):
                 self._miss(key_id, now, absent=record is None)
                 return False
             if record.spec is not None:  # a runtime key needs its client to have a binding
                 client = await self.store.get_object(runtime.CLIENT,
                                                      runtime.client_of(record.spec))
-                if client is not None:
-                    self._objects[(client.kind, client.id)] = client
+                if client is not None:  # an unchanged one stays as it was (frozen at start)
+                    known_client = self._objects.get((client.kind, client.id))
+                    if known_client is None or known_client.seq < client.seq:
+                        self._objects[(client.kind, client.id)] = client
         except StoreUnavailable:
             return False
         self._put(record)
