@@ -24,7 +24,7 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, parse
 from tollway.metadata import REQUEST
 from tollway.reload import Compiled
-from tollway.spend import MemorySpendStore
+from tollway.spend.memory import MemorySpendStore
 
 PEPPER = b"p" * 32
 
@@ -70,8 +70,7 @@ def check(rid: str) -> external_auth_pb2.CheckRequest:
 def held(store: MemorySpendStore) -> int:
     """What the project's daily budget holds for requests in flight."""
     day = period_labels(datetime.now(UTC), "UTC")["day"]
-    cell = store._cells.get(f"acme:project:team-ai:day:{day}")
-    return cell.held(int(time.time() * 1000)) if cell else 0
+    return store._held(f"acme:project:team-ai:day:{day}", int(time.time() * 1000))
 
 
 async def test_an_allowed_check_holds_its_maximum_cost() -> None:

@@ -108,7 +108,7 @@ async def test_spend_is_rebuilt_from_the_ledger(ledger: Ledger) -> None:
     from costsink.spend import SpendRecorder
     from tollway.budgets import SpendCounter, to_units
     from tollway.manifest import loads
-    from tollway.spend import MemorySpendStore
+    from tollway.spend.memory import MemorySpendStore
 
     m = loads("""
 providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,

@@ -19,7 +19,7 @@ from tollway.keys import KeyRecord
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, ManifestError, parse
 from tollway.policy import CompiledPolicies, request_context, schema_text
-from tollway.spend import MemorySpendStore
+from tollway.spend.memory import MemorySpendStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ from costsink.spool import Spool
 from tollway.budgets import Budget, SpendCounter, period_labels, to_units
 from tollway.manifest import loads
 from tollway.reload import Compiled
-from tollway.spend import MemorySpendStore, SpendUnavailable
+from tollway.spend import SpendUnavailable
+from tollway.spend.memory import MemorySpendStore
 
 MANIFEST = loads("""
 providers: [{name: openai, dialect: openai, upstream: {host: x}, credential: env:X,

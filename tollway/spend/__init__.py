@@ -12,9 +12,7 @@ docs/architecture.md#budgets for what can still break that.
 from __future__ import annotations
 
 import abc
-import heapq
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tollway.budgets import Budget, SpendCounter
 from tollway.redis_client import counter_store_url
@@ -141,141 +139,11 @@ class SpendStore(abc.ABC):
         """The claimed rebuild failed: the next claim must succeed again."""
 
 
-@dataclass
-class _Cell:
-    """One counter: spent, and the holds of requests in flight with their running total and a
-    heap of expiries, so a check costs O(log n) however many requests are in flight."""
-
-    spent: int = 0
-    holds: dict[str, tuple[int, int]] = field(default_factory=dict)  # request → amount, expiry
-    held_total: int = 0
-    expiries: list[tuple[int, str]] = field(default_factory=list)
-    alerts: set[str] = field(default_factory=set)
-    expires_ms: int = 0
-
-    def held(self, now_ms: int) -> int:
-        while self.expiries and self.expiries[0][0] <= now_ms:
-            exp, rid = heapq.heappop(self.expiries)
-            hold = self.holds.get(rid)
-            if hold is not None and hold[1] == exp:
-                self.release(rid)
-        return self.held_total
-
-    def add_hold(self, rid: str, amount: int, expires_ms: int) -> None:
-        self.release(rid)
-        self.holds[rid] = (amount, expires_ms)
-        self.held_total += amount
-        heapq.heappush(self.expiries, (expires_ms, rid))
-        if len(self.expiries) > 2 * len(self.holds) + 64:  # drop entries of released holds
-            self.expiries = [(exp, r) for r, (_, exp) in self.holds.items()]
-            heapq.heapify(self.expiries)
-
-    def release(self, rid: str) -> None:
-        hold = self.holds.pop(rid, None)
-        if hold is not None:
-            self.held_total -= hold[0]
-
-
-class MemorySpendStore(SpendStore):
-    """For a single node: extauthz and costsink share it in one process. No await inside a
-    step, so every step is atomic on the event loop."""
-
-    shared_in_process = True
-
-    def __init__(self) -> None:
-        self._cells: dict[str, _Cell] = {}
-        self._index: dict[str, tuple[str, list[SpendCounter], int]] = {}  # rid → tag, counters
-        self._orphaned: dict[str, int] = {}  # rid → until when a hold for it is not placed
-        self._ops = 0
-        self._rebuilt = False
-
-    def _cell(self, tag: str, c: SpendCounter, now_ms: int) -> _Cell:
-        cell = self._cells.setdefault(f"{tag}:{c.key}", _Cell())
-        cell.expires_ms = now_ms + c.ttl_seconds * 1000
-        return cell
-
-    def _sweep(self, now_ms: int) -> None:
-        self._ops += 1
-        if self._ops % 1000 == 0:
-            for k in [k for k, c in self._cells.items() if c.expires_ms <= now_ms]:
-                del self._cells[k]
-            for rid in [r for r, (_, _, exp) in self._index.items() if exp <= now_ms]:
-                del self._index[rid]
-            for rid in [r for r, until in self._orphaned.items() if until <= now_ms]:
-                del self._orphaned[rid]
-
-    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
-                   ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
-        now = now_ms if now_ms is not None else int(time.time() * 1000)
-        self._sweep(now)
-        cells = {b.counter.key: self._cell(tag, b.counter, now) for b in budgets}
-        outcome = hold_states(budgets, {k: (c.spent, c.held(now)) for k, c in cells.items()},
-                              amount)
-        held_on = list(dict.fromkeys(b.counter for b in budgets if b.enforce))
-        if self._orphaned.get(request_id, 0) > now:  # Envoy answered without this Check
-            return outcome
-        if outcome.allowed and held_on:
-            for c in held_on:
-                cells[c.key].add_hold(request_id, amount, now + ttl_ms)
-            self._index[request_id] = (tag, held_on, now + ttl_ms)
-        return outcome
-
-    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
-                     amount: int, now_ms: int | None = None) -> list[int]:
-        now = now_ms if now_ms is not None else int(time.time() * 1000)
-        self._index.pop(request_id, None)
-        out = []
-        for c in counters:
-            cell = self._cell(tag, c, now)
-            cell.release(request_id)
-            cell.spent += amount
-            out.append(cell.spent)
-        return out
-
-    async def release_orphans(self, request_ids: list[str]) -> int:
-        found = 0
-        now = int(time.time() * 1000)
-        for rid in request_ids:
-            self._sweep(now)  # marks expire even where no budget ever places a hold
-            self._orphaned[rid] = now + ORPHAN_MARK_MS
-            entry = self._index.pop(rid, None)
-            if entry is not None:
-                await self.commit(entry[0], rid, entry[1], 0)
-                found += 1
-        return found
-
-    async def read(self, tag: str, counters: list[SpendCounter],
-                   now_ms: int | None = None) -> list[tuple[int, int]]:
-        now = now_ms if now_ms is not None else int(time.time() * 1000)
-        out = []
-        for c in counters:
-            cell = self._cells.get(f"{tag}:{c.key}")
-            out.append((cell.spent, cell.held(now)) if cell else (0, 0))
-        return out
-
-    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
-        cell = self._cell(tag, counter, int(time.time() * 1000))
-        if mark in cell.alerts:
-            return False
-        cell.alerts.add(mark)
-        return True
-
-    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
-        now = int(time.time() * 1000)
-        for c, spent in values:
-            self._cell(tag, c, now).spent = spent
-
-    async def claim_rebuild(self) -> bool:
-        claimed, self._rebuilt = not self._rebuilt, True
-        return claimed
-
-    async def unclaim_rebuild(self) -> None:
-        self._rebuilt = False
-
-
 def open_spend_store(spec: str) -> SpendStore:
     url = counter_store_url(spec)
     if url is None:
+        from .memory import MemorySpendStore
+
         return MemorySpendStore()
     from .redis_store import RedisSpendStore
 
