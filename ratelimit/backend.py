@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from tollway.expiring import Expiring
 from tollway.quotas import Rule
 
 BUCKETS = 60
@@ -123,10 +124,13 @@ class CounterBackend(abc.ABC):
 
 
 class MemoryBackend(CounterBackend):
-    """For a single node. No await inside a step, so each step is atomic on the event loop."""
+    """For a single node. No await inside a step, so each step is atomic on the event loop.
+    A counter goes once its window has passed since its last charge (tollway/expiring.py):
+    with a stream of new keys, counters nobody charges again must not pile up for good."""
 
     def __init__(self) -> None:
-        self._counters: dict[str, dict[int, int]] = {}
+        self._counters: dict[str, dict[int, int]] = {}  # plain: the collector tracks none
+        self._idle = Expiring()  # each counter, by when its last bucket leaves its window
 
     @staticmethod
     def _key(tag: str, rule: Rule) -> str:
@@ -135,16 +139,20 @@ class MemoryBackend(CounterBackend):
     async def charge(self, tag: str, rules: list[Rule], costs: list[int],
                      now_ms: int | None = None) -> Outcome:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        for idle in self._idle.due(now_ms):
+            del self._counters[idle]
         states = [evaluate(r, self._counters.get(self._key(tag, r), {}), now_ms, c)
                   for r, c in zip(rules, costs, strict=True)]
         allowed = not any(s.over and s.rule.enforce for s in states)
         if allowed:
             for r, c in zip(rules, costs, strict=True):
-                buckets = self._counters.setdefault(self._key(tag, r), {})
-                b = now_ms // bucket_width_ms(r.period)
+                key, w = self._key(tag, r), bucket_width_ms(r.period)
+                buckets = self._counters.setdefault(key, {})
+                b = now_ms // w
                 buckets[b] = buckets.get(b, 0) + c
                 for old in [i for i in buckets if i < b - BUCKETS]:
                     del buckets[old]  # nothing grows without bound
+                self._idle.set(key, (b + BUCKETS + 1) * w)
         return Outcome(allowed=allowed, states=states, costs=costs)
 
     async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
@@ -155,5 +163,8 @@ class MemoryBackend(CounterBackend):
             b = charged_at_ms // w
             if b < now_ms // w - BUCKETS:
                 continue
-            buckets = self._counters.setdefault(self._key(tag, r), {})
+            key = self._key(tag, r)
+            buckets = self._counters.setdefault(key, {})
             buckets[b] = buckets.get(b, 0) + delta
+            if (self._idle.get(key) or 0) < (b + BUCKETS + 1) * w:  # gone since its charge
+                self._idle.set(key, (b + BUCKETS + 1) * w)

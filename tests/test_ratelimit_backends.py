@@ -20,6 +20,7 @@ from ratelimit.backend import (
 )
 from ratelimit.redis_backend import RedisBackend
 from tests.conftest import REDIS_URL, require_redis
+from tollway.expiring import MINUTE_MS, SWEEP_BATCH
 from tollway.quotas import Rule
 
 T0 = 1_800_000_000_000  # a fixed "now" in ms, aligned to every bucket width used here
@@ -189,6 +190,23 @@ async def test_redis_keys_are_hash_tagged_and_expire() -> None:
         await b.client.delete(*keys)
     finally:
         await b.close()
+
+
+async def test_memory_counters_go_once_their_window_has_passed() -> None:
+    """As Redis lets its keys expire: a stream of keys each charged once must not leave a
+    counter behind for good, and a counter charged again stays."""
+    b = MemoryBackend()
+    for i in range(1_000):
+        await b.charge(f"k{i}", [rule(5)], [1], T0 + i)
+    await b.charge("steady", [rule(5, period=3600)], [1], T0)
+    assert len(b._counters) == 1_001
+    later = T0 + 62 * 1000 + MINUTE_MS  # the minute window has passed, and its minute
+    for _ in range(1_000 // SWEEP_BATCH + 1):
+        assert (await b.charge("other", [rule(10**6)], [1], later)).allowed
+    assert sorted(b._counters) == [f"other:{rule(5).counter}:60",
+                                   f"steady:{rule(5, period=3600).counter}:3600"]
+    assert (await b.charge("steady", [rule(5, period=3600)], [4], later)).allowed
+    assert not (await b.charge("steady", [rule(5, period=3600)], [1], later)).allowed
 
 
 async def test_unreachable_redis_fails_fast() -> None:
