@@ -13,18 +13,17 @@ good one stays in force.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge
 
+from tollway.heap import collection_paused, settle_heap
 from tollway.manifest import Manifest, ManifestError
 from tollway.manifest.beside import load_beside, load_here
 from tollway.refs import state_dir
@@ -41,29 +40,6 @@ def secret_files(m: Manifest) -> list[Path]:
     """The files behind the manifest's `file:` references that services read at compile."""
     refs = [p.credential for p in m.providers] + [m.storage.pepper]
     return [state_dir() / ref[5:] for ref in refs if ref.startswith("file:")]
-
-
-def settle_heap() -> None:
-    """Keep the cyclic garbage collector off what a manifest built. 10,000 projects are a
-    million objects: building them set off full collections, each a pause of every request
-    of up to 200 ms while the GIL was held (a reload had a p99 of 90 ms). So collection is
-    off while a manifest is parsed and compiled, and what survives is frozen (moved where
-    collections do not look: reference counting still frees it when it is replaced)."""
-    gc.freeze()
-
-
-@contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a large, long-lived structure is built (a
-    manifest, the key mirror's first load), which settle_heap then freezes: each full
-    collection on the way would walk all of it again."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 class Compiled(Generic[T]):

@@ -23,10 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from tollway.heap import collection_paused, measure_pauses, settle_heap
 from tollway.keys import StoreUnavailable, open_key_store
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
-from tollway.reload import ManifestWatcher, collection_paused, settle_heap
+from tollway.reload import ManifestWatcher
 from tollway.spend import SpendStore, open_spend_store
 from tollway.tls import server_credentials, target
 
@@ -198,6 +199,7 @@ async def serve(manifest_path: Path, names: list[str], *, metrics: bool = True,
         host, port = metrics_address or (ctx.manifest.services.metrics_host,
                                          ctx.manifest.services.metrics_port)
         start_http_server(port, addr=host)
+        measure_pauses()
     ctx.tasks.append(asyncio.create_task(watcher.run(), name="manifest-watcher"))
     log.info("serving %s on %s", ", ".join(names), ", ".join(by_address))
 

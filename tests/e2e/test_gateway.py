@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -345,3 +346,6 @@ def test_wrong_secrets_are_throttled_without_locking_the_holder_out(gw: Gateway)
     metrics_port = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     assert 'tollway_extauthz_wrong_secrets_total{result="throttled"} 20.0' in text
+    collections = re.search(r'^tollway_gc_pause_seconds_count\{generation="0"\} ([0-9.]+)$',
+                            text, re.M)
+    assert collections and float(collections.group(1)) > 0  # each one measured
