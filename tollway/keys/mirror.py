@@ -44,9 +44,10 @@ COMPLETE = Gauge("tollway_keystore_mirror_complete",
 
 FETCH_AGAIN = 1.0  # seconds before an id that the store did not have is asked for again
 # runtime keys whose binding stays built; another key's is rebuilt from its spec (about 26 us)
-# at its Check, then served from here to its rate limit and its cost. A binding is eight
-# objects the collector walks: 100,000 of them made each full collection 0.36 s.
-BINDINGS_HELD = 4096
+# at its Check, then served from here to its rate limit and its cost. A binding is five objects
+# the collector walks, about 1 us each while serving: 100,000 of them made each full
+# collection 0.36 s, 4,096 of them 29 ms, 1,024 a few ms.
+BINDINGS_HELD = 1024
 
 # A record as the mirror holds it: a plain tuple of strings, bytes, numbers and datetimes, the
 # status by its value. CPython's collector stops tracking such a tuple the first time it looks

@@ -67,6 +67,11 @@ DEFAULT_ACTIONS = {
 T = TypeVar("T")
 
 
+# every absent or empty `metadata` (most of them): one shared view, not one object each that
+# the garbage collector walks for every runtime key's binding
+NO_ENTRIES: MappingProxyType[str, Any] = MappingProxyType({})
+
+
 class Node:
     """A mapping in the YAML document, with its path, that reports what it reads wrong. A
     10,000-project manifest makes 70,000 of them: slots, and no dataclass machinery."""
@@ -170,11 +175,13 @@ class Node:
 
     def mapping(self, name: str) -> MappingProxyType[str, Any]:
         v = self.value.get(name)
-        if v is None:
-            return MappingProxyType({})
+        if not v:
+            if v is not None and not isinstance(v, dict):
+                self.fail(name, "must be a mapping")
+            return NO_ENTRIES
         if not isinstance(v, dict):
             self.fail(name, "must be a mapping")
-            return MappingProxyType({})
+            return NO_ENTRIES
         return MappingProxyType(dict(v))
 
     def child(self, name: str, *, required: bool = False) -> Node:
