@@ -37,8 +37,9 @@ STATUSES = {s.value: s for s in KeyStatus}
 
 
 class KeyRecord(NamedTuple):
-    """A tuple: a mirror holds up to storage.key_cache of them, and a start reads that many at
-    once (100,000 took a second as a frozen dataclass on a slow machine)."""
+    """A tuple: a start reads storage.key_cache of them at once (100,000 took a second as a
+    frozen dataclass on a slow machine). The mirror keeps each as a plain tuple instead
+    (tollway/keys/mirror.py: the garbage collector walks a KeyRecord, not a plain tuple)."""
 
     key_id: str
     secret_hash: bytes
