@@ -1,8 +1,8 @@
 """What the benchmarks share: percentiles, a closed-loop gRPC load, a no-op server runner, an
 extauthz Check request and its load, runtime keys written in bulk, a bare Envoy, wrk's
-figures (a process's CPU and RSS: procstat.py). Run the benchmarks from the repository root
-(`python bench/X.py`): the gateway's subprocesses must import the packages, not these scripts
-of the same names."""
+figures, the serving process's garbage collections (a process's CPU and RSS: procstat.py).
+Run the benchmarks from the repository root (`python bench/X.py`): the gateway's subprocesses
+must import the packages, not these scripts of the same names."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+import httpx  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
@@ -259,3 +260,22 @@ def wrk_figures(out: str) -> dict[str, float]:
     return {"rps": float(rps.group(1)), "p50": ms_of("50%"), "p99": ms_of("99%"),
             "max": ms_of(r"Latency\s+\S+\s+\S+"), "requests": number(r"(\d+) requests in"),
             "non_2xx": number(r"Non-2xx or 3xx responses: (\d+)")}
+
+
+LONG_MS = 10  # a garbage collection this long shows in p99s
+
+
+def collections(metrics_port: int) -> dict[str, float]:
+    """The serving process's full garbage collections so far (tollway_gc_pause_seconds of
+    generation 2): how many, their total seconds and how many took LONG_MS or more."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+
+    def value(name: str, labels: str) -> float:
+        m = re.search(rf"^tollway_gc_pause_seconds_{name}\{{{labels}\}} ([0-9.e+]+)$", text,
+                      re.M)
+        assert m, f"no tollway_gc_pause_seconds_{name}{{{labels}}} in the services' metrics"
+        return float(m.group(1))
+    full = 'generation="2"'
+    count = value("count", full)
+    under = value("bucket", f'generation="2",le="{LONG_MS / 1000}"')
+    return {"full": count, "seconds": value("sum", full), "long": count - under}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,27 +27,10 @@ from typing import Any
 
 import httpx
 import yaml
-from common import bulk_keys, wrk_figures
+from common import LONG_MS, bulk_keys, collections, wrk_figures
 from wrk_script import CHAT_1KB
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
-
-LONG_MS = 10  # a collection this long shows in p99s
-
-
-def collections(metrics_port: int) -> dict[str, float]:
-    """Generation 2's count, total seconds and how many took LONG_MS or more, so far."""
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-
-    def value(name: str, labels: str) -> float:
-        m = re.search(rf"^tollway_gc_pause_seconds_{name}\{{{labels}\}} ([0-9.e+]+)$", text,
-                      re.M)
-        assert m, f"no tollway_gc_pause_seconds_{name}{{{labels}}} in the services' metrics"
-        return float(m.group(1))
-    full = 'generation="2"'
-    count = value("count", full)
-    under = value("bucket", f'generation="2",le="{LONG_MS / 1000}"')
-    return {"full": count, "seconds": value("sum", full), "long": count - under}
 
 
 def script(path: Path, first_key: int | None) -> Path:

@@ -37,7 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
+from common import (
+    LONG_MS,
+    bulk_keys,
+    check_load,
+    check_request,
+    closed_loop,
+    collections,
+    ms,
+    pct,
+)
 from procstat import cpu_seconds, rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
@@ -204,13 +213,17 @@ def run(args: argparse.Namespace, keys_dsn: str | None) -> None:
         wait_until(lambda: passes(extauthz, last), "a runtime key", 120)
         start_s = time.perf_counter() - started
         rss_start = rss_mb(gw.named["services"].pid)
+        metrics_port = base["services"]["metrics_port"]
+        gcs = [collections(metrics_port)]
         hot_rate, hot_lat, hot_cpu = cpu_per_check(gw.named["services"].pid, lambda: asyncio.run(
             check_load(extauthz, check_request("bk5.s", "route0"), args.seconds,
                        args.concurrency)))
+        gcs.append(collections(metrics_port))
         never = [f"bk{i}" for i in random.Random(7).sample(range(args.keys // 2),
                                                            args.keys // 2)]
         cold_rate, cold_lat = asyncio.run(cold_checks(extauthz, never, args.seconds,
                                                       args.concurrency))
+        gcs.append(collections(metrics_port))
         rss_after = rss_mb(gw.named["services"].pid)
 
         print(f"\n## extauthz Check ({args.concurrency} concurrent, {args.seconds:.0f} s each)")
@@ -224,6 +237,10 @@ def run(args: argparse.Namespace, keys_dsn: str | None) -> None:
         print(f"| same, a new key each Check (store read) | {cold_rate:,.0f} | "
               f"{ms(pct(cold_lat, 50))} | {ms(pct(cold_lat, 99))} | | "
               f"{rss_after:.0f} MB after |")
+        for phase, (a, b) in (("one key", gcs[:2]), ("a new key each Check", gcs[1:])):
+            print(f"{phase}: {b['full'] - a['full']:.0f} full garbage collections, "
+                  f"{(b['seconds'] - a['seconds']) * 1000:.0f} ms in all, "
+                  f"{b['long'] - a['long']:.0f} of {LONG_MS} ms or more")
         print(f"\none key: {hot_rate / base_rate:.2f}x the baseline's calls/s, p50 "
               f"{pct(hot_lat, 50) / pct(base_lat, 50):.2f}x, the services' CPU per Check "
               f"{hot_cpu / base_cpu:.2f}x; start ({args.format}) until the "
