@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -114,6 +115,22 @@ def test_a_forbid_wins_and_is_named_only_to_the_operator() -> None:
                        daily=Decimal("49.99999999")).allowed
     assert not cp.evaluate(b, b.status, "completion", "gpt-4o", ctx,
                            daily=Decimal("50")).allowed
+
+
+def test_a_cached_decision_is_the_one_cedar_gave_and_nothing_a_collection_walks() -> None:
+    m = parse(doc({"tenant1": MULTI_TENANT}))
+    cp = CompiledPolicies(m)
+    b = m.bindings["k"]
+    day = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    ctx = request_context("gpt-4o", "10.0.0.1", day, False, "/v1/chat/completions")
+    first = [cp.evaluate(b, b.status, "completion", "gpt-4o", ctx, daily=Decimal(d))
+             for d in ("1", "50")]
+    again = [cp.evaluate(b, b.status, "completion", "gpt-4o", ctx, daily=Decimal(d))
+             for d in ("1", "50")]
+    assert again == first and [d.allowed for d in again] == [True, False]
+    gc.collect()
+    gc.collect()  # a tuple goes untracked once the tuples it holds have
+    assert len(cp._cache) == 2 and not any(gc.is_tracked(v) for v in cp._cache.values())
 
 
 async def test_explain_prints_the_decision_and_the_determining_policy() -> None:

@@ -163,7 +163,11 @@ class CompiledPolicies:
                                                 "parents": []})
                         for provider in m.providers for model in provider.models}
         self._meta_types, _ = metadata_types(m)
-        self._cache: OrderedDict[str, PolicyDecision] = OrderedDict()
+        # each decision as a plain tuple, which the garbage collector stops tracking: with a
+        # stream of new keys the cache fills, and 10,000 objects would add to every full
+        # collection's walk
+        self._cache: OrderedDict[str, tuple[bool, str, tuple[str, ...], tuple[str, ...]]] = \
+            OrderedDict()
 
     @staticmethod
     def chain(b: KeyBinding) -> str:
@@ -199,7 +203,7 @@ class CompiledPolicies:
         hit = self._cache.get(cache_key)
         if hit is not None:
             self._cache.move_to_end(cache_key)
-            return hit
+            return PolicyDecision(*hit)
         # a runtime key (admin API) is not in the manifest's table: its chain is built here
         chain = self._chain.get(b.key.id) if b.key.id in self.manifest.bindings else None
         parts = [chain or self.chain(b), key_json] + (
@@ -209,7 +213,8 @@ class CompiledPolicies:
                    "action": f'Action::{json.dumps(action)}',
                    "resource": f'Model::{json.dumps(model)}', "context": context_json}
         decision = self._decide(cedarpy.is_authorized(request, self.policy_set, entities))
-        self._cache[cache_key] = decision
+        self._cache[cache_key] = (decision.allowed, decision.rule_class, decision.determining,
+                                  decision.errors)
         if len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return decision
