@@ -150,6 +150,31 @@ def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) ->
     assert load_beside(merged, {}).providers == load(plain).providers
 
 
+def test_reloads_read_in_one_warm_reader_started_again_if_it_ended(tmp_path: Path) -> None:
+    """Each reload's read is a child forked from one reader the process keeps: a reload no
+    longer pays a Python start. A reader that ended (killed, say) is started again by the
+    next reload; a read that fails is answered as failed (load_beside refuses the manifest)
+    and the reader goes on."""
+    from tests.e2e.harness import offline_manifest
+    from tollway.manifest import beside
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(offline_manifest()))
+    reader = beside._Reader()
+    held = {"known": [], "texts": {}}
+    first = reader.read(str(path), held)
+    proc = reader._proc
+    assert proc is not None and reader.read(str(path), held) == first
+    assert reader._proc is proc  # the same reader: no new Python started
+    proc.kill()
+    proc.wait()
+    assert reader.read(str(path), held) == first and reader._proc is not proc
+    assert "problems" in reader.read(str(tmp_path / "missing.yaml"), held)
+    failed = reader.read(str(path), {"known": None, "texts": {}})  # the child raises
+    assert "TypeError" in failed["failed"] and reader.read(str(path), held) == first
+    reader._stop()
+
+
 @pytest.mark.parametrize(("org", "expected"), [
     ({"quotas": [{"rpm": 5, "models": ["gpt-1"]}], "projects": [{"id": "a"}]},
      "organizations[1].quotas[0].models[0]: unknown model 'gpt-1'"),

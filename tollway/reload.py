@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from tollway.heap import collection_paused, settle_heap
 from tollway.manifest import Manifest, ManifestError
-from tollway.manifest.beside import load_beside, load_here
+from tollway.manifest.beside import load_beside, load_here, prepare_reader
 from tollway.refs import state_dir
 
 log = logging.getLogger("tollway.reload")
@@ -153,6 +153,8 @@ class ManifestWatcher:
         return True
 
     async def run(self) -> None:
+        if self.serving:
+            await asyncio.to_thread(prepare_reader)
         while True:
             await asyncio.sleep(self.interval)
             # hashing a small file is cheap, but keep file I/O off the event loop all the same
