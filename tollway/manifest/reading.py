@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,7 +130,9 @@ def serve() -> None:
     "known", "texts"}), each answered by one line on stdout, from a child forked from this
     process. This one stays small and warm: a reload pays a fork (about a millisecond of CPU)
     instead of a Python start and its imports (60-90 ms, on the cores the requests in flight
-    need), and what a read allocates leaves with its child. It ends with its stdin."""
+    need), and what a read allocates leaves with its child. It ends with its stdin, not on
+    a terminal's Ctrl-C (sent to the whole process group): its parent closes it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
