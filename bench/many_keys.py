@@ -1,8 +1,9 @@
 """A stream of keys never seen before, through the whole gateway, against one key used alone.
 
-    python bench/many_keys.py [--keys 200000] [--seconds 15] [--connections 8]
+    python bench/many_keys.py [--keys 200000] [--seconds 15] [--connections 8] [--redis]
 
-The gateway of the tests with memory counters and a monthly budget on its project, and --keys
+The gateway of the tests with memory counters (`--redis`: in a Redis of the run's own) and a
+monthly budget on its project, and --keys
 runtime keys (each with its own rpm) written into its key store, the services restarted to
 mirror them. Then the same wrk load twice:
 
@@ -30,7 +31,7 @@ import yaml
 from common import LONG_MS, bulk_keys, collections, wrk_figures
 from wrk_script import CHAT_1KB
 
-from tests.e2e.harness import run_gateway, tcp_open, wait_until
+from tests.e2e.harness import PrivateRedis, run_gateway, tcp_open, wait_until
 
 
 def script(path: Path, first_key: int | None) -> Path:
@@ -61,15 +62,38 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=200_000)
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--redis", action="store_true")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        redis = PrivateRedis(tmp) if args.redis else None
+        if redis:
+            redis.start()
+        try:
+            results = measure(args, tmp, redis)
+        finally:
+            if redis:
+                redis.kill()
+    print(f"{args.keys:,} runtime keys, wrk -t1 -c{args.connections} {args.seconds} s, "
+          f"{'Redis' if args.redis else 'memory'} counters, a project budget")
+    print("| keys | rps | p50 | p99 | max | non-2xx | full collections | their total | "
+          f"≥ {LONG_MS} ms |\n|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
+              f"{r['max']:.1f} ms | {r['non_2xx']:.0f} | {r['full']:.0f} | "
+              f"{r['seconds'] * 1000:.0f} ms | {r['long']:.0f} |")
 
+
+def measure(args: argparse.Namespace, tmp: Path, redis: PrivateRedis | None
+            ) -> dict[str, dict[str, float]]:
     def budget(doc: dict[str, Any]) -> None:
         doc["organizations"][0]["projects"][0]["quotas"] = [
             {"name": "budget", "spend_per_month": 10**6}]
+        if redis:
+            doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
 
-    with tempfile.TemporaryDirectory() as tmpdir, run_gateway(Path(tmpdir),
-                                                              mutate=budget) as gw:
-        state = Path(tmpdir) / "state"
+    with run_gateway(tmp, mutate=budget) as gw:
+        state = tmp / "state"
         metrics_port = yaml.safe_load(gw.manifest_path.read_text())["services"]["metrics_port"]
         extauthz = int(yaml.safe_load(gw.manifest_path.read_text())["services"]["extauthz"]
                        .rsplit(":", 1)[1])
@@ -85,21 +109,12 @@ def main() -> None:
             return httpx.post(url, json=CHAT_1KB, timeout=5,
                               headers={"authorization": "Bearer bk0.s"}).status_code == 200
         wait_until(passes, "a runtime key", 60)
-        one = script(Path(tmpdir) / "one.lua", None)
+        one = script(tmp / "one.lua", None)
         subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d3s", "-s", str(one), url],
                        capture_output=True)  # warm-up
-        results = {"one key": run(url, one, args.seconds, args.connections, metrics_port),
-                   "a new key each": run(url, script(Path(tmpdir) / "new.lua", 0),
-                                         args.seconds, args.connections, metrics_port)}
-
-    print(f"{args.keys:,} runtime keys, wrk -t1 -c{args.connections} {args.seconds} s, "
-          "memory counters, a project budget")
-    print("| keys | rps | p50 | p99 | max | non-2xx | full collections | their total | "
-          f"≥ {LONG_MS} ms |\n|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
-              f"{r['max']:.1f} ms | {r['non_2xx']:.0f} | {r['full']:.0f} | "
-              f"{r['seconds'] * 1000:.0f} ms | {r['long']:.0f} |")
+        return {"one key": run(url, one, args.seconds, args.connections, metrics_port),
+                "a new key each": run(url, script(tmp / "new.lua", 0),
+                                      args.seconds, args.connections, metrics_port)}
 
 
 if __name__ == "__main__":
