@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -284,6 +285,35 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
         c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model="gpt-5.4", messages=MESSAGES, max_tokens=5)
+
+
+def readers_of(pid: int) -> list[int]:
+    """The warm manifest readers (tollway.manifest.reading --serve) that `pid` started."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == pid and b"--serve" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_reload_after_its_reader_was_killed_starts_another(gw: Gateway) -> None:
+    """An operator's kill -9 (or the OOM killer) takes the services' warm manifest reader:
+    the next edit is still applied, by a reader started again."""
+    services = gw.named["services"].pid
+    deadline = time.monotonic() + 10
+    while not (readers := readers_of(services)):  # the watcher starts it once serving
+        assert time.monotonic() < deadline, "no manifest reader started"
+        time.sleep(0.05)
+    os.kill(readers[0], signal.SIGKILL)
+    doc = yaml.safe_load(gw.manifest_path.read_text())
+    doc["organizations"][0]["metadata"] = {"edited": "after the reader was killed"}
+    reload(gw, doc)
+    assert readers_of(services) and readers_of(services) != readers
 
 
 @pytest.mark.parametrize(("rate_limit", "costsink"), [
