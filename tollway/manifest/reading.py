@@ -1,11 +1,10 @@
 """A manifest's text to its document: whole, or cut at its organizations for a reload.
 
 This is what a serving process's reload runs in a child process (forked by `python -m
-tollway.manifest.reading --serve`, see serve(); or once: `python -m tollway.manifest.reading
-MANIFEST < held.json`; held.json: {"known": [fingerprint, ...], "texts": {text digest:
-fingerprint}}; see tollway.manifest.beside), so it imports nothing of
-the manifest's model or its compiler: a child's Python start and imports are CPU that the
-requests in flight share on a small node, and the model's classes alone took 13 ms of them.
+tollway.manifest.reading --serve`, see serve() and tollway.manifest.beside), so it imports
+nothing of the manifest's model or its compiler: the reader's Python start and imports are CPU
+that the requests in flight share on a small node, and the model's classes alone took 13 ms
+of them.
 """
 
 from __future__ import annotations
@@ -142,6 +141,7 @@ def serve() -> None:
                                                       request["texts"])}
             except BaseException as e:  # the parent must hear of anything
                 answer = {"id": request["id"], "failed": f"{type(e).__name__}: {e}"}
+            # YAML timestamps as ISO 8601 text; one write (json.dump writes each token apart)
             sys.stdout.write(json.dumps(answer, default=str) + "\n")
             sys.stdout.flush()
             os._exit(0)
@@ -152,15 +152,7 @@ def serve() -> None:
             sys.stdout.flush()
 
 
-def main() -> None:
-    if sys.argv[1:] == ["--serve"]:
-        serve()
-        return
-    held = json.load(sys.stdin)
-    answer = read(sys.argv[1], set(held["known"]), held["texts"])
-    # YAML timestamps as ISO 8601 text; one write (json.dump writes each token apart)
-    sys.stdout.write(json.dumps(answer, default=str))
-
-
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] != ["--serve"]:
+        sys.exit("usage: python -m tollway.manifest.reading --serve")
+    serve()
