@@ -166,5 +166,6 @@ class MemoryBackend(CounterBackend):
             key = self._key(tag, r)
             buckets = self._counters.setdefault(key, {})
             buckets[b] = buckets.get(b, 0) + delta
-            if (self._idle.get(key) or 0) < (b + BUCKETS + 1) * w:  # gone since its charge
-                self._idle.set(key, (b + BUCKETS + 1) * w)
+            idle_at = (b + BUCKETS + 1) * w
+            if (self._idle.get(key) or 0) < idle_at:  # gone since its charge
+                self._idle.set(key, idle_at)
