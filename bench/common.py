@@ -24,6 +24,7 @@ import grpc  # noqa: E402
 import httpx  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
 
 from tollway.metadata import REQUEST  # noqa: E402
 
@@ -261,6 +262,18 @@ def wrk_figures(out: str) -> dict[str, float]:
             "max": ms_of(r"Latency\s+\S+\s+\S+"), "requests": number(r"(\d+) requests in"),
             "non_2xx": number(r"Non-2xx or 3xx responses: (\d+)")}
 
+
+
+def wrk_with_cpu(wrk: list[str], url: str, seconds: int, pids: dict[str, int],
+                 warm_up: int = 2) -> tuple[dict[str, float], dict[str, float]]:
+    """wrk's warm-up, then its measured run (`wrk`: the command without -d and --latency):
+    its figures (wrk_figures) and the CPU per request (ms) of each process in `pids`."""
+    subprocess.run([*wrk, f"-d{warm_up}s", url], capture_output=True)
+    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    f = wrk_figures(subprocess.run([*wrk, f"-d{seconds}s", "--latency", url],
+                                   capture_output=True, text=True).stdout)
+    return f, {n: 1000 * (cpu_seconds(pid) - before[n]) / f["requests"]
+               for n, pid in pids.items()}
 
 LONG_MS = 10  # a garbage collection this long shows in p99s
 

@@ -26,15 +26,13 @@ import copy
 import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import install_watched, wrk_figures
-from procstat import cpu_seconds
+from common import install_watched, wrk_with_cpu
 from wrk_script import CHAT_1KB, post_script
 
 from tests.e2e.harness import run_gateway
@@ -109,12 +107,7 @@ def main() -> None:
             for name, doc in variants.items():
                 # the draining old listener's connections close with wrk's warm-up
                 install_watched(lds, doc, gw, "listener_manager.lds.update_success")
-                subprocess.run([*wrk, "-d2s", url], capture_output=True)  # warm-up
-                before = {n: cpu_seconds(p) for n, p in pids.items()}
-                f = wrk_figures(subprocess.run([*wrk, f"-d{args.seconds}s", "--latency", url],
-                                               capture_output=True, text=True).stdout)
-                cpu = {n: 1000 * (cpu_seconds(p) - before[n]) / f["requests"]
-                       for n, p in pids.items()}
+                f, cpu = wrk_with_cpu(wrk, url, args.seconds, pids)
                 results[name].append({**f, **{f"cpu_{n}": v for n, v in cpu.items()}})
                 print(f"{name:40} {f['rps']:7.1f} rps  p50 {f['p50']:6.2f} ms  "
                       f"p99 {f['p99']:6.2f} ms  non-2xx {int(f['non_2xx'])}  cpu/request "

@@ -22,16 +22,14 @@ import copy
 import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import install_watched, wrk_figures
+from common import install_watched, wrk_with_cpu
 from latency import h2load
 from noop_services import SERVICES, replace_services
-from procstat import cpu_seconds
 from wrk_script import CHAT_1KB, post_script
 
 from tests.e2e.harness import PROVIDER_KEY, run_gateway
@@ -78,13 +76,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, doc in variants.items():
                     install_watched(cds, doc, gw, "cluster_manager.cds.update_success")
-                    subprocess.run([*wrk, "-d2s", url], capture_output=True)  # warm-up
-                    before = {n: cpu_seconds(p) for n, p in pids.items()}
-                    full = wrk_figures(subprocess.run(
-                        [*wrk, f"-d{args.seconds}s", "--latency", url],
-                        capture_output=True, text=True).stdout)
-                    cpu = {n: 1000 * (cpu_seconds(p) - before[n]) / full["requests"]
-                           for n, p in pids.items()}
+                    full, cpu = wrk_with_cpu(wrk, url, args.seconds, pids)
                     fixed = h2load(url, headers, args.seconds, tmp)
                     results[name].append({"rps": full["rps"], "p50": fixed["p50"],
                                           "p99": fixed["p99"],

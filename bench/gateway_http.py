@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import wrk_figures
+from common import wrk_figures, wrk_with_cpu
 from wrk_script import CHAT_1KB, post_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,21 +140,14 @@ def drive(url: str, encoding: str, seconds: int, connections: int, tmp: Path,
           pids: dict[str, int] | None = None) -> dict[str, float]:
     """wrk's warm-up and its measured run against `url` with the provider's own key, as bare
     Envoy and the no-op servicers need; with `pids`, those processes' CPU per request."""
-    from procstat import cpu_seconds
-
     from tests.e2e.harness import PROVIDER_KEY
 
     script = post_script(tmp / "post.lua", CHAT_1KB, {"authorization": f"Bearer {PROVIDER_KEY}",
                                                       "accept-encoding": encoding})
     wrk = ["wrk", "-t1", f"-c{connections}", "-s", str(script)]
-    subprocess.run([*wrk, "-d3s", url], capture_output=True)  # warm-up
-    pids = pids or {}
-    before = {n: cpu_seconds(pid) for n, pid in pids.items()}
-    f = wrk_figures(subprocess.run([*wrk, f"-d{seconds}s", "--latency", url],
-                                   capture_output=True, text=True).stdout)
+    f, cpu = wrk_with_cpu(wrk, url, seconds, pids or {}, warm_up=3)
     return {"rps": f["rps"], "p50_ms": f["p50"], "p99_ms": f["p99"], "non_2xx": f["non_2xx"],
-            **{f"cpu_ms_{n}": 1000 * (cpu_seconds(pid) - before[n]) / f["requests"]
-               for n, pid in pids.items()}}
+            **{f"cpu_ms_{n}": v for n, v in cpu.items()}}
 
 
 def bare(seconds: int, connections: int, encoding: str) -> dict[str, float]:
