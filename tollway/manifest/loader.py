@@ -175,14 +175,12 @@ class Node:
 
     def mapping(self, name: str) -> MappingProxyType[str, Any]:
         v = self.value.get(name)
-        if not v:
-            if v is not None and not isinstance(v, dict):
-                self.fail(name, "must be a mapping")
+        if v is None:
             return NO_ENTRIES
         if not isinstance(v, dict):
             self.fail(name, "must be a mapping")
             return NO_ENTRIES
-        return MappingProxyType(dict(v))
+        return MappingProxyType(dict(v)) if v else NO_ENTRIES
 
     def child(self, name: str, *, required: bool = False) -> Node:
         v = self.value.get(name)
