@@ -9,8 +9,10 @@ project's rpm. Reported, from h2load's log of every request: p50/p99/max and non
 run without an edit, of the requests that were in flight while a reload was under way (from
 the edit's write to the services' log line saying it is in force; and of those, the ones in
 flight while it was worked on, from the log line saying the change was noticed), and of the
-edited run's other requests; how long each reload took and how much of the manifest it
-compiled; and where the three slowest of the other requests fell (how long after a reload).
+edited run's other requests; as the baseline of the ones worked on, the requests in flight in
+windows as long, halfway between reloads (selected the same way, so as biased towards long
+requests); how long each reload took and how much of the manifest it compiled; and where
+the three slowest of the other requests fell (how long after a reload).
 A first reload, before both runs, puts the manifest in the bench's format in force.
 """
 
@@ -125,11 +127,22 @@ def main() -> None:
     during = [r for r in busy if overlaps(r, [(s, e) for s, e, _ in windows])]
     reading = [r for r in busy if overlaps(r, working)]
     others = [r for r in busy if r not in during]
+    # the baseline for `reading`, from the same run: windows as long as each reload's work,
+    # halfway between its end and the next edit (or the run's end), where no reload runs.
+    # Selecting the requests that overlap a window favours long ones (a long request overlaps
+    # more windows), so only a baseline selected the same way tells what the reload added.
+    run_end = max((r.start + r.ms / 1000 for r in busy), default=0.0)
+    nexts = [*(s for s, _, _ in windows[1:]), run_end]
+    halfway = [(end + nxt) / 2 for (_, end), nxt in zip(working, nexts, strict=True)]
+    quiet_windows = [(mid, mid + end - began)
+                     for (began, end), mid in zip(working, halfway, strict=True)]
+    between = [r for r in busy if overlaps(r, quiet_windows)]
     print(f"## {args.projects:,} projects, 100 requests/s on schedule (h2load), {args.seconds} s "
           f"each, {args.format}")
     print(f"no edit:                          {summary(quiet)}")
     print(f"{len(windows)} edits, in flight in a reload: {summary(during)}")
     print(f"  of which while it was worked on: {summary(reading)}")
+    print(f"  baseline, as long, between them: {summary(between)}")
     print(f"{len(windows)} edits, the other requests:    {summary(others)}")
     for (start, end, what), (began, _) in zip(windows, working, strict=True):
         print(f"an edit in force {end - start:.2f} s after it was written, "
