@@ -15,6 +15,7 @@ gets the answer re-encoded by the compressors in the best coding its Accept-Enco
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -508,9 +509,17 @@ def access_logs(m: Manifest, costsink_cluster: str = COSTSINK_CLUSTER) -> list[d
     return [{**log, "filter": not_admin} for log in logs]
 
 
+@functools.cache
+def _bootstrap_template() -> dict[str, Any]:
+    """Parsed once: `tollway render --watch` renders on every manifest edit, and PyYAML's
+    reading of the template was a tenth of that."""
+    doc: dict[str, Any] = yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml")
+                                         .read_text())
+    return doc
+
+
 def skeleton(m: Manifest) -> dict[str, Any]:
-    doc: dict[str, Any] = copy.deepcopy(
-        yaml.safe_load((ENVOY_DIR / "templates" / "bootstrap.yaml").read_text()))
+    doc: dict[str, Any] = copy.deepcopy(_bootstrap_template())  # the callers edit their copy
     doc["admin"]["address"] = _socket(m.gateway.admin_host, m.gateway.admin_port)
     return doc
 
