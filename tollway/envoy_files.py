@@ -120,7 +120,7 @@ def follow(manifest_path: Path, m: Manifest, directory: Path, stop: threading.Ev
     while not stop.wait(interval):
         if watcher.check():
             # most edits (a quota, a key, a budget) leave Envoy's config as it was: comparing
-            # the documents spares writing them out as YAML, which was a third of a reload
+            # the documents spares writing them out as YAML (7 of 76 ms for 10,000 projects)
             changed = (write_resources(directory, rendered.value)
                        if rendered.value != written else [])
             written = rendered.value

@@ -526,7 +526,8 @@ def skeleton(m: Manifest) -> dict[str, Any]:
 
 def listener(m: Manifest, routes: dict[str, Any]) -> dict[str, Any]:
     """The gateway's listener; `routes` is its HCM's `route_config` or `rds` member."""
-    result: dict[str, Any] = copy.deepcopy(skeleton(m)["static_resources"]["listeners"][0])
+    result: dict[str, Any] = copy.deepcopy(_bootstrap_template()["static_resources"]
+                                           ["listeners"][0])
     result["address"] = _socket(*m.gateway.listen)
     # bounds what json_to_metadata may buffer: a larger body is refused with 413
     result["per_connection_buffer_limit_bytes"] = m.gateway.max_request_bytes
