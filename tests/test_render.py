@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tollway.envoy_files import follow
 from tollway.manifest import load
 from tollway.render import render, render_yaml
 from tollway.up import envoy_binary
@@ -136,3 +140,29 @@ def test_a_call_is_sent_again_only_when_it_was_cut_off(tmp_path: Path,
                 if c["name"].startswith("tollway_")]
     assert len(clusters) == 4
     assert all("grpc_health_check" in c["health_checks"][0] for c in clusters)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policy")
+def test_following_the_manifest_runs_only_on_cores_requests_leave_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`render --watch` and `tollway up`'s thread re-render at SCHED_IDLE, and only that
+    thread: in `tollway up` the process's other threads keep their policy."""
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    path = EXAMPLES[0].parent / "quickstart.yaml"
+    stop, policy = threading.Event(), []
+
+    thread = threading.Thread(target=follow,
+                              args=(path, load(path), tmp_path / "envoy", stop, 0.01))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and thread.native_id is not None:
+            policy.append(os.sched_getscheduler(thread.native_id))
+            if policy[-1] == os.SCHED_IDLE:
+                break
+            time.sleep(0.01)
+        assert policy[-1] == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        stop.set()
+        thread.join()

@@ -109,9 +109,25 @@ def write_dynamic(m: Manifest, directory: Path) -> Path:
     return path
 
 
+def yield_to_requests() -> None:
+    """Envoy and the services serve requests on the same cores as this thread, which runs
+    only where they leave a core idle. As SCHED_IDLE, the scheduler counts a core running
+    it as idle, so a request's waking thread is placed there and takes it at once; merely
+    niced, that core looked busy. The slowest requests away from the services' reloads
+    (bench/reload.py, 10,000 projects) fell from 10.4-10.5 ms to 4.8-7.1 ms. The cost: on
+    cores that requests keep busy, an Envoy config edit (a route, a provider) waits for
+    them; the services' own reloads do not wait on this. Elsewhere than Linux, where a
+    thread has no policy of its own, the process is niced."""
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    else:
+        os.nice(10)
+
+
 def follow(manifest_path: Path, m: Manifest, directory: Path, stop: threading.Event,
            interval: float = 0.25) -> None:
     """Re-render into `directory` whenever the manifest changes, until `stop` is set."""
+    yield_to_requests()
     directory = directory.absolute()
     # it serves no request: a changed manifest is read here, without a child's Python start
     watcher = ManifestWatcher(manifest_path, m, interval=interval, serving=False)
