@@ -116,11 +116,11 @@ def yield_to_requests() -> None:
     niced, that core looked busy. The slowest requests away from the services' reloads
     (bench/reload.py, 10,000 projects) fell from 10.4-10.5 ms to 4.8-7.1 ms. The cost: on
     cores that requests keep busy, an Envoy config edit (a route, a provider) waits for
-    them; the services' own reloads do not wait on this. Elsewhere than Linux, where a
-    thread has no policy of its own, the process is niced."""
-    if hasattr(os, "sched_setscheduler"):
+    them; the services' own reloads do not wait on this. Where that is refused (a seccomp
+    profile) or not Linux (a thread has no policy of its own), the process is niced."""
+    try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    else:
+    except (AttributeError, OSError):
         os.nice(10)
 
 
