@@ -4,6 +4,7 @@ document. Every text here is held to that: cut and read in parts, it reads as th
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,34 @@ def test_a_process_that_serves_nothing_reloads_without_a_child(
     assert [a is b for a, b in zip(first.organizations, watcher.manifest.organizations,
                                    strict=True)] == [True, True, False, True]
     assert watcher.manifest.organizations == load(path).organizations
+
+
+LINES = ["- id: a", "- ", "-", "-x", "  -", "   - q", "    projects:", "  projects:",
+         "  - id: 'a''b'", '  name: "x\\"y"', "  name: [a,", "  b]", "  x: {a: 1}", "# comment",
+         "  # c", "", "  ", "  k: &a x", "  k: *a", "  k: |", "  k: >-", "  k: R&D > ops",
+         "  ? k", "  k: !tag", "  k: a # c", "  k: 'a # b'", "  k: `", "  k: @", "  k: v",
+         "    - id: p", "  - {id: c}", "-  id: d", "- - e", "  k: 'open", "  close'",
+         "  k: \"a", "  b\"", "  - x: 1", "    y: 2", "  k: 2001-01-01", "  k: yes", "  k: -1",
+         "---", "...", "%TAG ! x", "k: v", " k: v", "organizations:"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_sections_read_alike_in_parts_or_are_read_whole(seed: int) -> None:
+    """Sections of lines drawn at random, at each entry indentation: wherever the text is
+    cut, its parts read as the whole, and a text that is no YAML does not read in parts."""
+    rng = random.Random(seed)
+    cuts = 0
+    for _ in range(1500):
+        indent = rng.choice(["", "  ", "    "])
+        lines = [indent + ("- id: a" if rng.random() < 0.3 else rng.choice(LINES))
+                 for _ in range(rng.randint(1, 10))]
+        text = TOP + "organizations:\n" + "\n".join(lines) + "\n" + rng.choice(["", TAIL])
+        try:
+            parts = read_in_parts(text)
+        except (yaml.YAMLError, AssertionError, TypeError):
+            continue  # a part that does not read alone as one entry: reading.py reads whole
+        if parts is None:
+            continue
+        cuts += 1
+        assert parts == yaml.safe_load(text), text
+    assert cuts > 100  # the draw reaches texts that are cut
