@@ -41,7 +41,7 @@ def compile_runtime(manifest: Manifest, *, secrets: bool = True) -> Runtime:
                    for p in manifest.providers}
     secret = pepper(manifest.storage.pepper, create=True) if secrets else b""
     uses_policies = manifest.policies or any(
-        p.policies_enabled for o in manifest.organizations for p in o.projects)
+        o.policies_enabled for o in manifest.organizations)
     return Runtime(manifest=manifest, credentials=credentials,
                    routes={r.name: r for r in manifest.routes}, pepper=secret,
                    policies=CompiledPolicies(manifest) if uses_policies else None)

@@ -151,3 +151,25 @@ async def test_explain_prints_the_decision_and_the_determining_policy() -> None:
     await spend.set_spent("o", [(day, to_units(Decimal(1000)))])
     over = await explain(m, mirror, spend, "k", "gpt-4o-mini", ip="10.1.2.3")
     assert over.code == "policy_denied" and "spend today 1000" in over.text()
+
+
+def test_a_project_enabling_policies_has_them_compiled_after_any_reload() -> None:
+    """With no policy in the manifest, a project that enables them is denied by default,
+    which takes them compiled: whether its organization is new in a reload or reused from
+    the manifest in force (which keeps what it found out about the organization)."""
+    from extauthz.decision import compile_runtime
+
+    d = doc({})
+    del d["policies"]
+    other = {"id": "other", "projects": [{"id": "q"}]}
+    off = {**d, "organizations": [other]}
+    first = parse(off, reuse={})
+    assert compile_runtime(first, secrets=False).policies is None
+    enabled = parse({**d, "organizations": [other, *d["organizations"]]},
+                    reuse=first.compiled_orgs)
+    assert enabled.organizations[0] is first.organizations[0]
+    assert compile_runtime(enabled, secrets=False).policies is not None
+    again = parse({**d, "organizations": [other, *d["organizations"]]},
+                  reuse=enabled.compiled_orgs)
+    assert again.organizations[1] is enabled.organizations[1]
+    assert compile_runtime(again, secrets=False).policies is not None

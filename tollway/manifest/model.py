@@ -6,6 +6,7 @@ started with one snapshot finishes with it, and nothing can observe a half-appli
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -215,6 +216,13 @@ class Organization:
     # model, plan, client or key, no model rule, no quota naming models, no project id twice.
     # A reload takes most organizations unchanged and checks across only the others.
     self_contained: bool = field(default=False, compare=False, repr=False)
+
+    @functools.cached_property
+    def policies_enabled(self) -> bool:
+        """Whether any of its projects has policies enabled. Kept with the organization,
+        which a reload that leaves it unchanged reuses: asked of every project, this was a
+        third of a ms for 10,000 projects, on each reload, with requests waiting for the GIL."""
+        return any(p.policies_enabled for p in self.projects)
 
 
 @dataclass(frozen=True)
