@@ -114,10 +114,12 @@ def yield_to_requests() -> None:
     only where they leave a core idle. As SCHED_IDLE, the scheduler counts a core running
     it as idle, so a request's waking thread is placed there and takes it at once; merely
     niced, that core looked busy. The slowest requests away from the services' reloads
-    (bench/reload.py, 10,000 projects) fell from 10.4-10.5 ms to 4.8-7.1 ms. The cost: on
-    cores that requests keep busy, an Envoy config edit (a route, a provider) waits for
-    them; the services' own reloads do not wait on this. Where that is refused (a seccomp
-    profile) or not Linux (a thread has no policy of its own), the process is niced."""
+    (bench/reload.py, 10,000 projects) fell from 10.4-10.5 ms to 4.8-7.1 ms. The cost, only
+    where the work saturating the cores shares this thread's cgroup (`tollway up`; a
+    container is a cgroup of its own and keeps its share): an Envoy config edit (a route, a
+    provider) waits for them, 5-12 s measured; the services' reloads never wait on this.
+    Where SCHED_IDLE is refused (a seccomp profile) or not Linux (a thread has no policy of
+    its own), the process is niced."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
     except (AttributeError, OSError):
