@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import ROOT
 from tollway.manifest import load
 from tollway.manifest.beside import load_beside, load_here
-from tollway.manifest.org_texts import cut
+from tollway.manifest.org_texts import Cutter, cut
 from tollway.manifest.reading import read
 
 TOP = "version: 1\nproviders: []\n"
@@ -220,3 +220,97 @@ def test_random_sections_read_alike_in_parts_or_are_read_whole(seed: int) -> Non
         cuts += 1
         assert parts == yaml.safe_load(text), text
     assert cuts > 100  # the draw reaches texts that are cut
+
+
+def edited(lines: list[str], indent: str, rng: random.Random) -> list[str]:
+    """`lines` with one to three lines deleted, inserted or changed."""
+    lines = list(lines)
+    for _ in range(rng.randint(1, 3)):
+        at, what = rng.randrange(len(lines) + 1), rng.random()
+        if what < 0.3 and lines:
+            del lines[min(at, len(lines) - 1)]
+        elif what < 0.6:
+            lines.insert(at, indent + ("- id: b" if rng.random() < 0.4 else rng.choice(LINES)))
+        elif lines:
+            at = min(at, len(lines) - 1)
+            lines[at] = lines[at].replace("a", "z", 1) if rng.random() < 0.5 else lines[at] + " 1"
+    return lines
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_text_cut_again_after_an_edit_is_cut_as_afresh(seed: int) -> None:
+    """A Cutter compares an edited text with the one it cut before and scans only what
+    changed: its cut is cut()'s whatever the edit (in the section, before it, after it,
+    in the entries' indentation), and the entries an edit left alone are the ones it held."""
+    rng = random.Random(seed)
+    kept = 0
+    for _ in range(3000):
+        indent = rng.choice(["", "  ", "    "])
+        lines = [indent + ("- id: a" if rng.random() < 0.4 else rng.choice(LINES))
+                 for _ in range(rng.randint(1, 12))]
+        top, tail = rng.choice([TOP, "---\n" + TOP]), rng.choice(["", TAIL, "\n" + TAIL])
+        cutter = Cutter()
+        before = cutter.cut(top + "organizations:\n" + "\n".join(lines) + "\n" + tail)
+        if rng.random() < 0.1:  # the rest edited, some of it to a text as long
+            top, tail = rng.choice([(top, tail + "x: 1\n"), ("# a comment\n" + top, tail),
+                                    (top.replace("1", "2"), tail)])
+        text = (top + "organizations:\n" + "\n".join(edited(lines, indent, rng))
+                + rng.choice(["\n", ""]) + tail)
+        again = cutter.cut(text)
+        assert again == cut(text), text
+        if before is not None and again is not None:
+            held = {id(e) for e in before.entries}
+            kept += any(id(e) in held for e in again.entries)
+    assert kept > 80  # the draw reaches texts cut by comparing
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    # an entry's text found again after the start of a line, not at it
+    ("- id: a\n- id: b\n", "- id: a\n- id: c, x: - id: b\n"),
+    ("  - id: a\n  - id: b\n", "  - id: a\n  - {id: c}  - id: b\n"),
+    # a line at the entries' indentation that is no entry; one left of them
+    ("  - id: a\n  - id: b\n", "  - id: a\n  x: 1\n  - id: b\n"),
+    ("  - id: a\n  - id: b\n", "  - id: a\n - id: x\n  - id: b\n"),
+    ("- id: a\n- id: b\n", "- id: a\n---\n- id: b\n"),
+    ("- id: a\n- id: b\n", "- id: a\norganizations: []\n- id: b\n"),
+    # an entry that runs on into the next's: a block scalar, a quote, a tab
+    ("- id: a\n- id: b\n", "- id: a\n  notes: |\n- id: b\n"),
+    ("- id: a\n- id: b\n", "- id: a\n  notes: 'x\n- id: b\n"),
+    ("- id: a\n- id: b\n", "- id: a\n- id: c\t\n- id: b\n"),
+    ("- id: a\n- id: b\n", "- id: a\n- id: c\r\n- id: b\n"),
+    # comments and blank lines between entries, a first entry at another indentation
+    ("- id: a\n- id: b\n", "- id: a\n# a comment\n\n- id: b\n"),
+    ("- id: a\n- id: b\n", "  - id: a\n- id: b\n"),
+    ("- id: a\n", "- id: a\n- id: b"),
+    ("- id: a\n", ""),  # no entry left
+])
+def test_edits_that_a_cut_by_comparing_must_not_take_as_entries(before: str, after: str
+                                                                 ) -> None:
+    for tail in ("", TAIL):
+        cutter = Cutter()
+        assert cutter.cut(TOP + "organizations:\n" + before + tail) is not None
+        text = TOP + "organizations:\n" + after + tail
+        assert cutter.cut(text) == cut(text), text
+
+
+def test_an_edit_of_one_organization_is_cut_again_by_comparing() -> None:
+    """Of 100 organizations, an edit of one: the others' texts are the ones held, unscanned
+    and not hashed again; an organization added or removed likewise."""
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["organizations"] += [{"id": f"org{o}", "projects": [
+        {"id": f"p{p}", "quotas": [{"name": "team", "rpm": 300}]} for p in range(3)]}
+        for o in range(100)]
+    cutter = Cutter()
+    before = cutter.cut(yaml.safe_dump(doc))
+    assert before is not None
+    for edit in (lambda: doc["organizations"][40]["projects"][1]["quotas"][0].update(rpm=3),
+                 lambda: doc["organizations"].insert(7, {"id": "new"}),
+                 lambda: doc["organizations"].pop(0)):
+        edit()
+        text = yaml.safe_dump(doc)
+        again = cutter.cut(text)
+        assert again == cut(text) and again is not None
+        held = {id(e) for e in before.entries}
+        assert sum(id(e) not in held for e in again.entries) == (0 if len(again.entries)
+                                                                  < len(before.entries) else 1)
+        before = again

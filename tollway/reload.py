@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 from tollway.heap import collection_paused, settle_heap
 from tollway.manifest import Manifest, ManifestError
 from tollway.manifest.beside import load_beside, load_here, prepare_reader
+from tollway.manifest.org_texts import Cutter
 from tollway.refs import state_dir
 
 log = logging.getLogger("tollway.reload")
@@ -64,6 +65,9 @@ class ManifestWatcher:
         self._hashed_at = time.monotonic()
         self._digest = self._read_digest()
         self._subscribers: list[Compiled[object]] = []
+        # read here (not serving): the text before, for the next cut to compare with; a
+        # serving process's reader keeps its own
+        self._cutter = Cutter()
         GENERATION.set(1)
 
     def _read_digest(self) -> tuple[str, str] | None:
@@ -124,8 +128,9 @@ class ManifestWatcher:
         sys.setswitchinterval(min(interval, 0.0005))
         try:
             with collection_paused():
-                load = load_beside if self.serving else load_here
-                manifest = load(self.path, self.manifest.compiled_orgs, self.manifest.org_texts)
+                reuse, texts = self.manifest.compiled_orgs, self.manifest.org_texts
+                manifest = load_beside(self.path, reuse, texts) if self.serving \
+                    else load_here(self.path, reuse, texts, self._cutter)
                 built = [s.build(manifest) for s in self._subscribers]
         except ManifestError as e:
             RELOADS.labels("rejected").inc()

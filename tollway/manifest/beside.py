@@ -33,6 +33,7 @@ from typing import Any
 
 from .loader import Fresh, Known, parse
 from .model import Manifest, Organization
+from .org_texts import Cutter
 from .reading import ManifestError, read
 
 TIMEOUT = 120  # seconds: a child that takes longer is stuck, and the reload is refused
@@ -134,15 +135,17 @@ def load_beside(path: str | Path, reuse: Mapping[str, Organization],
 
 
 def load_here(path: str | Path, reuse: Mapping[str, Organization] = MappingProxyType({}),
-              texts: Mapping[str, str] | None = None) -> Manifest:
+              texts: Mapping[str, str] | None = None, cutter: Cutter | None = None
+              ) -> Manifest:
     """load_beside()'s reading in this process, where no request waits for the GIL: a
     serving process's start (nothing serves yet), and `tollway render --watch`, which serves
     nothing and for which a child's Python start would be most of a reload's CPU. Either
     way the manifest records its organizations' texts, so that the next reload, the first
     after a start included, reads only the ones an edit changed (read whole at the start,
-    the first reload of 10,000 projects read them all again)."""
+    the first reload of 10,000 projects read them all again). `cutter`: one that cut this
+    manifest's text before (see Cutter)."""
     p = Path(path)
-    return _manifest(read(str(p), set(reuse), texts), p, reuse)
+    return _manifest(read(str(p), set(reuse), texts, cutter), p, reuse)
 
 
 def _manifest(answer: dict[str, Any], p: Path, reuse: Mapping[str, Organization]
