@@ -97,6 +97,31 @@ def test_the_watcher_sees_a_same_size_edit_and_leaves_collection_on(
     assert limit.value == 65538
 
 
+def test_an_edit_landing_while_a_reload_reads_is_reloaded_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher records the hash of the text it found changed, not of the file after the
+    load: an edit written once the load had read the file is a change the next look finds,
+    never taken for the manifest in force."""
+    import tollway.reload
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(offline_manifest()))
+    watcher = ManifestWatcher(path, load(path), serving=False, hash_every=0)
+    limit = watcher.subscribe(Compiled(lambda m: m.gateway.max_request_bytes, watcher.manifest))
+    real_load = tollway.reload.load_here
+
+    def load_then_edited(*args: Any) -> Any:
+        manifest = real_load(*args)
+        path.write_text(path.read_text().replace("65537", "65538"))  # after the read
+        return manifest
+    monkeypatch.setattr(tollway.reload, "load_here", load_then_edited)
+    path.write_text(path.read_text().replace("65536", "65537"))
+    assert watcher.check() and limit.value == 65537
+    monkeypatch.setattr(tollway.reload, "load_here", real_load)
+    assert watcher.check() and limit.value == 65538
+    assert not watcher.check()
+
+
 def test_a_pepper_created_at_first_start_is_not_a_reload(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path / "state"))

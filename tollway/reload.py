@@ -76,13 +76,16 @@ class ManifestWatcher:
             text = self.path.read_bytes()
         except OSError:
             return None
+        return hashlib.sha256(text).hexdigest(), self._secrets_digest()
+
+    def _secrets_digest(self) -> str:
         secrets = hashlib.sha256()
         for secret in secret_files(self.manifest):
             try:
                 secrets.update(secret.read_bytes())
             except OSError:
                 secrets.update(b"\0missing")  # a missing file is a change; load() says so
-        return hashlib.sha256(text).hexdigest(), secrets.hexdigest()
+        return secrets.hexdigest()
 
     def in_force(self) -> None:
         """Called once the services have compiled the manifest in force: a secret file they
@@ -149,7 +152,11 @@ class ManifestWatcher:
         compiled = sum(id(o) not in kept for o in manifest.organizations)
         self.manifest = manifest
         settle_heap()
-        self._digest = self._read_digest() or digest  # over the new manifest's secret files
+        # the text's hash is the one read before the load, never the file's now: an edit
+        # that landed after the load read the file is then still a change, reloaded next
+        # (and a 1 MB manifest is not read and hashed again, 1 ms of CPU); the secrets'
+        # hash is over the new manifest's secret files
+        self._digest = (digest[0], self._secrets_digest())
         self._stats = self._read_stats()
         RELOADS.labels("applied").inc()
         GENERATION.inc()
