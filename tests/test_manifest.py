@@ -151,7 +151,7 @@ def test_a_serving_process_reads_plain_and_unusual_yaml_alike(tmp_path: Path) ->
 
 
 def test_reloads_read_in_one_warm_reader_started_again_if_it_ended(tmp_path: Path) -> None:
-    """Each reload's read is a child forked from one reader the process keeps: a reload no
+    """Each reload's read is answered by one reader the process keeps: a reload no
     longer pays a Python start. A reader that ended (killed, say) is started again by the
     next reload; a read that fails is answered as failed (load_beside refuses the manifest)
     and the reader goes on."""
@@ -173,6 +173,46 @@ def test_reloads_read_in_one_warm_reader_started_again_if_it_ended(tmp_path: Pat
     failed = reader.read(str(path), {"known": None, "texts": {}})  # the child raises
     assert "TypeError" in failed["failed"] and reader.read(str(path), held) == first
     reader._stop()
+
+
+def test_the_reader_parses_a_small_read_itself_and_a_whole_text_in_a_child(
+        tmp_path: Path) -> None:
+    """What an edit left to parse (a few organizations) is parsed in the warm reader: a child
+    cost twice the CPU, in the pages it copies from the reader. A text read whole (it cannot
+    be cut, or a part does not read alone) is a child's, which takes its memory with it.
+    Either way the answer is read()'s."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.e2e.harness import offline_manifest
+    from tollway.manifest.reading import read
+
+    counting = ("import os, sys\nfork = os.fork\n"
+                "def counted():\n    print('fork', file=sys.stderr, flush=True)\n"
+                "    return fork()\n"
+                "os.fork = counted\nfrom tollway.manifest.reading import serve\nserve()\n")
+    reader = subprocess.Popen([sys.executable, "-c", counting], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader.stdin is not None and reader.stdout is not None
+    path = tmp_path / "m.yaml"
+    doc = offline_manifest()
+    doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p"}]} for i in range(3)]
+    for n, text in enumerate([
+            yaml.safe_dump(doc),  # cut: each entry parsed here
+            yaml.safe_dump(doc).replace("id: org1", "id: org9"),  # cut again: one entry
+            json.dumps(doc),  # no cut: whole, in a child
+            yaml.safe_dump(doc).replace("- id: org2", "- just text\n- id: org2")]):
+        path.write_text(text)
+        reader.stdin.write(json.dumps({"id": n, "path": str(path), "known": [],
+                                       "texts": {}}) + "\n")
+        reader.stdin.flush()
+        answer = json.loads(reader.stdout.readline())
+        assert answer.pop("id") == n
+        assert answer == json.loads(json.dumps(read(str(path), set()), default=str))
+    reader.stdin.close()
+    assert reader.wait(timeout=30) == 0
+    assert reader.stderr is not None and reader.stderr.read().split() == ["fork", "fork"]
 
 
 @pytest.mark.parametrize(("org", "expected"), [

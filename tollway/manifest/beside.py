@@ -1,19 +1,19 @@
-"""A serving process's reload reads the manifest in a child process, forked from a warm reader.
+"""A serving process's reload reads the manifest in a process of its own: a warm reader.
 
 Reading 10,000 projects of YAML is 0.3-0.4 s of a core. On a thread of the serving process it
 shared the GIL with the requests in flight: the event loop waited 0.66 ms at the median for
 each turn while a reload was read (measured on its own, a loop ticking every millisecond), and
 the requests in flight during a reload took 1 ms more at the median (`bench/reload.py`). A
-child process has a GIL of its own: the loop waits 0.08 ms, and those requests took what the
-others did. The child sends back only what the serving process lacks: the document without its
-organizations, each organization the manifest in force holds as its fingerprint (`Known`),
+process apart has a GIL of its own: the loop waits 0.08 ms, and those requests took what the
+others did. The reader sends back only what the serving process lacks: the document without
+its organizations, each organization the manifest in force holds as its fingerprint (`Known`),
 and the others whole (`Fresh`): an edit of one rpm sends one of 101.
 
-Where the YAML can be cut at its organizations (tollway.manifest.org_texts), the child reads
+Where the YAML can be cut at its organizations (tollway.manifest.org_texts), the reader parses
 only the organizations whose text the manifest in force does not hold, and the rest of the
 document: an edit of one rpm is then one organization's text read, not 10,000 projects'. The
-child's side is tollway.manifest.reading; the reader it is forked from (`_Reader`) spares each
-reload a Python start.
+reader's side is tollway.manifest.reading: it parses a small read itself and forks a child for
+a large one (see serve() there); kept running (`_Reader`), it spares each reload a Python start.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ TIMEOUT = 120  # seconds: a child that takes longer is stuck, and the reload is 
 
 
 class _Reader:
-    """The process's warm reader (`python -m tollway.manifest.reading --serve`), which forks
-    a child for each read: started once, at the first reload or by prepare(), and again if it
-    ended. A reload used to start a child of its own, and that Python start and its imports
-    were most of the reload's CPU (60-90 ms) on the cores the requests in flight need."""
+    """The process's warm reader (`python -m tollway.manifest.reading --serve`): started
+    once, at the first reload or by prepare(), and again if it ended. A reload used to start
+    a child of its own, and that Python start and its imports were most of the reload's CPU
+    (60-90 ms) on the cores the requests in flight need."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None

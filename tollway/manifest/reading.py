@@ -1,6 +1,6 @@
 """A manifest's text to its document: whole, or cut at its organizations for a reload.
 
-This is what a serving process's reload runs in a child process (forked by `python -m
+This is what a serving process's reload runs in a process apart (`python -m
 tollway.manifest.reading --serve`, see serve() and tollway.manifest.beside), so it imports
 nothing of the manifest's model or its compiler: the reader's Python start and imports are CPU
 that the requests in flight share on a small node, and the model's classes alone took 13 ms
@@ -131,43 +131,86 @@ def _read_cut(parts: org_texts.Cut, path: str, known: set[str], texts: Mapping[s
     return _answer(rest, items)
 
 
+# characters of YAML a read parses in the reader itself (an edit's organizations: 10 KB for
+# 100 projects); a larger read, the whole text included, is a child's
+READ_HERE = 256 * 1024
+
+
 def serve() -> None:
     """`--serve`: read for one serving process, one request a line on stdin ({"id", "path",
-    "known", "texts"}), each answered by one line on stdout, from a child forked from this
-    process. This one stays small and warm: a reload pays a fork (about a millisecond of CPU)
-    instead of a Python start and its imports (60-90 ms, on the cores the requests in flight
-    need), and what a read allocates leaves with its child. It reads and cuts the text
-    itself, before the fork: its Cutter keeps the text before, for the next cut to compare
-    with (a tenth of a full cut's CPU for an edit of one organization). It ends with its
-    stdin, not on a terminal's Ctrl-C (sent to the whole process group): its parent closes
-    it."""
+    "known", "texts"}), each answered by one line on stdout. This process stays warm: a
+    reload pays no Python start and imports (60-90 ms, on the cores the requests in flight
+    need). It reads and cuts the text itself: its Cutter keeps the text before, for the next
+    cut to compare with (a tenth of a full cut's CPU for an edit of one organization).
+
+    What is left to parse is parsed here where it is small (READ_HERE), else in a child
+    forked for it, which takes what the read allocated with it (the whole text of 10,000
+    projects is hundreds of MB of objects). A child costs more than its fork: each page it
+    writes that it shares with this process is copied, a fault each (700 for an edit of
+    one organization), so a small read in a child took 13 ms of CPU and takes 6 ms here,
+    where the memory it takes is used again by the next.
+
+    It ends with its stdin, not on a terminal's Ctrl-C (sent to the whole process group):
+    its parent closes it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cutter = org_texts.Cutter()
     for line in sys.stdin:
         request = json.loads(line)
+        text, parts = "", None
         try:
-            text = read_text(Path(request["path"]))
-        except ManifestError as e:
-            _say({"id": request["id"], "problems": e.problems})
-            continue
+            answer, text, parts = _read_here(request, cutter)
+        except Exception as e:  # the parent must hear of anything
+            answer = {"failed": f"{type(e).__name__}: {e}"}
+        if answer is None:
+            answer = _read_in_child(request, text, parts)
+        if answer is not None:
+            _say({"id": request["id"], **answer})
+
+
+def _read_here(request: dict[str, Any], cutter: org_texts.Cutter
+               ) -> tuple[dict[str, Any] | None, str, org_texts.Cut | None]:
+    """The answer where it is read here, else None and the text and its cut (None: to be
+    read whole) for a child to read."""
+    path, known, texts = request["path"], set(request["known"]), dict(request["texts"])
+    try:
+        text = read_text(Path(path))
+    except ManifestError as e:
+        return {"problems": e.problems}, "", None
+    try:
+        parts = cutter.cut(text)
+    except Exception as e:  # a fault of the cut's own: read whole, which is never wrong
+        print(f"tollway reader: the text is read whole, its cut failed: {e!r}",
+              file=sys.stderr)
+        return None, text, None
+    if parts is None or _to_parse(parts, known, texts) > READ_HERE:
+        return None, text, parts
+    answer = _read_cut(parts, path, known, texts)
+    return answer, text, None  # None: a part does not read alone, the text is read whole
+
+
+def _read_in_child(request: dict[str, Any], text: str, parts: org_texts.Cut | None
+                   ) -> dict[str, Any] | None:
+    """Read in a child, which answers; None once it has, else what to answer."""
+    pid = os.fork()
+    if pid == 0:  # the child: this process has one thread, so a fork is safe
         try:
-            parts = cutter.cut(text)
-        except Exception as e:  # a fault of the cut's own: read whole, which is never wrong
-            print(f"tollway reader: the text was read whole, its cut failed: {e!r}",
-                  file=sys.stderr)
-            cutter, parts = org_texts.Cutter(), None
-        pid = os.fork()
-        if pid == 0:  # the child: this process has one thread, so a fork is safe
-            try:
-                answer = {"id": request["id"], **read_text_cut(
-                    text, parts, request["path"], set(request["known"]), request["texts"])}
-            except BaseException as e:  # the parent must hear of anything
-                answer = {"id": request["id"], "failed": f"{type(e).__name__}: {e}"}
-            _say(answer)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        if status != 0:  # killed before it answered (the parent skips a late answer by id)
-            _say({"id": request["id"], "failed": f"the reader ended with {status}"})
+            answer = {"id": request["id"], **read_text_cut(
+                text, parts, request["path"], set(request["known"]), request["texts"])}
+        except BaseException as e:  # the parent must hear of anything
+            answer = {"id": request["id"], "failed": f"{type(e).__name__}: {e}"}
+        _say(answer)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:  # killed before it answered (the parent skips a late answer by id)
+        return {"failed": f"the reader ended with {status}"}
+    return None
+
+
+def _to_parse(parts: org_texts.Cut, known: set[str], texts: Mapping[str, str]) -> int:
+    """How much of the text _read_cut parses: the rest and the entries not held."""
+    return len(parts.rest) + sum(len(entry) for entry, digest in zip(parts.entries,
+                                                                     parts.digests, strict=True)
+                                 if (held := texts.get(digest)) is None or held not in known)
 
 
 def _say(answer: dict[str, Any]) -> None:
