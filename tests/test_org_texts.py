@@ -200,6 +200,14 @@ LINES = ["- id: a", "- ", "-", "-x", "  -", "   - q", "    projects:", "  projec
          "---", "...", "%TAG ! x", "k: v", " k: v", "organizations:"]
 
 
+def drawn_section(rng: random.Random, entries: float, most: int) -> tuple[str, list[str]]:
+    """An indentation and up to `most` lines at it: `- id: a` by the share `entries`, else
+    one of LINES."""
+    indent = rng.choice(["", "  ", "    "])
+    return indent, [indent + ("- id: a" if rng.random() < entries else rng.choice(LINES))
+                    for _ in range(rng.randint(1, most))]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_sections_read_alike_in_parts_or_are_read_whole(seed: int) -> None:
     """Sections of lines drawn at random, at each entry indentation: wherever the text is
@@ -207,9 +215,7 @@ def test_random_sections_read_alike_in_parts_or_are_read_whole(seed: int) -> Non
     rng = random.Random(seed)
     cuts = 0
     for _ in range(1500):
-        indent = rng.choice(["", "  ", "    "])
-        lines = [indent + ("- id: a" if rng.random() < 0.3 else rng.choice(LINES))
-                 for _ in range(rng.randint(1, 10))]
+        _, lines = drawn_section(rng, entries=0.3, most=10)
         text = TOP + "organizations:\n" + "\n".join(lines) + "\n" + rng.choice(["", TAIL])
         try:
             parts = read_in_parts(text)
@@ -245,9 +251,7 @@ def test_a_text_cut_again_after_an_edit_is_cut_as_afresh(seed: int) -> None:
     rng = random.Random(seed)
     kept = 0
     for _ in range(3000):
-        indent = rng.choice(["", "  ", "    "])
-        lines = [indent + ("- id: a" if rng.random() < 0.4 else rng.choice(LINES))
-                 for _ in range(rng.randint(1, 12))]
+        indent, lines = drawn_section(rng, entries=0.4, most=12)
         top, tail = rng.choice([TOP, "---\n" + TOP]), rng.choice(["", TAIL, "\n" + TAIL])
         cutter = Cutter()
         before = cutter.cut(top + "organizations:\n" + "\n".join(lines) + "\n" + tail)
