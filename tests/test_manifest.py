@@ -1,4 +1,5 @@
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,57 @@ def test_reloads_read_in_one_warm_reader_started_again_if_it_ended(tmp_path: Pat
     failed = reader.read(str(path), {"known": None, "texts": {}})  # the child raises
     assert "TypeError" in failed["failed"] and reader.read(str(path), held) == first
     reader._stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policy")
+def test_the_reader_reads_only_on_cores_requests_leave_idle(tmp_path: Path) -> None:
+    """The warm reader is at SCHED_IDLE (and the children it forks with it): the requests in
+    flight during a reload are the serving process's, which keeps its own policy. The reader
+    for a read the idle one was starved of CPU for is at normal priority."""
+    from tests.e2e.harness import offline_manifest
+    from tollway.manifest import beside
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(offline_manifest()))
+    for idle, policy in ((True, os.SCHED_IDLE), (False, os.SCHED_OTHER)):
+        reader = beside._Reader()
+        try:
+            assert "doc" in reader._ask(str(path), {"known": [], "texts": {}}, idle, 30)
+            assert reader._proc is not None
+            assert os.sched_getscheduler(reader._proc.pid) == policy
+        finally:
+            reader._stop()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_a_read_the_idle_reader_does_not_answer_in_time_is_read_at_normal_priority(
+        tmp_path: Path) -> None:
+    """A read the idle reader has not answered within `escalate` (every core held by busy
+    work in its cgroup) is answered by a reader at normal priority, which then ends: the
+    next read is an idle reader's again, and the same answer."""
+    from tests.e2e.harness import offline_manifest
+    from tollway.manifest import beside
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(offline_manifest()))
+    held = {"known": [], "texts": {}}
+    started: list[bool] = []
+    reader = beside._Reader(escalate=0.0)  # no idle reader answers in no time
+    running = reader._running
+
+    def recorded(idle: bool = True) -> Any:
+        if reader._proc is None:
+            started.append(idle)
+        return running(idle)
+    reader._running = recorded  # type: ignore[method-assign]
+    try:
+        answer = reader.read(str(path), held)
+        assert started == [True, False] and reader._proc is None  # the normal one ended
+        reader.escalate = 30.0
+        assert reader.read(str(path), held) == answer
+        assert started == [True, False, True] and reader._proc is not None
+    finally:
+        reader._stop()
 
 
 def test_the_reader_parses_a_small_read_itself_and_a_whole_text_in_a_child(

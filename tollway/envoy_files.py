@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tollway.access_log import access_log_path
+from tollway.background import yield_to_requests
 from tollway.manifest import Manifest
 from tollway.reload import Compiled, ManifestWatcher
 from tollway.render import clusters, listener, render_sds, route_config, skeleton, to_yaml
@@ -107,23 +108,6 @@ def write_dynamic(m: Manifest, directory: Path) -> Path:
     _replace(path, f"# Rendered by `tollway render --dir` from {m.source or 'a manifest'}; "
                    f"the other files here are watched by Envoy.\n" + _dump(bootstrap(m, directory)))
     return path
-
-
-def yield_to_requests() -> None:
-    """Envoy and the services serve requests on the same cores as this thread, which runs
-    only where they leave a core idle. As SCHED_IDLE, the scheduler counts a core running
-    it as idle, so a request's waking thread is placed there and takes it at once; merely
-    niced, that core looked busy. The slowest requests away from the services' reloads
-    (bench/reload.py, 10,000 projects) fell from 10.4-10.5 ms to 4.8-7.1 ms. The cost, only
-    where the work saturating the cores shares this thread's cgroup (`tollway up`; a
-    container is a cgroup of its own and keeps its share): an Envoy config edit (a route, a
-    provider) waits for them, 5-12 s measured; the services' reloads never wait on this.
-    Where SCHED_IDLE is refused (a seccomp profile) or not Linux (a thread has no policy of
-    its own), the process is niced."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    except (AttributeError, OSError):
-        os.nice(10)
 
 
 def follow(manifest_path: Path, m: Manifest, directory: Path, stop: threading.Event,

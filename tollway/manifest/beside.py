@@ -14,6 +14,7 @@ only the organizations whose text the manifest in force does not hold, and the r
 document: an edit of one rpm is then one organization's text read, not 10,000 projects'. The
 reader's side is tollway.manifest.reading: it parses a small read itself and forks a child for
 a large one (see serve() there); kept running (`_Reader`), it spares each reload a Python start.
+It reads at SCHED_IDLE, on cores the requests leave idle, with a bound (`_Reader`).
 """
 
 from __future__ import annotations
@@ -37,61 +38,86 @@ from .org_texts import Cutter
 from .reading import ManifestError, read
 
 TIMEOUT = 120  # seconds: a child that takes longer is stuck, and the reload is refused
+# seconds: a read the idle reader has not answered by then is read again at normal priority
+# (see _Reader); 10,000 projects read whole take 0.05-0.1 s on a gateway at 100 rps
+ESCALATE = 1.0
 
 
 class _Reader:
     """The process's warm reader (`python -m tollway.manifest.reading --serve`): started
     once, at the first reload or by prepare(), and again if it ended. A reload used to start
     a child of its own, and that Python start and its imports were most of the reload's CPU
-    (60-90 ms) on the cores the requests in flight need."""
+    (60-90 ms) on the cores the requests in flight need.
 
-    def __init__(self) -> None:
+    It reads at SCHED_IDLE, on cores the requests leave idle, which a gateway leaves even at
+    full load (a reload took 0.01-0.16 s there). Where busy work in its cgroup holds every
+    core, it could wait for seconds: a read it has not answered within `escalate` seconds
+    is read again by a reader at normal priority, which then ends (the next read is the idle
+    reader's again)."""
+
+    def __init__(self, escalate: float = ESCALATE) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one read at a time: answers come back in order
         self._ids = itertools.count()
         self._pending = b""
+        self.escalate = escalate
+        self._ending: list[subprocess.Popen[bytes]] = []  # killed, not reaped yet
 
     def prepare(self) -> None:
         with self._lock:
             self._running()
 
-    def _running(self) -> subprocess.Popen[bytes]:
+    def _running(self, idle: bool = True) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "tollway.manifest.reading", "--serve"],
+                [sys.executable, "-m", "tollway.manifest.reading", "--serve",
+                 *(() if idle else ("--normal-priority",))],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # its stderr is ours
             self._pending = b""
         return self._proc
 
-    def _stop(self) -> None:
+    def _stop(self, wait: bool = True) -> None:
+        """`wait`: until it has ended; else it is reaped at a later read (a process at
+        SCHED_IDLE needs an idle core even to end, which a starved one has none of)."""
         if self._proc is not None:
             self._proc.kill()
-            self._proc.wait()
+            if wait:
+                self._proc.wait()
+            else:
+                self._ending.append(self._proc)
             self._proc = None
+        self._ending = [p for p in self._ending if p.poll() is None]
 
     def read(self, path: str, held: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            for _ in range(2):  # a reader that had ended is started again, once
-                proc, request_id = self._running(), next(self._ids)
-                assert proc.stdin is not None
-                try:
-                    proc.stdin.write(json.dumps({"id": request_id, "path": path, **held})
-                                     .encode() + b"\n")
-                    proc.stdin.flush()
-                except OSError:  # it had ended
-                    self._stop()
-                    continue
-                answer = self._answer(proc, request_id)
-                if answer is not None:
-                    return answer
+            # a reader that had ended, or starved of CPU: the read again, at normal priority
+            answer = self._ask(path, held, idle=True, within=self.escalate)
+            if answer is None:
+                self._stop(wait=False)
+                answer = self._ask(path, held, idle=False, within=TIMEOUT)
                 self._stop()
-            raise ManifestError(path, ["(file): the reader did not answer"])
+            if answer is None:
+                raise ManifestError(path, ["(file): the reader did not answer"])
+            return answer
 
-    def _answer(self, proc: subprocess.Popen[bytes], request_id: int) -> dict[str, Any] | None:
+    def _ask(self, path: str, held: dict[str, Any], idle: bool, within: float
+             ) -> dict[str, Any] | None:
+        proc, request_id = self._running(idle), next(self._ids)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps({"id": request_id, "path": path, **held})
+                             .encode() + b"\n")
+            proc.stdin.flush()
+        except OSError:  # it had ended
+            return None
+        return self._answer(proc, request_id, within)
+
+    def _answer(self, proc: subprocess.Popen[bytes], request_id: int, within: float
+                ) -> dict[str, Any] | None:
         """The answer to `request_id` (an earlier one's, late, is skipped), or None if the
-        reader ends or takes longer than TIMEOUT."""
+        reader ends or takes longer than `within` seconds."""
         assert proc.stdout is not None
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + within
         with selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ)
             while True:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..background import yield_to_requests
 from . import org_texts
 from .yaml_reader import safe_load
 
@@ -136,7 +137,7 @@ def _read_cut(parts: org_texts.Cut, path: str, known: set[str], texts: Mapping[s
 READ_HERE = 256 * 1024
 
 
-def serve() -> None:
+def serve(idle: bool = True) -> None:
     """`--serve`: read for one serving process, one request a line on stdin ({"id", "path",
     "known", "texts"}), each answered by one line on stdout. This process stays warm: a
     reload pays no Python start and imports (60-90 ms, on the cores the requests in flight
@@ -150,9 +151,15 @@ def serve() -> None:
     one organization), so a small read in a child took 13 ms of CPU and takes 6 ms here,
     where the memory it takes is used again by the next.
 
+    `idle`: it runs at SCHED_IDLE, only where the serving process's requests leave a core
+    idle (tollway.background), and so do its children; `--normal-priority` is the reader
+    beside.py starts for a read the idle one was starved of CPU for.
+
     It ends with its stdin, not on a terminal's Ctrl-C (sent to the whole process group):
     its parent closes it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if idle:  # the serving process's requests first (tollway.background); see also beside
+        yield_to_requests()
     cutter = org_texts.Cutter()
     for line in sys.stdin:
         request = json.loads(line)
@@ -198,8 +205,10 @@ def _read_in_child(request: dict[str, Any], text: str, parts: org_texts.Cut | No
                 text, parts, request["path"], set(request["known"]), request["texts"])}
         except BaseException as e:  # the parent must hear of anything
             answer = {"id": request["id"], "failed": f"{type(e).__name__}: {e}"}
-        _say(answer)
-        os._exit(0)
+        try:
+            _say(answer)
+        finally:  # never back into serve()'s loop, not even if the reader was killed
+            os._exit(0)
     _, status = os.waitpid(pid, 0)
     if status != 0:  # killed before it answered (the parent skips a late answer by id)
         return {"failed": f"the reader ended with {status}"}
@@ -220,6 +229,6 @@ def _say(answer: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--serve"]:
-        sys.exit("usage: python -m tollway.manifest.reading --serve")
-    serve()
+    if sys.argv[1:] not in (["--serve"], ["--serve", "--normal-priority"]):
+        sys.exit("usage: python -m tollway.manifest.reading --serve [--normal-priority]")
+    serve(idle="--normal-priority" not in sys.argv)
