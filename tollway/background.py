@@ -13,9 +13,9 @@ import os
 
 
 def yield_to_requests() -> None:
-    """Put the calling thread (a process's only thread: the whole process, and the children
-    it forks) at SCHED_IDLE. Measured with 10,000 projects at 100 requests/s
-    (bench/reload.py):
+    """Put the calling thread at SCHED_IDLE (where it is the process's only thread, as in
+    the reader, the whole process and the children it forks; in `tollway up`, only the
+    renderer's thread). Measured with 10,000 projects at 100 requests/s (bench/reload.py):
 
     - the renderer: the slowest requests away from the services' reloads fell from
       10.4-10.5 ms to 4.8-7.1 ms;
