@@ -318,3 +318,29 @@ def test_an_edit_of_one_organization_is_cut_again_by_comparing() -> None:
         assert sum(id(e) not in held for e in again.entries) == (0 if len(again.entries)
                                                                   < len(before.entries) else 1)
         before = again
+
+
+def test_a_cut_that_fails_reads_the_text_whole(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A fault of the cut's own (a full cut's or a Cutter's) is never a refused manifest or
+    a failed start: the text is read whole, which is never wrong, and stderr says so."""
+    from tollway.manifest import org_texts, reading
+
+    path = tmp_path / "m.yaml"
+    path.write_text(Path(ROOT / "examples" / "quickstart.yaml").read_text())
+    primed = Cutter()  # one that cut the text before: it compares the next with it
+    cut_answer = reading.read(str(path), set(), cutter=primed)
+    assert all("text" in o for o in cut_answer["organizations"])
+
+    def failing(*args: Any) -> Any:
+        raise IndexError("a fault of the cut's own")
+    monkeypatch.setattr(org_texts, "cut", failing)
+    monkeypatch.setattr(org_texts, "_cut_again", failing)
+    for cutter in (None, Cutter(), primed):
+        answer = reading.read(str(path), set(), cutter=cutter)
+        assert answer["doc"] == cut_answer["doc"]
+        assert answer["organizations"] == [{k: v for k, v in o.items() if k != "text"}
+                                           for o in cut_answer["organizations"]]
+        assert "read whole, its cut failed: IndexError" in capsys.readouterr().err
+    assert load_here(path).organizations == load(path).organizations

@@ -70,8 +70,17 @@ def read(path: str, known: set[str], texts: Mapping[str, str] | None = None,
         text = read_text(Path(path))
     except ManifestError as e:
         return {"problems": e.problems}
-    return read_text_cut(text, cutter.cut(text) if cutter else org_texts.cut(text), path,
-                         known, texts or {})
+    return read_text_cut(text, _cut(text, cutter), path, known, texts or {})
+
+
+def _cut(text: str, cutter: org_texts.Cutter | None) -> org_texts.Cut | None:
+    """The text cut at its organizations (by `cutter` where given), or None to be read
+    whole, which is never wrong: also where the cut itself fails, a fault of its own."""
+    try:
+        return cutter.cut(text) if cutter else org_texts.cut(text)
+    except Exception as e:  # stderr: the reader has no logging of its own
+        print(f"tollway: the manifest is read whole, its cut failed: {e!r}", file=sys.stderr)
+        return None
 
 
 def read_text_cut(text: str, parts: org_texts.Cut | None, path: str, known: set[str],
@@ -183,12 +192,7 @@ def _read_here(request: dict[str, Any], cutter: org_texts.Cutter
         text = read_text(Path(path))
     except ManifestError as e:
         return {"problems": e.problems}, "", None
-    try:
-        parts = cutter.cut(text)
-    except Exception as e:  # a fault of the cut's own: read whole, which is never wrong
-        print(f"tollway reader: the text is read whole, its cut failed: {e!r}",
-              file=sys.stderr)
-        return None, text, None
+    parts = _cut(text, cutter)
     if parts is None or _to_parse(parts, known, texts) > READ_HERE:
         return None, text, parts
     answer = _read_cut(parts, path, known, texts)
