@@ -1,0 +1,86 @@
+"""Benchmark the gateway minute by minute over a long run, not the first seconds of one.
+
+Run: python bench/uptime.py [--minutes 12] [--baseline DIR]
+
+What a process keeps for a while (the request ids costsink made durable, counters' windows,
+caches) costs nothing until its first expiries, minutes after the start, which a bench of
+seconds never reaches. This starts the test harness's gateway (mock provider, `tollway serve`,
+the real Envoy) and drives a fixed 100 requests/s through it (h2load, open loop, as
+bench/latency.py) for `--minutes`, one minute at a time, and prints each minute's p50 / p99 /
+max, the services' CPU per request (each minute's 200 requests of warm-up included) and
+their RSS. `--baseline DIR` runs the same on another
+checkout (e.g. `git worktree add /tmp/base <commit>`) afterwards, on its own packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# run inside the checkout under test: its harness, its packages
+CHILD = """
+import json, os, pathlib, sys, tempfile
+sys.path.insert(0, os.environ["BENCH_ROOT"])
+from tests.e2e.harness import run_gateway
+sys.path.append(os.environ["BENCH_DIR"])  # appended: the checkout's packages come first
+from latency import figures, h2load_requests
+from procstat import cpu_seconds
+tmp = pathlib.Path(tempfile.mkdtemp())
+with run_gateway(tmp) as gw:
+    headers = {"authorization": f"Bearer {gw.issue('k-main')}"}
+    url = gw.url + "/v1/chat/completions"
+    pid = gw.named["services"].pid
+    for minute in range(int(os.environ["BENCH_MINUTES"])):
+        before = cpu_seconds(pid, descendants=True)
+        rows = h2load_requests(url, headers, 60, tmp)
+        cpu = cpu_seconds(pid, descendants=True) - before
+        with open(f"/proc/{pid}/status") as status:
+            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+        f = figures(rows)
+        print(json.dumps({"minute": minute + 1, "p50": f["p50"], "p99": f["p99"],
+                          "max": f["max"], "failed": f["non_2xx"],
+                          "cpu_ms": 1000 * cpu / len(rows), "rss_mb": rss / 1024}), flush=True)
+"""
+
+
+def run(checkout: Path, minutes: int) -> list[dict[str, float]]:
+    env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
+           "BENCH_MINUTES": str(minutes), "BENCH_DIR": str(Path(__file__).resolve().parent)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD], env=env, cwd=checkout,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    rows = []
+    for line in child.stdout:  # each minute as it ends: a long run shows its progress
+        row = json.loads(line)
+        print(f"{checkout.name:10} minute {row['minute']:3}  p50 {row['p50']:6.2f} ms  p99 "
+              f"{row['p99']:6.2f} ms  max {row['max']:7.2f} ms  failed {row['failed']}  "
+              f"services' CPU per request {row['cpu_ms']:.2f} ms  RSS {row['rss_mb']:.0f} MB",
+              flush=True)
+        rows.append(row)
+    if child.wait() != 0 or len(rows) != minutes:
+        raise SystemExit(f"the gateway run in {checkout} failed")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=int, default=12)
+    ap.add_argument("--baseline", type=Path, help="another checkout to measure afterwards")
+    args = ap.parse_args()
+    checkouts = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
+    for checkout in checkouts:
+        rows = run(checkout, args.minutes)
+        first, last = rows[0], rows[-1]
+        print(f"{checkout.name:10} the last minute over the first: p50 "
+              f"{last['p50'] / first['p50']:.2f}x, p99 {last['p99'] / first['p99']:.2f}x, CPU "
+              f"per request {last['cpu_ms'] / first['cpu_ms']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
