@@ -34,7 +34,7 @@ sys.path.insert(0, os.environ["BENCH_ROOT"])
 from tests.e2e.harness import run_gateway
 sys.path.append(os.environ["BENCH_DIR"])  # appended: the checkout's packages come first
 from latency import figures, h2load_requests
-from procstat import cpu_seconds
+from procstat import cpu_seconds, rss_mb
 from wrk_script import CHAT_1KB, post_script
 tmp = pathlib.Path(tempfile.mkdtemp())
 def mutate(doc):
@@ -60,9 +60,7 @@ with run_gateway(tmp, mutate=mutate) as gw:
             row = {"p50": f["p50"], "p99": f["p99"], "max": f["max"],
                    "failed": f["non_2xx"], "requests": f["requests"]}
         cpu = cpu_seconds(pid, descendants=True) - before
-        with open(f"/proc/{pid}/status") as status:
-            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-        print(json.dumps({**row, "minute": minute + 1, "cpu_s": cpu, "rss_mb": rss / 1024}),
+        print(json.dumps({**row, "minute": minute + 1, "cpu_s": cpu, "rss_mb": rss_mb(pid)}),
               flush=True)
 """
 
