@@ -54,7 +54,8 @@ class CostSink:
         self.spend = SpendRecorder(ctx.spend_store(), ctx.key_mirror())
         self.sink = AccessLogSink(
             manifest, ledger, spool, self.spend,
-            DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos"),
+            DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos",
+                       keep_bytes=ctx.manifest.gateway.access_log_keep_mb << 20),
             settle_here=_settle_here(ctx, manifest) if _settles_here(ctx) else None,
             shares_loop=bool(ctx.hosted & {"extauthz", "ratelimit"}))
         # present while a sink runs: found at start, the last one did not stop (drain) cleanly

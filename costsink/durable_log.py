@@ -14,13 +14,19 @@ file (tollway/access_log.py), and this reconciler reads that file behind the gRP
   durable (in the ledger or the spool), so a crash of costsink re-reads from the last
   checkpoint: at most reads twice, never skips.
 
-A file that shrinks (truncated by log rotation with copytruncate) is read again from its start;
-a rotated file is not followed: rotate with copytruncate, or after costsink has caught up.
+The file needs no rotation: once the reconciler has checkpointed past a part of it and kept
+`keep_bytes` more for an operator to read (`gateway.access_log_keep_mb`), it frees that part's
+disk space by punching a hole (costsink/file_space.py). Offsets do not move, so Envoy goes on
+appending where it was and the checkpoint stays valid; a reconciler that lost its checkpoint
+reads the file from its first data on (the holes read as zeros). Where the filesystem cannot
+punch holes the file grows, and a warning says so. A file that shrinks (truncated by log
+rotation with copytruncate) is read again from its start; a file renamed away is not followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -29,6 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from prometheus_client import Counter, Gauge
@@ -38,6 +45,7 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import Manifest
 
 from .entry import Entry, key_id_of, to_entry
+from .file_space import allocated_bytes, punch_hole
 
 log = logging.getLogger("tollway.costsink.durable_log")
 
@@ -45,6 +53,8 @@ RECOVERED = Counter("tollway_costsink_recovered_total",
                     "Entries the gRPC access log did not deliver, read from Envoy's file")
 BEHIND = Gauge("tollway_costsink_durable_log_behind_bytes",
                "Bytes of Envoy's access-log file not yet reconciled")
+DISK = Gauge("tollway_costsink_durable_log_disk_bytes",
+             "Disk space Envoy's access-log file takes: what is reconciled and kept is freed")
 
 RECONCILE_DELAY = 5.0  # seconds a line is left to the gRPC stream before the file counts
 RECONCILE_INTERVAL = 1.0
@@ -55,6 +65,8 @@ RECONCILE_INTERVAL = 1.0
 RECENT_MARGIN = 60.0
 RECENT_TTL = 600.0
 READ_CHUNK = 4 * 1024 * 1024
+# space is freed a MiB at a time: whole blocks on any filesystem, one call per ~1,000 requests
+FREE_STEP = 1 << 20
 
 Write = Callable[[list[Entry]], Awaitable[None]]  # the sink's own write: durable on return
 
@@ -104,9 +116,12 @@ class RecentIds:
 
 
 class DurableLog:
-    def __init__(self, path: Path, checkpoint: Path) -> None:
+    def __init__(self, path: Path, checkpoint: Path, keep_bytes: int = 64 << 20) -> None:
         self.path = path
         self.checkpoint = checkpoint
+        self.keep_bytes = keep_bytes  # reconciled bytes left on disk behind the checkpoint
+        self._freed_to = 0  # below this offset, the file's space was given back (this inode)
+        self._can_free = True
         self.recent = RecentIds()
         self._sizes: list[tuple[float, int]] = []  # (when, file size) samples
         # every line the file held at this time has been read (monotonic; none yet)
@@ -142,6 +157,32 @@ class DurableLog:
             os.close(fd)
         tmp.replace(self.checkpoint)
 
+    def _free_read(self) -> None:
+        """Give back the disk space of what the checkpoint has passed, but the last
+        keep_bytes; runs in a thread, after the checkpoint is saved. The hole ends strictly
+        before the checkpoint, so the line it cuts through was read (see _past_hole)."""
+        end = (self.position.offset - self.keep_bytes - 1) // FREE_STEP * FREE_STEP
+        if not self._can_free or end <= self._freed_to:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+        except OSError:
+            return  # gone or replaced: the next read finds out
+        try:
+            if os.fstat(fd).st_ino == self.position.inode:
+                punch_hole(fd, self._freed_to, end)
+                self._freed_to = end
+        except OSError as e:
+            self._can_free = False
+            log.warning("cannot free the space of %s already reconciled (%s): the file grows "
+                        "until rotated (copytruncate)", self.path, e)
+        finally:
+            os.close(fd)
+
+    def _commit(self) -> None:
+        self._save()
+        self._free_read()
+
     # -- reading ---------------------------------------------------------------------------------
 
     def _settled_size(self, size: int, delay: float) -> tuple[int, float]:
@@ -167,16 +208,49 @@ class DurableLog:
                 log.warning("%s was replaced or truncated: reading it from its start", self.path)
             self.position = _Position(0, st.st_ino)
             self._sizes.clear()
+            self._freed_to = 0
         end, seen = self._settled_size(st.st_size, delay)
         BEHIND.set(st.st_size - self.position.offset)
+        DISK.set(allocated_bytes(st))
         if end <= self.position.offset:  # caught up with the file as it was then
             self._read_to = max(self._read_to, seen)
             return [], self.position.offset
         with self.path.open("rb") as f:
             f.seek(self.position.offset)
             data = f.read(min(end - self.position.offset, READ_CHUNK))
+            if data[:1] == b"\0":  # a hole: no line holds a NUL byte
+                return [], self._past_hole(f, self.position.offset, end)
         complete = data.rfind(b"\n") + 1  # a line Envoy is still writing waits
         return data[:complete].splitlines(), self.position.offset + complete
+
+    def _past_hole(self, f: BinaryIO, offset: int, end: int) -> int:
+        """Where reading goes on from a hole at `offset`: past the line the hole ends in.
+
+        Only a reconciler without its checkpoint (a lost state dir) reads into a hole, which
+        some checkpoint passed when it was freed; the hole ends before that checkpoint, so the
+        line the hole ends in, cut or whole, was read then. Lines past it may not have been,
+        and are read as a new file's would be."""
+        start = offset
+        try:  # the filesystem knows where the data starts again; a scan finds it otherwise
+            offset = os.lseek(f.fileno(), offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return end  # holes only, to the file's end
+        f.seek(offset)
+        in_hole = True
+        while offset < end:
+            chunk = f.read(min(end - offset, READ_CHUNK))
+            if not chunk:
+                break
+            if in_hole:
+                rest = chunk.lstrip(b"\0")
+                offset += len(chunk) - len(rest)
+                chunk, in_hole = rest, not rest
+            newline = chunk.find(b"\n")
+            if newline >= 0:
+                return offset + newline + 1
+            offset += len(chunk)
+        return start  # that line is not whole yet: the next pass looks again
 
     async def reconcile(self, m: Manifest, write: Write, delay: float = RECONCILE_DELAY,
                         keys: KeyMirror | None = None) -> int:
@@ -214,4 +288,4 @@ class DurableLog:
                 log.warning("recorded %d requests the gRPC access log did not deliver",
                             len(missing))
             self.position.offset = end
-            await asyncio.to_thread(self._save)
+            await asyncio.to_thread(self._commit)

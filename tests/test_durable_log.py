@@ -1,18 +1,22 @@
-"""costsink's memory of the request ids it made durable (costsink/durable_log.py): what the
-reconciler of Envoy's access-log file skips, and when an id may be forgotten. A simulated
-clock stands for the minutes of uptime; the file is a real one."""
+"""The reconciler of Envoy's access-log file over long uptime (costsink/durable_log.py): the
+request ids it remembers, what it skips and when an id may be forgotten; and the disk space of
+what it has read, which it gives back while Envoy goes on appending. A simulated clock stands
+for the minutes of uptime; the file is a real one, on the filesystem of the tests' tmp dir."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from costsink import durable_log
-from costsink.durable_log import RECENT_MARGIN, RECENT_TTL, DurableLog, RecentIds
+from costsink.durable_log import FREE_STEP, RECENT_MARGIN, RECENT_TTL, DurableLog, RecentIds
+from costsink.file_space import allocated_bytes
 
 
 class Clock:
@@ -104,3 +108,101 @@ def test_without_the_file_an_id_is_remembered_for_recent_ttl(
     clock.now += 2
     log.durable(["c"])
     assert "a" not in log.recent and "b" in log.recent
+
+
+# -- the space of what was read ------------------------------------------------------------------
+
+LINE = 1024  # bytes a line, so that lines start on every MiB boundary
+
+
+def append_lines(path: Path, ids: list[str]) -> None:
+    """Envoy's way: appended (O_APPEND), whatever was freed before."""
+    with path.open("ab") as f:
+        for rid in ids:
+            head = json.dumps({"request_id": rid, "pad": ""}, separators=(",", ":"))
+            f.write(head.replace('"pad":""', '"pad":"' + "x" * (LINE - len(head) - 1) + '"')
+                    .encode() + b"\n")
+
+
+@pytest.fixture
+def entries_by_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry stands for its request id: these tests are about which lines are read."""
+    monkeypatch.setattr(durable_log, "to_entry", lambda m, e, keys: e.request.request_id)
+
+
+def test_what_was_read_gives_its_space_back_and_offsets_stay(
+        tmp_path: Path, clock: Clock, entries_by_id: None) -> None:
+    access_log = tmp_path / "envoy-access.jsonl"
+    ids = [f"r{i}" for i in range(4 * FREE_STEP // LINE)]  # 4 MiB
+    append_lines(access_log, ids)
+    log = DurableLog(access_log, tmp_path / "pos", keep_bytes=FREE_STEP)
+    log.durable(ids)  # the gRPC stream brought them all
+    for _ in range(10):
+        clock.now += 1
+        assert reconcile(log) == []
+    size = access_log.stat().st_size
+    assert log.position.offset == size == 4 * FREE_STEP
+    # freed: all but the last MiB read (kept) and the MiB step; the size is the same
+    with access_log.open("rb") as f:
+        assert f.read(2 * FREE_STEP) == bytes(2 * FREE_STEP)
+        assert f.read(LINE).startswith(b'{"request_id":"r2048"')
+    assert allocated_bytes(access_log.stat()) <= 2 * FREE_STEP + 64 * 1024
+    # Envoy's next lines land after the others, and are read
+    append_lines(access_log, ["new-0", "new-1"])
+    for _ in range(10):
+        clock.now += 1
+        written = reconcile(log)
+        if written:
+            break
+    assert written == ["new-0", "new-1"]
+    assert access_log.stat().st_size == size + 2 * LINE
+
+
+def test_a_reconciler_that_lost_its_checkpoint_reads_on_past_the_hole(
+        tmp_path: Path, clock: Clock, entries_by_id: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The hole ends before the checkpoint that freed it: the line it ends in was read, the
+    lines after it may not have been (here: two Envoy wrote after that checkpoint)."""
+    access_log = tmp_path / "envoy-access.jsonl"
+    ids = [f"r{i}" for i in range(2 * FREE_STEP // LINE)]  # 2 MiB, a line at each MiB
+    append_lines(access_log, ids)
+    log = DurableLog(access_log, tmp_path / "pos", keep_bytes=0)
+    log.durable(ids)
+    for _ in range(10):
+        clock.now += 1
+        reconcile(log)
+    assert log.position.offset == 2 * FREE_STEP
+    append_lines(access_log, ["new-0", "new-1"])  # not read yet when the state dir is lost
+    (tmp_path / "pos").unlink()
+
+    again = DurableLog(access_log, tmp_path / "pos", keep_bytes=0)
+    written: list[str] = []
+    for _ in range(10):
+        clock.now += 1
+        written += reconcile(again)
+    # the hole is the first MiB; the line at its end was read before; the rest is read again
+    # (the ledger keeps a request id once) and the two new lines are not lost
+    assert written == [*ids[FREE_STEP // LINE + 1:], "new-0", "new-1"]
+    assert "unreadable" not in caplog.text
+
+
+def test_where_space_cannot_be_freed_it_says_so_once_and_reading_goes_on(
+        tmp_path: Path, clock: Clock, entries_by_id: None, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    def unsupported(fd: int, start: int, end: int) -> None:
+        calls.append(end)
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    monkeypatch.setattr(durable_log, "punch_hole", unsupported)
+    access_log = tmp_path / "envoy-access.jsonl"
+    log = DurableLog(access_log, tmp_path / "pos", keep_bytes=0)
+    for n in range(3):  # three MiB, read one at a time
+        batch = [f"m{n}-{i}" for i in range(FREE_STEP // LINE)]
+        append_lines(access_log, batch)
+        got: list[str] = []
+        for _ in range(10):
+            clock.now += 1
+            got += reconcile(log)
+        assert got == batch
+    assert len(calls) == 1 and caplog.text.count("cannot free the space") == 1

@@ -658,7 +658,8 @@ def parse(doc: Any, source: str = "", *,
 
     g = root.child("gateway")
     g.check_keys({"listen", "admin_port", "admin_host", "timezone", "max_request_bytes",
-                  "alert_webhook", "trusted_proxy_hops", "access_log_file"})
+                  "alert_webhook", "trusted_proxy_hops", "access_log_file",
+                  "access_log_keep_mb"})
     tz = g.text("timezone", "UTC")
     try:
         ZoneInfo(tz)
@@ -671,6 +672,7 @@ def parse(doc: Any, source: str = "", *,
                       alert_webhook=g.opt_str("alert_webhook"),
                       trusted_proxy_hops=g.integer("trusted_proxy_hops", 0, minimum=0),
                       access_log_file=g.text("access_log_file", "envoy-access.jsonl"),
+                      access_log_keep_mb=g.integer("access_log_keep_mb", 64, minimum=0),
                       admin_host=g.text("admin_host", "127.0.0.1"))
     if gateway.alert_webhook and not gateway.alert_webhook.startswith(("http://", "https://")):
         g.fail("alert_webhook", "must be an http:// or https:// URL")

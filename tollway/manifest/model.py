@@ -312,6 +312,9 @@ class Gateway:
     # Envoy's durable access log, which costsink reconciles into the ledger; relative paths
     # live in the state dir (tollway.access_log.access_log_path)
     access_log_file: str = "envoy-access.jsonl"
+    # MiB of that file, already reconciled, that stay on disk for an operator to read; costsink
+    # frees the rest (costsink.durable_log.FreeSpace), so the file takes bounded space
+    access_log_keep_mb: int = 64
     admin_host: str = "127.0.0.1"  # Envoy's admin interface (0.0.0.0 for kubelet probes)
 
 
