@@ -7,13 +7,13 @@ caches) costs nothing until its first expiries, minutes after the start, which a
 seconds never reaches. This starts the test harness's gateway (mock provider, `tollway serve`,
 the real Envoy) and drives a fixed 100 requests/s through it (h2load, open loop, as
 bench/latency.py) for `--minutes`, one minute at a time, and prints each minute's p50 / p99 /
-max, the services' CPU per request (each minute's 200 requests of warm-up included) and
-their RSS. `--charged` charges every request to a project rpm, tpm and monthly budget
-that never refuse it (rate-limit windows that expire every minute, budget holds); without it
-no quota applies. `--wrk N` drives the gateway at full load instead (wrk, N connections, a
-1 KB chat completion, as bench/gateway_http.py; no warm-up). `--baseline DIR` runs the same
-on another checkout (e.g. `git worktree add /tmp/base <commit>`) afterwards, on its own
-packages.
+max, the services' CPU per request (each minute's 200 requests of warm-up included), their
+RSS, and Envoy's access-log file: its size and the disk it takes. `--charged` charges every
+request to a project rpm, tpm and monthly budget that never refuse it (rate-limit windows
+that expire every minute, budget holds); without it no quota applies. `--wrk N` drives the
+gateway at full load instead (wrk, N connections, a 1 KB chat completion, as
+bench/gateway_http.py; no warm-up). `--baseline DIR` runs the same on another checkout (e.g.
+`git worktree add /tmp/base <commit>`) afterwards, on its own packages.
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ with run_gateway(tmp, mutate=mutate) as gw:
             row = {"p50": f["p50"], "p99": f["p99"], "max": f["max"],
                    "failed": f["non_2xx"], "requests": f["requests"]}
         cpu = cpu_seconds(pid, descendants=True) - before
-        print(json.dumps({**row, "minute": minute + 1, "cpu_s": cpu, "rss_mb": rss_mb(pid)}),
-              flush=True)
+        log = (tmp / "state" / "envoy-access.jsonl").stat()  # Envoy's file: its size, its disk
+        print(json.dumps({**row, "minute": minute + 1, "cpu_s": cpu, "rss_mb": rss_mb(pid),
+                          "log_mb": log.st_size / 2**20,
+                          "log_disk_mb": log.st_blocks * 512 / 2**20}), flush=True)
 """
 
 
@@ -84,7 +86,8 @@ def run(checkout: Path, minutes: int, charged: bool, wrk: int) -> list[dict[str,
         print(f"{checkout.name:10} minute {row['minute']:3}  {row['requests'] / 60:6.0f} "
               f"requests/s  p50 {row['p50']:6.2f} ms  p99 "
               f"{row['p99']:6.2f} ms  max {row['max']:7.2f} ms  failed {int(row['failed'])}  "
-              f"services' CPU per request {row['cpu_ms']:.2f} ms  RSS {row['rss_mb']:.0f} MB",
+              f"services' CPU per request {row['cpu_ms']:.2f} ms  RSS {row['rss_mb']:.0f} MB  "
+              f"access log {row['log_mb']:.0f} MB, {row['log_disk_mb']:.0f} MB on disk",
               flush=True)
         rows.append(row)
     if child.wait() != 0 or len(rows) != minutes:
