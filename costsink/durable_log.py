@@ -164,20 +164,26 @@ class DurableLog:
         end = (self.position.offset - self.keep_bytes - 1) // FREE_STEP * FREE_STEP
         if not self._can_free or end <= self._freed_to:
             return
+        try:  # opened to write (fallocate needs it), never written: Envoy appends
+            fd = os.open(self.path, os.O_WRONLY)
+        except FileNotFoundError:
+            return  # gone: the next read finds out
+        except OSError as e:  # not ours to write (another user's file, a read-only mount)
+            self._cannot_free(e)
+            return
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
-        except OSError:
-            return  # gone or replaced: the next read finds out
-        try:
-            if os.fstat(fd).st_ino == self.position.inode:
+            if os.fstat(fd).st_ino == self.position.inode:  # not replaced since it was read
                 punch_hole(fd, self._freed_to, end)
                 self._freed_to = end
         except OSError as e:
-            self._can_free = False
-            log.warning("cannot free the space of %s already reconciled (%s): the file grows "
-                        "until rotated (copytruncate)", self.path, e)
+            self._cannot_free(e)
         finally:
             os.close(fd)
+
+    def _cannot_free(self, e: OSError) -> None:
+        self._can_free = False
+        log.warning("cannot free the space of %s already reconciled (%s): the file grows "
+                    "until rotated (copytruncate)", self.path, e)
 
     def _commit(self) -> None:
         self._save()
