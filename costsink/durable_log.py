@@ -182,8 +182,9 @@ class DurableLog:
 
     def _cannot_free(self, e: OSError) -> None:
         self._can_free = False
-        log.warning("cannot free the space of %s already reconciled (%s): the file grows "
-                    "until rotated (copytruncate)", self.path, e)
+        log.warning("cannot free the space of %s already reconciled (%s): the file grows; "
+                    "put it on a filesystem that can punch holes (ext4, XFS, Btrfs, tmpfs), "
+                    "writable by costsink", self.path, e)
 
     def _commit(self) -> None:
         self._save()
