@@ -504,3 +504,11 @@ def test_the_checks_across_organizations_name_every_place() -> None:
             "organizations[1].projects[2].id: duplicate project id 'a' "
             "(first at organizations[1].projects[0])"):
         assert any(p.startswith(expected) for p in found), (expected, found)
+
+
+def test_access_log_keep_mb() -> None:
+    """How much of Envoy's reconciled access-log file stays on disk: 0 frees all of it."""
+    assert loads(MINIMAL).gateway.access_log_keep_mb == 64
+    assert loads("gateway: {access_log_keep_mb: 0}\n" + MINIMAL).gateway.access_log_keep_mb == 0
+    assert "gateway.access_log_keep_mb: must be an integer >= 0" in problems(
+        "gateway: {access_log_keep_mb: -1}\n" + MINIMAL)
