@@ -119,9 +119,10 @@ def append_lines(path: Path, ids: list[str]) -> None:
     """Envoy's way: appended (O_APPEND), whatever was freed before."""
     with path.open("ab") as f:
         for rid in ids:
-            head = json.dumps({"request_id": rid, "pad": ""}, separators=(",", ":"))
-            f.write(head.replace('"pad":""', '"pad":"' + "x" * (LINE - len(head) - 1) + '"')
-                    .encode() + b"\n")
+            unpadded = len(json.dumps({"request_id": rid, "pad": ""}, separators=(",", ":")))
+            pad = "x" * (LINE - unpadded - 1)  # the newline is the last byte
+            f.write(json.dumps({"request_id": rid, "pad": pad}, separators=(",", ":")).encode()
+                    + b"\n")
 
 
 @pytest.fixture

@@ -332,3 +332,25 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
     envoy_log = (logs / "envoy.log").read_text(errors="replace")
     lua_errors = [line for line in envoy_log.splitlines() if "][error][lua]" in line]
     assert not lua_errors, "the Lua usage filter failed:\n" + "\n".join(lua_errors[:5])
+
+
+@contextmanager
+def run_split_gateway(tmp: Path, mutate: Any = None) -> Iterator[Gateway]:
+    """A gateway whose costsink runs in a process of its own (`split`), on a Redis of its own
+    (the counters must outlive costsink's kill), with key "k-main" issued: what a test that
+    kills costsink under load needs. `mutate` edits the manifest after the Redis is set."""
+    for d in ("redis", "gateway"):
+        (tmp / d).mkdir()
+    r = PrivateRedis(tmp / "redis")
+    r.start()
+
+    def with_redis(doc: dict[str, Any]) -> None:
+        doc["storage"]["counters"] = f"redis://127.0.0.1:{r.port}/0"
+        if mutate:
+            mutate(doc)
+    try:
+        with run_gateway(tmp / "gateway", mutate=with_redis, split=True) as g:
+            g.issue("k-main")
+            yield g
+    finally:
+        r.kill()

@@ -17,7 +17,7 @@ import pytest
 
 from costsink.file_space import allocated_bytes
 
-from .harness import Gateway, PrivateRedis, run_gateway, wait_until
+from .harness import Gateway, run_split_gateway, wait_until
 from .test_metering import wait_for_rows
 
 pytestmark = pytest.mark.e2e
@@ -27,18 +27,10 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    r = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    r.start()
-
     def mutate(doc: dict[str, Any]) -> None:
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{r.port}/0"
         doc["gateway"]["access_log_keep_mb"] = 0
-    try:
-        with run_gateway(tmp_path_factory.mktemp("space"), mutate=mutate, split=True) as g:
-            g.issue("k-main")
-            yield g
-    finally:
-        r.kill()
+    with run_split_gateway(tmp_path_factory.mktemp("space"), mutate) as g:
+        yield g
 
 
 def access_log(gw: Gateway) -> Path:

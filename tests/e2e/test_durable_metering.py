@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from .harness import Gateway, PrivateRedis, run_gateway, wait_until
+from .harness import Gateway, run_split_gateway, wait_until
 from .test_metering import ledger
 
 pytestmark = pytest.mark.e2e
@@ -28,19 +28,11 @@ RATE = 20  # requests per second, as the issue measured
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    r = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    r.start()
-
     def mutate(doc: dict[str, Any]) -> None:
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{r.port}/0"
         doc["organizations"][0]["projects"][0]["quotas"] = [
             {"name": "monthly", "spend_per_month": "1000"}, {"name": "fast", "rpm": 100000}]
-    try:
-        with run_gateway(tmp_path_factory.mktemp("durable"), mutate=mutate, split=True) as g:
-            g.issue("k-main")
-            yield g
-    finally:
-        r.kill()
+    with run_split_gateway(tmp_path_factory.mktemp("durable"), mutate) as g:
+        yield g
 
 
 class Load:
