@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -138,14 +139,14 @@ async def stream(port: int, sent: list[als_pb2.StreamAccessLogsMessage]) -> floa
         return started
 
 
-def wait_for_rows(ledger: str, run: str, n: int) -> None:
+def wait_for_rows(ledger: str, run: str, n: int, last_at: datetime) -> None:
     """Until the ledger holds the run's `n` rows. Polled every 10 ms for the last entry by
-    its primary key (the sink writes its queue in order), then counted once: a count every
-    10 ms would scan the table on the cores the sink needs, and so would a new PostgreSQL
-    connection per poll (a backend forked each time)."""
+    its key, its start time and request id (the sink writes its queue in order), then counted
+    once: a count every 10 ms would scan the table on the cores the sink needs, and so would
+    a new PostgreSQL connection per poll (a backend forked each time)."""
     last = request_id(run, n - 1)
     if not ledger.startswith("sqlite"):
-        asyncio.run(_wait_for_pg_rows(run, last, n))
+        asyncio.run(_wait_for_pg_rows(run, last, n, last_at))
         return
     import sqlite3
 
@@ -155,8 +156,8 @@ def wait_for_rows(ledger: str, run: str, n: int) -> None:
         if Path(path).exists():
             db = sqlite3.connect(path)
             try:
-                if db.execute("SELECT 1 FROM tollway_ledger WHERE request_id = ?",
-                              (last,)).fetchone():
+                if db.execute("SELECT 1 FROM tollway_ledger WHERE at = ? AND request_id = ?",
+                              (last_at.isoformat(), last)).fetchone():
                     found = db.execute("SELECT count(*) FROM tollway_ledger WHERE request_id "
                                        "LIKE ?", (f"{run}-%",)).fetchone()[0]
                     if found != n:
@@ -170,14 +171,14 @@ def wait_for_rows(ledger: str, run: str, n: int) -> None:
     raise TimeoutError("the entries did not all reach the SQLite ledger")
 
 
-async def _wait_for_pg_rows(run: str, last: str, n: int) -> None:
+async def _wait_for_pg_rows(run: str, last: str, n: int, last_at: datetime) -> None:
     conn = await asyncpg.connect(PG)
     try:
         async with asyncio.timeout(600):
             while True:
                 try:
-                    if await conn.fetchval("SELECT 1 FROM tollway_ledger WHERE request_id = $1",
-                                           last):
+                    if await conn.fetchval("SELECT 1 FROM tollway_ledger WHERE at = $1 AND "
+                                           "request_id = $2", last_at, last):
                         break
                 except asyncpg.UndefinedTableError:
                     pass
@@ -255,7 +256,9 @@ def main() -> None:
                              (time.perf_counter() - started)))
                 cpu = cpu_seconds(procs[1].pid)
                 started = asyncio.run(stream(port, stream_of))
-                wait_for_rows(ledger, run, args.entries)
+                start = stream_of[-1].http_logs.log_entry[-1].common_properties.start_time
+                wait_for_rows(ledger, run, args.entries, datetime.fromtimestamp(
+                    start.seconds, UTC) + timedelta(microseconds=start.nanos // 1000))
                 rows.append((f"costsink → {name}", args.entries /
                              (time.perf_counter() - started)))
                 cpus.append((name, (cpu_seconds(procs[1].pid) - cpu) / args.entries))

@@ -1,13 +1,22 @@
-"""The append-only ledger: one row per request, idempotent on the request id.
+"""The append-only ledger: one row per request, keyed by the request's start time and id.
 
 Two backends behind one interface: SQLite (single node, on its own thread) and PostgreSQL
-(asyncpg, a batch copied in). Rows are only ever inserted; a replayed entry with a known
-request id is ignored, so a retried batch is never counted twice.
+(asyncpg, a batch copied in). Rows are only ever inserted; a replayed entry of a request the
+ledger has is ignored, so a retried batch is never counted twice.
+
+Why the start time leads the key: Envoy's request ids are random, and a key of the id alone
+put each new row on a random page of its index, so a batch wrote as many index pages as it had
+rows, more of them the bigger the ledger (a SQLite batch of 500 rows 7x slower at 3 million
+rows). Rows come in the order their requests started, so a key led by the time puts a batch on
+the last few pages. Every copy of an entry (the gRPC stream's, the access-log file's, a
+replay's) carries the same start time, to the microsecond, so the key still holds each request
+once.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -19,6 +28,8 @@ import asyncpg
 
 from tollway.refs import resolve_dsn
 from tollway.sqlite_worker import SqliteWorker
+
+log = logging.getLogger("tollway.costsink.ledger")
 
 
 class LedgerRow(NamedTuple):
@@ -68,7 +79,8 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def append(self, rows: list[LedgerRow]) -> set[str]:
-        """Insert the rows whose request id is new; return those request ids."""
+        """Insert the rows of requests the ledger lacks (by start time and request id); return
+        their request ids."""
 
     async def rows(self, since: datetime | None = None,
                    until: datetime | None = None) -> list[LedgerRow]:
@@ -98,9 +110,9 @@ class Ledger(abc.ABC):
         """Priced spend since `since` by org, project, key and model."""
 
 
-PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tollway_ledger (
-    request_id TEXT PRIMARY KEY,
+def _table(name: str) -> str:
+    return f"""CREATE TABLE IF NOT EXISTS {name} (
+    request_id TEXT NOT NULL,
     at TIMESTAMPTZ NOT NULL,
     org TEXT, project TEXT, client TEXT, key_id TEXT, provider TEXT, model TEXT, route TEXT,
     status INTEGER NOT NULL,
@@ -111,10 +123,16 @@ CREATE TABLE IF NOT EXISTS tollway_ledger (
     deny_reason TEXT,
     reasoning_tokens BIGINT NOT NULL DEFAULT 0,
     cache_creation_1h_tokens BIGINT NOT NULL DEFAULT 0,
-    estimated BOOLEAN NOT NULL DEFAULT FALSE
-);
-CREATE INDEX IF NOT EXISTS tollway_ledger_at ON tollway_ledger (at);
-"""
+    estimated BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (at, request_id)
+)"""
+
+
+# the key serves the time range queries too: no index of its own on `at` (a ledger created
+# before the key led with the time has one, and a key of the request id alone)
+PG_SCHEMA = _table("tollway_ledger") + ";"
+PG_REKEY = ("ALTER TABLE tollway_ledger DROP CONSTRAINT tollway_ledger_pkey, "
+            "ADD PRIMARY KEY (at, request_id); DROP INDEX IF EXISTS tollway_ledger_at;")
 # columns added since the first release: a ledger created before them gains them at open
 ADDED_COLUMNS = [("reasoning_tokens", "BIGINT NOT NULL DEFAULT 0"),
                  ("cache_creation_1h_tokens", "BIGINT NOT NULL DEFAULT 0"),
@@ -126,14 +144,41 @@ def _sqlite_type(sql: str) -> str:
         .replace("BIGINT", "INTEGER").replace("BOOLEAN", "INTEGER").replace("FALSE", "0")
 
 
-SQLITE_SCHEMA = _sqlite_type(PG_SCHEMA)
+# WITHOUT ROWID: the table is its key's B-tree, so a row is written once, not into a rowid
+# table and again into the key's index
+SQLITE_SCHEMA = _sqlite_type(_table("tollway_ledger")) + " WITHOUT ROWID;"
+
+
+def _rekey(db: sqlite3.Connection) -> None:
+    """A ledger made before the key led with the start time is copied into one that does, once,
+    in one transaction: killed midway, it is the old ledger still, and done at the next open."""
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'tollway_ledger'").fetchone()
+    if "WITHOUT ROWID" in sql:
+        return
+    (n,) = db.execute("SELECT count(*) FROM tollway_ledger").fetchone()
+    log.warning("ledger %s: keying its %d rows by start time and request id (once)",
+                db.execute("PRAGMA database_list").fetchone()[2], n)
+    cols = ", ".join(COLUMNS)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("DROP TABLE IF EXISTS tollway_ledger_rekeyed")
+        db.execute(_sqlite_type(_table("tollway_ledger_rekeyed")) + " WITHOUT ROWID")
+        db.execute(f"INSERT INTO tollway_ledger_rekeyed ({cols}) SELECT {cols} "
+                   "FROM tollway_ledger ORDER BY at, request_id")
+        db.execute("DROP TABLE tollway_ledger")  # its indexes with it
+        db.execute("ALTER TABLE tollway_ledger_rekeyed RENAME TO tollway_ledger")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 class SqliteLedger(Ledger):
     def __init__(self, path: str | Path) -> None:
         self._worker = SqliteWorker(
             path, SQLITE_SCHEMA, "ledger",
-            [("tollway_ledger", name, _sqlite_type(sql)) for name, sql in ADDED_COLUMNS])
+            [("tollway_ledger", name, _sqlite_type(sql)) for name, sql in ADDED_COLUMNS],
+            upgrade=_rekey)
 
     async def open(self) -> None:
         await self._worker.open()
@@ -234,6 +279,17 @@ class PostgresLedger(Ledger):
             for name, sql in ADDED_COLUMNS:
                 await conn.execute(f"ALTER TABLE tollway_ledger ADD COLUMN IF NOT EXISTS "
                                    f"{name} {sql}")
+            key = await conn.fetchval(
+                "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i "
+                "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                "WHERE i.indrelid = 'tollway_ledger'::regclass AND i.indisprimary")
+        if key == ["request_id"]:
+            # not rekeyed here: the ALTER locks the table while it builds the key (minutes for
+            # a big ledger), which the operator schedules
+            log.warning("ledger: keyed by the request id alone (made by an earlier release); "
+                        "its writes slow as it grows. Rekey it when writes may wait: %s",
+                        PG_REKEY)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -244,8 +300,9 @@ class PostgresLedger(Ledger):
         """A batch is copied in (COPY): asyncpg encodes each value with its column's codec,
         at half the CPU of the INSERT from column arrays, whose encoder tests each element of
         each array for being an array itself. COPY knows no ON CONFLICT: a batch holding a
-        request id the ledger has (a replay, or twins from the gRPC stream and the file) fails
-        whole, and is inserted again skipping the known ids."""
+        request the ledger has (a replay, or twins from the gRPC stream and the file) fails
+        whole, and is inserted again skipping the known ones. ON CONFLICT names no key: a ledger
+        made before the key led with the start time has the request id's alone."""
         assert self._pool is not None
         async with self._pool.acquire() as conn:
             try:
@@ -260,7 +317,7 @@ class PostgresLedger(Ledger):
                 inserted = await conn.fetch(
                     f"INSERT INTO tollway_ledger ({', '.join(COLUMNS)}) "
                     f"SELECT * FROM unnest({arrays}) "
-                    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                    "ON CONFLICT DO NOTHING RETURNING request_id",
                     *[list(col) for col in zip(*rows, strict=True)])
         return {r["request_id"] for r in inserted}
 

@@ -17,6 +17,7 @@ import pytest
 from costsink import durable_log
 from costsink.durable_log import FREE_STEP, RECENT_MARGIN, RECENT_TTL, DurableLog, RecentIds
 from costsink.file_space import allocated_bytes
+from tollway.access_log import entry_from_line
 
 
 class Clock:
@@ -207,3 +208,25 @@ def test_where_space_cannot_be_freed_it_says_so_once_and_reading_goes_on(
             got += reconcile(log)
         assert got == batch
     assert len(calls) == 1 and caplog.text.count("cannot free the space") == 1
+
+
+@pytest.mark.parametrize(("written", "seconds", "nanos"), [
+    ("1764936000.123456", 1764936000, 123_456_000),
+    ("1764936000.999999", 1764936000, 999_999_000),  # no rounding up into the next second
+    ("1764936000.000001", 1764936000, 1000),
+    ("1764936000.5", 1764936000, 500_000_000),
+    ("1764936000", 1764936000, 0),
+])
+def test_a_lines_start_time_reads_as_the_grpc_streams_to_the_microsecond(
+        written: str, seconds: int, nanos: int) -> None:
+    """The ledger's key is (start time, request id): a line read back must give the very start
+    time the gRPC stream's entry for the same request gives, or the request is charged twice."""
+    line = json.dumps({"request_id": "r", "start_time": written, "status": "200"})
+    start = entry_from_line(line).common_properties.start_time
+    assert (start.seconds, start.nanos) == (seconds, nanos)
+
+
+def test_a_line_without_a_start_time_has_none() -> None:
+    for written in ("-", "", "1764936000.12x"):
+        line = json.dumps({"request_id": "r", "start_time": written})
+        assert not entry_from_line(line).common_properties.HasField("start_time")

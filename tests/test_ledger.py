@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from costsink.ledger import Ledger, LedgerRow, PostgresLedger, SqliteLedger
+from costsink.ledger import PG_REKEY, Ledger, LedgerRow, PostgresLedger, SqliteLedger
 from tests.conftest import PG_DSN
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -42,9 +43,8 @@ async def test_estimated_rows_and_their_token_columns_round_trip(ledger: Ledger)
     assert await ledger.rows() == rows
 
 
-async def test_a_ledger_from_before_the_estimate_columns_gains_them(tmp_path: Path) -> None:
-    import sqlite3
-
+async def test_a_ledger_from_before_the_estimate_columns_and_the_time_led_key_gains_them(
+        tmp_path: Path) -> None:
     old = tmp_path / "old.db"
     db = sqlite3.connect(old)
     db.executescript("""CREATE TABLE tollway_ledger (request_id TEXT PRIMARY KEY, at TEXT NOT NULL,
@@ -64,11 +64,65 @@ async def test_a_ledger_from_before_the_estimate_columns_gains_them(tmp_path: Pa
         got = {r.request_id: r for r in await lg.rows()}
         assert not got["old"].estimated and got["old"].reasoning_tokens == 0
         assert got["new"] == row("new")
+        # and it is keyed by start time and request id now: a twin of the old row is ignored
+        old_twin = got["old"]._replace(cost=Decimal("9"))
+        assert await lg.append([old_twin, row("newer", at=1)]) == {"newer"}
+        assert len(await lg.rows()) == 3
     finally:
         await lg.close()
+    db = sqlite3.connect(old)
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'tollway_ledger'").fetchone()
+    tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert "PRIMARY KEY (at, request_id)" in sql and sql.endswith("WITHOUT ROWID")
+    assert tables == {"tollway_ledger"}  # the old table's key index and time index gone with it
 
 
-async def test_append_is_idempotent_on_the_request_id(ledger: Ledger) -> None:
+OLD_PG_LEDGER = """CREATE TABLE tollway_ledger (request_id TEXT PRIMARY KEY,
+    at TIMESTAMPTZ NOT NULL, org TEXT, project TEXT, client TEXT, key_id TEXT, provider TEXT,
+    model TEXT, route TEXT, status INTEGER NOT NULL, input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL, cached_input_tokens BIGINT NOT NULL,
+    cache_creation_tokens BIGINT NOT NULL, cost NUMERIC(20, 10), currency TEXT,
+    rate_card_version TEXT, latency_ms INTEGER NOT NULL, stream BOOLEAN NOT NULL,
+    client_disconnected BOOLEAN NOT NULL, deny_reason TEXT);
+    CREATE INDEX tollway_ledger_at ON tollway_ledger (at);"""
+
+
+async def test_a_postgresql_ledger_keyed_by_the_request_id_alone_works_and_says_how_to_rekey(
+        drop_schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL's rekey locks the table while it builds the key: the operator runs it, with
+    the statement the warning gives; until then the old key holds each request once."""
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{drop_schema}"; SET search_path TO "{drop_schema}";'
+                           + OLD_PG_LEDGER)
+        lg = PostgresLedger(PG_DSN, schema=drop_schema)
+        await lg.open()
+        try:
+            assert PG_REKEY in caplog.text
+            assert await lg.append([row("a"), row("b", at=1)]) == {"a", "b"}
+            assert await lg.append([row("b", at=1), row("c", at=2)]) == {"c"}
+            await conn.execute(PG_REKEY)
+            assert await lg.append([row("c", at=2), row("d", at=3)]) == {"d"}
+            assert [r.request_id for r in await lg.rows()] == ["a", "b", "c", "d"]
+        finally:
+            await lg.close()
+        key = await conn.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = 'tollway_ledger'::regclass AND contype = 'p'")
+        assert key == "PRIMARY KEY (at, request_id)"
+        caplog.clear()
+        lg = PostgresLedger(PG_DSN, schema=drop_schema)
+        await lg.open()
+        await lg.close()
+        assert "Rekey" not in caplog.text
+    finally:
+        await conn.close()
+
+
+async def test_append_is_idempotent_on_the_request(ledger: Ledger) -> None:
     assert await ledger.append([row("a"), row("b", at=1)]) == {"a", "b"}
     assert await ledger.append([row("b", at=1), row("c", at=2)]) == {"c"}
     assert [r.request_id for r in await ledger.rows()] == ["a", "b", "c"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +73,12 @@ def entry_from_line(line: str | bytes) -> accesslog_pb2.HTTPAccessLogEntry:
     e.request.request_body_bytes = _int(doc.get("bytes_received"))
     e.response.response_code.value = _int(doc.get("status"))
     common = e.common_properties
-    started = float(doc.get("start_time") or 0)
-    if started:
-        common.start_time.FromDatetime(datetime.fromtimestamp(started, UTC))
+    seconds, _, fraction = str(doc.get("start_time") or "").partition(".")
+    if seconds.isdigit() and (not fraction or fraction.isdigit()):
+        # exactly as the gRPC stream's Timestamp reads (costsink.entry): the ledger's key holds
+        # the start time, so the two copies of an entry must agree to the microsecond
+        common.start_time.seconds = int(seconds)
+        common.start_time.nanos = int(fraction[:6].ljust(6, "0")) * 1000
     common.time_to_last_downstream_tx_byte.FromMilliseconds(_int(doc.get("duration_ms")))
     if _int(doc.get("upstream_sent")) > 0:
         common.time_to_first_upstream_tx_byte.FromMilliseconds(0)

@@ -30,11 +30,13 @@ Migration = tuple[str, str, str]
 
 class SqliteWorker:
     def __init__(self, path: str | Path, schema: str, name: str,
-                 migrations: Sequence[Migration] = (), indexes: str = "") -> None:
+                 migrations: Sequence[Migration] = (), indexes: str = "",
+                 upgrade: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self.path = Path(path)
         self.schema = schema
         self.migrations = migrations
         self.indexes = indexes  # a script run after the migrations: it may name their columns
+        self.upgrade = upgrade  # last, under the same lock: a change no script can say
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._db: sqlite3.Connection | None = None
 
@@ -55,6 +57,8 @@ class SqliteWorker:
                     if column not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
                 db.executescript(self.indexes)
+                if self.upgrade is not None:
+                    self.upgrade(db)
             self._db = db
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)
 

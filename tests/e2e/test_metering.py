@@ -34,12 +34,19 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def ledger(gw: Gateway) -> dict[str, dict[str, Any]]:
+    """The ledger's rows by request id; a request id twice fails the test: the ledger's key is
+    (start time, request id), so twins (the gRPC stream's entry and the file's line) that read
+    different start times would be one request charged twice."""
     db = sqlite3.connect(gw.manifest_path.parent / "state" / "ledger.db")
     db.row_factory = sqlite3.Row
     try:
-        return {r["request_id"]: dict(r) for r in db.execute("SELECT * FROM tollway_ledger")}
+        rows = db.execute("SELECT * FROM tollway_ledger").fetchall()
     finally:
         db.close()
+    by_id = {r["request_id"]: dict(r) for r in rows}
+    twice = [r["request_id"] for r in rows if by_id[r["request_id"]]["at"] != r["at"]]
+    assert len(by_id) == len(rows), f"requests in the ledger twice: {twice[:3]}"
+    return by_id
 
 
 def wait_for_rows(gw: Gateway, ids: set[str], timeout: float = 10.0) -> dict[str, Any]:
