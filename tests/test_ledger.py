@@ -68,6 +68,10 @@ async def test_a_ledger_from_before_the_estimate_columns_and_the_time_led_key_ga
         old_twin = got["old"]._replace(cost=Decimal("9"))
         assert await lg.append([old_twin, row("newer", at=1)]) == {"newer"}
         assert len(await lg.rows()) == 3
+        # a caller that stopped waiting for a slow first open opens again: the same connection
+        first = lg._worker._db
+        await lg.open()
+        assert lg._worker._db is first
     finally:
         await lg.close()
     db = sqlite3.connect(old)

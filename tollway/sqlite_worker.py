@@ -42,6 +42,10 @@ class SqliteWorker:
 
     async def open(self) -> None:
         def connect() -> None:
+            if self._db is not None:
+                # opened by a call before this one that its caller stopped waiting for (a
+                # ledger rekeyed at its first open can take longer than the write timeout)
+                return
             private_file(self.path)  # SQLite gives its -wal and -shm files the same mode
             lock = self.path.with_name(self.path.name + ".lock")
             private_file(lock)
