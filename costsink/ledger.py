@@ -144,9 +144,13 @@ def _sqlite_type(sql: str) -> str:
         .replace("BIGINT", "INTEGER").replace("BOOLEAN", "INTEGER").replace("FALSE", "0")
 
 
-# WITHOUT ROWID: the table is its key's B-tree, so a row is written once, not into a rowid
-# table and again into the key's index
-SQLITE_SCHEMA = _sqlite_type(_table("tollway_ledger")) + " WITHOUT ROWID;"
+def _sqlite_table(name: str) -> str:
+    """WITHOUT ROWID: the table is its key's B-tree, so a row is written once, not into a
+    rowid table and again into the key's index."""
+    return _sqlite_type(_table(name)) + " WITHOUT ROWID"
+
+
+SQLITE_SCHEMA = _sqlite_table("tollway_ledger") + ";"
 
 
 def _rekey(db: sqlite3.Connection) -> None:
@@ -162,7 +166,7 @@ def _rekey(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute("DROP TABLE IF EXISTS tollway_ledger_rekeyed")
-        db.execute(_sqlite_type(_table("tollway_ledger_rekeyed")) + " WITHOUT ROWID")
+        db.execute(_sqlite_table("tollway_ledger_rekeyed"))
         db.execute(f"INSERT INTO tollway_ledger_rekeyed ({cols}) SELECT {cols} "
                    "FROM tollway_ledger ORDER BY at, request_id")
         db.execute("DROP TABLE tollway_ledger")  # its indexes with it

@@ -313,7 +313,7 @@ class Gateway:
     # live in the state dir (tollway.access_log.access_log_path)
     access_log_file: str = "envoy-access.jsonl"
     # MiB of that file, already reconciled, that stay on disk for an operator to read; costsink
-    # frees the rest (costsink.durable_log.FreeSpace), so the file takes bounded space
+    # frees the rest (costsink.durable_log.DurableLog), so the file takes bounded space
     access_log_keep_mb: int = 64
     admin_host: str = "127.0.0.1"  # Envoy's admin interface (0.0.0.0 for kubelet probes)
 
