@@ -512,3 +512,67 @@ def test_access_log_keep_mb() -> None:
     assert loads("gateway: {access_log_keep_mb: 0}\n" + MINIMAL).gateway.access_log_keep_mb == 0
     assert "gateway.access_log_keep_mb: must be an integer >= 0" in problems(
         "gateway: {access_log_keep_mb: -1}\n" + MINIMAL)
+
+
+def test_a_gzip_manifest_reads_as_its_text(tmp_path: Path) -> None:
+    """A ConfigMap holds at most 1 MiB: a manifest may be gzip-compressed YAML, told from YAML
+    by the gzip header, wherever a manifest is read: load, a serving process's reload by its
+    reader, the keys' commands. A broken or oversized one is refused with the reason."""
+    import gzip
+
+    from tests.e2e.harness import offline_manifest
+    from tollway.manifest.beside import load_beside
+    from tollway.manifest.keys_part import load_keys_part
+    from tollway.manifest.reading import inflate
+
+    text = yaml.safe_dump(offline_manifest())
+    plain, packed = tmp_path / "plain.yaml", tmp_path / "packed.yaml"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    want = load(plain)
+    assert load(packed).organizations == want.organizations
+    assert load_beside(packed, {}).organizations == want.organizations
+    keys, want_keys = load_keys_part(packed), load_keys_part(plain)
+    assert (keys.storage, keys.places) == (want_keys.storage, want_keys.places)
+    # gunzip reads the members of a file one after the other, and so does the reader
+    half = len(text) // 2
+    packed.write_bytes(gzip.compress(text[:half].encode()) + gzip.compress(text[half:].encode()))
+    assert load(packed).providers == want.providers
+
+    whole = gzip.compress(text.encode())
+    for data, reason in ((whole[:-9], "gzip content cut short"),
+                         (whole[:2] + b"\0" + whole[3:], "not valid gzip"),
+                         (whole + b"trailing", "not valid gzip"),
+                         (gzip.compress(b"\xff\xfe" + text.encode()), "codec can't decode")):
+        packed.write_bytes(data)
+        with pytest.raises(ManifestError, match=f"\\(file\\): cannot read: .*{reason}"):
+            load(packed)
+    with pytest.raises(ValueError, match="gzip content over 1 MiB"):
+        inflate(gzip.compress(b" " * ((1 << 20) + 1)), limit=1 << 20)
+    assert len(inflate(gzip.compress(b" " * (1 << 20)), limit=1 << 20)) == 1 << 20
+
+
+def test_a_gzip_manifest_edited_is_reloaded_one_organization_at_a_time(tmp_path: Path) -> None:
+    """The cut at organizations works on the inflated text: an edit of one organization in a
+    gzip manifest compiles that organization alone, read by a serving process's reader and
+    in process (`tollway render --watch`) alike."""
+    import gzip
+
+    from tollway.manifest.beside import load_here
+    from tollway.reload import ManifestWatcher
+
+    doc = yaml.safe_load(MINIMAL)
+    doc["organizations"] += [{"id": f"org{i}", "projects": [{"id": "p", "quotas": [
+        {"rpm": 2}]}]} for i in range(3)]
+    path = tmp_path / "m.yaml"
+    path.write_bytes(gzip.compress(yaml.safe_dump(doc).encode()))
+    for serving in (True, False):
+        watcher = ManifestWatcher(path, load_here(path), serving=serving, hash_every=0)
+        before = watcher.manifest.organizations
+        doc["organizations"][2]["projects"][0]["quotas"][0]["rpm"] += 1
+        path.write_bytes(gzip.compress(yaml.safe_dump(doc).encode()))
+        assert watcher.check()
+        after = watcher.manifest.organizations
+        assert [a is b for a, b in zip(before, after, strict=True)] == [True, True, False, True]
+        assert after[2].projects[0].quotas[0].limits["rpm"] == doc["organizations"][2][
+            "projects"][0]["quotas"][0]["rpm"]

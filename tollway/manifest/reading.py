@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,44 @@ class ManifestError(Exception):
         super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems))
 
 
+GZIP_MAGIC = b"\x1f\x8b"  # never the start of a YAML text: YAML allows no control character
+# a gzip manifest that inflates beyond this is refused, not read into memory whole: 100 times
+# the 10,000 projects of bench/scale.py
+MAX_INFLATED = 128 << 20
+
+
 def read_text(p: Path) -> str:
+    """The manifest's text, from a file of YAML or of gzip-compressed YAML, told apart by the
+    gzip header: a ConfigMap holds at most 1 MiB, and a manifest of 10,000 projects is about
+    that much YAML but a tenth of it compressed (docs/kubernetes.md)."""
     try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        data = p.read_bytes()
+        if data.startswith(GZIP_MAGIC):
+            data = inflate(data)
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ManifestError(str(p), [f"(file): cannot read: {e}"]) from None
+
+
+def inflate(data: bytes, limit: int = MAX_INFLATED) -> bytes:
+    """The gzip file's content, every member of it (as gunzip writes them one after the
+    other); ValueError where it is not whole gzip or would inflate beyond `limit` bytes."""
+    out: list[bytes] = []
+    size = 0
+    while data:
+        member = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
+        try:
+            chunk = member.decompress(data, limit - size + 1)
+        except zlib.error as e:
+            raise ValueError(f"not valid gzip: {e}") from None
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"gzip content over {limit >> 20} MiB")
+        if not member.eof:
+            raise ValueError("gzip content cut short")
+        out.append(chunk)
+        data = member.unused_data
+    return b"".join(out)
 
 
 def document(text: str, source: str = "") -> Any:
