@@ -150,6 +150,60 @@ def test_the_shipped_manifest_renders_a_config_envoy_accepts(
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+CONFIGMAP_LIMIT = 1 << 20  # the API server refuses a ConfigMap whose values hold more bytes
+
+
+def test_ten_thousand_projects_fit_a_configmap_gzipped(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest of 10,000 projects written as operators write them (a name, a cost centre,
+    an rpm, a budget with alerts) is more YAML than a ConfigMap holds. Compressed with gzip
+    it is a tenth of that: an overlay of the production one that generates the ConfigMap from
+    the .gz file gets its bytes as binaryData, which the pods mount as the same file
+    manifest.yaml, and Tollway reads it as it reads YAML (docs/kubernetes.md)."""
+    import base64
+    import gzip
+    import os
+
+    for name in ("TOLLWAY_KEYS_DSN", "TOLLWAY_LEDGER_DSN"):
+        monkeypatch.setenv(name, "postgresql://tollway@postgres/tollway")
+    monkeypatch.setenv("TOLLWAY_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    doc = yaml.safe_load(shipped_manifest(build("production")))
+    doc["organizations"] += [{"id": f"org-{o:03d}", "name": f"Business unit {o}", "projects": [
+        {"id": f"team-{p:03d}", "name": f"Team {p} of business unit {o}",
+         "metadata": {"cost_center": f"cc-{o:03d}-{p:03d}"},
+         "quotas": [{"name": "team", "rpm": 600},
+                    {"name": "budget", "spend_per_month": 2500, "alerts": [0.8, 1.0]}]}
+        for p in range(100)]} for o in range(100)]
+    text = yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+    packed = gzip.compress(text.encode(), mtime=0)
+    print(f"\n{len(text.encode()):,} bytes of YAML, {len(packed):,} gzipped")
+    assert len(text.encode()) > CONFIGMAP_LIMIT > 8 * len(packed)
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "manifest.yaml.gz").write_bytes(packed)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "deploy" / "overlays" / "production", overlay)],
+        "configMapGenerator": [{"name": "tollway-manifest", "behavior": "replace",
+                                "files": ["manifest.yaml=manifest.yaml.gz"],
+                                "options": {"disableNameSuffixHash": True}}]}))
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    [cm] = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] == "ConfigMap"
+            and o["metadata"]["name"] == "tollway-manifest"]
+    kubernetes_validate.validate(cm, K8S_VERSION, strict=True)
+    assert "data" not in cm and set(cm["binaryData"]) == {"manifest.yaml"}
+    mounted = base64.b64decode(cm["binaryData"]["manifest.yaml"])
+    assert mounted == packed and len(mounted) <= CONFIGMAP_LIMIT
+    path = tmp_path / "manifest.yaml"  # the file the pods' volume holds
+    path.write_bytes(mounted)
+    assert sum(len(o.projects) for o in load(path).organizations) == 10_000 + sum(
+        len(o["projects"]) for o in yaml.safe_load(shipped_manifest(build("production")))[
+            "organizations"])
+
+
 def test_compose_runs_the_manifest_it_ships(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
     """compose.yaml cannot run here (no Docker daemon): its wiring is checked instead."""

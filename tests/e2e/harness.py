@@ -6,6 +6,7 @@ with a deadline, never slept for.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -219,9 +220,11 @@ class Gateway:
         result: list[dict[str, Any]] = httpx.get(f"{self.mock_url}/_mock/seen").json()
         return result
 
-    def write_manifest(self, doc: dict[str, Any]) -> None:
+    def write_manifest(self, doc: dict[str, Any], packed: bool = False) -> None:
+        """`packed`: gzip-compressed, as a ConfigMap holds a big manifest."""
         tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(manifest_text(doc))
+        text = manifest_text(doc).encode()
+        tmp.write_bytes(gzip.compress(text) if packed else text)
         tmp.replace(self.manifest_path)  # atomic, like a ConfigMap symlink swap
 
 

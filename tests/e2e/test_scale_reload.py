@@ -4,7 +4,8 @@ The gateway serves a manifest of 101 organizations (10,000 projects of 100 each,
 base manifest's) while twenty requests a second flow through the OpenAI SDK, with no retries
 so that nothing is hidden. An edit of one project's rpm reaches the running services with the
 other 100 organizations taken as they were compiled, and the new limit counts the requests
-made before it. A broken edit is refused and the last good manifest stays in force. Then
+made before it. A broken edit is refused and the last good manifest stays in force; the
+edit that mends it is written gzip-compressed, as a ConfigMap holds a big manifest. Then
 every request is in the ledger, each served one at the tokens and the price of the provider's
 own bill. How long each reload took is printed, not asserted: bench/reload.py measures it.
 """
@@ -49,12 +50,13 @@ def big_project(doc: dict[str, Any]) -> dict[str, Any]:
     return project
 
 
-def reloaded(gw: Gateway, doc: dict[str, Any], outcome: str = "manifest reloaded") -> str:
+def reloaded(gw: Gateway, doc: dict[str, Any], outcome: str = "manifest reloaded",
+             packed: bool = False) -> str:
     """Write the manifest, wait for the services' log line saying `outcome`, and return the
     log from that line on (a refusal lists its problems on the lines after it)."""
     log = gw.manifest_path.parent / "logs" / "services.log"
     before = log.read_text().count(outcome)
-    gw.write_manifest(doc)  # libyaml takes 0.7 s to write 10,000 projects: not the reload's
+    gw.write_manifest(doc, packed)  # libyaml takes 0.7 s to write 10,000 projects: not the reload's
     written = time.monotonic()
     deadline = written + 20
     while (text := log.read_text()).count(outcome) == before:
@@ -122,10 +124,15 @@ def test_ten_thousand_projects_edited_under_load(tmp_path: Path) -> None:
             assert headers["x-tollway-error"] == "rate_limit_exceeded", headers
             refused.append(rid)
 
-            other["rpm"] = 1000  # mended, and the edited project given room again
-            quota["rpm"] = 10
-            line = reloaded(gw, doc)
+            other["rpm"] = 1000  # mended, the edited project given room again, and written
+            quota["rpm"] = 10     # gzip-compressed, as a ConfigMap holds a big manifest
+            line = reloaded(gw, doc, packed=True)
             assert f"(1 of {ORGS + 1} organizations compiled" in line
+            renderer = gw.manifest_path.parent / "logs" / "renderer.log"
+            deadline = time.monotonic() + 20  # Envoy's files are rendered from it too
+            while renderer.read_text().count("manifest reloaded") < 2:
+                assert time.monotonic() < deadline, "the renderer did not reload the gzip"
+                time.sleep(0.05)
             after = [ask(big) for _ in range(2)]
             assert all(h["x-ratelimit-limit-requests"] == "10" and "x-tollway-error" not in h
                        for _, h in after), after
