@@ -56,8 +56,8 @@ def reloaded(gw: Gateway, doc: dict[str, Any], outcome: str = "manifest reloaded
     log from that line on (a refusal lists its problems on the lines after it)."""
     log = gw.manifest_path.parent / "logs" / "services.log"
     before = log.read_text().count(outcome)
-    gw.write_manifest(doc, packed)  # libyaml takes 0.7 s to write 10,000 projects: not the reload's
-    written = time.monotonic()
+    gw.write_manifest(doc, packed)
+    written = time.monotonic()  # after: libyaml takes 0.7 s to write 10,000 projects
     deadline = written + 20
     while (text := log.read_text()).count(outcome) == before:
         assert time.monotonic() < deadline, f"no '{outcome}' within 20 s"

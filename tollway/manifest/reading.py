@@ -45,7 +45,7 @@ MAX_INFLATED = 128 << 20
 def read_text(p: Path) -> str:
     """The manifest's text, from a file of YAML or of gzip-compressed YAML, told apart by the
     gzip header: a ConfigMap holds at most 1 MiB, and a manifest of 10,000 projects is about
-    that much YAML but a tenth of it compressed (docs/kubernetes.md)."""
+    that much YAML but a tenth or less of it compressed (docs/kubernetes.md)."""
     try:
         data = p.read_bytes()
         if data.startswith(GZIP_MAGIC):
