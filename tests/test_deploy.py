@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tollway.manifest import load
-from tollway.render import render
+from tollway.render import SAFE_DUMPER, render
 from tollway.up import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,13 +131,18 @@ def test_the_wiring_between_objects_holds(overlay: str) -> None:
         assert {e["port"] for e in sm["spec"]["endpoints"]} <= ports
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_shipped_manifest_renders_a_config_envoy_accepts(
-        overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def pods_env(monkeypatch: pytest.MonkeyPatch, state: Path) -> None:
+    """What the overlays' pods set from their Secrets, for their manifest to load here."""
     for name in ("TOLLWAY_KEYS_DSN", "TOLLWAY_LEDGER_DSN"):
         monkeypatch.setenv(name, "postgresql://tollway@postgres/tollway")
     monkeypatch.setenv("TOLLWAY_REDIS_URL", "redis://redis:6379/0")
-    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(state))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_shipped_manifest_renders_a_config_envoy_accepts(
+        overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pods_env(monkeypatch, tmp_path)
     doc = yaml.safe_load(shipped_manifest(build(overlay)))
     # the pod's volume path does not exist here; Envoy opens the file when it validates
     doc["gateway"]["access_log_file"] = str(tmp_path / "envoy-access.jsonl")
@@ -157,25 +162,23 @@ def test_ten_thousand_projects_fit_a_configmap_gzipped(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A manifest of 10,000 projects written as operators write them (a name, a cost centre,
     an rpm, a budget with alerts) is more YAML than a ConfigMap holds. Compressed with gzip
-    it is a tenth of that: an overlay of the production one that generates the ConfigMap from
+    it is under a tenth of that: an overlay of the production one that generates the ConfigMap from
     the .gz file gets its bytes as binaryData, which the pods mount as the same file
     manifest.yaml, and Tollway reads it as it reads YAML (docs/kubernetes.md)."""
     import base64
     import gzip
     import os
 
-    for name in ("TOLLWAY_KEYS_DSN", "TOLLWAY_LEDGER_DSN"):
-        monkeypatch.setenv(name, "postgresql://tollway@postgres/tollway")
-    monkeypatch.setenv("TOLLWAY_REDIS_URL", "redis://redis:6379/0")
-    monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
+    pods_env(monkeypatch, tmp_path)
     doc = yaml.safe_load(shipped_manifest(build("production")))
+    shipped_projects = sum(len(o["projects"]) for o in doc["organizations"])
     doc["organizations"] += [{"id": f"org-{o:03d}", "name": f"Business unit {o}", "projects": [
         {"id": f"team-{p:03d}", "name": f"Team {p} of business unit {o}",
          "metadata": {"cost_center": f"cc-{o:03d}-{p:03d}"},
          "quotas": [{"name": "team", "rpm": 600},
                     {"name": "budget", "spend_per_month": 2500, "alerts": [0.8, 1.0]}]}
         for p in range(100)]} for o in range(100)]
-    text = yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+    text = yaml.dump(doc, Dumper=SAFE_DUMPER)
     packed = gzip.compress(text.encode(), mtime=0)
     print(f"\n{len(text.encode()):,} bytes of YAML, {len(packed):,} gzipped")
     assert len(text.encode()) > CONFIGMAP_LIMIT > 8 * len(packed)
@@ -199,9 +202,7 @@ def test_ten_thousand_projects_fit_a_configmap_gzipped(tmp_path: Path,
     assert mounted == packed and len(mounted) <= CONFIGMAP_LIMIT
     path = tmp_path / "manifest.yaml"  # the file the pods' volume holds
     path.write_bytes(mounted)
-    assert sum(len(o.projects) for o in load(path).organizations) == 10_000 + sum(
-        len(o["projects"]) for o in yaml.safe_load(shipped_manifest(build("production")))[
-            "organizations"])
+    assert sum(len(o.projects) for o in load(path).organizations) == 10_000 + shipped_projects
 
 
 def test_compose_runs_the_manifest_it_ships(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
