@@ -462,6 +462,46 @@ def test_the_keys_part_reads_past_a_mistake_elsewhere_but_not_in_storage(
         "storage.ledger: must start with one of sqlite:, postgresql:, postgres:, env:"}
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_keys_part_parses_only_the_organizations_that_may_hold_keys(
+        path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most organizations of a large manifest write no key (keys belong in the store), and
+    `tollway keys` took 2.6-3.4 s on 100,000 projects parsing them all. Where the text is cut
+    at its organizations, only those whose text may hold a mapping key `keys` are parsed:
+    the word, or a backslash (a double-quoted `"k\\x65ys"`). The places found are those of the
+    whole document."""
+    from tollway.manifest import reading
+    from tollway.manifest.keys_part import load_keys_part, places_in
+    from tollway.manifest.org_texts import cut
+
+    doc = _with_statuses(path)
+    doc["organizations"] += [{"id": "zoo", "name": "monkeys", "projects": [{"id": "p"}]}]
+    doc["organizations"] += [{"id": f"org{o}", "projects": [
+        {"id": f"p{p}", "quotas": [{"rpm": 300}]} for p in range(3)]} for o in range(20)]
+    escaped = ('- id: escaped\n  projects:\n  - id: p\n    clients:\n    - id: c\n'
+               '      "k\\x65ys":\n      - id: k-escaped\n')
+    text = yaml.safe_dump(doc, sort_keys=False).replace(
+        "\norganizations:\n", "\norganizations:\n" + escaped, 1)
+    written = tmp_path / path.name
+    written.write_text(text)
+    parts = cut(text)
+    assert parts is not None and len(parts.entries) == len(doc["organizations"]) + 1
+    parsed: list[str] = []
+
+    def counted(text: str, source: str = "") -> Any:
+        parsed.append(text)
+        return document(text, source)
+    document = reading.document
+    monkeypatch.setattr(reading, "document", counted)
+    part = load_keys_part(written)
+    whole = places_in(yaml.safe_load(text))
+    assert part.places == whole and "k-escaped" in whole
+    with_keys = [e for e in parts.entries if "keys" in e or "\\" in e]
+    assert parsed == [parts.rest, *with_keys]  # not the 20 organizations without keys
+    assert [yaml.safe_load(e)[0]["id"] for e in with_keys] == [
+        "escaped", *(o["id"] for o in doc["organizations"][:-21]), "zoo"]
+
+
 def test_quotas_written_alike_are_compiled_once_and_every_problem_is_still_named() -> None:
     """Quotas are compiled once per distinct document (10,000 projects may write the same
     ones) and shared; a document with a problem is never taken from what was compiled, so

@@ -104,10 +104,10 @@ def read(path: str, known: set[str], texts: Mapping[str, str] | None = None,
         text = read_text(Path(path))
     except ManifestError as e:
         return {"problems": e.problems}
-    return read_text_cut(text, _cut(text, cutter), path, known, texts or {})
+    return read_text_cut(text, cut_or_none(text, cutter), path, known, texts or {})
 
 
-def _cut(text: str, cutter: org_texts.Cutter | None) -> org_texts.Cut | None:
+def cut_or_none(text: str, cutter: org_texts.Cutter | None = None) -> org_texts.Cut | None:
     """The text cut at its organizations (by `cutter` where given), or None to be read
     whole, which is never wrong: also where the cut itself fails, a fault of its own."""
     try:
@@ -151,12 +151,8 @@ def _read_cut(parts: org_texts.Cut, path: str, known: set[str], texts: Mapping[s
     parsing only the entries whose text the manifest in force does not hold; None where
     a part does not read alone as it must: then the text is read whole, which also gives a
     problem its line in the file."""
-    try:
-        rest = document(parts.rest, path)
-    except ManifestError:
-        return None
-    if not isinstance(rest, dict) or "organizations" not in rest \
-            or rest["organizations"] is not None:
+    rest = rest_alone(parts, path)
+    if rest is None:
         return None
     items: list[dict[str, Any]] = []
     for entry, digest in zip(parts.entries, parts.digests, strict=True):
@@ -164,15 +160,37 @@ def _read_cut(parts: org_texts.Cut, path: str, known: set[str], texts: Mapping[s
         if held is not None and held in known:
             items.append({"known": held, "text": digest})
             continue
-        try:
-            read_alone = document(entry, path)
-        except ManifestError:
+        org = entry_alone(entry, path)
+        if org is None:
             return None
-        if not (isinstance(read_alone, list) and len(read_alone) == 1
-                and isinstance(read_alone[0], dict)):
-            return None
-        items.append({**_item(read_alone[0], known), "text": digest})
+        items.append({**_item(org, known), "text": digest})
     return _answer(rest, items)
+
+
+def rest_alone(parts: org_texts.Cut, path: str) -> dict[str, Any] | None:
+    """The document around the cut's entries, or None where it does not read as the cut
+    leaves it: a mapping whose `organizations` is null."""
+    try:
+        rest = document(parts.rest, path)
+    except ManifestError:
+        return None
+    if not isinstance(rest, dict) or "organizations" not in rest \
+            or rest["organizations"] is not None:
+        return None
+    return rest
+
+
+def entry_alone(entry: str, path: str) -> dict[str, Any] | None:
+    """One of the cut's entries read alone: its organization's mapping, or None where it
+    does not read as exactly one."""
+    try:
+        read_alone = document(entry, path)
+    except ManifestError:
+        return None
+    if not (isinstance(read_alone, list) and len(read_alone) == 1
+            and isinstance(read_alone[0], dict)):
+        return None
+    return read_alone[0]
 
 
 # characters of YAML a read parses in the reader itself (an edit's organizations: 10 KB for
@@ -226,7 +244,7 @@ def _read_here(request: dict[str, Any], cutter: org_texts.Cutter
         text = read_text(Path(path))
     except ManifestError as e:
         return {"problems": e.problems}, "", None
-    parts = _cut(text, cutter)
+    parts = cut_or_none(text, cutter)
     if parts is None or _to_parse(parts, known, texts) > READ_HERE:
         return None, text, parts
     answer = _read_cut(parts, path, known, texts)
