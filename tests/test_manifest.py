@@ -546,6 +546,15 @@ def test_the_checks_across_organizations_name_every_place() -> None:
         assert any(p.startswith(expected) for p in found), (expected, found)
 
 
+def test_an_organization_id_written_twice_is_named_with_the_first() -> None:
+    doc = yaml.safe_load(MINIMAL)
+    org_id = doc["organizations"][0]["id"]
+    doc["organizations"] += [{"id": "other", "projects": [{"id": "y"}]},
+                             {"id": org_id, "projects": [{"id": "z"}]}]
+    assert f"organizations[2].id: duplicate organization id '{org_id}' " \
+        "(first at organizations[0])" in problems(yaml.safe_dump(doc))
+
+
 def test_access_log_keep_mb() -> None:
     """How much of Envoy's reconciled access-log file stays on disk: 0 frees all of it."""
     assert loads(MINIMAL).gateway.access_log_keep_mb == 64

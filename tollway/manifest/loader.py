@@ -769,8 +769,10 @@ def parse(doc: Any, source: str = "", *,
                     _check_models(errors, f"{kp}.models", key.models, catalogue)
                     if key.plan:
                         plan_refs[f"{kp}.plan"] = key.plan
-    _unique([(Node({}, f"organizations[{i}]", errors), o.id) for i, o in enumerate(orgs)],
-            errors, "organization id")
+    org_ids = [o.id for o in orgs]
+    if len(set(org_ids)) < len(org_ids):  # a path for each only where one is twice
+        _unique([(Node({}, f"organizations[{i}]", errors), o) for i, o in enumerate(org_ids)],
+                errors, "organization id")
     _unique(client_ids, errors, "client id")
     _unique(key_ids, errors, "key id")
     for path, quotas in _all_quotas(plans, orgs):
