@@ -487,11 +487,11 @@ def test_the_keys_part_parses_only_the_organizations_that_may_hold_keys(
     parts = cut(text)
     assert parts is not None and len(parts.entries) == len(doc["organizations"]) + 1
     parsed: list[str] = []
+    read_document = reading.document
 
     def counted(text: str, source: str = "") -> Any:
         parsed.append(text)
-        return document(text, source)
-    document = reading.document
+        return read_document(text, source)
     monkeypatch.setattr(reading, "document", counted)
     part = load_keys_part(written)
     whole = places_in(yaml.safe_load(text))
