@@ -227,6 +227,23 @@ class Gateway:
         tmp.write_bytes(gzip.compress(text) if packed else text)
         tmp.replace(self.manifest_path)  # atomic, like a ConfigMap symlink swap
 
+    def reload(self, doc: dict[str, Any], outcome: str = "manifest reloaded",
+               packed: bool = False, timeout: float = 20.0) -> str:
+        """Write the manifest, wait for the services' log line saying `outcome`, and return the
+        log from that line on (a refusal lists its problems on the lines after it)."""
+        log = self.manifest_path.parent / "logs" / "services.log"
+        before = log.read_text().count(outcome)
+        self.write_manifest(doc, packed)
+        written = time.monotonic()  # after: libyaml takes 0.7 s to write 10,000 projects
+        wait_until(lambda: log.read_text().count(outcome) > before, f"'{outcome}'", timeout)
+        text = log.read_text()
+        at = -1
+        for _ in range(before + 1):
+            at = text.index(outcome, at + 1)
+        line = text[at:].partition("\n")[0]
+        print(f"{outcome} {time.monotonic() - written:.2f} s after the write: {line[-80:]}")
+        return text[at:]
+
 
 class PrivateRedis:
     """A Redis of a test's own, to stall, kill and restart without touching the shared one."""

@@ -169,7 +169,7 @@ def test_a_request_no_limit_counts_skips_the_rate_limit_call(tmp_path: Path) -> 
         assert asked() == (0, 0)
 
         doc["organizations"][0]["projects"][0]["quotas"] = [{"name": "tight", "rpm": 2}]
-        reload(gw, doc)
+        gw.reload(doc, timeout=5)
         assert chat().headers["x-ratelimit-remaining-requests"] == "1"
         assert chat().headers["x-ratelimit-remaining-requests"] == "0"
         with pytest.raises(openai.RateLimitError):
@@ -177,7 +177,7 @@ def test_a_request_no_limit_counts_skips_the_rate_limit_call(tmp_path: Path) -> 
         assert asked() == (2, 1)
 
         doc["organizations"][0]["projects"][0]["quotas"] = []
-        reload(gw, doc)
+        gw.reload(doc, timeout=5)
         for _ in range(3):
             chat()
         assert asked() == (2, 1)
@@ -256,17 +256,6 @@ def test_unreachable_redis_follows_the_route_setting(tmp_path: Path, fail_closed
             assert "allowing (fail-open)" in metrics
 
 
-def reload(gw: Gateway, doc: dict[str, Any]) -> None:
-    """Write the manifest and wait until the services say they applied it."""
-    log = gw.manifest_path.parent / "logs" / "services.log"
-    before = log.read_text().count("manifest reloaded")
-    gw.write_manifest(doc)
-    deadline = time.monotonic() + 5
-    while log.read_text().count("manifest reloaded") == before:
-        assert time.monotonic() < deadline, "manifest not reloaded within 5 s"
-        time.sleep(0.05)
-
-
 def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
     c = client(gw)
     for _ in range(5):
@@ -275,7 +264,7 @@ def test_reload_changes_limits_and_keeps_counters(gw: Gateway) -> None:
     quota = doc["organizations"][0]["projects"][0]["quotas"][2]
     assert quota["name"] == "high-capability-model"
     quota["rpm"] = 7
-    reload(gw, doc)
+    gw.reload(doc, timeout=5)
     raw = c.chat.completions.with_raw_response.create(model="gpt-5.4", messages=MESSAGES,
                                                       max_tokens=5)
     assert raw.headers["x-ratelimit-limit-requests"] == "7"
@@ -312,7 +301,7 @@ def test_a_reload_after_its_reader_was_killed_starts_another(gw: Gateway) -> Non
     os.kill(readers[0], signal.SIGKILL)
     doc = yaml.safe_load(gw.manifest_path.read_text())
     doc["organizations"][0]["metadata"] = {"edited": "after the reader was killed"}
-    reload(gw, doc)
+    gw.reload(doc, timeout=5)
     assert readers_of(services) and readers_of(services) != readers
 
 

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from .harness import Gateway, run_gateway, wait_until
+from .harness import run_gateway, wait_until
 from .test_live_routes import RATE, Load
 from .test_metering import wait_for_rows
 from .test_provider_bill import provider_price
@@ -48,24 +48,6 @@ def big_project(doc: dict[str, Any]) -> dict[str, Any]:
     project: dict[str, Any] = doc["organizations"][1 + 42]["projects"][7]
     assert project["id"] == "p7"
     return project
-
-
-def reloaded(gw: Gateway, doc: dict[str, Any], outcome: str = "manifest reloaded",
-             packed: bool = False) -> str:
-    """Write the manifest, wait for the services' log line saying `outcome`, and return the
-    log from that line on (a refusal lists its problems on the lines after it)."""
-    log = gw.manifest_path.parent / "logs" / "services.log"
-    before = log.read_text().count(outcome)
-    gw.write_manifest(doc, packed)
-    written = time.monotonic()  # after: libyaml takes 0.7 s to write 10,000 projects
-    wait_until(lambda: log.read_text().count(outcome) > before, f"'{outcome}'")
-    text = log.read_text()
-    at = -1
-    for _ in range(before + 1):
-        at = text.index(outcome, at + 1)
-    line = text[at:].partition("\n")[0]
-    print(f"{outcome} {time.monotonic() - written:.2f} s after the write: {line[-80:]}")
-    return text[at:]
 
 
 def ask(client: openai.OpenAI) -> tuple[str, dict[str, str]]:
@@ -100,7 +82,7 @@ def test_ten_thousand_projects_edited_under_load(tmp_path: Path) -> None:
             wait_until(lambda: len(load.results) >= RATE, "load before the edit")
 
             quota["rpm"] = 3
-            line = reloaded(gw, doc)
+            line = gw.reload(doc)
             assert f"(1 of {ORGS + 1} organizations compiled" in line
             third = ask(big)  # the third in the minute: the two before the edit count
             assert (third[1]["x-ratelimit-limit-requests"],
@@ -112,7 +94,7 @@ def test_ten_thousand_projects_edited_under_load(tmp_path: Path) -> None:
             # a problem in one of the 100 other organizations: refused, the last good kept
             other = doc["organizations"][1 + 17]["projects"][3]["quotas"][0]
             other["rpm"] = -5
-            told = reloaded(gw, doc, "manifest refused")
+            told = gw.reload(doc, "manifest refused")
             assert re.search(r"organizations\[18\]\.projects\[3\]\.quotas\[0\]\.rpm",
                              told[:2000]), told[:2000]
             rid, headers = ask(big)
@@ -121,7 +103,7 @@ def test_ten_thousand_projects_edited_under_load(tmp_path: Path) -> None:
 
             other["rpm"] = 1000  # mended, the edited project given room again, and written
             quota["rpm"] = 10     # gzip-compressed, as a ConfigMap holds a big manifest
-            line = reloaded(gw, doc, packed=True)
+            line = gw.reload(doc, packed=True)
             assert f"(1 of {ORGS + 1} organizations compiled" in line
             renderer = gw.manifest_path.parent / "logs" / "renderer.log"
             wait_until(lambda: renderer.read_text().count("manifest reloaded") >= 2,
