@@ -1,0 +1,140 @@
+"""latency.py's comparison with the gateways running side by side, measured in alternation.
+
+    python bench/latency_rounds.py [--rounds 6] [--seconds 5]
+
+latency.py measures one gateway after the other, each against its own bare Envoy before and
+after it, so the Redis gateway always runs second, minutes later: on this machine class two
+runs of the same gateway differ by more (p50 1.7-3.4 ms) than the goals tell apart. Here all
+four run at once, each in front of a mock of its own, and h2load drives them in turn:
+
+1. bare Envoy (the memory gateway's rendered config with the router alone),
+2. Tollway with memory counters,
+3. the floor: a third gateway whose services are replaced by no-op servicers,
+4. Tollway with Redis counters (a Redis of its own).
+
+Each round gives each of them --seconds of a fixed 100 requests/s and then of 100 streams/s
+(time to the first event), in an order rotated every round, so that a slower minute of the
+machine falls on all of them alike. A gateway's figures are those of all its requests, pooled
+over the rounds; the added latency is over bare Envoy's. Printed too: the services' CPU per
+request during their slices (the floor's no-op servicers', likewise). A gateway waiting its
+turn only idles: its timers' CPU (about 1% of a core, docs/performance.md) is the noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from common import bare_envoy, pct
+from latency import Request, figures, h2load_requests, streamed_firsts
+from noop_services import replace_services
+from procstat import cpu_seconds
+
+from tests.e2e.harness import PROVIDER_KEY, PrivateRedis, run_gateway
+
+ORDER = ("bare Envoy", "Tollway (memory)", "floor (no-op servicers)", "Tollway (Redis)")
+
+
+class Target(NamedTuple):
+    url: str
+    headers: dict[str, str]
+    pids: list[int]  # whose CPU counts as the services' (none for bare Envoy)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait()
+
+
+@contextmanager
+def targets(tmp: Path) -> Iterator[dict[str, Target]]:
+    """The four gateways of ORDER, running."""
+    with ExitStack() as stack:
+        def gateway(name: str, mutate: Any = None) -> Any:
+            (tmp / name).mkdir()
+            return stack.enter_context(run_gateway(tmp / name, mutate=mutate))
+
+        def services(gw: Any) -> list[int]:
+            return [p.pid for n, p in gw.named.items() if n in ("services", "costsink")]
+
+        provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
+        redis = PrivateRedis(tmp)
+        redis.start()
+        stack.callback(redis.kill)
+
+        def redis_counters(doc: dict[str, Any]) -> None:
+            doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+        memory, floor = gateway("memory"), gateway("floor")
+        red = gateway("redis", redis_counters)
+        bare, bare_url = bare_envoy(memory.manifest_path, tmp)
+        stack.callback(stop, bare)
+        noop = replace_services(floor)
+        stack.callback(stop, noop)
+        yield {
+            "bare Envoy": Target(bare_url, provider, []),
+            "Tollway (memory)": Target(
+                f"{memory.url}/v1/chat/completions",
+                {"authorization": f"Bearer {memory.issue('k-main')}"}, services(memory)),
+            "floor (no-op servicers)": Target(f"{floor.url}/v1/chat/completions", provider,
+                                              [noop.pid]),
+            "Tollway (Redis)": Target(f"{red.url}/v1/chat/completions",
+                                      {"authorization": f"Bearer {red.issue('k-main')}"},
+                                      services(red)),
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--seconds", type=int, default=5, help="each gateway's slice in a round")
+    args = ap.parse_args()
+    requests: dict[str, list[Request]] = {name: [] for name in ORDER}
+    firsts: dict[str, list[float]] = {name: [] for name in ORDER}
+    cpu: dict[str, float] = dict.fromkeys(ORDER, 0.0)
+    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir)) as gateways:
+        for r in range(args.rounds):
+            for name in ORDER[r % 4:] + ORDER[:r % 4]:
+                t = gateways[name]
+                before = sum(map(cpu_seconds, t.pids))
+                requests[name] += h2load_requests(t.url, t.headers, args.seconds,
+                                                  Path(tmpdir))
+                # h2load's 200 requests of warm-up count: 2 s more of 100 requests/s
+                cpu[name] += sum(map(cpu_seconds, t.pids)) - before
+                firsts[name] += streamed_firsts(t.url, t.headers, args.seconds)
+            print(f"round {r + 1} of {args.rounds} done", flush=True)
+    served = args.rounds * (args.seconds + 2) * 100
+    print(f"\n## {args.rounds} rounds, each gateway {args.seconds} s a round of a fixed 100 "
+          f"requests/s (h2load, open loop), then {args.seconds} s of 100 streams/s")
+    print("| gateway | requests | p50 | p99 | max | non-2xx | streamed p50 | streamed p99 |"
+          "\n|---|---|---|---|---|---|---|---|")
+    fig = {name: figures(requests[name]) for name in ORDER}
+    first = {name: (pct(firsts[name], 50), pct(firsts[name], 99)) for name in ORDER}
+    for name in ORDER:
+        f = fig[name]
+        print(f"| {name} | {f['requests']:.0f} | {f['p50']:.2f} ms | {f['p99']:.2f} ms | "
+              f"{f['max']:.2f} ms | {f['non_2xx']:.0f} | {first[name][0]:.2f} ms | "
+              f"{first[name][1]:.2f} ms |")
+    bare, floor = fig["bare Envoy"], fig["floor (no-op servicers)"]
+    sbare, sfloor = first["bare Envoy"], first["floor (no-op servicers)"]
+    print("\nadded over bare Envoy, p50 / p99 (requests; streamed, first event):")
+    for name in ORDER[1:]:
+        f, s = fig[name], first[name]
+        line = (f"- {name}: +{f['p50'] - bare['p50']:.2f} / +{f['p99'] - bare['p99']:.2f} ms;"
+                f" streamed +{s[0] - sbare[0]:.2f} / +{s[1] - sbare[1]:.2f} ms")
+        if name != "floor (no-op servicers)":
+            line += (f"; / the floor: p50 {f['p50'] / floor['p50']:.2f}x, p99 "
+                     f"{f['p99'] / floor['p99']:.2f}x, streamed p50 {s[0] / sfloor[0]:.2f}x "
+                     f"(the time added / the floor's added: p50 "
+                     f"{(f['p50'] - bare['p50']) / (floor['p50'] - bare['p50']):.2f}x)")
+        print(line)
+    print("\nservices' CPU per request: " + ", ".join(
+        f"{name} {1000 * cpu[name] / served:.2f} ms" for name in ORDER[1:]))
+
+
+if __name__ == "__main__":
+    main()
