@@ -232,13 +232,21 @@ def test_the_reader_parses_a_small_read_itself_and_a_whole_text_in_a_child(
     """What an edit left to parse (a few organizations) is parsed in the warm reader: a child
     cost twice the CPU, in the pages it copies from the reader. A text read whole (it cannot
     be cut, or a part does not read alone) is a child's, which takes its memory with it.
-    Either way the answer is read()'s."""
+    Either way the answer is read()'s, its organizations compiled."""
     import json
     import subprocess
     import sys
 
     from tests.e2e.harness import offline_manifest
     from tollway.manifest.reading import read
+    from tollway.manifest.shipped_orgs import received, ship
+
+    def opened(answer: dict[str, Any]) -> dict[str, Any]:
+        """The answer with each organization the reader compiled unpickled."""
+        for item in answer.get("organizations", []):
+            if "compiled" in item:
+                item["compiled"] = received(item)
+        return answer
 
     counting = ("import os, sys\nfork = os.fork\n"
                 "def counted():\n    print('fork', file=sys.stderr, flush=True)\n"
@@ -261,7 +269,8 @@ def test_the_reader_parses_a_small_read_itself_and_a_whole_text_in_a_child(
         reader.stdin.flush()
         answer = json.loads(reader.stdout.readline())
         assert answer.pop("id") == n
-        assert answer == json.loads(json.dumps(read(str(path), set()), default=str))
+        assert opened(answer) == opened(json.loads(json.dumps(ship(read(str(path), set())),
+                                                              default=str)))
     reader.stdin.close()
     assert reader.wait(timeout=30) == 0
     assert reader.stderr is not None and reader.stderr.read().split() == ["fork", "fork"]
@@ -302,9 +311,10 @@ def test_each_reference_alone_takes_its_organization_through_the_checks_across(
 
 
 def test_a_reloads_child_imports_only_the_reading_of_the_text() -> None:
-    """The child a reload starts (python -m tollway.manifest.reading) imports neither the
-    model nor its compiler: they were most of its start, CPU the requests in flight share.
-    The package's names still come from where they live."""
+    """The reading of the text (python -m tollway.manifest.reading) imports neither the
+    model nor its compiler, which were most of a reload's child's start (the warm reader
+    imports them once, when it serves). The package's names still come from where they
+    live."""
     import subprocess
     import sys
 
@@ -374,6 +384,46 @@ def test_a_reload_read_in_a_child_process_carries_only_what_changed(tmp_path: Pa
         == [True, True, False]
     assert second.bindings["k1"].key.expires_at == "2030-01-01T00:00:00+00:00"
     assert set(second.compiled_orgs) == set(load(path, reuse={}).compiled_orgs)
+
+
+def test_the_reader_compiles_what_it_reads_and_the_serving_process_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload's changed organizations are compiled in the warm reader, off the serving
+    process (whose every step the requests in flight wait for), and as a start compiles them:
+    a YAML date in an organization's metadata stays a date (JSON made it text). A problem in
+    one refuses the manifest, named as parse names it."""
+    from datetime import date
+
+    from tests.e2e.harness import offline_manifest
+    from tollway.manifest import loader
+    from tollway.manifest.beside import load_beside, load_here
+
+    doc = offline_manifest()
+    doc["organizations"] += [{"id": f"org{i}", "metadata": {"since": date(2024, 1, i + 1)},
+                              "projects": [{"id": "p", "quotas": [{"rpm": 2}]}]}
+                             for i in range(2)]
+    last = len(doc["organizations"]) - 1
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    first = load_here(path)
+
+    compiled_here: list[str] = []
+    compile_org = loader._org
+    monkeypatch.setattr(loader, "_org", lambda n: compiled_here.append(n.path) or compile_org(n))
+    doc["organizations"][last]["projects"][0]["quotas"][0]["rpm"] = 3
+    path.write_text(yaml.safe_dump(doc))
+    second = load_beside(path, first.compiled_orgs, first.org_texts)
+    assert compiled_here == []
+    assert [a is b for a, b in zip(first.organizations, second.organizations, strict=True)] \
+        == [True] * last + [False]
+    assert second.organizations[last].metadata["since"] == date(2024, 1, 2)
+    assert second.organizations[last].projects[0].quotas[0].limits["rpm"] == 3
+    assert second == load_here(path)  # as a start reads it
+
+    doc["organizations"][last]["projects"][0]["id"] = "not an id"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ManifestError, match=rf"organizations\[{last}\]\.projects\[0\]\.id: "):
+        load_beside(path, second.compiled_orgs, second.org_texts)
 
 
 def test_who_answers_the_rate_limit_is_filter_or_check() -> None:

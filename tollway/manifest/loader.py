@@ -422,6 +422,14 @@ def _org(n: Node) -> Organization:
                         self_contained=_self_contained(quotas, projects, model_rules))
 
 
+def compile_org(document: dict[str, Any], index: int) -> tuple[Organization, list[str]]:
+    """The organization at `organizations[index]` compiled from its document alone (as _orgs
+    compiles it), and its problems: the warm reader compiles what it reads
+    (tollway.manifest.shipped_orgs)."""
+    errors: list[str] = []
+    return _org(Node(document, f"organizations[{index}]", errors)), errors
+
+
 def _name_models(quotas: tuple[Quota, ...]) -> bool:
     """Whether any of the quotas names models, which the manifest's catalogue must know."""
     return any(q.models for q in quotas)

@@ -1,10 +1,9 @@
 """A manifest's text to its document: whole, or cut at its organizations for a reload.
 
 This is what a serving process's reload runs in a process apart (`python -m
-tollway.manifest.reading --serve`, see serve() and tollway.manifest.beside), so it imports
-nothing of the manifest's model or its compiler: the reader's Python start and imports are CPU
-that the requests in flight share on a small node, and the model's classes alone took 13 ms
-of them.
+tollway.manifest.reading --serve`, see serve() and tollway.manifest.beside). The module itself
+imports nothing of the manifest's model or its compiler (13 ms of imports); the warm reader
+imports them once, when it starts, to compile what it reads (tollway.manifest.shipped_orgs).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import os
 import signal
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,16 +220,20 @@ def serve(idle: bool = True) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if idle:  # the serving process's requests first (tollway.background); see also beside
         yield_to_requests()
+    # it compiles what it reads: the model and its compiler, imported once, while warm
+    from .shipped_orgs import ship
+
     cutter = org_texts.Cutter()
     for line in sys.stdin:
         request = json.loads(line)
         text, parts = "", None
         try:
             answer, text, parts = _read_here(request, cutter)
+            answer = ship(answer) if answer is not None else None
         except Exception as e:  # the parent must hear of anything
             answer = {"failed": f"{type(e).__name__}: {e}"}
         if answer is None:
-            answer = _read_in_child(request, text, parts)
+            answer = _read_in_child(request, text, parts, ship)
         if answer is not None:
             _say({"id": request["id"], **answer})
 
@@ -251,14 +254,15 @@ def _read_here(request: dict[str, Any], cutter: org_texts.Cutter
     return answer, text, None  # None: a part does not read alone, the text is read whole
 
 
-def _read_in_child(request: dict[str, Any], text: str, parts: org_texts.Cut | None
-                   ) -> dict[str, Any] | None:
-    """Read in a child, which answers; None once it has, else what to answer."""
+def _read_in_child(request: dict[str, Any], text: str, parts: org_texts.Cut | None,
+                   ship: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+    """Read in a child, which answers (what it read compiled by `ship`); None once it has,
+    else what to answer."""
     pid = os.fork()
     if pid == 0:  # the child: this process has one thread, so a fork is safe
         try:
-            answer = {"id": request["id"], **read_text_cut(
-                text, parts, request["path"], set(request["known"]), request["texts"])}
+            answer = {"id": request["id"], **ship(read_text_cut(
+                text, parts, request["path"], set(request["known"]), request["texts"]))}
         except BaseException as e:  # the parent must hear of anything
             answer = {"id": request["id"], "failed": f"{type(e).__name__}: {e}"}
         try:
