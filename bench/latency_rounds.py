@@ -1,6 +1,6 @@
 """latency.py's comparison with the gateways running side by side, measured in alternation.
 
-    python bench/latency_rounds.py [--rounds 6] [--seconds 5]
+    python bench/latency_rounds.py [--rounds 6] [--seconds 5] [--rate-limit filter|check]
 
 latency.py measures one gateway after the other, each against its own bare Envoy before and
 after it, so the Redis gateway always runs second, minutes later: on this machine class two
@@ -18,6 +18,8 @@ machine falls on all of them alike. A gateway's figures are those of all its req
 over the rounds; the added latency is over bare Envoy's. Printed too: the services' CPU per
 request during their slices (the floor's no-op servicers', likewise). A gateway waiting its
 turn only idles: its timers' CPU (about 1% of a core, docs/performance.md) is the noise.
+Without --rate-limit the manifest has no quota, so the Redis gateway asks Redis nothing on a
+request's path; with it, every request is charged to an rpm and a tpm, as in latency.py.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import bare_envoy, pct
+from common import bare_envoy, charged_quotas, pct
 from latency import Request, figures, h2load_requests, streamed_firsts
 from noop_services import replace_services
 from procstat import cpu_seconds
@@ -52,8 +54,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def targets(tmp: Path) -> Iterator[dict[str, Target]]:
-    """The four gateways of ORDER, running."""
+def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
+    """The four gateways of ORDER, running; with `rate_limit`, as latency.py's option."""
     with ExitStack() as stack:
         def gateway(name: str, mutate: Any = None) -> Any:
             (tmp / name).mkdir()
@@ -67,9 +69,15 @@ def targets(tmp: Path) -> Iterator[dict[str, Target]]:
         redis.start()
         stack.callback(redis.kill)
 
+        def charged(doc: dict[str, Any]) -> None:
+            if rate_limit:
+                doc["services"]["rate_limit"] = rate_limit
+                doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
+
         def redis_counters(doc: dict[str, Any]) -> None:
+            charged(doc)
             doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
-        memory, floor = gateway("memory"), gateway("floor")
+        memory, floor = gateway("memory", charged), gateway("floor", charged)
         red = gateway("redis", redis_counters)
         bare, bare_url = bare_envoy(memory.manifest_path, tmp)
         stack.callback(stop, bare)
@@ -92,11 +100,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=int, default=5, help="each gateway's slice in a round")
+    ap.add_argument("--rate-limit", choices=["filter", "check"],
+                    help="services.rate_limit, with quotas charged on every request (without, "
+                         "no quota: the Redis gateway asks Redis nothing on a request's path)")
     args = ap.parse_args()
     requests: dict[str, list[Request]] = {name: [] for name in ORDER}
     firsts: dict[str, list[float]] = {name: [] for name in ORDER}
     cpu: dict[str, float] = dict.fromkeys(ORDER, 0.0)
-    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir)) as gateways:
+    with tempfile.TemporaryDirectory() as tmpdir, \
+            targets(Path(tmpdir), args.rate_limit) as gateways:
         for r in range(args.rounds):
             for name in ORDER[r % 4:] + ORDER[:r % 4]:
                 t = gateways[name]
@@ -108,6 +120,9 @@ def main() -> None:
                 firsts[name] += streamed_firsts(t.url, t.headers, args.seconds)
             print(f"round {r + 1} of {args.rounds} done", flush=True)
     served = args.rounds * (args.seconds + 2) * 100
+    if args.rate_limit:
+        print(f"services.rate_limit: {args.rate_limit}, every request charged to an rpm and "
+              f"a tpm")
     print(f"\n## {args.rounds} rounds, each gateway {args.seconds} s a round of a fixed 100 "
           f"requests/s (h2load, open loop), then {args.seconds} s of 100 streams/s")
     print("| gateway | requests | p50 | p99 | max | non-2xx | streamed p50 | streamed p99 |"
