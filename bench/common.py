@@ -38,6 +38,14 @@ def charged_quotas() -> list[dict[str, Any]]:
     return [{"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
 
 
+def charge_every_request(doc: dict[str, Any], rate_limit: str) -> None:
+    """services.rate_limit set to `rate_limit` (filter or check), and the first project given
+    charged_quotas(): every request is then charged, as it is not under the bench manifest,
+    which has no quota (a request no limit counts makes no rate-limit call)."""
+    doc["services"]["rate_limit"] = rate_limit
+    doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]

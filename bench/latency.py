@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import bare_envoy, charged_quotas, pct
+from common import bare_envoy, charge_every_request, pct
 from noop_services import pin as noop_pin
 from noop_services import replace_services
 from procstat import cpu_seconds
@@ -157,6 +157,11 @@ class GatewayRun(NamedTuple):
     streams: Rows
 
 
+def service_pids(gw: Any) -> list[int]:
+    """The processes whose CPU counts as the services' (costsink's too where it runs apart)."""
+    return [p.pid for n, p in gw.named.items() if n in ("services", "costsink")]
+
+
 def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor: bool = False,
                  pin: bool = False, split: bool = False,
                  headers: dict[str, str] | None = None) -> tuple[Rows, Rows, float, float]:
@@ -178,7 +183,7 @@ def gateway_runs(tmp: Path, label: str, seconds: int, mutate: Any = None, floor:
         try:
             rows.append(("bare Envoy", h2load(bare_url, provider, seconds, tmp)))
             ttfb.append(("bare Envoy", streamed_ttfb(bare_url, provider, seconds)))
-            pids = [p.pid for n, p in gw.named.items() if n in ("services", "costsink")]
+            pids = service_pids(gw)
             cpu = sum(map(cpu_seconds, pids))
             rows.append((f"Tollway ({label})", h2load(url, ours, seconds, tmp)))
             cpu = (sum(map(cpu_seconds, pids)) - cpu) / ((seconds + 2) * 100)
@@ -237,8 +242,7 @@ def main() -> None:
         if args.pin_cpus:
             doc["services"]["pin_cpus"] = True
         if args.rate_limit:
-            doc["services"]["rate_limit"] = args.rate_limit
-            doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
+            charge_every_request(doc, args.rate_limit)
 
     def with_redis(port: int) -> Any:
         def mutate(doc: dict[str, Any]) -> None:

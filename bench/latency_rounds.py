@@ -32,8 +32,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import bare_envoy, charged_quotas, pct
-from latency import Request, figures, h2load_requests, streamed_firsts
+from common import bare_envoy, charge_every_request, pct
+from latency import Request, figures, h2load_requests, service_pids, streamed_firsts
 from noop_services import replace_services
 from procstat import cpu_seconds
 
@@ -61,9 +61,6 @@ def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
             (tmp / name).mkdir()
             return stack.enter_context(run_gateway(tmp / name, mutate=mutate))
 
-        def services(gw: Any) -> list[int]:
-            return [p.pid for n, p in gw.named.items() if n in ("services", "costsink")]
-
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
         redis = PrivateRedis(tmp)
         redis.start()
@@ -71,8 +68,7 @@ def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
 
         def charged(doc: dict[str, Any]) -> None:
             if rate_limit:
-                doc["services"]["rate_limit"] = rate_limit
-                doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
+                charge_every_request(doc, rate_limit)
 
         def redis_counters(doc: dict[str, Any]) -> None:
             charged(doc)
@@ -87,12 +83,12 @@ def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
             "bare Envoy": Target(bare_url, provider, []),
             "Tollway (memory)": Target(
                 f"{memory.url}/v1/chat/completions",
-                {"authorization": f"Bearer {memory.issue('k-main')}"}, services(memory)),
+                {"authorization": f"Bearer {memory.issue('k-main')}"}, service_pids(memory)),
             "floor (no-op servicers)": Target(f"{floor.url}/v1/chat/completions", provider,
                                               [noop.pid]),
             "Tollway (Redis)": Target(f"{red.url}/v1/chat/completions",
                                       {"authorization": f"Bearer {red.issue('k-main')}"},
-                                      services(red)),
+                                      service_pids(red)),
         }
 
 

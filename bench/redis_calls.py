@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import yaml
-from common import charged_quotas
+from common import charge_every_request
 
 from tests.e2e.harness import PrivateRedis, run_gateway, wait_until
 
@@ -47,8 +47,7 @@ def main() -> None:
         redis.start()
 
         def mutate(doc: dict[str, Any]) -> None:
-            doc["services"]["rate_limit"] = args.rate_limit
-            doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
+            charge_every_request(doc, args.rate_limit)
             doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
         try:
             (tmp / "gateway").mkdir()
