@@ -423,8 +423,8 @@ def _org(n: Node) -> Organization:
 
 
 def compile_org(document: dict[str, Any], index: int) -> tuple[Organization, list[str]]:
-    """The organization at `organizations[index]` compiled from its document alone (as _orgs
-    compiles it), and its problems: the warm reader compiles what it reads
+    """The organization at `organizations[index]` compiled from its document alone, and its
+    problems: for _orgs, and for the warm reader, which compiles what it reads
     (tollway.manifest.shipped_orgs)."""
     errors: list[str] = []
     return _org(Node(document, f"organizations[{index}]", errors)), errors
@@ -494,7 +494,8 @@ def _orgs(root: Node, reuse: Mapping[str, Organization] | None
                 continue
             org = reuse.get(fresh.fingerprint)
             if org is None:
-                org = _org(Node(fresh.document, f"organizations[{i}]", root.errors))
+                org, problems = compile_org(fresh.document, i)
+                root.errors += problems
             compiled[fresh.fingerprint] = org
         orgs.append(org)
     return orgs, compiled
