@@ -60,9 +60,11 @@ def bucket_width_ms(period: int) -> int:
 
 
 def evaluate(rule: Rule, buckets: dict[int, int], now_ms: int, cost: int) -> RuleState:
-    """The reference computation; the Redis Lua script performs the same steps. It reads the
-    buckets held (the window's and at most a few that have left it) rather than look up each
-    of the window's N + 1: most of a busy window's are there, a quiet one's mostly not."""
+    """The reference computation. The Redis Lua script gives the same answers, from a sum of
+    the window it keeps while the window stays where it is, and from the buckets as here
+    otherwise. It reads the buckets held (the window's and at most a few that have left it)
+    rather than look up each of the window's N + 1: most of a busy window's are there, a quiet
+    one's mostly not."""
     w = bucket_width_ms(rule.period)
     b = now_ms // w
     lo = b - BUCKETS

@@ -3,7 +3,8 @@
 One script call per request checks and charges every rule, so concurrent replicas can never
 interleave between the check and the charge. Keys are `tollway:{<org>}:rl:<counter>:<period>`:
 the `{org}` hash tag puts all counters of a request in one Redis Cluster slot. Each key is a
-hash of bucket → amount, trimmed to the window and given a TTL, so nothing grows without bound.
+hash of bucket → amount, trimmed to the window and given a TTL, so nothing grows without bound,
+and the window's sum kept beside the buckets.
 """
 
 from __future__ import annotations
@@ -33,12 +34,19 @@ if now == 0 then
 end
 """
 
+# Beside its buckets, each counter keeps the sum of its window, so that a charge reads four
+# fields instead of every bucket (HGETALL of 61, parsed in Lua: most of Redis's time for a
+# request, on its path). Kept under fields a bucket can never have (negative numbers), which an
+# older script takes for buckets long gone and drops, so replicas of either version can share
+# a counter during a rolling upgrade:
+#   -1: the bucket the sum is for (the window moves: summed again from the buckets)
+#   -2: the window's sum;  -3: its oldest bucket holding a positive amount (-1: none)
+#   -4: when it was summed from the buckets: again after a second, whatever happened, so that
+#       nothing else writing a bucket (an older replica's settlement) leaves it off for longer
+# The refusal path still reads every bucket (the retry needs them in order).
+#
 # ARGV: now_ms, buckets, then per rule: limit, width_ms, cost, enforce (1/0)
 # returns: allowed, then per rule: used, reset_ms, retry_ms (-1: never)
-# Each hash holds at most a few buckets besides the window's, so the script reads them all
-# (HGETALL) rather than name each of the window's N + 1 buckets: building and looking up 61
-# field names per rule was most of the script's time. A charge also drops every bucket the
-# window has left, as the memory backend does.
 CHARGE = NOW % 1 + """
 local n = tonumber(ARGV[2])
 local result = {1}
@@ -52,25 +60,38 @@ for i = 1, #KEYS do
   local enforce = ARGV[base + 4] == '1'
   local b = math.floor(now / w)
   local lo = b - n
-  local all = redis.call('HGETALL', KEYS[i])
-  local used, first, left = 0, nil, {}
-  for j = 1, #all, 2 do
-    local f = tonumber(all[j])
-    if f < lo then
-      left[#left + 1] = all[j]
-    elseif f <= b then
-      local v = tonumber(all[j + 1])
-      used = used + v
-      if v > 0 and (first == nil or f < first) then first = f end
+  local kept = redis.call('HMGET', KEYS[i], '-1', '-2', '-3', '-4')
+  local summed = tonumber(kept[4])
+  local used, oldest, left, all = 0, nil, {}, nil
+  if tonumber(kept[1]) == b and kept[2] and kept[3] and summed and summed <= now
+      and now < summed + 1000 then
+    used = tonumber(kept[2])
+    oldest = tonumber(kept[3])
+    if oldest < 0 then oldest = nil end
+  else
+    summed = now
+    all = redis.call('HGETALL', KEYS[i])
+    for j = 1, #all, 2 do
+      local f = tonumber(all[j])
+      if f < 0 then  -- the kept fields, written anew below
+      elseif f < lo then
+        left[#left + 1] = all[j]
+      elseif f <= b then
+        local v = tonumber(all[j + 1])
+        used = used + v
+        if v > 0 and (oldest == nil or f < oldest) then oldest = f end
+      end
     end
   end
+  local first = oldest
   if first == nil and cost > 0 and used + cost <= limit then first = b end
   local reset = 0
   if first ~= nil then reset = (first + n + 1) * w - now end
   local retry = 0
   if used + cost > limit then
     if cost > limit then retry = -1 else
-      local window = {}  -- the refusal path only: the window's buckets, oldest first
+      all = all or redis.call('HGETALL', KEYS[i])
+      local window = {}  -- the window's buckets, oldest first
       for j = 1, #all, 2 do
         local f = tonumber(all[j])
         if f >= lo and f <= b then window[#window + 1] = {f, tonumber(all[j + 1])} end
@@ -87,7 +108,8 @@ for i = 1, #KEYS do
     end
     if enforce then denied = true end
   end
-  plan[i] = {b, cost, w, left}
+  if oldest == nil and cost > 0 then oldest = b end
+  plan[i] = {b, cost, w, left, used + cost, oldest or -1, summed}
   result[#result + 1] = used
   result[#result + 1] = reset
   result[#result + 1] = retry
@@ -97,24 +119,36 @@ if denied then
   return result
 end
 for i = 1, #KEYS do
-  local b, cost, w, left = plan[i][1], plan[i][2], plan[i][3], plan[i][4]
+  local b, cost, w, left, sum, oldest, summed = unpack(plan[i])
   redis.call('HINCRBY', KEYS[i], tostring(b), cost)
   if #left > 0 then redis.call('HDEL', KEYS[i], unpack(left)) end
+  redis.call('HSET', KEYS[i], '-1', b, '-2', sum, '-3', oldest, '-4', summed)
   redis.call('PEXPIRE', KEYS[i], (n + 2) * w)
 end
 return result
 """
 
 # Reservations corrected in the buckets they were charged to, if still inside the window, an
-# org's at once, summed by counter and bucket. ARGV: now_ms, buckets, then per counter and
-# bucket: key index, bucket, width_ms, delta
+# org's at once, summed by counter and bucket, and in the window's kept sum where it counts
+# that bucket. A correction that empties a bucket or fills an empty one may move the oldest
+# counted bucket: then the sum is dropped, to be summed again from the buckets at the next
+# charge. ARGV: now_ms, buckets, then per counter and bucket: key index, bucket, width_ms, delta
 SETTLE = NOW % 1 + """
 local n = tonumber(ARGV[2])
 for p = 3, #ARGV, 4 do
   local key = KEYS[tonumber(ARGV[p])]
   local b, w = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  local delta = tonumber(ARGV[p + 3])
   if b >= math.floor(now / w) - n and redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, tostring(b), ARGV[p + 3])
+    local v = redis.call('HINCRBY', key, tostring(b), ARGV[p + 3])
+    local at = tonumber(redis.call('HGET', key, '-1'))
+    if at then
+      if (v - delta > 0) ~= (v > 0) then
+        redis.call('HDEL', key, '-1')
+      elseif b >= at - n and b <= at then
+        redis.call('HINCRBY', key, '-2', ARGV[p + 3])
+      end
+    end
   end
 end
 return 1

@@ -192,6 +192,26 @@ async def test_redis_keys_are_hash_tagged_and_expire() -> None:
         await b.close()
 
 
+async def test_redis_counters_written_without_a_kept_sum_are_summed_from_their_buckets(
+) -> None:
+    """A counter an older version wrote holds buckets only, and an older replica's settlement
+    corrects a bucket without the sum kept beside it: a charge counts what the buckets hold,
+    at once where no sum is kept, within a second where one is."""
+    b = await _redis_or_skip()
+    r = rule(1000, 3600, kind="tokens")  # buckets of a minute: these charges share one
+    key = b.key("org", r)
+    bucket = str(T0 // 60_000)
+    try:
+        await b.client.hset(key, mapping={bucket: 300, str(T0 // 60_000 - 5): 200})
+        assert (await b.charge("org", [r], [100], T0)).states[0].used == 500
+        await b.client.hincrby(key, bucket, 50)  # as the older settlement script does
+        later = await b.charge("org", [r], [0], T0 + 1_000)
+        assert later.states[0].used == 650
+    finally:
+        await b.client.delete(key)
+        await b.close()
+
+
 async def test_memory_counters_go_once_their_window_has_passed() -> None:
     """As Redis lets its keys expire: a stream of keys each charged once must not leave a
     counter behind for good, and a counter charged again stays."""
@@ -234,12 +254,21 @@ async def test_retry_after_is_when_the_oldest_counted_request_leaves(
     assert (await backend.charge("o", [r], [1], now_ms=T0 + 61_000)).allowed
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_redis_answers_as_the_memory_backend_step_by_step(seed: int) -> None:
+WIDE_GAPS = [0, 7, 250, 999, 1000, 1500, 4000, 20_000, 70_000, 130_000]
+NARROW_GAPS = [0, 0, 7, 30, 120, 400]  # the Redis script's kept sums, mostly, within a second
+
+
+@pytest.mark.parametrize(("seed", "gaps"), [
+    pytest.param(seed, gaps, id=f"{name}-{seed}")
+    for name, gaps, seeds in (("wide", WIDE_GAPS, (1, 2, 3)), ("narrow", NARROW_GAPS, (4, 5)))
+    for seed in seeds])
+async def test_redis_answers_as_the_memory_backend_step_by_step(seed: int,
+                                                                gaps: list[int]) -> None:
     """The Redis script and the memory backend are two implementations of one computation:
     driven through the same random charges, settlements and gaps in time (within a bucket,
     across buckets, past a whole window), every answer is the same: allowed, used, reset and
-    retry of every rule."""
+    retry of every rule. The narrow gaps keep most charges within a second of the last, where
+    the script answers from the window's sum it keeps rather than from the buckets."""
     redis_backend = await _redis_or_skip()
     memory = MemoryBackend()
     rng = random.Random(seed)
@@ -251,7 +280,7 @@ async def test_redis_answers_as_the_memory_backend_step_by_step(seed: int) -> No
     refused = retry_known = 0
     try:
         for step in range(800):
-            now += rng.choice([0, 7, 250, 999, 1000, 1500, 4000, 20_000, 70_000, 130_000])
+            now += rng.choice(gaps)
             if reservations and rng.random() < 0.25:  # a response's usage arrives
                 at, tokens, reserved = reservations.pop(rng.randrange(len(reservations)))
                 delta = rng.randint(-reserved, 300)  # actual - reserved
