@@ -68,7 +68,7 @@ def mutate(doc):
     if workers:  # services.workers: N processes, costsink in its own
         doc["services"]["workers"] = workers
     if with_redis:
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+        doc["storage"]["counters"] = redis.url
 with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
                  split=bool(workers)) as gw:
     key = gw.issue("k-main")

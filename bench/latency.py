@@ -244,10 +244,10 @@ def main() -> None:
         if args.rate_limit:
             charge_every_request(doc, args.rate_limit)
 
-    def with_redis(port: int) -> Any:
+    def with_redis(url: str) -> Any:
         def mutate(doc: dict[str, Any]) -> None:
             rate_limited(doc)
-            doc["storage"]["counters"] = f"redis://127.0.0.1:{port}/0"
+            doc["storage"]["counters"] = url
         return mutate
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -260,7 +260,7 @@ def main() -> None:
         try:
             (tmp / "redis").mkdir()
             red, red_ttfb, red_cpu, _ = gateway_runs(
-                tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.port),
+                tmp / "redis", "Redis", args.seconds, mutate=with_redis(redis.url),
                 headers=headers)
             runs = [GatewayRun("", "Tollway (memory)", mem, mem_ttfb),
                     GatewayRun("Redis run: ", "Tollway (Redis)", red, red_ttfb)]
@@ -269,7 +269,7 @@ def main() -> None:
                 (tmp / "apart").mkdir()
                 label = "Redis, costsink apart"
                 apart, apart_ttfb, apart_cpu, _ = gateway_runs(
-                    tmp / "apart", label, args.seconds, mutate=with_redis(redis.port),
+                    tmp / "apart", label, args.seconds, mutate=with_redis(redis.url),
                     split=True, headers=headers)
                 runs.append(GatewayRun("costsink apart run: ", f"Tollway ({label})", apart,
                                        apart_ttfb))

@@ -72,7 +72,7 @@ def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
 
         def redis_counters(doc: dict[str, Any]) -> None:
             charged(doc)
-            doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+            doc["storage"]["counters"] = redis.url
         memory, floor = gateway("memory", charged), gateway("floor", charged)
         red = gateway("redis", redis_counters)
         bare, bare_url = bare_envoy(memory.manifest_path, tmp)

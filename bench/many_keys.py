@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace, tmp: Path, redis: PrivateRedis | None
         doc["organizations"][0]["projects"][0]["quotas"] = [
             {"name": "budget", "spend_per_month": 10**6}]
         if redis:
-            doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+            doc["storage"]["counters"] = redis.url
 
     with run_gateway(tmp, mutate=budget) as gw:
         state = tmp / "state"

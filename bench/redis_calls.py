@@ -48,7 +48,7 @@ def main() -> None:
 
         def mutate(doc: dict[str, Any]) -> None:
             charge_every_request(doc, args.rate_limit)
-            doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+            doc["storage"]["counters"] = redis.url
         try:
             (tmp / "gateway").mkdir()
             with run_gateway(tmp / "gateway", mutate=mutate) as gw, httpx.Client() as client:

@@ -265,6 +265,11 @@ class PrivateRedis:
         self.proc.kill()  # kill -9
         self.proc.wait()
 
+    @property
+    def url(self) -> str:
+        """Its URL as a manifest's storage names it."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
 
@@ -372,7 +377,7 @@ def run_split_gateway(tmp: Path, mutate: Any = None) -> Iterator[Gateway]:
     r.start()
 
     def with_redis(doc: dict[str, Any]) -> None:
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{r.port}/0"
+        doc["storage"]["counters"] = r.url
         if mutate:
             mutate(doc)
     try:

@@ -47,7 +47,7 @@ def test_more_runtime_keys_than_the_mirror_holds(tmp_path: Path) -> None:
 
     def mutate(doc: dict[str, Any]) -> None:
         doc["storage"]["key_cache"] = 3
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+        doc["storage"]["counters"] = redis.url
 
     try:
         with run_gateway(tmp_path, mutate=mutate, split=True) as gw:

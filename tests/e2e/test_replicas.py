@@ -52,7 +52,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory,
 
     def mutate(doc: dict[str, Any]) -> None:
         doc["storage"].update(keys=dsn, ledger=dsn, pepper="env:TOLLWAY_TEST_PEPPER",
-                              counters=f"redis://127.0.0.1:{redis.port}/0")
+                              counters=redis.url)
         doc["organizations"][0]["projects"] += [
             {"id": "shared", "quotas": [{"name": "gpt54", "models": ["gpt-5.4"], "rpm": 40}],
              "clients": [{"id": "c", "keys": [{"id": "k-shared"}, {"id": "k-gone"}]}]},

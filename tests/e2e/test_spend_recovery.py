@@ -35,7 +35,7 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
 def gw(tmp_path_factory: pytest.TempPathFactory,
        private_redis: PrivateRedis) -> Iterator[Gateway]:
     def mutate(doc: dict[str, Any]) -> None:
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{private_redis.port}/0"
+        doc["storage"]["counters"] = private_redis.url
         for route in doc["routes"]:
             route["fail_closed"] = False  # keep serving while Redis is away
         doc["organizations"][0]["projects"][0]["quotas"] = [

@@ -37,7 +37,7 @@ def two_workers(tmp_path: Path, quotas: list[dict[str, Any]] | None = None,
 
     def mutate(doc: dict[str, Any]) -> None:
         doc["services"].update(workers=2, **services)
-        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
+        doc["storage"]["counters"] = redis.url
         if quotas is not None:
             doc["organizations"][0]["projects"][0]["quotas"] = quotas
 
