@@ -8,7 +8,8 @@ reads what Redis spent per call from its own `INFO commandstats` (usec_per_call 
 neither the client nor the network counts. Then costsink's spend commit of a batch of 100
 requests of one key (its 6 counters: key, project and org, by day and month), once with no
 request holding anything (a project without a budget) and once with each holding a budget hold
-to release. And costsink's settlement of a batch of 100 requests' token reservations: one
+to release. The client's CPU per budget hold, as a Check places one with its index. And
+costsink's settlement of a batch of 100 requests' token reservations: one
 call each, as before settle_many, against settle_many's one call; there the client's CPU (the
 event loop's, which costsink may share with the Checks) counts as well. `--baseline DIR`
 loads the charge's and the spend batch's scripts of another checkout
@@ -99,6 +100,24 @@ async def redis_us_per_spend_batch(module: ModuleType, url: str, batches: int,
         await forget(store)
 
 
+async def client_us_per_hold(module: ModuleType, url: str, calls: int) -> float:
+    """The client's CPU (the event loop's, which the Checks share) per budget hold as a Check
+    places it, its index by request id written too (drained, as it is apart from the Check
+    where it is written after the hold)."""
+    store = module.RedisSpendStore(url, prefix=f"bench-{uuid.uuid4().hex[:8]}")
+    counters = base_counters("acme", "team-ai", "k1", {"day": "2026-12-03", "month": "2026-12"})
+    budget = Budget(counters[4], "project:team-ai", "cap", 10**15, True, ())
+    try:
+        for i in range(-100, calls):  # the first 100 unmeasured: the script loaded, warm
+            if i == 0:
+                cpu = time.process_time()
+            await store.hold("acme", f"h{i}", [budget], 1000, 60_000)
+            await asyncio.gather(*store._indexing)
+        return (time.process_time() - cpu) / calls * 1e6
+    finally:
+        await forget(store)
+
+
 async def settlement_of_100(url: str, batches: int, many: bool) -> tuple[float, float]:
     """The client's CPU and Redis's time per batch of 100 settlements (two token quotas each,
     charged over a second and a half, as a 0.1 s access-log flush of a busy key brings them),
@@ -151,6 +170,14 @@ async def main() -> None:
             print(f"{name:9} Redis time per {what}: " + ", ".join(f"{u:.1f} us" for u in us))
         if "baseline" in runs:
             print(f"this / baseline: {sum(runs['this']) / sum(runs['baseline']):.2f}x")
+    holds: dict[str, list[float]] = {name: [] for name in checkouts}
+    for _ in range(args.rounds):
+        for name in checkouts:
+            holds[name].append(await client_us_per_hold(stores[name], args.redis, args.calls))
+    for name, us in holds.items():
+        print(f"{name:9} client CPU per budget hold: " + ", ".join(f"{u:.0f} us" for u in us))
+    if "baseline" in holds:
+        print(f"this / baseline: {sum(holds['this']) / sum(holds['baseline']):.2f}x")
     for _ in range(args.rounds):
         for many, how in ((False, "one call each"), (True, "settle_many")):
             cpu, redis_us = await settlement_of_100(args.redis, args.calls // 100, many)

@@ -199,6 +199,27 @@ async def test_a_hold_placed_after_its_log_entry_is_released_at_once(
     assert await store.read("o", [DAY]) == [(0, 60)]  # only the marked id is let go
 
 
+async def test_a_single_redis_indexes_a_hold_in_the_call_that_places_it() -> None:
+    """The Check's one call: no second one on the loop to write the index (in a Cluster the
+    index lies in another slot, and is written after). An orphan's mark found by that call
+    leaves nothing held."""
+    store = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    await require_redis(store.client)
+    try:
+        assert (await store.hold("o", "r1", [budget(100)], 60, 60_000)).allowed
+        assert not store._indexing
+        assert await store.client.exists(store._index_key("r1"))
+        assert await store.release_orphans(["r2"]) == 0  # Envoy gave up before the Check
+        assert (await store.hold("o", "r2", [budget(100)], 30, 60_000)).allowed
+        assert await store.read("o", [DAY]) == [(0, 60)]
+        assert await store.release_orphans(["r1"]) == 1
+        assert await store.read("o", [DAY]) == [(0, 0)]
+    finally:
+        for key in [k async for k in store.client.scan_iter(f"{store.prefix}:*")]:
+            await store.client.delete(key)
+        await store.close()
+
+
 async def test_orphan_marks_expire_without_any_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests Envoy answered without a Check (no budget anywhere, so nothing else sweeps)
     must not grow the memory store for good."""

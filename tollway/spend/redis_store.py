@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from tollway.budgets import Budget, SpendCounter
@@ -46,9 +47,10 @@ local function state(h)
 end
 """
 
-# KEYS: hash, zset per counter. ARGV: now, amount, request id, hold ttl ms, counters, then per
-# counter: ttl s, hold here (1/0); then budgets, then per budget: counter index, limit, enforce.
-# Returns: allowed (1/0), then per counter: spent, held (before this request).
+# KEYS: hash, zset per counter, and the request's index key where it is written here. ARGV:
+# now, amount, request id, hold ttl ms, counters, then per counter: ttl s, hold here (1/0); then
+# budgets, then per budget: counter index, limit, enforce; then, with the index key, what the
+# index holds. Returns: allowed (1/0), then per counter: spent, held (before this request).
 HOLD = COMMON + """
 local amount, rid, hold_ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
@@ -68,6 +70,10 @@ for j = 0, tonumber(ARGV[base]) - 1 do
   if ARGV[base + 3 + 3 * j] == '1' and spent[i] + held[i] + amount > limit then out[1] = 0 end
 end
 if out[1] == 0 then return out end
+local index = KEYS[2 * n + 1]
+if index and not redis.call('SET', index, ARGV[#ARGV], 'PX', hold_ttl, 'NX') then
+  return out  -- costsink marked the request orphaned already: Envoy gave up on this Check
+end
 for i = 1, n do
   local h, z = KEYS[2 * i - 1], KEYS[2 * i]
   if ARGV[5 + 2 * i] == '1' and redis.call('HEXISTS', h, 'h:' .. rid) == 0 then
@@ -180,6 +186,10 @@ class RedisSpendStore(SpendStore):
         self._commit = self.client.register_script(COMMIT)
         self._read = self.client.register_script(READ)
         self._commit_batch = self.client.register_script(COMMIT_BATCH)
+        # A hold is indexed by its request id, under a key of its own: the hold script writes
+        # it, in the same call, on a single Redis; in a Cluster the index lies in another slot
+        # than the org's counters, so it is written after the hold, apart from the Check
+        self._index_in_hold = not isinstance(self.client, RedisCluster)
         self._indexing: set[asyncio.Task[None]] = set()
 
     def _keys(self, tag: str, counters: list[SpendCounter]) -> list[str]:
@@ -200,15 +210,20 @@ class RedisSpendStore(SpendStore):
         args.append(len(budgets))
         for b in budgets:
             args += [index[b.counter], b.limit, 1 if b.enforce else 0]
+        keys = self._keys(tag, counters)
+        index_here = self._index_in_hold and bool(held_on)
+        if index_here:
+            keys.append(self._index_key(request_id))
+            args.append(self._where(tag, [c for c in counters if c in held_on]))
         try:
-            raw = await self._hold(keys=self._keys(tag, counters), args=args)
+            raw = await self._hold(keys=keys, args=args)
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         values = {c.key: (int(raw[1 + 2 * i]), int(raw[2 + 2 * i]))
                   for i, c in enumerate(counters)}
         outcome = hold_states(budgets, values, amount)
         assert outcome.allowed == bool(int(raw[0])), "the script and hold_states disagree"
-        if outcome.allowed and held_on:
+        if outcome.allowed and held_on and not index_here:
             # not awaited: the Check need not wait for it, and an orphan's log entry arrives
             # long after (Envoy's timeout, then the access-log flush)
             task = asyncio.create_task(self._index(
@@ -221,14 +236,17 @@ class RedisSpendStore(SpendStore):
                      ttl_ms: int) -> None:
         """Index the hold by its request id, unless costsink has marked the id orphaned
         (the key holds the mark): then Envoy answered without this Check, release the hold."""
-        # where this hold lives, for a log entry that cannot say (release_orphans); its own
-        # key, outside the org's slot: the log entry does not know the org either
-        where = json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
-                                  for c in held_on]])
         with contextlib.suppress(RedisError, OSError, SpendUnavailable):  # it expires anyway
-            if not await self.client.set(self._index_key(request_id), where, px=ttl_ms,
-                                         nx=True):
+            if not await self.client.set(self._index_key(request_id),
+                                         self._where(tag, held_on), px=ttl_ms, nx=True):
                 await self.commit(tag, request_id, held_on, 0)
+
+    @staticmethod
+    def _where(tag: str, held_on: list[SpendCounter]) -> str:
+        """Where a hold lives, for a log entry that cannot say (release_orphans); under its
+        own key, outside the org's slot: the log entry does not know the org either."""
+        return json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
+                                 for c in held_on]])
 
     def _index_key(self, request_id: str) -> str:
         return f"{self.prefix}:hold:{request_id}"
