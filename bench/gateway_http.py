@@ -3,7 +3,7 @@
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
                                   [--accept-encoding gzip|identity] [--workers]
                                   [--rate-limit filter|check] [--rate-limit-in-check]
-                                  [--pin-cpus] [--redis]
+                                  [--pin-cpus] [--redis] [--budget]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -18,7 +18,8 @@ to a project rpm and tpm too high to refuse it (without it no quota applies, and
 skips the rate-limit call, which the floor still makes); `--rate-limit-in-check` compares
 instead the two modes, so charged, in this checkout; `--pin-cpus` compares services.pin_cpus off
 and on; `--redis` runs the gateway (this checkout and the baseline) with Redis counters, a
-Redis of each run's own.
+Redis of each run's own; `--budget` holds every request against a project budget too high to
+refuse it (the Check's hold, costsink's commit), on Redis with `--redis`.
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ def mutate(doc):
         doc["services"]["rate_limit"] = rate_limit
         doc["organizations"][0]["projects"][0]["quotas"] = [
             {"name": "bench-rpm", "rpm": 10**9}, {"name": "bench-tpm", "tpm": 10**12}]
+    if os.environ.get("BENCH_BUDGET"):  # every request held against a budget, then committed
+        doc["organizations"][0]["projects"][0].setdefault("quotas", []).append(
+            {"name": "bench-budget", "spend_per_month": 10**9})
     if os.environ.get("BENCH_PIN"):
         doc["services"]["pin_cpus"] = True
     if workers:  # services.workers: N processes, costsink in its own
         doc["services"]["workers"] = workers
     if with_redis:
-        doc["storage"]["counters"] = redis.url
+        # spelled out: this runs on the harness of the checkout under test, maybe an older one
+        doc["storage"]["counters"] = f"redis://127.0.0.1:{redis.port}/0"
 with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
                  split=bool(workers)) as gw:
     key = gw.issue("k-main")
@@ -94,14 +99,14 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
 
 def run(checkout: Path, seconds: int, connections: int, encoding: str,
         workers: int = 0, rate_limit: str = "", cpus: str = "",
-        pin: bool = False, redis: bool = False) -> dict[str, float]:
+        pin: bool = False, redis: bool = False, budget: bool = False) -> dict[str, float]:
     """One gateway run in `checkout`; `cpus` ("0", "0,1"): the cores that the gateway, its
     mock provider and wrk all run on (default: every core); `pin`: services.pin_cpus."""
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
            "BENCH_RATE_LIMIT": rate_limit, "BENCH_CPUS": cpus, "BENCH_PIN": "1" if pin else "",
-           "BENCH_REDIS": "1" if redis else "",
+           "BENCH_REDIS": "1" if redis else "", "BENCH_BUDGET": "1" if budget else "",
            "BENCH_DIR": str(Path(__file__).resolve().parent)}
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                            text=True, cwd=checkout, timeout=seconds + 120)
@@ -282,6 +287,9 @@ def main() -> None:
                          "pinned)")
     ap.add_argument("--redis", action="store_true",
                     help="Redis counters (a Redis of each run's own) instead of memory ones")
+    ap.add_argument("--budget", action="store_true",
+                    help="every request also held against a project's monthly budget too high "
+                         "to refuse it, and the hold committed (this checkout and the baseline)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -300,9 +308,10 @@ def main() -> None:
         if args.baseline:
             runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
                                         args.accept_encoding, rate_limit=args.rate_limit,
-                                        redis=args.redis))
+                                        redis=args.redis, budget=args.budget))
         runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
-                                rate_limit=args.rate_limit, redis=args.redis))
+                                rate_limit=args.rate_limit, redis=args.redis,
+                                budget=args.budget))
         runs["floor"].append(floor(args.seconds, args.connections, args.accept_encoding,
                                    args.rate_limit))
         runs["bare Envoy"].append(bare(args.seconds, args.connections, args.accept_encoding))
