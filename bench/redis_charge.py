@@ -5,9 +5,8 @@ Run: python bench/redis_charge.py [--calls 2000] [--rounds 2] [--baseline DIR] [
 Charges the two quotas a gpt-5.4 request of examples/team-ai.yaml meets (requests and tokens per
 minute) with every bucket of their windows held (61 each, as a steady load leaves them), all at
 one instant (so from the window's kept sum, as every charge but about one a second per counter
-is), and
-reads what Redis spent per call from its own `INFO commandstats` (usec_per_call of EVALSHA), so
-neither the client nor the network counts. Then costsink's spend commit of a batch of 100
+is), and reads what Redis spent per call from its own `INFO commandstats` (usec_per_call of
+EVALSHA), so neither the client nor the network counts. Then costsink's spend commit of a batch of 100
 requests of one key (its 6 counters: key, project and org, by day and month), once with no
 request holding anything (a project without a budget) and once with each holding a budget hold
 to release. The client's CPU per budget hold, as a Check places one with its index. And
