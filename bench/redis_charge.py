@@ -6,17 +6,16 @@ Charges the two quotas a gpt-5.4 request of examples/team-ai.yaml meets (request
 minute) with every bucket of their windows held (61 each, as a steady load leaves them), all at
 one instant (so from the window's kept sum, as every charge but about one a second per counter
 is), and reads what Redis spent per call from its own `INFO commandstats` (usec_per_call of
-EVALSHA), so neither the client nor the network counts. Then costsink's spend commit of a batch of 100
-requests of one key (its 6 counters: key, project and org, by day and month), once with no
-request holding anything (a project without a budget) and once with each holding a budget hold
-to release. The client's CPU per budget hold, as a Check places one with its index. And
-costsink's settlement of a batch of 100 requests' token reservations: one
-call each, as before settle_many, against settle_many's one call; there the client's CPU (the
-event loop's, which costsink may share with the Checks) counts as well. `--baseline DIR`
-loads the charge's and the spend batch's scripts of another checkout
-(ratelimit/redis_backend.py, tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base
-<commit>`) and measures them interleaved with this one's, on the same Redis.
-"""
+EVALSHA), so neither the client nor the network counts. Then costsink's spend commit of a batch
+of 100 requests of one key (its 6 counters: key, project and org, by day and month), once with
+no request holding anything (a project without a budget) and once with each holding a budget
+hold to release. The client's CPU per budget hold, as a Check places one with its index. And
+costsink's settlement of a batch of 100 requests' token reservations: one call each, as before
+settle_many, against settle_many's one call; there the client's CPU (the event loop's, which
+costsink may share with the Checks) counts as well. `--baseline DIR` loads the charge's and the
+spend batch's scripts of another checkout (ratelimit/redis_backend.py,
+tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base <commit>`) and measures them
+interleaved with this one's, on the same Redis. """
 
 from __future__ import annotations
 
