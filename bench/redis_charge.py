@@ -13,9 +13,10 @@ hold to release. The client's CPU per budget hold, as a Check places one with it
 costsink's settlement of a batch of 100 requests' token reservations: one call each, as before
 settle_many, against settle_many's one call; there the client's CPU (the event loop's, which
 costsink may share with the Checks) counts as well. `--baseline DIR` loads the charge's and the
-spend batch's scripts of another checkout (ratelimit/redis_backend.py,
+spend store's scripts of another checkout (ratelimit/redis_backend.py,
 tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base <commit>`) and measures them
-interleaved with this one's, on the same Redis. """
+interleaved with this one's, on the same Redis.
+"""
 
 from __future__ import annotations
 
