@@ -204,6 +204,7 @@ class RedisSpendStore(SpendStore):
         counters = list(dict.fromkeys(b.counter for b in budgets))
         index = {c: i + 1 for i, c in enumerate(counters)}
         held_on = {b.counter for b in budgets if b.enforce}
+        held_in_order = [c for c in counters if c in held_on]
         args: list[int | str] = [now_ms or 0, amount, request_id, ttl_ms, len(counters)]
         for c in counters:
             args += [c.ttl_seconds, 1 if c in held_on else 0]
@@ -214,7 +215,7 @@ class RedisSpendStore(SpendStore):
         index_here = self._index_in_hold and bool(held_on)
         if index_here:
             keys.append(self._index_key(request_id))
-            args.append(self._where(tag, [c for c in counters if c in held_on]))
+            args.append(self._where(tag, held_in_order))
         try:
             raw = await self._hold(keys=keys, args=args)
         except (RedisError, OSError) as e:
@@ -226,8 +227,7 @@ class RedisSpendStore(SpendStore):
         if outcome.allowed and held_on and not index_here:
             # not awaited: the Check need not wait for it, and an orphan's log entry arrives
             # long after (Envoy's timeout, then the access-log flush)
-            task = asyncio.create_task(self._index(
-                tag, request_id, [c for c in counters if c in held_on], ttl_ms))
+            task = asyncio.create_task(self._index(tag, request_id, held_in_order, ttl_ms))
             self._indexing.add(task)
             task.add_done_callback(self._indexing.discard)
         return outcome
