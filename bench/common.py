@@ -46,6 +46,14 @@ def charge_every_request(doc: dict[str, Any], rate_limit: str) -> None:
     doc["organizations"][0]["projects"][0]["quotas"] = charged_quotas()
 
 
+def hold_every_request(doc: dict[str, Any]) -> None:
+    """The first project given a monthly budget too high to refuse anything: every request is
+    then held against it by the Check and committed by costsink (after charge_every_request,
+    which sets the project's quotas)."""
+    doc["organizations"][0]["projects"][0].setdefault("quotas", []).append(
+        {"name": "bench-budget", "spend_per_month": 10**9})
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]

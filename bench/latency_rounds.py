@@ -1,6 +1,7 @@
 """latency.py's comparison with the gateways running side by side, measured in alternation.
 
     python bench/latency_rounds.py [--rounds 6] [--seconds 5] [--rate-limit filter|check]
+                                   [--budget]
 
 latency.py measures one gateway after the other, each against its own bare Envoy before and
 after it, so the Redis gateway always runs second, minutes later: on this machine class two
@@ -19,7 +20,9 @@ over the rounds; the added latency is over bare Envoy's. Printed too: the servic
 request during their slices (the floor's no-op servicers', likewise). A gateway waiting its
 turn only idles: its timers' CPU (about 1% of a core, docs/performance.md) is the noise.
 Without --rate-limit the manifest has no quota, so the Redis gateway asks Redis nothing on a
-request's path; with it, every request is charged to an rpm and a tpm, as in latency.py.
+request's path; with it, every request is charged to an rpm and a tpm, as in latency.py. With
+--budget, every request is also held against a project budget (the Check's hold, costsink's
+commit), in Redis for the Redis gateway.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import bare_envoy, charge_every_request, pct
+from common import bare_envoy, charge_every_request, hold_every_request, pct
 from latency import Request, figures, h2load_requests, service_pids, streamed_firsts
 from noop_services import replace_services
 from procstat import cpu_seconds
@@ -54,8 +57,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
-    """The four gateways of ORDER, running; with `rate_limit`, as latency.py's option."""
+def targets(tmp: Path, rate_limit: str | None,
+            budget: bool = False) -> Iterator[dict[str, Target]]:
+    """The four gateways of ORDER, running; with `rate_limit`, as latency.py's option; with
+    `budget`, every request held against a budget too (not in the floor: nothing to hold)."""
     with ExitStack() as stack:
         def gateway(name: str, mutate: Any = None) -> Any:
             (tmp / name).mkdir()
@@ -70,10 +75,15 @@ def targets(tmp: Path, rate_limit: str | None) -> Iterator[dict[str, Target]]:
             if rate_limit:
                 charge_every_request(doc, rate_limit)
 
-        def redis_counters(doc: dict[str, Any]) -> None:
+        def held(doc: dict[str, Any]) -> None:
             charged(doc)
+            if budget:
+                hold_every_request(doc)
+
+        def redis_counters(doc: dict[str, Any]) -> None:
+            held(doc)
             doc["storage"]["counters"] = redis.url
-        memory, floor = gateway("memory", charged), gateway("floor", charged)
+        memory, floor = gateway("memory", held), gateway("floor", charged)
         red = gateway("redis", redis_counters)
         bare, bare_url = bare_envoy(memory.manifest_path, tmp)
         stack.callback(stop, bare)
@@ -99,12 +109,16 @@ def main() -> None:
     ap.add_argument("--rate-limit", choices=["filter", "check"],
                     help="services.rate_limit, with quotas charged on every request (without, "
                          "no quota: the Redis gateway asks Redis nothing on a request's path)")
+    ap.add_argument("--budget", action="store_true",
+                    help="every request also held against a project budget too high to refuse "
+                         "it (the Check's hold, then costsink's commit), in Redis for the Redis "
+                         "gateway")
     args = ap.parse_args()
     requests: dict[str, list[Request]] = {name: [] for name in ORDER}
     firsts: dict[str, list[float]] = {name: [] for name in ORDER}
     cpu: dict[str, float] = dict.fromkeys(ORDER, 0.0)
     with tempfile.TemporaryDirectory() as tmpdir, \
-            targets(Path(tmpdir), args.rate_limit) as gateways:
+            targets(Path(tmpdir), args.rate_limit, args.budget) as gateways:
         for r in range(args.rounds):
             for name in ORDER[r % 4:] + ORDER[:r % 4]:
                 t = gateways[name]
@@ -119,6 +133,8 @@ def main() -> None:
     if args.rate_limit:
         print(f"services.rate_limit: {args.rate_limit}, every request charged to an rpm and "
               f"a tpm")
+    if args.budget:
+        print("every request held against a project budget, then committed")
     print(f"\n## {args.rounds} rounds, each gateway {args.seconds} s a round of a fixed 100 "
           f"requests/s (h2load, open loop), then {args.seconds} s of 100 streams/s")
     print("| gateway | requests | p50 | p99 | max | non-2xx | streamed p50 | streamed p99 |"

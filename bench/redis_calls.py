@@ -1,7 +1,7 @@
 """Redis's commands per request through the whole gateway, counted by Redis itself.
 
 Run: python bench/redis_calls.py [--rate-limit check|filter] [--provider-counts-differ]
-                                 [--requests 100]
+                                 [--requests 100] [--budget]
 
 A gateway on Redis counters (a Redis of its own), its project charged to an rpm and a tpm
 quota; `--requests` chat completions one after another, after 20 to warm up, then the
@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import yaml
-from common import charge_every_request
+from common import charge_every_request, hold_every_request
 
 from tests.e2e.harness import PrivateRedis, run_gateway, wait_until
 
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--rate-limit", choices=["filter", "check"], default="check")
     ap.add_argument("--provider-counts-differ", action="store_true")
     ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--budget", action="store_true",
+                    help="every request also held against a project budget, then committed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -48,6 +50,8 @@ def main() -> None:
 
         def mutate(doc: dict[str, Any]) -> None:
             charge_every_request(doc, args.rate_limit)
+            if args.budget:
+                hold_every_request(doc)
             doc["storage"]["counters"] = redis.url
         try:
             (tmp / "gateway").mkdir()
@@ -83,6 +87,7 @@ def main() -> None:
             redis.kill()
     print(f"services.rate_limit {args.rate_limit}, "
           f"{'provider counts differ' if args.provider_counts_differ else 'counts as reserved'}"
+          f"{', held against a budget' if args.budget else ''}"
           f", {args.requests} requests: Redis commands per request")
     for name in sorted(after):
         if after[name] != before.get(name, 0):
