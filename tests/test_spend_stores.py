@@ -7,6 +7,7 @@ import gc
 import random
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 
 import pytest
@@ -30,6 +31,19 @@ def budget(limit: int, counter: SpendCounter = DAY, enforce: bool = True,
                   enforce=enforce, alerts=())
 
 
+@asynccontextmanager
+async def redis_store(url: str = REDIS_URL) -> AsyncIterator[RedisSpendStore]:
+    """A Redis store of the test's own prefix, its keys removed afterwards."""
+    s = RedisSpendStore(url, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    await require_redis(s.client)
+    try:
+        yield s
+    finally:
+        for key in [k async for k in s.client.scan_iter(f"{s.prefix}:*")]:
+            await s.client.delete(key)  # one by one: in a cluster they lie in different slots
+        await s.close()
+
+
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpendStore]:
     if request.param == "memory":
@@ -37,12 +51,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[SpendStore]:
         return
     url = request.getfixturevalue("redis_cluster") if request.param == "redis-cluster" \
         else REDIS_URL
-    s = RedisSpendStore(url, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
-    await require_redis(s.client)
-    yield s
-    for key in [k async for k in s.client.scan_iter(f"{s.prefix}:*")]:
-        await s.client.delete(key)  # one by one: in a cluster they lie in different slots
-    await s.close()
+    async with redis_store(url) as s:
+        yield s
 
 
 def test_units_are_exact() -> None:
@@ -203,9 +213,7 @@ async def test_a_single_redis_indexes_a_hold_in_the_call_that_places_it() -> Non
     """The Check's one call: no second one on the loop to write the index (in a Cluster the
     index lies in another slot, and is written after). An orphan's mark found by that call
     leaves nothing held."""
-    store = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
-    await require_redis(store.client)
-    try:
+    async with redis_store() as store:
         assert (await store.hold("o", "r1", [budget(100)], 60, 60_000)).allowed
         assert not store._indexing
         assert await store.client.exists(store._index_key("r1"))
@@ -214,10 +222,6 @@ async def test_a_single_redis_indexes_a_hold_in_the_call_that_places_it() -> Non
         assert await store.read("o", [DAY]) == [(0, 60)]
         assert await store.release_orphans(["r1"]) == 1
         assert await store.read("o", [DAY]) == [(0, 0)]
-    finally:
-        for key in [k async for k in store.client.scan_iter(f"{store.prefix}:*")]:
-            await store.client.delete(key)
-        await store.close()
 
 
 async def test_orphan_marks_expire_without_any_hold(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,17 +295,11 @@ async def test_set_spent_replaces_spent_and_keeps_holds(store: SpendStore) -> No
 
 async def test_a_retried_batch_is_applied_once() -> None:
     """A timeout hides whether Redis ran the script: the same batch sent again adds nothing."""
-    s = RedisSpendStore(REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}", timeout=1.0)
-    await require_redis(s.client)
-    try:
+    async with redis_store() as s:
         batch = [Commit("o", "r1", [DAY], 10), Commit("o", "r2", [DAY, KEY_DAY], 5)]
         assert await s.commit_many(batch) == [[15], [15, 5]]
         assert await s.commit_many(batch) == [[15], [15, 5]]
         assert await s.commit_many([Commit("o", "r3", [DAY], 1)]) == [[16]]
-    finally:
-        keys = [k async for k in s.client.scan_iter(f"{s.prefix}:*")]
-        await s.client.delete(*keys)
-        await s.close()
 
 
 async def test_a_batch_of_thousands_releases_each_hold(store: SpendStore) -> None:
