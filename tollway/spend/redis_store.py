@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
@@ -51,7 +53,10 @@ end
 # now, amount, request id, hold ttl ms, counters, then per counter: ttl s, hold here (1/0); then
 # budgets, then per budget: counter index, limit, enforce; then, with the index key, what the
 # index holds. Returns: allowed (1/0), then per counter: spent, held (before this request).
-HOLD = COMMON + """
+# With `place` false it decides and changes nothing but expired holds: a script that charges
+# the rate limit too (ratelimit/redis_backend.py) decides first, then places the hold only
+# where the charge is made.
+HOLD_STEPS = """
 local amount, rid, hold_ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
 local out, spent, held = {1}, {}, {}
@@ -69,7 +74,7 @@ for j = 0, tonumber(ARGV[base]) - 1 do
   local limit = tonumber(ARGV[base + 2 + 3 * j])
   if ARGV[base + 3 + 3 * j] == '1' and spent[i] + held[i] + amount > limit then out[1] = 0 end
 end
-if out[1] == 0 then return out end
+if out[1] == 0 or not place then return out end
 local index = KEYS[2 * n + 1]
 if index and not redis.call('SET', index, ARGV[#ARGV], 'PX', hold_ttl, 'NX') then
   return out  -- costsink marked the request orphaned already: Envoy gave up on this Check
@@ -86,6 +91,7 @@ for i = 1, n do
 end
 return out
 """
+HOLD = COMMON + "local place = true\n" + HOLD_STEPS
 
 # KEYS: hash, zset per counter. ARGV: now, amount, request id, then per counter: ttl s.
 # Returns each counter's new spent.
@@ -177,9 +183,26 @@ return out
 """
 
 
+@dataclass(frozen=True)
+class HoldCall:
+    """One hold's call of the HOLD script, and what reading its answer needs."""
+
+    tag: str
+    request_id: str
+    ttl_ms: int
+    budgets: list[Budget]
+    amount: int
+    counters: list[SpendCounter]  # distinct, in the order of the script's keys
+    held_on: list[SpendCounter]  # those of enforced budgets, in the same order
+    keys: list[str]
+    args: list[int | str]
+    indexed_here: bool  # the script writes the request id's index (a single Redis)
+
+
 class RedisSpendStore(SpendStore):
     def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
                  max_connections: int = 64) -> None:
+        self.url = url
         self.prefix = prefix
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
         self._hold = self.client.register_script(HOLD)
@@ -199,12 +222,13 @@ class RedisSpendStore(SpendStore):
             out += [h, f"{h}:exp"]
         return out
 
-    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
-                   ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
+    def hold_call(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+                  ttl_ms: int, now_ms: int | None = None) -> HoldCall:
+        """The HOLD script's keys and arguments, for hold() or a script that runs its steps
+        beside a rate-limit charge."""
         counters = list(dict.fromkeys(b.counter for b in budgets))
         index = {c: i + 1 for i, c in enumerate(counters)}
         held_on = {b.counter for b in budgets if b.enforce}
-        held_in_order = [c for c in counters if c in held_on]
         args: list[int | str] = [now_ms or 0, amount, request_id, ttl_ms, len(counters)]
         for c in counters:
             args += [c.ttl_seconds, 1 if c in held_on else 0]
@@ -212,22 +236,36 @@ class RedisSpendStore(SpendStore):
         for b in budgets:
             args += [index[b.counter], b.limit, 1 if b.enforce else 0]
         keys = self._keys(tag, counters)
-        index_here = self._index_in_hold and bool(held_on)
-        if index_here:
+        held_in_order = [c for c in counters if c in held_on]
+        indexed_here = self._index_in_hold and bool(held_on)
+        if indexed_here:
             keys.append(self._index_key(request_id))
             args.append(self._where(tag, held_in_order))
+        return HoldCall(tag, request_id, ttl_ms, budgets, amount, counters, held_in_order,
+                        keys, args, indexed_here)
+
+    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+                   ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
+        call = self.hold_call(tag, request_id, budgets, amount, ttl_ms, now_ms)
         try:
-            raw = await self._hold(keys=keys, args=args)
+            raw = await self._hold(keys=call.keys, args=call.args)
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
+        return self.held(call, raw)
+
+    def held(self, call: HoldCall, raw: list[Any], placed: bool = True) -> HoldOutcome:
+        """The HOLD script's answer read. `placed`: the script held what it allowed (a hold
+        beside a refused charge is not); such a hold is indexed by its request id now, where
+        the script could not."""
         values = {c.key: (int(raw[1 + 2 * i]), int(raw[2 + 2 * i]))
-                  for i, c in enumerate(counters)}
-        outcome = hold_states(budgets, values, amount)
+                  for i, c in enumerate(call.counters)}
+        outcome = hold_states(call.budgets, values, call.amount)
         assert outcome.allowed == bool(int(raw[0])), "the script and hold_states disagree"
-        if outcome.allowed and held_on and not index_here:
+        if placed and outcome.allowed and call.held_on and not call.indexed_here:
             # not awaited: the Check need not wait for it, and an orphan's log entry arrives
             # long after (Envoy's timeout, then the access-log flush)
-            task = asyncio.create_task(self._index(tag, request_id, held_in_order, ttl_ms))
+            task = asyncio.create_task(self._index(call.tag, call.request_id, call.held_on,
+                                                   call.ttl_ms))
             self._indexing.add(task)
             task.add_done_callback(self._indexing.discard)
         return outcome
