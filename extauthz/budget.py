@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from prometheus_client import Counter
 
@@ -47,6 +49,7 @@ SETTLE_POLL = 0.02
 # whose request waited for holds gets 429 budget_in_flight, not Envoy's 503 for a late Check
 ANSWER_RESERVE = 0.1
 _REPORTED: set[str] = set()  # past the route timeout: time for the access log to arrive
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,45 +93,74 @@ def settle_wait(time_remaining: float | None) -> float:
     return max(0.0, min(SETTLE_WAIT, time_remaining - ANSWER_RESERVE))
 
 
-async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, facts: RequestFacts,
-                      now: datetime, wait: float = SETTLE_WAIT) -> Held | Deny:
+@dataclass(frozen=True)
+class HoldPlan:
+    """What an allowed request holds, before it is held."""
+
+    budgets: list[Budget]  # every budget that applies, monitors too
+    amount: int
+    ttl_ms: int
+    held: Held  # the hold once placed: what a commit of 0 releases
+
+
+def plan_hold(rt: Runtime, allow: Allow, facts: RequestFacts, now: datetime) -> HoldPlan | None:
+    """None: no budget applies to the request."""
     m, b = rt.manifest, allow.binding
     budgets = budgets_for(m, b, allow.model, period_labels(now, m.gateway.timezone))
     if not budgets:
-        NO_BUDGET.inc()
-        return Held(0)
+        return None
     amount = max_hold(rt, allow, facts)
     # Envoy always sets x-request-id; without one, a hold of its own (released by expiry)
     request_id = facts.request_id or f"no-request-id-{uuid.uuid4().hex}"
-    held = Held(amount, b.org.id, request_id,
-                tuple(dict.fromkeys(x.counter for x in budgets if x.enforce)))
+    return HoldPlan(budgets, amount, allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS,
+                    Held(amount, b.org.id, request_id,
+                         tuple(dict.fromkeys(x.counter for x in budgets if x.enforce))))
+
+
+async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, plan: HoldPlan | None,
+                      wait: float = SETTLE_WAIT) -> Held | Deny:
+    if plan is None:
+        NO_BUDGET.inc()
+        return Held(0)
+    h = plan.held
     try:
-        outcome = await _hold_settling(store, b.org.id, request_id, budgets, amount,
-                                       allow.route.timeout_seconds * 1000 + HOLD_GRACE_MS,
-                                       wait)
+        outcome = await holding(
+            lambda: store.hold(h.tag, h.request_id, plan.budgets, plan.amount, plan.ttl_ms),
+            lambda outcome: outcome, wait)
     except asyncio.CancelledError:
         # Envoy cancelled the Check: the hold may have been placed all the same
-        await asyncio.shield(release_hold(store, held))
+        await asyncio.shield(release_hold(store, h))
         raise
     except SpendUnavailable as e:
-        BUDGET_DECISIONS.labels("store_down").inc()
-        if allow.route.fail_closed:
-            log.error("spend store unreachable, refusing (fail-closed route): %s", e)
-            return Deny("gateway_unavailable", "the gateway cannot check budgets right now; "
-                        "retry shortly", allow.route.dialect, b.key.id)
-        log.error("spend store unreachable, allowing without a hold: %s", e)
-        return Held(0)
-    _report_monitor_budgets(outcome, b.key.id)
+        return store_down(allow, e)
+    return judge_hold(rt, allow, plan, outcome)
+
+
+def store_down(allow: Allow, e: Exception) -> Held | Deny:
+    """The answer while the spend store cannot be reached: the route's fail-closed or
+    fail-open (no hold)."""
+    BUDGET_DECISIONS.labels("store_down").inc()
+    if allow.route.fail_closed:
+        log.error("spend store unreachable, refusing (fail-closed route): %s", e)
+        return Deny("gateway_unavailable", "the gateway cannot check budgets right now; "
+                    "retry shortly", allow.route.dialect, allow.binding.key.id)
+    log.error("spend store unreachable, allowing without a hold: %s", e)
+    return Held(0)
+
+
+def judge_hold(rt: Runtime, allow: Allow, plan: HoldPlan, outcome: HoldOutcome) -> Held | Deny:
+    """What a hold's outcome means for the request: held, 402, or 429 budget_in_flight."""
+    _report_monitor_budgets(outcome, allow.binding.key.id)
     refused = outcome.refused_by
     if refused is None:
         HELD.inc()
-        return held if held.counters else Held(0)
+        return plan.held if plan.held.counters else Held(0)
     over = outcome.over_budget
     if over is None:
         BUDGET_DECISIONS.labels("in_flight").inc()
-        return _in_flight(rt, allow, refused.budget, refused.spent, refused.held, amount)
+        return _in_flight(rt, allow, refused.budget, refused.spent, refused.held, plan.amount)
     BUDGET_DECISIONS.labels("refused").inc()
-    return _exceeded(rt, allow, over.budget, over.spent, amount)
+    return _exceeded(rt, allow, over.budget, over.spent, plan.amount)
 
 
 def _exceeded(rt: Runtime, allow: Allow, bg: Budget, spent: int, amount: int) -> Deny:
@@ -170,19 +202,20 @@ async def budget_verdict(store: SpendStore, rt: Runtime, allow: Allow, facts: Re
     return None
 
 
-async def _hold_settling(store: SpendStore, tag: str, request_id: str, budgets: list[Budget],
-                         amount: int, ttl_ms: int, wait: float) -> HoldOutcome:
-    """Hold `amount`; where only the holds of other requests stand in the way, try again
-    until they settle or `wait` seconds pass. A sequential client's previous request has
-    finished, but its hold lasts until its access-log entry reaches costsink (one flush
-    interval): that hold must not refuse the next request."""
+async def holding(attempt: Callable[[], Awaitable[T]], hold_of: Callable[[T], HoldOutcome],
+                  wait: float) -> T:
+    """Make a hold `attempt`; where only the holds of other requests stand in the way of
+    `hold_of` its answer, try again until they settle or `wait` seconds pass. A sequential
+    client's previous request has finished, but its hold lasts until its access-log entry
+    reaches costsink (one flush interval): that hold must not refuse the next request."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
-        outcome = await store.hold(tag, request_id, budgets, amount, ttl_ms)
+        answer = await attempt()
+        outcome = hold_of(answer)
         if (outcome.allowed or outcome.over_budget is not None
                 or loop.time() + SETTLE_POLL > deadline):
-            return outcome
+            return answer
         await asyncio.sleep(SETTLE_POLL)
 
 

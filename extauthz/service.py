@@ -13,8 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 from prometheus_client import Counter, Histogram
 
-from ratelimit.admission import ADMITTED, Admission, admit, refund
-from ratelimit.admission import Request as RateRequest
+from ratelimit.admission import ADMITTED, Admission
 from ratelimit.backend import CounterBackend
 from tollway.errors import error_body, status_of
 from tollway.keys.mirror import KeyMirror
@@ -25,9 +24,10 @@ from tollway.reload import Compiled
 from tollway.serve import past_deadline, time_remaining
 from tollway.spend import SpendStore
 
-from .budget import Held, hold_budget, release_hold, settle_wait
+from .budget import Held, settle_wait
 from .decision import Allow, Deny, RequestFacts, Runtime, decide, presented_key_id
 from .guessing import GuessThrottle
+from .limits import Limits
 from .policies import PolicyGate
 
 log = logging.getLogger("tollway.extauthz")
@@ -136,55 +136,15 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
     return response
 
 
-def rate_limit_deny(allow: Allow, limited: Admission) -> Deny:
-    """The refusal of a rate limit answered in the Check, as the rate-limit filter words it."""
-    dialect, key_id = allow.route.dialect, allow.binding.key.id
-    if limited.refusal is None:  # the counters are down and the route is fail-closed
-        return Deny("gateway_unavailable", "the rate-limit counters cannot be reached; retry",
-                    dialect, key_id)
-    return Deny("rate_limit_exceeded", limited.refusal.message, dialect, key_id,
-                retry_after=limited.refusal.retry_after, headers=tuple(limited.headers))
-
-
-def rate_request(allow: Allow) -> RateRequest:
-    b = allow.binding
-    return RateRequest(org=b.org.id, key_id=b.key.id, model=allow.model, route=allow.route.name,
-                       dialect=allow.route.dialect, reserve_tokens=allow.reserve_tokens)
-
-
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror,
                  spend: SpendStore, counters: CounterBackend | None = None) -> None:
         self.runtime = runtime
         self.mirror = mirror
         self.spend = spend
-        self.counters = counters  # the rate-limit counters, for services.rate_limit: check
+        self.limits = Limits(spend, counters)
         self.policies = PolicyGate(spend)
         self.guesses = GuessThrottle()
-
-    async def rate_limit(self, rt: Runtime, allow: Allow,
-                         rendered_for: str) -> Admission | None:
-        """With services.rate_limit: check, the rate limit Envoy's filter would ask for, in
-        this Check: every quota charged in one step, as ShouldRateLimit charges them. None:
-        the rate-limit filter answers it. `rendered_for`: the mode of the listener that asks
-        (its route says it; the manifest's for a route rendered before it did). Envoy's
-        configuration, not this process's manifest, decides whether a rate-limit filter will
-        ask after this Check, so a reload of either never leaves a request charged twice or
-        not at all."""
-        if (rendered_for or rt.manifest.services.rate_limit) != "check":
-            return None
-        if self.counters is None:
-            log.error("route %s has extauthz answer the rate limit, but the memory counters "
-                      "live in the ratelimit process: refusing; serve extauthz with ratelimit "
-                      "or use Redis counters", allow.route.name)
-            return Admission(unavailable=True)
-        return await admit(self.counters, rt.manifest, allow.binding, rate_request(allow))
-
-    async def undo_rate_limit(self, rt: Runtime, allow: Allow,
-                              limited: Admission | None) -> None:
-        if self.counters is not None and limited is not None and limited.metadata:
-            await refund(self.counters, rt.manifest, allow.binding,
-                         rate_request(allow), limited)
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
@@ -215,21 +175,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             if isinstance(result, Allow):
                 now = datetime.now(UTC)
                 denied = await self.policies.check(rt, result, facts, now)
-                held = denied or await hold_budget(self.spend, rt, result, facts, now,
-                                                   settle_wait(time_remaining(context)))
-                limited = None
-                if isinstance(held, Held):
-                    limited = await self.rate_limit(
-                        rt, result, request.attributes.context_extensions.get(RATE_LIMITED_BY, ""))
-                    if limited is not None and not limited.allowed:
-                        await release_hold(self.spend, held)
-                        held = rate_limit_deny(result, limited)
+                held, limited = (denied, None) if denied else await self.limits.take(
+                    rt, result, facts, now, settle_wait(time_remaining(context)),
+                    request.attributes.context_extensions.get(RATE_LIMITED_BY, ""))
                 if isinstance(held, Held) and (held.amount or (limited and limited.metadata)) \
                         and past_deadline(context):
                     # Envoy has stopped waiting: the request gets Envoy's own 503 and never
                     # reaches the provider, and its log entry will not carry this hold
-                    await release_hold(self.spend, held)
-                    await self.undo_rate_limit(rt, result, limited)
+                    await self.limits.give_back(rt, result, held, limited)
                     held = Deny("gateway_unavailable", "authorization took too long; retry",
                                 result.route.dialect, result.binding.key.id)
                 if isinstance(held, Held):

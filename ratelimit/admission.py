@@ -19,7 +19,7 @@ from prometheus_client import Counter, Histogram
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
-from tollway.quotas import rules_for
+from tollway.quotas import Rule, rules_for
 
 from .backend import BackendUnavailable, CounterBackend, Outcome, RuleState, Settlement
 
@@ -128,40 +128,54 @@ def _report(req: Request, outcome: Outcome) -> None:
                      s.rule.quota, req.key_id, s.used, s.rule.limit, s.rule.kind)
 
 
-async def admit(backend: CounterBackend, m: Manifest, binding: KeyBinding,
-                req: Request) -> Admission:
-    """Check and charge every quota of `req` in one backend step: all are charged, or none."""
+def charges(m: Manifest, binding: KeyBinding, req: Request) -> tuple[list[Rule], list[int]]:
+    """Every quota of `req` and what it charges each: one request, or its token reservation."""
     rules = rules_for(m, binding, req.model)
-    if not rules:
-        return ADMITTED
-    costs = [1 if r.kind == "requests" else req.reserve_tokens for r in rules]
-    charged_at = int(time.time() * 1000)
-    started = time.perf_counter()
-    try:
-        outcome = await backend.charge(binding.org.id, rules, costs)
-    except BackendUnavailable as e:
-        route = m.route(req.route)
-        if route is None or route.fail_closed:
-            BACKEND_ERRORS.labels("refused").inc()
-            log.error("counter backend unavailable, refusing (fail-closed): %s", e)
-            return Admission(unavailable=True)
-        BACKEND_ERRORS.labels("allowed").inc()
-        log.warning("counter backend unavailable, allowing (fail-open): %s", e)
-        return ADMITTED
-    finally:
-        BACKEND_LATENCY.observe(time.perf_counter() - started)
+    return rules, [1 if r.kind == "requests" else req.reserve_tokens for r in rules]
 
+
+def unreachable(m: Manifest, req: Request, e: Exception) -> Admission:
+    """The answer while the counters cannot be reached: the route's fail-closed or fail-open."""
+    route = m.route(req.route)
+    if route is None or route.fail_closed:
+        BACKEND_ERRORS.labels("refused").inc()
+        log.error("counter backend unavailable, refusing (fail-closed): %s", e)
+        return Admission(unavailable=True)
+    BACKEND_ERRORS.labels("allowed").inc()
+    log.warning("counter backend unavailable, allowing (fail-open): %s", e)
+    return ADMITTED
+
+
+def admission(req: Request, outcome: Outcome, charged_at_ms: int) -> Admission:
+    """What a charge's outcome tells the client, and settlement later."""
     _report(req, outcome)
     headers = rate_headers(outcome)
     if outcome.allowed:
         return Admission(headers, metadata={"reserved_tokens": req.reserve_tokens,
-                                            "charged_at_ms": charged_at})
-    denied = [(s, c) for s, c in zip(outcome.states, costs, strict=True)
+                                            "charged_at_ms": charged_at_ms})
+    denied = [(s, c) for s, c in zip(outcome.states, outcome.costs, strict=True)
               if s.over and s.rule.enforce]
     worst, cost = max(denied, key=lambda sc: sc[0].retry_seconds)
     retry_after = (math.ceil(worst.retry_seconds) if worst.retry_seconds != math.inf
                    else max(s.rule.period for s, _ in denied))
     return Admission(headers, Refusal(refusal(req, worst, cost), retry_after, worst.rule.quota))
+
+
+async def admit(backend: CounterBackend, m: Manifest, binding: KeyBinding,
+                req: Request) -> Admission:
+    """Check and charge every quota of `req` in one backend step: all are charged, or none."""
+    rules, costs = charges(m, binding, req)
+    if not rules:
+        return ADMITTED
+    charged_at = int(time.time() * 1000)
+    started = time.perf_counter()
+    try:
+        outcome = await backend.charge(binding.org.id, rules, costs)
+    except BackendUnavailable as e:
+        return unreachable(m, req, e)
+    finally:
+        BACKEND_LATENCY.observe(time.perf_counter() - started)
+    return admission(req, outcome, charged_at)
 
 
 async def _settlement(keys: KeyMirror, m: Manifest, key_id: str, model: str,

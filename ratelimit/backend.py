@@ -21,10 +21,12 @@ import abc
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
+from tollway.budgets import Budget
 from tollway.expiring import Expiring
 from tollway.quotas import Rule
+from tollway.spend import HoldOutcome, SpendStore
 
 BUCKETS = 60
 
@@ -121,8 +123,24 @@ class CounterBackend(abc.ABC):
         for s in settlements:
             await self.settle(s.tag, s.rules, s.charged_at_ms, s.delta, now_ms)
 
+    def holding(self, spend: SpendStore) -> HoldingCharge | None:
+        """A charge that holds a budget of `spend` in the same step, where this backend and
+        `spend` can make both in one call (one Redis): the hold decided, the charge made only
+        if it allows, the hold placed only if the charge was. None: hold, then charge."""
+        return None
+
     async def close(self) -> None:
         return None
+
+
+class HoldingCharge(Protocol):
+    """CounterBackend.charge with SpendStore.hold, both for the org `tag`, in the same step.
+    Returns the hold's outcome, and the charge's unless the hold refused (then nothing was
+    charged). Raises BackendUnavailable."""
+
+    async def __call__(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+                       ttl_ms: int, rules: list[Rule], costs: list[int]
+                       ) -> tuple[HoldOutcome, Outcome | None]: ...
 
 
 class MemoryBackend(CounterBackend):

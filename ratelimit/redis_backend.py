@@ -9,17 +9,24 @@ and the window's sum kept beside the buckets.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 from redis.exceptions import RedisError
 
+from tollway.budgets import Budget
 from tollway.quotas import Rule
 from tollway.redis_client import connect
+from tollway.spend import HoldOutcome, SpendStore
+from tollway.spend import redis_store as spend_scripts
+from tollway.spend.redis_store import RedisSpendStore
 
 from .backend import (
     BUCKETS,
     BackendUnavailable,
     CounterBackend,
+    HoldingCharge,
     Outcome,
     RuleState,
     Settlement,
@@ -155,34 +162,90 @@ return 1
 """
 
 
+# A Check's budget hold and its rate-limit charge (services.rate_limit: check) in one call,
+# taken as the two calls one after the other took them (the hold, then the charge, the hold
+# released if the charge is refused): the hold decided, the charge made only if the hold is
+# allowed, then the hold placed only if the charge was made. Each script's steps run as they
+# run alone, given its own KEYS and ARGV. KEYS: the hold's, then the charge's. ARGV: how many
+# of the keys and of the arguments are the hold's, the hold's arguments, the charge's.
+# Returns {the hold's answer}, or {the hold's answer, the charge's} once the hold allows.
+HOLD_AND_CHARGE = (
+    "local function hold(KEYS, ARGV, place)\n" + spend_scripts.COMMON
+    + spend_scripts.HOLD_STEPS + "end\n"
+    "local function charge(KEYS, ARGV)\n" + CHARGE + "end\n" + """
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local hold_keys, hold_args = {unpack(KEYS, 1, nk)}, {unpack(ARGV, 3, 2 + na)}
+local held = hold(hold_keys, hold_args, false)
+if held[1] == 0 then return {held} end
+local charged = charge({unpack(KEYS, nk + 1)}, {unpack(ARGV, 3 + na)})
+if charged[1] == 1 then held = hold(hold_keys, hold_args, true) end
+return {held, charged}
+""")
+
+
 class RedisBackend(CounterBackend):
     def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "tollway",
                  max_connections: int = 64) -> None:
+        self.url = url
         self.prefix = prefix
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
         self._charge = self.client.register_script(CHARGE)
         self._settle = self.client.register_script(SETTLE)
+        self._hold_and_charge = self.client.register_script(HOLD_AND_CHARGE)
 
     def key(self, tag: str, rule: Rule) -> str:
         return f"{self.prefix}:{{{tag}}}:rl:{rule.counter}:{rule.period}"
 
-    async def charge(self, tag: str, rules: list[Rule], costs: list[int],
-                     now_ms: int | None = None) -> Outcome:
+    def _charge_args(self, rules: list[Rule], costs: list[int],
+                     now_ms: int | None) -> list[int]:
         # Redis's clock by default: every replica then orders charges as Redis executes them,
         # whatever their own clocks say
         args: list[int] = [now_ms or 0, BUCKETS]
         for r, c in zip(rules, costs, strict=True):
             args += [r.limit, r.period * 1000 // BUCKETS, c, 1 if r.enforce else 0]
-        try:
-            raw = await self._charge(keys=[self.key(tag, r) for r in rules], args=args)
-        except (RedisError, OSError) as e:
-            raise BackendUnavailable(f"redis: {e}") from e
+        return args
+
+    @staticmethod
+    def _outcome(rules: list[Rule], costs: list[int], raw: list[Any]) -> Outcome:
         states = []
         for i, r in enumerate(rules):
             used, reset, retry = (int(x) for x in raw[1 + 3 * i: 4 + 3 * i])
             states.append(RuleState(rule=r, used=used, reset_seconds=reset / 1000,
                                     retry_seconds=math.inf if retry < 0 else retry / 1000))
         return Outcome(allowed=bool(int(raw[0])), states=states, costs=costs)
+
+    async def charge(self, tag: str, rules: list[Rule], costs: list[int],
+                     now_ms: int | None = None) -> Outcome:
+        try:
+            raw = await self._charge(keys=[self.key(tag, r) for r in rules],
+                                     args=self._charge_args(rules, costs, now_ms))
+        except (RedisError, OSError) as e:
+            raise BackendUnavailable(f"redis: {e}") from e
+        return self._outcome(rules, costs, raw)
+
+    def holding(self, spend: SpendStore) -> HoldingCharge | None:
+        """With spend in the same Redis (one storage.counters URL): both in one script call.
+        A Check's two calls to Redis cost the services' loop about 0.2 ms of CPU each."""
+        if not isinstance(spend, RedisSpendStore) or spend.url != self.url:
+            return None
+        return functools.partial(self._charge_holding, spend)
+
+    async def _charge_holding(self, spend: RedisSpendStore, tag: str, request_id: str,
+                              budgets: list[Budget], amount: int, ttl_ms: int,
+                              rules: list[Rule], costs: list[int],
+                              now_ms: int | None = None) -> tuple[HoldOutcome, Outcome | None]:
+        hold = spend.hold_call(tag, request_id, budgets, amount, ttl_ms, now_ms)
+        try:
+            raw = await self._hold_and_charge(
+                keys=[*hold.keys, *(self.key(tag, r) for r in rules)],
+                args=[len(hold.keys), len(hold.args), *hold.args,
+                      *self._charge_args(rules, costs, now_ms)])
+        except (RedisError, OSError) as e:
+            raise BackendUnavailable(f"redis: {e}") from e
+        if len(raw) == 1:
+            return spend.held(hold, raw[0]), None
+        charged = self._outcome(rules, costs, raw[1])
+        return spend.held(hold, raw[0], placed=charged.allowed), charged
 
     async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
                      now_ms: int | None = None) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,16 +17,21 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 
 from extauthz.decision import compile_runtime
+from extauthz.limits import Limits
 from extauthz.service import AuthorizationService
-from ratelimit.backend import BackendUnavailable, MemoryBackend
+from ratelimit.backend import BackendUnavailable, CounterBackend, MemoryBackend
+from ratelimit.redis_backend import RedisBackend
+from tests.conftest import REDIS_URL, require_redis
 from tests.e2e.harness import offline_manifest
-from tollway.budgets import period_labels
+from tollway.budgets import SpendCounter, period_labels
 from tollway.keys import KeyRecord, hash_secret
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, parse
 from tollway.metadata import REQUEST
 from tollway.reload import Compiled
+from tollway.spend import SpendStore
 from tollway.spend.memory import MemorySpendStore
+from tollway.spend.redis_store import RedisSpendStore
 
 PEPPER = b"p" * 32
 
@@ -39,7 +46,7 @@ class Context:
         return self.remaining
 
 
-def service(store: MemorySpendStore, budget: str = "10") -> AuthorizationService:
+def service(store: SpendStore, budget: str = "10") -> AuthorizationService:
     os.environ.setdefault("MOCK_PROVIDER_KEY", "x")
     os.environ["TOLLWAY_TEST_PEPPER"] = PEPPER.decode()
     doc = offline_manifest()
@@ -67,25 +74,26 @@ def check(rid: str) -> external_auth_pb2.CheckRequest:
     return req
 
 
-def held(store: MemorySpendStore) -> int:
+async def held(store: SpendStore) -> int:
     """What the project's daily budget holds for requests in flight."""
     day = period_labels(datetime.now(UTC), "UTC")["day"]
-    return store._held(f"acme:project:team-ai:day:{day}", int(time.time() * 1000))
+    [(_, holding)] = await store.read("acme", [SpendCounter("project:team-ai", "day", day)])
+    return holding
 
 
 async def test_an_allowed_check_holds_its_maximum_cost() -> None:
     store = MemorySpendStore()
     r = await service(store).Check(check("r1"), Context(0.4))
     assert r.status.code == 0
-    assert held(store) > 0
-    assert r.dynamic_metadata["budget_hold"] == str(held(store))
+    assert await held(store) > 0
+    assert r.dynamic_metadata["budget_hold"] == str(await held(store))
 
 
 async def test_a_check_past_envoys_deadline_releases_its_hold() -> None:
     store = MemorySpendStore()
     r = await service(store).Check(check("r1"), Context(0.0))
     assert r.denied_response.status.code == 503
-    assert held(store) == 0
+    assert await held(store) == 0
 
 
 @pytest.mark.parametrize("remaining", [0.05, 0.25])
@@ -114,13 +122,13 @@ async def test_a_cancelled_check_releases_its_hold() -> None:
     store.hold = slow_hold  # type: ignore[method-assign]
     task = asyncio.create_task(svc.Check(check("r1"), Context(0.4)))
     deadline = time.monotonic() + 5
-    while held(store) == 0:
+    while await held(store) == 0:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert held(store) == 0
+    assert await held(store) == 0
 
 
 async def test_a_key_the_follower_brings_during_the_fetch_is_accepted() -> None:
@@ -145,17 +153,43 @@ class DownCounters(MemoryBackend):
         raise BackendUnavailable("counters down")
 
 
-def answering_rate_limits(store: MemorySpendStore, counters: MemoryBackend, rpm: int = 2,
-                          mode: str = "check") -> AuthorizationService:
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def stores(request: pytest.FixtureRequest
+                 ) -> AsyncIterator[tuple[SpendStore, CounterBackend]]:
+    """Spend and rate-limit counters as `tollway serve` opens them from one storage.counters:
+    in memory, or in one Redis (a Check then holds and charges in one call), or one Redis
+    Cluster; under the test's own prefix, its keys removed afterwards."""
+    if request.param == "memory":
+        yield MemorySpendStore(), MemoryBackend()
+        return
+    url = request.getfixturevalue("redis_cluster") if request.param == "redis-cluster" \
+        else REDIS_URL
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    spend = RedisSpendStore(url, prefix=prefix, timeout=5.0)
+    counters = RedisBackend(url, prefix=prefix, timeout=5.0)
+    await require_redis(spend.client)
+    try:
+        yield spend, counters
+    finally:
+        await spend.close()  # its indexing tasks done first
+        for key in [k async for k in counters.client.scan_iter(f"{prefix}:*")]:
+            await counters.client.delete(key)  # one by one: in a cluster, different slots
+        await counters.close()
+
+
+def answering_rate_limits(store: SpendStore, counters: CounterBackend | None, rpm: int = 2,
+                          mode: str = "check", budget: str = "10",
+                          fail_closed: bool = True) -> AuthorizationService:
     """services.rate_limit: check (or `mode`), with an rpm beside the daily budget."""
     svc = service(store)
     doc = offline_manifest()
     doc["storage"]["pepper"] = "env:TOLLWAY_TEST_PEPPER"
     doc["services"]["rate_limit"] = mode
+    doc["routes"][0]["fail_closed"] = fail_closed
     doc["organizations"][0]["projects"][0]["quotas"] = [
-        {"name": "cap", "spend_per_day": "10"}, {"name": "burst", "rpm": rpm}]
+        {"name": "cap", "spend_per_day": budget}, {"name": "burst", "rpm": rpm}]
     svc.runtime = Compiled(compile_runtime, parse(doc))
-    svc.counters = counters
+    svc.limits = Limits(store, counters)
     return svc
 
 
@@ -163,8 +197,17 @@ def response_headers(r: external_auth_pb2.CheckResponse) -> dict[str, str]:
     return {h.header.key: h.header.value for h in r.ok_response.response_headers_to_add}
 
 
-async def test_a_check_answering_rate_limits_charges_and_refuses_like_the_filter() -> None:
-    store, counters = MemorySpendStore(), MemoryBackend()
+async def index_of(store: SpendStore, rid: str) -> bytes | None:
+    """The hold index's entry of a request id (a Redis store's), once written."""
+    assert isinstance(store, RedisSpendStore)
+    await asyncio.gather(*store._indexing)  # a Cluster's, written after the hold
+    found: bytes | None = await store.client.get(store._index_key(rid))
+    return found
+
+
+async def test_a_check_answering_rate_limits_charges_and_refuses_like_the_filter(
+        stores: tuple[SpendStore, CounterBackend]) -> None:
+    store, counters = stores
     svc = answering_rate_limits(store, counters)
     first = await svc.Check(check("r1"), Context(0.4))
     assert first.status.code == 0
@@ -175,7 +218,8 @@ async def test_a_check_answering_rate_limits_charges_and_refuses_like_the_filter
     assert first.dynamic_metadata["reserve_tokens"] != ""
     second = await svc.Check(check("r2"), Context(0.4))
     assert response_headers(second)["x-ratelimit-remaining-requests"] == "0"
-    holding = held(store)
+    holding = await held(store)
+    assert holding == 2 * int(first.dynamic_metadata["budget_hold"])
 
     third = await svc.Check(check("r3"), Context(0.4))
     assert third.denied_response.status.code == 429
@@ -185,14 +229,88 @@ async def test_a_check_answering_rate_limits_charges_and_refuses_like_the_filter
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert "quota 'burst' allows 2 requests per 1m0s" in third.denied_response.body
     assert third.dynamic_metadata["deny_reason"] == "rate_limit_exceeded"
-    assert held(store) == holding  # the refused request's budget hold was let go
+    assert await held(store) == holding  # the refused request holds no budget
+    if isinstance(store, RedisSpendStore):  # and is not indexed as holding one
+        assert await index_of(store, "r2") is not None
+        assert await index_of(store, "r3") is None
 
 
-async def test_a_check_with_its_counters_down_refuses_on_a_fail_closed_route() -> None:
-    store = MemorySpendStore()
-    r = await answering_rate_limits(store, DownCounters()).Check(check("r1"), Context(0.4))
-    assert r.denied_response.status.code == 503
-    assert held(store) == 0
+async def test_a_check_refused_by_its_budget_is_charged_to_no_rate_limit(
+        stores: tuple[SpendStore, CounterBackend]) -> None:
+    """A budget with room for one request (at most 0.00012 USD): the second is refused,
+    first waiting for the first's hold (429 budget_in_flight), then over the budget (402);
+    neither counts against the rpm of 2, which the third, once the first settled, shows."""
+    store, counters = stores
+    svc = answering_rate_limits(store, counters, budget="0.0002")
+    first = await svc.Check(check("r1"), Context(0.4))
+    assert response_headers(first)["x-ratelimit-remaining-requests"] == "1"
+    in_flight = await svc.Check(check("r2"), Context(0.15))
+    assert in_flight.denied_response.status.code == 429, in_flight.denied_response.body
+    assert "budget_in_flight" in in_flight.denied_response.body
+    day = period_labels(datetime.now(UTC), "UTC")["day"]
+    counter = SpendCounter("project:team-ai", "day", day)
+    cost = int(first.dynamic_metadata["budget_hold"])  # the most a request can cost
+    await store.commit("acme", "r1", [counter], cost)
+    over = await svc.Check(check("r3"), Context(0.4))
+    assert over.denied_response.status.code == 402, over.denied_response.body
+
+    await store.commit("acme", "", [counter], -cost)  # room again (as after a new day)
+    third = await svc.Check(check("r4"), Context(0.4))
+    assert response_headers(third)["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_a_check_on_one_redis_holds_and_charges_in_one_call() -> None:
+    """Spend and counters in one Redis: a Check's hold and charge are one script call (each
+    call costs the services' loop about 0.2 ms of CPU), and the hold is indexed in it."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    store = RedisSpendStore(REDIS_URL, prefix=prefix, timeout=5.0)
+    counters = RedisBackend(REDIS_URL, prefix=prefix, timeout=5.0)
+    await require_redis(store.client)
+    calls: list[str] = []
+    for client in (store.client, counters.client):
+        def counting(*args: Any, _send: Any = client.execute_command, **kwargs: Any) -> Any:
+            calls.append(str(args[0]))
+            return _send(*args, **kwargs)
+        client.execute_command = counting
+    try:
+        svc = answering_rate_limits(store, counters)
+        await svc.Check(check("r0"), Context(0.4))  # loads the script (EVALSHA, SCRIPT LOAD)
+        calls.clear()
+        r = await svc.Check(check("r1"), Context(0.4))
+        assert r.status.code == 0
+        assert response_headers(r)["x-ratelimit-remaining-requests"] == "0"
+        assert calls == ["EVALSHA"]
+        assert await held(store) == 2 * int(r.dynamic_metadata["budget_hold"])
+        assert await index_of(store, "r1") is not None
+    finally:
+        await store.close()
+        for key in [k async for k in counters.client.scan_iter(f"{prefix}:*")]:
+            await counters.client.delete(key)
+        await counters.close()
+
+
+@pytest.mark.parametrize("fail_closed", [True, False])
+async def test_a_check_with_its_counters_down_answers_as_its_route_says(
+        fail_closed: bool) -> None:
+    """Counters down alone (memory spend), or spend and counters in one Redis down."""
+    down = "redis://127.0.0.1:1/0"
+    for store, counters in ((MemorySpendStore(), DownCounters()),
+                            (RedisSpendStore(down), RedisBackend(down))):
+        svc = answering_rate_limits(store, counters, fail_closed=fail_closed)
+        r = await svc.Check(check("r1"), Context(0.4))
+        if fail_closed:
+            assert r.denied_response.status.code == 503
+            assert "gateway_unavailable" in r.denied_response.body
+        else:
+            assert r.status.code == 0
+            assert r.dynamic_metadata["rate_limited_by"] == "check"  # not charged again
+            # the budget held where the store is up, else let through unheld
+            assert ("budget_hold" in r.dynamic_metadata) == isinstance(store, MemorySpendStore)
+        if isinstance(store, MemorySpendStore):
+            assert await held(store) == (0 if fail_closed else
+                                         int(r.dynamic_metadata["budget_hold"]))
+        await store.close()
+        await counters.close()
 
 
 async def test_in_filter_mode_the_check_charges_no_rate_limit() -> None:
@@ -232,19 +350,19 @@ async def test_a_check_asked_for_the_rate_limit_without_the_counters_refuses() -
     """Memory counters live in the ratelimit process; an extauthz apart from it has none to
     charge, and must not count on a private set."""
     store = MemorySpendStore()
-    svc = answering_rate_limits(store, MemoryBackend())
-    svc.counters = None
+    svc = answering_rate_limits(store, None)
     r = await svc.Check(rendered_for("check", "r1"), Context(0.4))
     assert r.denied_response.status.code == 503
-    assert held(store) == 0
+    assert await held(store) == 0
 
 
-async def test_a_check_past_envoys_deadline_takes_back_its_rate_limit_charge() -> None:
-    store, counters = MemorySpendStore(), MemoryBackend()
+async def test_a_check_past_envoys_deadline_takes_back_its_rate_limit_charge(
+        stores: tuple[SpendStore, CounterBackend]) -> None:
+    store, counters = stores
     svc = answering_rate_limits(store, counters, rpm=1)
     late = await svc.Check(check("r1"), Context(0.0))
     assert late.denied_response.status.code == 503
-    assert held(store) == 0
+    assert await held(store) == 0
     # the one request a minute is still there for a request Envoy waits for
     ok = await svc.Check(check("r2"), Context(0.4))
     assert response_headers(ok)["x-ratelimit-remaining-requests"] == "0"

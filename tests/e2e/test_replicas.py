@@ -7,6 +7,7 @@ logs reach the one ledger."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,20 +51,27 @@ def replicas(tmp_path_factory: pytest.TempPathFactory,
     # one pepper for both, as one Secret mounted in every pod
     monkeypatch_module.setenv("TOLLWAY_TEST_PEPPER", "replicas-" + uuid.uuid4().hex)
 
-    def mutate(doc: dict[str, Any]) -> None:
+    def mutate(doc: dict[str, Any], rate_limit: str) -> None:
         doc["storage"].update(keys=dsn, ledger=dsn, pepper="env:TOLLWAY_TEST_PEPPER",
                               counters=redis.url)
+        # the second replica answers the rate limit in its Check (one call to Redis holds a
+        # budget and charges the rate limit), the first through Envoy's rate-limit filter
+        doc["services"]["rate_limit"] = rate_limit
         doc["organizations"][0]["projects"] += [
             {"id": "shared", "quotas": [{"name": "gpt54", "models": ["gpt-5.4"], "rpm": 40}],
              "clients": [{"id": "c", "keys": [{"id": "k-shared"}, {"id": "k-gone"}]}]},
             {"id": "capped", "quotas": [{"name": "cap", "spend_per_day": str(BUDGET)}],
-             "clients": [{"id": "d", "keys": [{"id": "k-budget"}]}]}]
+             "clients": [{"id": "d", "keys": [{"id": "k-budget"}]}]},
+            {"id": "metered", "quotas": [{"name": "cap", "spend_per_day": str(BUDGET)},
+                                         {"name": "burst", "rpm": 100_000}],
+             "clients": [{"id": "e", "keys": [{"id": "k-metered"}]}]}]
     try:
         with ExitStack() as stack:
-            gws = [stack.enter_context(run_gateway(tmp_path_factory.mktemp(f"replica{i}"),
-                                                   keys_dsn=dsn, mutate=mutate))
-                   for i in range(2)]
-            for key_id in ("k-shared", "k-gone", "k-budget"):
+            gws = [stack.enter_context(run_gateway(
+                tmp_path_factory.mktemp(f"replica{i}"), keys_dsn=dsn,
+                mutate=lambda doc, mode=mode: mutate(doc, mode)))
+                for i, mode in enumerate(("filter", "check"))]
+            for key_id in ("k-shared", "k-gone", "k-budget", "k-metered"):
                 gws[0].issue(key_id)  # issued once, in the shared store
                 gws[1].issued[key_id] = gws[0].issued[key_id]
             yield gws
@@ -137,11 +145,35 @@ def test_a_revocation_reaches_both_within_a_second(replicas: list[Gateway]) -> N
 
 
 def test_concurrent_clients_on_both_never_overrun_a_budget(replicas: list[Gateway]) -> None:
+    admitted, _ = overrun_attempt(replicas, "k-budget")
+    spent = priced(replicas[0], admitted)
+    assert Decimal(0) < spent <= BUDGET, f"spent {spent} of {BUDGET} across both replicas"
+
+
+def test_a_request_refused_by_its_budget_is_charged_to_no_rate_limit(
+        replicas: list[Gateway]) -> None:
+    """A budget beside an rpm it never reaches: on the replica that answers the rate limit in
+    its Check (hold and charge in one call to Redis) as on the one that asks the rate-limit
+    filter, a request the budget refuses (402, or 429 while other requests' holds settle)
+    is not charged to the rpm, and one it admits is charged once: the rpm counts exactly the
+    admitted requests."""
+    admitted, refused = overrun_attempt(replicas, "k-metered")
+    spent = priced(replicas[0], admitted)
+    assert Decimal(0) < spent <= BUDGET, f"spent {spent} of {BUDGET} across both replicas"
+    usage = json.loads(replicas[1].cli("usage", "--", "--key", "k-metered", "--format",
+                                       "json"))
+    rpm = next(x for x in usage["limits"] if x["name"] == "rpm")
+    assert int(rpm["used"]) == len(admitted), (rpm, len(admitted), len(refused))
+
+
+def overrun_attempt(replicas: list[Gateway], key_id: str) -> tuple[list[str], list[int]]:
+    """64 clients, alternately on each replica, each asking until its budget refuses: the
+    request ids admitted and the statuses refused."""
     admitted: list[str] = []
     refused: list[int] = []
 
     def run(n: int) -> None:
-        c = client(replicas[n % 2], "k-budget", retries=2)
+        c = client(replicas[n % 2], key_id, retries=2)
         for _ in range(30):
             try:
                 admitted.append(ask(c, "gpt-5.4-mini").headers["x-request-id"])
@@ -152,9 +184,13 @@ def test_concurrent_clients_on_both_never_overrun_a_budget(replicas: list[Gatewa
     with ThreadPoolExecutor(64) as pool:
         list(pool.map(run, range(64)))
     assert 402 in refused and set(refused) <= {402, 429}, set(refused)
+    return admitted, refused
+
+
+def priced(gw: Gateway, admitted: list[str]) -> Decimal:
+    """What the admitted requests cost, once every one is in the ledger."""
     deadline = time.monotonic() + 15
-    while not set(admitted) <= set(rows := ledger(replicas[0])):  # every one priced
+    while not set(admitted) <= set(rows := ledger(gw)):
         assert time.monotonic() < deadline, "admitted requests missing from the ledger"
         time.sleep(0.1)
-    spent = sum((rows[rid]["cost"] for rid in admitted), Decimal(0))
-    assert Decimal(0) < spent <= BUDGET, f"spent {spent} of {BUDGET} across both replicas"
+    return sum((rows[rid]["cost"] for rid in admitted), Decimal(0))
