@@ -9,7 +9,8 @@ is), and reads what Redis spent per call from its own `INFO commandstats` (usec_
 EVALSHA), so neither the client nor the network counts. Then costsink's spend commit of a batch
 of 100 requests of one key (its 6 counters: key, project and org, by day and month), once with
 no request holding anything (a project without a budget) and once with each holding a budget
-hold to release. The client's CPU per budget hold, as a Check places one with its index. And
+hold to release. The client's CPU per budget hold, as a Check places one with its index. A
+budgeted Check's hold and charge (services.rate_limit: check) as two calls and as one. And
 costsink's settlement of a batch of 100 requests' token reservations: one call each, as before
 settle_many, against settle_many's one call; there the client's CPU (the event loop's, which
 costsink may share with the Checks) counts as well. `--baseline DIR` loads the charge's and the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +38,7 @@ from ratelimit.redis_backend import RedisBackend
 from tollway.budgets import Budget, base_counters
 from tollway.quotas import Rule
 from tollway.spend import Commit
+from tollway.spend.redis_store import RedisSpendStore
 
 RULES = [Rule("project:p/rpm/requests60", "rpm", "requests", 10**9, 60, True),
          Rule("project:p/tpm/tokens60", "tpm", "tokens", 10**12, 60, True)]
@@ -49,6 +52,7 @@ def module_of(checkout: Path, package: str, name: str) -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     module.__package__ = package
+    sys.modules[spec.name] = module  # a dataclass of the module looks itself up there
     spec.loader.exec_module(module)
     return module
 
@@ -119,6 +123,35 @@ async def client_us_per_hold(module: ModuleType, url: str, calls: int) -> float:
         await forget(store)
 
 
+async def check_hold_and_charge(url: str, calls: int, one_call: bool) -> tuple[float, float]:
+    """The client's CPU and Redis's time per budgeted, rate-limited Check with
+    services.rate_limit: check: its budget hold and its charge of the two quotas, as two calls
+    (the hold, then the charge) or as the one call the Check makes when spend and counters
+    share a Redis (RedisBackend.holding)."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    store, backend = RedisSpendStore(url, prefix=prefix), RedisBackend(url, prefix=prefix)
+    counters = base_counters("acme", "team-ai", "k1", {"day": "2026-12-03", "month": "2026-12"})
+    budgets = [Budget(counters[4], "project:team-ai", "cap", 10**15, True, ())]
+    in_one_step = backend.holding(store)
+    assert in_one_step is not None
+    try:
+        for i in range(-100, calls):  # the first 100 unmeasured: the scripts loaded, warm
+            if i == 0:
+                await backend.client.config_resetstat()
+                cpu = time.process_time()
+            if one_call:
+                await in_one_step("acme", f"c{i}", budgets, 1000, 60_000, RULES, [1, 100])
+            else:
+                await store.hold("acme", f"c{i}", budgets, 1000, 60_000)
+                await backend.charge("acme", RULES, [1, 100])
+        cpu = (time.process_time() - cpu) / calls
+        stats = (await backend.client.info("commandstats"))["cmdstat_evalsha"]
+        return cpu * 1e6, stats["usec"] / calls
+    finally:
+        await forget(backend)
+        await store.close()
+
+
 async def settlement_of_100(url: str, batches: int, many: bool) -> tuple[float, float]:
     """The client's CPU and Redis's time per batch of 100 settlements (two token quotas each,
     charged over a second and a half, as a 0.1 s access-log flush of a busy key brings them),
@@ -179,6 +212,11 @@ async def main() -> None:
         print(f"{name:9} client CPU per budget hold: " + ", ".join(f"{u:.0f} us" for u in us))
     if "baseline" in holds:
         print(f"this / baseline: {sum(holds['this']) / sum(holds['baseline']):.2f}x")
+    for _ in range(args.rounds):
+        for one_call, how in ((False, "two calls"), (True, "one call")):
+            cpu, redis_us = await check_hold_and_charge(args.redis, args.calls, one_call)
+            print(f"a Check's hold and charge, {how:9}: client CPU {cpu:,.0f} us, "
+                  f"Redis {redis_us:,.0f} us")
     for _ in range(args.rounds):
         for many, how in ((False, "one call each"), (True, "settle_many")):
             cpu, redis_us = await settlement_of_100(args.redis, args.calls // 100, many)
