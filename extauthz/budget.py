@@ -119,6 +119,8 @@ def plan_hold(rt: Runtime, allow: Allow, facts: RequestFacts, now: datetime) -> 
 
 async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, plan: HoldPlan | None,
                       wait: float = SETTLE_WAIT) -> Held | Deny:
+    """Hold what `plan` says (None: no budget applies), or say why not: 402, 429
+    budget_in_flight, or the route's answer while the store is down."""
     if plan is None:
         NO_BUDGET.inc()
         return Held(0)
