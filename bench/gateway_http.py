@@ -3,7 +3,7 @@
 Run: python bench/gateway_http.py [--seconds 10] [--connections 8] [--baseline DIR]
                                   [--accept-encoding gzip|identity] [--workers]
                                   [--rate-limit filter|check] [--rate-limit-in-check]
-                                  [--pin-cpus] [--redis] [--budget]
+                                  [--pin-cpus] [--redis] [--budget] [--baseline-python EXE]
 
 Starts the test harness's gateway (mock provider, `tollway serve`, the real Envoy) and drives a
 1 KB chat completion through it with `wrk` (Debian package `wrk`), so the load client does not
@@ -20,6 +20,9 @@ instead the two modes, so charged, in this checkout; `--pin-cpus` compares servi
 and on; `--redis` runs the gateway (this checkout and the baseline) with Redis counters, a
 Redis of each run's own; `--budget` holds every request against a project budget too high to
 refuse it (the Check's hold, costsink's commit), on Redis with `--redis`.
+`--baseline-python EXE` runs the baseline under another interpreter (a venv of another Python
+release with the project installed), this checkout's unless `--baseline` names another: the
+gateway's Python processes (the services, the mock provider) then run on it.
 """
 
 from __future__ import annotations
@@ -99,16 +102,18 @@ with run_gateway(pathlib.Path(tempfile.mkdtemp()), mutate=mutate,
 
 def run(checkout: Path, seconds: int, connections: int, encoding: str,
         workers: int = 0, rate_limit: str = "", cpus: str = "",
-        pin: bool = False, redis: bool = False, budget: bool = False) -> dict[str, float]:
+        pin: bool = False, redis: bool = False, budget: bool = False,
+        python: str = sys.executable) -> dict[str, float]:
     """One gateway run in `checkout`; `cpus` ("0", "0,1"): the cores that the gateway, its
-    mock provider and wrk all run on (default: every core); `pin`: services.pin_cpus."""
+    mock provider and wrk all run on (default: every core); `pin`: services.pin_cpus;
+    `python`: the interpreter of the run's Python processes."""
     env = {**os.environ, "BENCH_ROOT": str(checkout), "PYTHONPATH": str(checkout),
            "BENCH_SECONDS": str(seconds), "BENCH_CONNS": str(connections),
            "BENCH_ENCODING": encoding, "BENCH_WORKERS": str(workers),
            "BENCH_RATE_LIMIT": rate_limit, "BENCH_CPUS": cpus, "BENCH_PIN": "1" if pin else "",
            "BENCH_REDIS": "1" if redis else "", "BENCH_BUDGET": "1" if budget else "",
            "BENCH_DIR": str(Path(__file__).resolve().parent)}
-    child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+    child = subprocess.run([python, "-c", CHILD], env=env, capture_output=True,
                            text=True, cwd=checkout, timeout=seconds + 120)
     if "WRK-OUTPUT-BEGIN" not in child.stdout:
         raise SystemExit(f"the gateway run in {checkout} failed:\n{child.stderr[-3000:]}")
@@ -271,6 +276,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--baseline", type=Path, help="another checkout to measure alongside")
+    ap.add_argument("--baseline-python", default="",
+                    help="the baseline's interpreter (another Python release's venv with the "
+                         "project installed); the baseline is this checkout unless --baseline")
     ap.add_argument("--accept-encoding", default="gzip",
                     help="what the client accepts (gzip, as the SDKs send; identity: no "
                          "compression work for the gateway)")
@@ -304,11 +312,13 @@ def main() -> None:
         return
     runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": [], "floor": [],
                                                "bare Envoy": []}
+    baseline = args.baseline.resolve() if args.baseline else ROOT if args.baseline_python else None
     for _ in range(args.rounds):  # interleaved: all see the same machine
-        if args.baseline:
-            runs["baseline"].append(run(args.baseline.resolve(), args.seconds, args.connections,
+        if baseline:
+            runs["baseline"].append(run(baseline, args.seconds, args.connections,
                                         args.accept_encoding, rate_limit=args.rate_limit,
-                                        redis=args.redis, budget=args.budget))
+                                        redis=args.redis, budget=args.budget,
+                                        python=args.baseline_python or sys.executable))
         runs["this"].append(run(ROOT, args.seconds, args.connections, args.accept_encoding,
                                 rate_limit=args.rate_limit, redis=args.redis,
                                 budget=args.budget))
