@@ -4,7 +4,7 @@ Run: python bench/redis_cold.py [--calls 300] [--rounds 3] [--gap-ms 10] [--redi
 
 Under full load a Check follows another at once; at 100 requests/s it follows 10 ms of
 something else (sleep, Envoy, the mock), and the code and data of its path are no longer in the
-CPU's caches. This measures the CPU (the thread's) and the wall time of one call in three ways,
+CPU's caches. This measures the CPU (the thread's) and the wall time of one call in four ways,
 each back to back, after `--gap-ms` asleep in the loop, and after as long spent on other work in
 the same thread:
 
@@ -33,13 +33,12 @@ from typing import Any
 
 import hiredis
 from common import ROOT  # noqa: F401  (the checkout's packages first on the path)
+from redis_charge import RULES  # the two quotas that bench charges, so the figures compare
 
 from ratelimit.backend import MemoryBackend
 from ratelimit.redis_backend import RedisBackend
-from tollway.quotas import Rule
 
-RULES = [Rule("project:p/rpm/requests60", "rpm", "requests", 10**9, 60, True),
-         Rule("project:p/tpm/tokens60", "tpm", "tokens", 10**12, 60, True)]
+PAUSES = ("back to back", "asleep", "busy")  # what each call follows (measure's `between`)
 
 
 class BareProtocol(asyncio.Protocol):
@@ -140,7 +139,7 @@ async def main() -> None:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
         for r in range(a.rounds):
-            for between in ("back to back", "asleep", "busy"):
+            for between in PAUSES:
                 for name, call in calls.items():
                     results.setdefault((between, name), []).append(
                         await measure(call, a.calls, a.gap_ms / 1000, between))
@@ -151,7 +150,7 @@ async def main() -> None:
           f"{a.calls} calls each; a pause of {a.gap_ms:g} ms before each call, or none")
     print("| before each call | " + " | ".join(calls) + " |")
     print("|---|" + "---|" * len(calls))
-    for between in ("back to back", "asleep", "busy"):
+    for between in PAUSES:
         cells = []
         for name in calls:
             runs = results[(between, name)]
