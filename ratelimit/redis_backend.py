@@ -165,20 +165,22 @@ return 1
 # A Check's budget hold and its rate-limit charge (services.rate_limit: check) in one call,
 # taken as the two calls one after the other took them (the hold, then the charge, the hold
 # released if the charge is refused): the hold decided, the charge made only if the hold is
-# allowed, then the hold placed only if the charge was made. Each script's steps run as they
-# run alone, given its own KEYS and ARGV. KEYS: the hold's, then the charge's. ARGV: how many
-# of the keys and of the arguments are the hold's, the hold's arguments, the charge's.
-# Returns {the hold's answer}, or {the hold's answer, the charge's} once the hold allows.
+# allowed, then the hold placed only if the charge was made. The hold is decided once: the
+# charge touches only the rate-limit keys, so the hold's keys are as the decision read them.
+# Each script's steps run as they run alone, given its own KEYS and ARGV. KEYS: the hold's,
+# then the charge's. ARGV: how many of the keys and of the arguments are the hold's, the
+# hold's arguments, the charge's. Returns {the hold's answer}, or {the hold's answer, the
+# charge's} once the hold allows.
 HOLD_AND_CHARGE = (
-    "local function hold(KEYS, ARGV, place)\n" + spend_scripts.COMMON
-    + spend_scripts.HOLD_STEPS + "end\n"
+    "local function hold(KEYS, ARGV)\n" + spend_scripts.COMMON + spend_scripts.HOLD_DECIDE
+    + "if out[1] == 0 then return out end\n"
+    "return out, function()\n" + spend_scripts.HOLD_PLACE + "end\nend\n"
     "local function charge(KEYS, ARGV)\n" + CHARGE + "end\n" + """
 local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
-local hold_keys, hold_args = {unpack(KEYS, 1, nk)}, {unpack(ARGV, 3, 2 + na)}
-local held = hold(hold_keys, hold_args, false)
+local held, place = hold({unpack(KEYS, 1, nk)}, {unpack(ARGV, 3, 2 + na)})
 if held[1] == 0 then return {held} end
 local charged = charge({unpack(KEYS, nk + 1)}, {unpack(ARGV, 3 + na)})
-if charged[1] == 1 then held = hold(hold_keys, hold_args, true) end
+if charged[1] == 1 then held = place() end
 return {held, charged}
 """)
 

@@ -53,10 +53,10 @@ end
 # now, amount, request id, hold ttl ms, counters, then per counter: ttl s, hold here (1/0); then
 # budgets, then per budget: counter index, limit, enforce; then, with the index key, what the
 # index holds. Returns: allowed (1/0), then per counter: spent, held (before this request).
-# With `place` false it decides and changes nothing but expired holds: a script that charges
-# the rate limit too (ratelimit/redis_backend.py) decides first, then places the hold only
-# where the charge is made.
-HOLD_STEPS = """
+# In two parts: HOLD_DECIDE changes nothing but expired holds and leaves the answer in `out`;
+# HOLD_PLACE places what it allowed. A script that charges the rate limit too
+# (ratelimit/redis_backend.py) decides, then places the hold only where the charge is made.
+HOLD_DECIDE = """
 local amount, rid, hold_ttl = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
 local out, spent, held = {1}, {}, {}
@@ -74,7 +74,8 @@ for j = 0, tonumber(ARGV[base]) - 1 do
   local limit = tonumber(ARGV[base + 2 + 3 * j])
   if ARGV[base + 3 + 3 * j] == '1' and spent[i] + held[i] + amount > limit then out[1] = 0 end
 end
-if out[1] == 0 or not place then return out end
+"""
+HOLD_PLACE = """
 local index = KEYS[2 * n + 1]
 if index and not redis.call('SET', index, ARGV[#ARGV], 'PX', hold_ttl, 'NX') then
   return out  -- costsink marked the request orphaned already: Envoy gave up on this Check
@@ -91,7 +92,8 @@ for i = 1, n do
 end
 return out
 """
-HOLD = COMMON + "local place = true\n" + HOLD_STEPS
+
+HOLD = COMMON + HOLD_DECIDE + "if out[1] == 0 then return out end\n" + HOLD_PLACE
 
 # KEYS: hash, zset per counter. ARGV: now, amount, request id, then per counter: ttl s.
 # Returns each counter's new spent.
