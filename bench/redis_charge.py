@@ -16,13 +16,14 @@ settle_many, against settle_many's one call; there the client's CPU (the event l
 costsink may share with the Checks) counts as well. `--baseline DIR` loads the charge's and the
 spend store's scripts of another checkout (ratelimit/redis_backend.py,
 tollway/spend/redis_store.py; e.g. `git worktree add /tmp/base <commit>`) and measures them
-interleaved with this one's, on the same Redis.
+interleaved with this one's, on the same Redis, the Check's hold and charge included.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import sys
 import time
@@ -30,6 +31,7 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from unittest.mock import patch
 
 from common import ROOT
 
@@ -38,22 +40,29 @@ from ratelimit.redis_backend import RedisBackend
 from tollway.budgets import Budget, base_counters
 from tollway.quotas import Rule
 from tollway.spend import Commit
-from tollway.spend.redis_store import RedisSpendStore
 
 RULES = [Rule("project:p/rpm/requests60", "rpm", "requests", 10**9, 60, True),
          Rule("project:p/tpm/tokens60", "tpm", "tokens", 10**12, 60, True)]
 T0 = 1_800_000_000_000  # a fixed "now": every run sees the same full window
 
 
-def module_of(checkout: Path, package: str, name: str) -> ModuleType:
-    """`checkout`'s module `package`.`name`, its relative imports this checkout's."""
+def module_of(checkout: Path, package: str, name: str,
+              beside: dict[str, ModuleType] | None = None) -> ModuleType:
+    """`checkout`'s module `package`.`name`, its imports this checkout's but for `beside`:
+    modules by the name they stand in for ("tollway.spend.redis_store"), imported instead
+    while it loads (the backend's one-call script is made of the spend store's scripts)."""
     path = checkout.joinpath(*package.split("."), f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"{package}._bench_{uuid.uuid4().hex}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     module.__package__ = package
     sys.modules[spec.name] = module  # a dataclass of the module looks itself up there
-    spec.loader.exec_module(module)
+    with contextlib.ExitStack() as restore:
+        for dotted, stand_in in (beside or {}).items():
+            parent, leaf = dotted.rsplit(".", 1)
+            restore.enter_context(patch.dict(sys.modules, {dotted: stand_in}))
+            restore.enter_context(patch.object(sys.modules[parent], leaf, stand_in))
+        spec.loader.exec_module(module)
     return module
 
 
@@ -123,13 +132,15 @@ async def client_us_per_hold(module: ModuleType, url: str, calls: int) -> float:
         await forget(store)
 
 
-async def check_hold_and_charge(url: str, calls: int, one_call: bool) -> tuple[float, float]:
+async def check_hold_and_charge(backend_of: ModuleType, store_of: ModuleType, url: str,
+                                calls: int, one_call: bool) -> tuple[float, float]:
     """The client's CPU and Redis's time per budgeted, rate-limited Check with
     services.rate_limit: check: its budget hold and its charge of the two quotas, as two calls
     (the hold, then the charge) or as the one call the Check makes when spend and counters
     share a Redis (RedisBackend.holding)."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    store, backend = RedisSpendStore(url, prefix=prefix), RedisBackend(url, prefix=prefix)
+    store = store_of.RedisSpendStore(url, prefix=prefix)
+    backend = backend_of.RedisBackend(url, prefix=prefix)
     counters = base_counters("acme", "team-ai", "k1", {"day": "2026-12-03", "month": "2026-12"})
     budgets = [Budget(counters[4], "project:team-ai", "cap", 10**15, True, ())]
     in_one_step = backend.holding(store)
@@ -185,10 +196,11 @@ async def main() -> None:
     args = ap.parse_args()
     checkouts = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline
                                   else {})}
-    backends = {name: module_of(path, "ratelimit", "redis_backend")
-                for name, path in checkouts.items()}
     stores = {name: module_of(path, "tollway.spend", "redis_store")
               for name, path in checkouts.items()}
+    backends = {name: module_of(path, "ratelimit", "redis_backend",
+                                beside={"tollway.spend.redis_store": stores[name]})
+                for name, path in checkouts.items()}
     measures = {"charge": lambda name: redis_us_per_charge(backends[name], args.redis,
                                                            args.calls),
                 "spend batch of 100, no holds": lambda name: redis_us_per_spend_batch(
@@ -213,10 +225,12 @@ async def main() -> None:
     if "baseline" in holds:
         print(f"this / baseline: {sum(holds['this']) / sum(holds['baseline']):.2f}x")
     for _ in range(args.rounds):
-        for one_call, how in ((False, "two calls"), (True, "one call")):
-            cpu, redis_us = await check_hold_and_charge(args.redis, args.calls, one_call)
-            print(f"a Check's hold and charge, {how:9}: client CPU {cpu:,.0f} us, "
-                  f"Redis {redis_us:,.0f} us")
+        for name in checkouts:
+            for one_call, how in ((False, "two calls"), (True, "one call")):
+                cpu, redis_us = await check_hold_and_charge(
+                    backends[name], stores[name], args.redis, args.calls, one_call)
+                print(f"{name:9} a Check's hold and charge, {how:9}: client CPU {cpu:,.0f} "
+                      f"us, Redis {redis_us:,.0f} us")
     for _ in range(args.rounds):
         for many, how in ((False, "one call each"), (True, "settle_many")):
             cpu, redis_us = await settlement_of_100(args.redis, args.calls // 100, many)
