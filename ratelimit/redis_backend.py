@@ -173,8 +173,7 @@ return 1
 # charge's} once the hold allows.
 HOLD_AND_CHARGE = (
     "local function hold(KEYS, ARGV)\n" + spend_scripts.COMMON + spend_scripts.HOLD_DECIDE
-    + "if out[1] == 0 then return out end\n"
-    "return out, function()\n" + spend_scripts.HOLD_PLACE + "end\nend\n"
+    + "return out, function()\n" + spend_scripts.HOLD_PLACE + "end\nend\n"
     "local function charge(KEYS, ARGV)\n" + CHARGE + "end\n" + """
 local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
 local held, place = hold({unpack(KEYS, 1, nk)}, {unpack(ARGV, 3, 2 + na)})

@@ -53,7 +53,7 @@ end
 # now, amount, request id, hold ttl ms, counters, then per counter: ttl s, hold here (1/0); then
 # budgets, then per budget: counter index, limit, enforce; then, with the index key, what the
 # index holds. Returns: allowed (1/0), then per counter: spent, held (before this request).
-# In two parts: HOLD_DECIDE changes nothing but expired holds and leaves the answer in `out`;
+# In two parts: HOLD_DECIDE changes nothing but expired holds, and returns a refusal at once;
 # HOLD_PLACE places what it allowed. A script that charges the rate limit too
 # (ratelimit/redis_backend.py) decides, then places the hold only where the charge is made.
 HOLD_DECIDE = """
@@ -74,6 +74,7 @@ for j = 0, tonumber(ARGV[base]) - 1 do
   local limit = tonumber(ARGV[base + 2 + 3 * j])
   if ARGV[base + 3 + 3 * j] == '1' and spent[i] + held[i] + amount > limit then out[1] = 0 end
 end
+if out[1] == 0 then return out end
 """
 HOLD_PLACE = """
 local index = KEYS[2 * n + 1]
@@ -93,7 +94,7 @@ end
 return out
 """
 
-HOLD = COMMON + HOLD_DECIDE + "if out[1] == 0 then return out end\n" + HOLD_PLACE
+HOLD = COMMON + HOLD_DECIDE + HOLD_PLACE
 
 # KEYS: hash, zset per counter. ARGV: now, amount, request id, then per counter: ttl s.
 # Returns each counter's new spent.
