@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from tollway.budgets import Budget
 from tollway.quotas import Rule
-from tollway.redis_client import connect
+from tollway.redis_client import Lane, connect
 from tollway.spend import HoldOutcome, SpendStore
 from tollway.spend import redis_store as spend_scripts
 from tollway.spend.redis_store import RedisSpendStore
@@ -190,6 +190,7 @@ class RedisBackend(CounterBackend):
         self.url = url
         self.prefix = prefix
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
+        self.lane = Lane(self.client, max_connections)  # the request path's calls
         self._charge = self.client.register_script(CHARGE)
         self._settle = self.client.register_script(SETTLE)
         self._hold_and_charge = self.client.register_script(HOLD_AND_CHARGE)
@@ -218,8 +219,8 @@ class RedisBackend(CounterBackend):
     async def charge(self, tag: str, rules: list[Rule], costs: list[int],
                      now_ms: int | None = None) -> Outcome:
         try:
-            raw = await self._charge(keys=[self.key(tag, r) for r in rules],
-                                     args=self._charge_args(rules, costs, now_ms))
+            raw = await self.lane.run(self._charge, [self.key(tag, r) for r in rules],
+                                      self._charge_args(rules, costs, now_ms))
         except (RedisError, OSError) as e:
             raise BackendUnavailable(f"redis: {e}") from e
         return self._outcome(rules, costs, raw)
@@ -237,10 +238,10 @@ class RedisBackend(CounterBackend):
                               now_ms: int | None = None) -> tuple[HoldOutcome, Outcome | None]:
         hold = spend.hold_call(tag, request_id, budgets, amount, ttl_ms, now_ms)
         try:
-            raw = await self._hold_and_charge(
-                keys=[*hold.keys, *(self.key(tag, r) for r in rules)],
-                args=[len(hold.keys), len(hold.args), *hold.args,
-                      *self._charge_args(rules, costs, now_ms)])
+            raw = await self.lane.run(
+                self._hold_and_charge, [*hold.keys, *(self.key(tag, r) for r in rules)],
+                [len(hold.keys), len(hold.args), *hold.args,
+                 *self._charge_args(rules, costs, now_ms)])
         except (RedisError, OSError) as e:
             raise BackendUnavailable(f"redis: {e}") from e
         if len(raw) == 1:
@@ -281,4 +282,5 @@ class RedisBackend(CounterBackend):
             raise BackendUnavailable(f"redis: {e}") from e
 
     async def close(self) -> None:
+        await self.lane.close()
         await self.client.aclose()

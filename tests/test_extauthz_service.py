@@ -266,12 +266,17 @@ async def test_a_check_on_one_redis_holds_and_charges_in_one_call() -> None:
     store = RedisSpendStore(REDIS_URL, prefix=prefix, timeout=5.0)
     counters = RedisBackend(REDIS_URL, prefix=prefix, timeout=5.0)
     await require_redis(store.client)
-    calls: list[str] = []
-    for client in (store.client, counters.client):
+    calls: list[str] = []  # commands sent, by the client's own way or by a lane
+    for client, lane in ((store.client, store.lane), (counters.client, counters.lane)):
         def counting(*args: Any, _send: Any = client.execute_command, **kwargs: Any) -> Any:
             calls.append(str(args[0]))
             return _send(*args, **kwargs)
         client.execute_command = counting
+
+        def sending(conn: Any, command: list[bytes], _send: Any = lane._call) -> Any:
+            calls.append(b"".join(command).split(b"\r\n")[2].decode())
+            return _send(conn, command)
+        lane._call = sending  # type: ignore[method-assign]
     try:
         svc = answering_rate_limits(store, counters)
         await svc.Check(check("r0"), Context(0.4))  # loads the script (EVALSHA, SCRIPT LOAD)

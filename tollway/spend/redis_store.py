@@ -20,7 +20,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from tollway.budgets import Budget, SpendCounter
-from tollway.redis_client import connect
+from tollway.redis_client import Lane, connect
 
 from . import ORPHAN_MARK_MS, Commit, HoldOutcome, SpendStore, SpendUnavailable, hold_states
 
@@ -208,6 +208,7 @@ class RedisSpendStore(SpendStore):
         self.url = url
         self.prefix = prefix
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
+        self.lane = Lane(self.client, max_connections)  # the Check's hold
         self._hold = self.client.register_script(HOLD)
         self._commit = self.client.register_script(COMMIT)
         self._read = self.client.register_script(READ)
@@ -251,7 +252,7 @@ class RedisSpendStore(SpendStore):
                    ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
         call = self.hold_call(tag, request_id, budgets, amount, ttl_ms, now_ms)
         try:
-            raw = await self._hold(keys=call.keys, args=call.args)
+            raw = await self.lane.run(self._hold, call.keys, call.args)
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         return self.held(call, raw)
@@ -411,4 +412,5 @@ class RedisSpendStore(SpendStore):
 
     async def close(self) -> None:
         await asyncio.gather(*self._indexing, return_exceptions=True)
+        await self.lane.close()
         await self.client.aclose()

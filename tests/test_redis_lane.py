@@ -1,0 +1,132 @@
+"""The request path's lane to Redis (`tollway.redis_client.Lane`) when Redis misbehaves: a
+restart, a stall past the timeout, a call cancelled while Redis holds it, every connection
+busy. Against a real Redis of each test's own, to pause and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+
+from ratelimit.backend import BackendUnavailable
+from ratelimit.redis_backend import RedisBackend
+from tests.e2e.harness import PrivateRedis
+from tests.test_ratelimit_backends import rule
+
+RULES = [rule(100, name="a"), rule(100, name="b")]
+THREE = [*RULES, rule(100, name="c")]  # an answer of another length than RULES'
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if not shutil.which("redis-server"):
+        message = "redis-server is needed for the lane's tests"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    r = PrivateRedis(tmp_path)
+    r.start()
+    yield r
+    r.kill()
+
+
+@pytest.fixture
+async def admin(private_redis: PrivateRedis) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis(port=private_redis.port)
+    yield client
+    await client.aclose()
+
+
+async def pause(admin: redis.Redis, ms: int) -> None:
+    """Every client's commands held by Redis for `ms`, as a Redis stalled by a slow script or
+    a fork would hold them."""
+    await admin.execute_command("CLIENT", "PAUSE", ms, "ALL")
+
+
+async def test_charges_go_by_one_lane_connection_and_count(
+        private_redis: PrivateRedis) -> None:
+    b = RedisBackend(private_redis.url, timeout=5.0)
+    try:
+        for n in range(3):
+            out = await b.charge("org", RULES, [1, 1])
+            assert out.allowed and [s.used for s in out.states] == [n, n]  # before this one
+        assert b.lane.opened == 1 and len(b.lane.free) == 1
+    finally:
+        await b.close()
+
+
+async def test_a_restarted_redis_answers_the_next_charge(private_redis: PrivateRedis) -> None:
+    """kill -9 and a start: the lane's connection is closed and the script unknown; the
+    charge after it is counted on the new Redis, not refused or failed."""
+    b = RedisBackend(private_redis.url, timeout=5.0)
+    try:
+        assert (await b.charge("org", RULES, [1, 1])).allowed
+        private_redis.kill()
+        private_redis.start()
+        out = await b.charge("org", RULES, [1, 1])
+        assert out.allowed and [s.used for s in out.states] == [0, 0]  # nothing kept on disk
+        assert b.lane.opened == 1  # reconnected, not replaced
+    finally:
+        await b.close()
+
+
+async def test_a_stall_past_the_timeout_fails_the_call_and_not_the_next(
+        private_redis: PrivateRedis, admin: redis.Redis) -> None:
+    """The stalled call's answer, sent once Redis resumes, must not be read as the next
+    call's: a charge of three quotas reads an answer of three."""
+    b = RedisBackend(private_redis.url, timeout=0.25)
+    try:
+        await b.charge("org", RULES, [1, 1])
+        await pause(admin, 800)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await b.charge("org", RULES, [1, 1])
+        assert time.monotonic() - started < 0.7  # its own timeout, not the stall's length
+        await admin.ping()  # answered once the pause is over
+        out = await b.charge("org", THREE, [1, 1, 1])
+        assert len(out.states) == 3 and out.states[2].used == 0
+    finally:
+        await b.close()
+
+
+async def test_a_cancelled_call_leaves_no_answer_for_the_next(
+        private_redis: PrivateRedis, admin: redis.Redis) -> None:
+    """Envoy's deadline passing cancels the Check while Redis holds its call."""
+    b = RedisBackend(private_redis.url, timeout=5.0)
+    try:
+        await b.charge("org", RULES, [1, 1])
+        await pause(admin, 500)
+        call = asyncio.create_task(b.charge("org", RULES, [1, 1]))
+        deadline = time.monotonic() + 2
+        while b.lane.free:  # until the call has taken the lane's connection
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await admin.ping()
+        out = await b.charge("org", THREE, [1, 1, 1])
+        assert len(out.states) == 3 and out.states[2].used == 0
+    finally:
+        await b.close()
+
+
+async def test_with_every_lane_connection_busy_a_call_goes_the_clients_way(
+        private_redis: PrivateRedis, admin: redis.Redis) -> None:
+    b = RedisBackend(private_redis.url, timeout=5.0)
+    b.lane.size = 1
+    try:
+        outs = await asyncio.gather(*(b.charge("org", RULES, [1, 1]) for _ in range(8)))
+        assert all(o.allowed for o in outs)
+        assert sorted(o.states[0].used for o in outs) == list(range(8))
+        assert b.lane.opened == 1
+        clients = await admin.client_list()
+        assert len(clients) >= 3  # the admin, the lane's one, the pool's for the rest
+    finally:
+        await b.close()
