@@ -1,7 +1,7 @@
 """latency.py's comparison with the gateways running side by side, measured in alternation.
 
     python bench/latency_rounds.py [--rounds 6] [--seconds 5] [--rate-limit filter|check]
-                                   [--budget]
+                                   [--budget] [--baseline DIR]
 
 latency.py measures one gateway after the other, each against its own bare Envoy before and
 after it, so the Redis gateway always runs second, minutes later: on this machine class two
@@ -22,7 +22,9 @@ turn only idles: its timers' CPU (about 1% of a core, docs/performance.md) is th
 Without --rate-limit the manifest has no quota, so the Redis gateway asks Redis nothing on a
 request's path; with it, every request is charged to an rpm and a tpm, as in latency.py. With
 --budget, every request is also held against a project budget (the Check's hold, costsink's
-commit), in Redis for the Redis gateway.
+commit), in Redis for the Redis gateway. `--baseline DIR` adds a fifth gateway, the Redis one
+run from another checkout (a worktree of an earlier commit) on a Redis of its own, in the same
+rotation: a change measured against its commit within one invocation.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from procstat import cpu_seconds
 
 from tests.e2e.harness import PROVIDER_KEY, PrivateRedis, run_gateway
 
+BASELINE = "baseline (Redis)"
+
 ORDER = ("bare Envoy", "Tollway (memory)", "floor (no-op servicers)", "Tollway (Redis)")
 
 
@@ -57,19 +61,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def targets(tmp: Path, rate_limit: str | None,
-            budget: bool = False) -> Iterator[dict[str, Target]]:
-    """The four gateways of ORDER, running; with `rate_limit`, as latency.py's option; with
-    `budget`, every request held against a budget too (not in the floor: nothing to hold)."""
+def targets(tmp: Path, rate_limit: str | None, budget: bool = False,
+            baseline: Path | None = None) -> Iterator[dict[str, Target]]:
+    """The four gateways of ORDER, running, and with `baseline` a fifth (BASELINE); with
+    `rate_limit`, as latency.py's option; with `budget`, every request held against a budget
+    too (not in the floor: nothing to hold)."""
     with ExitStack() as stack:
-        def gateway(name: str, mutate: Any = None) -> Any:
+        def gateway(name: str, mutate: Any = None, **kw: Any) -> Any:
             (tmp / name).mkdir()
-            return stack.enter_context(run_gateway(tmp / name, mutate=mutate))
+            return stack.enter_context(run_gateway(tmp / name, mutate=mutate, **kw))
+
+        def private_redis(name: str) -> PrivateRedis:
+            (tmp / name).mkdir()
+            r = PrivateRedis(tmp / name)
+            r.start()
+            stack.callback(r.kill)
+            return r
 
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
-        redis = PrivateRedis(tmp)
-        redis.start()
-        stack.callback(redis.kill)
+        redis = private_redis("redis-data")
 
         def charged(doc: dict[str, Any]) -> None:
             if rate_limit:
@@ -89,6 +99,17 @@ def targets(tmp: Path, rate_limit: str | None,
         stack.callback(stop, bare)
         noop = replace_services(floor)
         stack.callback(stop, noop)
+        more = {}
+        if baseline:
+            base_redis = private_redis("baseline-redis-data")
+
+            def baseline_counters(doc: dict[str, Any]) -> None:
+                held(doc)
+                doc["storage"]["counters"] = base_redis.url
+            base = gateway("baseline", baseline_counters, root=baseline)
+            more[BASELINE] = Target(f"{base.url}/v1/chat/completions",
+                                    {"authorization": f"Bearer {base.issue('k-main')}"},
+                                    service_pids(base))
         yield {
             "bare Envoy": Target(bare_url, provider, []),
             "Tollway (memory)": Target(
@@ -99,6 +120,7 @@ def targets(tmp: Path, rate_limit: str | None,
             "Tollway (Redis)": Target(f"{red.url}/v1/chat/completions",
                                       {"authorization": f"Bearer {red.issue('k-main')}"},
                                       service_pids(red)),
+            **more,
         }
 
 
@@ -109,18 +131,22 @@ def main() -> None:
     ap.add_argument("--rate-limit", choices=["filter", "check"],
                     help="services.rate_limit, with quotas charged on every request (without, "
                          "no quota: the Redis gateway asks Redis nothing on a request's path)")
+    ap.add_argument("--baseline", type=Path,
+                    help="another checkout: its Redis gateway measured in the same rounds")
     ap.add_argument("--budget", action="store_true",
                     help="every request also held against a project budget too high to refuse "
                          "it (the Check's hold, then costsink's commit), in Redis for the Redis "
                          "gateway")
     args = ap.parse_args()
-    requests: dict[str, list[Request]] = {name: [] for name in ORDER}
-    firsts: dict[str, list[float]] = {name: [] for name in ORDER}
-    cpu: dict[str, float] = dict.fromkeys(ORDER, 0.0)
+    order = (*ORDER, BASELINE) if args.baseline else ORDER
+    requests: dict[str, list[Request]] = {name: [] for name in order}
+    firsts: dict[str, list[float]] = {name: [] for name in order}
+    cpu: dict[str, float] = dict.fromkeys(order, 0.0)
+    baseline = args.baseline.resolve() if args.baseline else None
     with tempfile.TemporaryDirectory() as tmpdir, \
-            targets(Path(tmpdir), args.rate_limit, args.budget) as gateways:
+            targets(Path(tmpdir), args.rate_limit, args.budget, baseline) as gateways:
         for r in range(args.rounds):
-            for name in ORDER[r % 4:] + ORDER[:r % 4]:
+            for name in order[r % len(order):] + order[:r % len(order)]:
                 t = gateways[name]
                 before = sum(map(cpu_seconds, t.pids))
                 requests[name] += h2load_requests(t.url, t.headers, args.seconds,
@@ -139,9 +165,9 @@ def main() -> None:
           f"requests/s (h2load, open loop), then {args.seconds} s of 100 streams/s")
     print("| gateway | requests | p50 | p99 | max | non-2xx | streamed p50 | streamed p99 |"
           "\n|---|---|---|---|---|---|---|---|")
-    fig = {name: figures(requests[name]) for name in ORDER}
-    first = {name: (pct(firsts[name], 50), pct(firsts[name], 99)) for name in ORDER}
-    for name in ORDER:
+    fig = {name: figures(requests[name]) for name in order}
+    first = {name: (pct(firsts[name], 50), pct(firsts[name], 99)) for name in order}
+    for name in order:
         f = fig[name]
         print(f"| {name} | {f['requests']:.0f} | {f['p50']:.2f} ms | {f['p99']:.2f} ms | "
               f"{f['max']:.2f} ms | {f['non_2xx']:.0f} | {first[name][0]:.2f} ms | "
@@ -149,7 +175,7 @@ def main() -> None:
     bare, floor = fig["bare Envoy"], fig["floor (no-op servicers)"]
     sbare, sfloor = first["bare Envoy"], first["floor (no-op servicers)"]
     print("\nadded over bare Envoy, p50 / p99 (requests; streamed, first event):")
-    for name in ORDER[1:]:
+    for name in order[1:]:
         f, s = fig[name], first[name]
         line = (f"- {name}: +{f['p50'] - bare['p50']:.2f} / +{f['p99'] - bare['p99']:.2f} ms;"
                 f" streamed +{s[0] - sbare[0]:.2f} / +{s[1] - sbare[1]:.2f} ms")
@@ -160,7 +186,13 @@ def main() -> None:
                      f"{(f['p50'] - bare['p50']) / (floor['p50'] - bare['p50']):.2f}x)")
         print(line)
     print("\nservices' CPU per request: " + ", ".join(
-        f"{name} {1000 * cpu[name] / served:.2f} ms" for name in ORDER[1:]))
+        f"{name} {1000 * cpu[name] / served:.2f} ms" for name in order[1:]))
+    if args.baseline:
+        this, base = fig["Tollway (Redis)"], fig[BASELINE]
+        print(f"\nthis checkout's Redis gateway / the baseline's: p50 {this['p50']:.2f} / "
+              f"{base['p50']:.2f} ms ({this['p50'] / base['p50']:.3f}x), p99 "
+              f"{this['p99'] / base['p99']:.3f}x, services' CPU per request "
+              f"{cpu['Tollway (Redis)'] / cpu[BASELINE]:.3f}x")
 
 
 if __name__ == "__main__":

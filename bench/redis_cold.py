@@ -4,13 +4,15 @@ Run: python bench/redis_cold.py [--calls 300] [--rounds 3] [--gap-ms 10] [--redi
 
 Under full load a Check follows another at once; at 100 requests/s it follows 10 ms of
 something else (sleep, Envoy, the mock), and the code and data of its path are no longer in the
-CPU's caches. This measures the CPU (the thread's) and the wall time of one call in four ways,
+CPU's caches. This measures the CPU (the thread's) and the wall time of one call in five ways,
 each back to back, after `--gap-ms` asleep in the loop, and after as long spent on other work in
 the same thread:
 
 - `memory charge`: ratelimit's MemoryBackend charging two quotas (memory counters);
-- `redis charge`: RedisBackend charging the same two quotas (Redis counters, as shipped:
-  redis-py with its pool, retry and timeouts, hiredis parsing);
+- `redis charge`: RedisBackend charging the same two quotas (Redis counters, as shipped: on
+  the request path's lane of redis-py connections, `tollway.redis_client.Lane`);
+- `redis-py's way`: the same script called through the redis-py client (its pool, retry and
+  metrics around the same connection's write and read), as the charge was before the lane;
 - `redis-py connection`: the same script call written and read on one redis-py connection held
   apart from the pool (no pool, no retry, no command wrappers);
 - `bare protocol`: the same call on an asyncio Protocol that packs with hiredis, writes, and
@@ -106,6 +108,7 @@ async def ways(url: str, prefix: str) -> tuple[dict[str, Callable[[], Awaitable[
 
     return {"memory charge": lambda: memory.charge("org", RULES, [1, 1]),
             "redis charge": lambda: backend.charge("org", RULES, [1, 1]),
+            "redis-py's way": lambda: backend._charge(keys=keys, args=args),
             "redis-py connection": on_held_connection,
             "bare protocol": on_bare_protocol}, done
 

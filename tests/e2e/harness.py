@@ -277,13 +277,14 @@ class PrivateRedis:
 @contextmanager
 def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = None,
                 split: bool = False, envoy_config: Any = None,
-                ratelimit_apart: bool = False) -> Iterator[Gateway]:
+                ratelimit_apart: bool = False, root: Path = ROOT) -> Iterator[Gateway]:
     """`split`: costsink in a process of its own (needs Redis counters), as an operator
     running the services apart has it; `gw.kill("costsink")`, `gw.start("costsink")`.
     `ratelimit_apart`: ratelimit in a process of its own ("ratelimit"), holding memory
     counters, which costsink then settles through its Settle call.
     `envoy_config(manifest_path, ports) -> Path`: Envoy's config from elsewhere than
-    `tollway render` (an Istio-shaped gateway)."""
+    `tollway render` (an Istio-shaped gateway). `root`: the checkout whose code every
+    process of the gateway runs (a benchmark's baseline: another commit's worktree)."""
     # the ports services.workers adds a worker's number to (WORKER_SPAN) come in blocks
     ports = {n: free_port(WORKER_SPAN if n in PER_WORKER else 1)
              for n in ("mock", "gateway", "admin", "extauthz", "ratelimit", "costsink",
@@ -306,7 +307,7 @@ def run_gateway(tmp: Path, keys_dsn: str = "sqlite:///keys.db", mutate: Any = No
 
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         out = (logs / f"{name}.log").open("ab")
-        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root)
         gw.procs.append(p)
         gw.named[name] = p
         gw.starters[name] = lambda: spawn(name, cmd)
