@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -18,6 +19,8 @@ from ratelimit.backend import BackendUnavailable
 from ratelimit.redis_backend import RedisBackend
 from tests.e2e.harness import PrivateRedis
 from tests.test_ratelimit_backends import rule
+from tests.test_spend_stores import DAY, KEY_DAY, budget
+from tollway.spend.redis_store import RedisSpendStore
 
 RULES = [rule(100, name="a"), rule(100, name="b")]
 THREE = [*RULES, rule(100, name="c")]  # an answer of another length than RULES'
@@ -130,3 +133,36 @@ async def test_with_every_lane_connection_busy_a_call_goes_the_clients_way(
         assert len(clients) >= 3  # the admin, the lane's one, the pool's for the rest
     finally:
         await b.close()
+
+
+async def test_the_lane_writes_the_bytes_redis_py_would(private_redis: PrivateRedis) -> None:
+    """The lane packs with hiredis alone; redis-py encodes each argument first. For the
+    arguments of every call the lane makes (a charge, a hold, both in one), the same bytes."""
+    counters = RedisBackend(private_redis.url, timeout=5.0)
+    spend = RedisSpendStore(private_redis.url, timeout=5.0)
+    sent: list[bytes] = []
+    packed_by_redis_py: list[bytes] = []
+    for lane in (counters.lane, spend.lane):
+        def sending(conn: Any, command: list[bytes], _send: Any = lane._call) -> Any:
+            sent.append(b"".join(command))
+            return _send(conn, command)
+        lane._call = sending  # type: ignore[method-assign]
+        run, conn = lane.run, lane.client.connection_pool.make_connection()
+
+        async def packing(script: Any, keys: list[str], args: list[Any], _run: Any = run,
+                          _conn: Any = conn) -> Any:
+            packed_by_redis_py.append(b"".join(
+                _conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)))
+            return await _run(script, keys, args)
+        lane.run = packing  # type: ignore[method-assign]
+    try:
+        budgets = [budget(10**9), budget(10**9, KEY_DAY), budget(5, DAY, False)]
+        await counters.charge("org", THREE, [1, 1, 1])
+        await spend.hold("org", "req-1", budgets, 1234, 60_000)
+        held, charged = await counters._charge_holding(
+            spend, "org", "req-é2", budgets, 1234, 60_000, THREE, [1, 1, 1])
+        assert held.allowed and charged is not None and charged.allowed
+        assert len(sent) == 3 and sent == packed_by_redis_py
+    finally:
+        await spend.close()
+        await counters.close()
