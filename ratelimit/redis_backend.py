@@ -190,7 +190,7 @@ class RedisBackend(CounterBackend):
         self.url = url
         self.prefix = prefix
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
-        self.lane = Lane(self.client, max_connections)  # the request path's calls
+        self.lane = Lane(self.client, max_connections, timeout)  # the request path's calls
         self._charge = self.client.register_script(CHARGE)
         self._settle = self.client.register_script(SETTLE)
         self._hold_and_charge = self.client.register_script(HOLD_AND_CHARGE)

@@ -90,7 +90,7 @@ async def test_a_stall_past_the_timeout_fails_the_call_and_not_the_next(
         started = time.monotonic()
         with pytest.raises(BackendUnavailable):
             await b.charge("org", RULES, [1, 1])
-        assert time.monotonic() - started < 0.7  # its own timeout, not the stall's length
+        assert time.monotonic() - started < 0.5  # the lane's timeout, not the stall's length
         await admin.ping()  # answered once the pause is over
         out = await b.charge("org", THREE, [1, 1, 1])
         assert len(out.states) == 3 and out.states[2].used == 0

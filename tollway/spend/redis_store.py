@@ -208,7 +208,7 @@ class RedisSpendStore(SpendStore):
         self.url = url
         self.prefix = prefix
         self.client = connect(url, timeout=timeout, max_connections=max_connections)
-        self.lane = Lane(self.client, max_connections)  # the Check's hold
+        self.lane = Lane(self.client, max_connections, timeout)  # the Check's hold
         self._hold = self.client.register_script(HOLD)
         self._commit = self.client.register_script(COMMIT)
         self._read = self.client.register_script(READ)
