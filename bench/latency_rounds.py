@@ -79,7 +79,6 @@ def targets(tmp: Path, rate_limit: str | None, budget: bool = False,
             return r
 
         provider = {"authorization": f"Bearer {PROVIDER_KEY}"}
-        redis = private_redis("redis-data")
 
         def charged(doc: dict[str, Any]) -> None:
             if rate_limit:
@@ -90,23 +89,22 @@ def targets(tmp: Path, rate_limit: str | None, budget: bool = False,
             if budget:
                 hold_every_request(doc)
 
-        def redis_counters(doc: dict[str, Any]) -> None:
-            held(doc)
-            doc["storage"]["counters"] = redis.url
+        def counters_in(redis: PrivateRedis) -> Any:
+            """`held`, with the counters and spend in `redis`."""
+            def mutate(doc: dict[str, Any]) -> None:
+                held(doc)
+                doc["storage"]["counters"] = redis.url
+            return mutate
         memory, floor = gateway("memory", held), gateway("floor", charged)
-        red = gateway("redis", redis_counters)
+        red = gateway("redis", counters_in(private_redis("redis-data")))
         bare, bare_url = bare_envoy(memory.manifest_path, tmp)
         stack.callback(stop, bare)
         noop = replace_services(floor)
         stack.callback(stop, noop)
         more = {}
         if baseline:
-            base_redis = private_redis("baseline-redis-data")
-
-            def baseline_counters(doc: dict[str, Any]) -> None:
-                held(doc)
-                doc["storage"]["counters"] = base_redis.url
-            base = gateway("baseline", baseline_counters, root=baseline)
+            base = gateway("baseline", counters_in(private_redis("baseline-redis-data")),
+                           root=baseline)
             more[BASELINE] = Target(f"{base.url}/v1/chat/completions",
                                     {"authorization": f"Bearer {base.issue('k-main')}"},
                                     service_pids(base))

@@ -52,6 +52,14 @@ async def pause(admin: redis.Redis, ms: int) -> None:
     await admin.execute_command("CLIENT", "PAUSE", ms, "ALL")
 
 
+async def next_call_reads_its_own_answer(b: RedisBackend, admin: redis.Redis) -> None:
+    """Once Redis answers again (the pause over), a charge of three quotas reads an answer of
+    three, not the answer a call before it left unread (two quotas')."""
+    await admin.ping()  # answered once the pause is over
+    out = await b.charge("org", THREE, [1, 1, 1])
+    assert len(out.states) == 3 and out.states[2].used == 0
+
+
 async def test_charges_go_by_one_lane_connection_and_count(
         private_redis: PrivateRedis) -> None:
     b = RedisBackend(private_redis.url, timeout=5.0)
@@ -82,7 +90,7 @@ async def test_a_restarted_redis_answers_the_next_charge(private_redis: PrivateR
 async def test_a_stall_past_the_timeout_fails_the_call_and_not_the_next(
         private_redis: PrivateRedis, admin: redis.Redis) -> None:
     """The stalled call's answer, sent once Redis resumes, must not be read as the next
-    call's: a charge of three quotas reads an answer of three."""
+    call's."""
     b = RedisBackend(private_redis.url, timeout=0.25)
     try:
         await b.charge("org", RULES, [1, 1])
@@ -91,9 +99,7 @@ async def test_a_stall_past_the_timeout_fails_the_call_and_not_the_next(
         with pytest.raises(BackendUnavailable):
             await b.charge("org", RULES, [1, 1])
         assert time.monotonic() - started < 0.5  # the lane's timeout, not the stall's length
-        await admin.ping()  # answered once the pause is over
-        out = await b.charge("org", THREE, [1, 1, 1])
-        assert len(out.states) == 3 and out.states[2].used == 0
+        await next_call_reads_its_own_answer(b, admin)
     finally:
         await b.close()
 
@@ -113,9 +119,7 @@ async def test_a_cancelled_call_leaves_no_answer_for_the_next(
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await admin.ping()
-        out = await b.charge("org", THREE, [1, 1, 1])
-        assert len(out.states) == 3 and out.states[2].used == 0
+        await next_call_reads_its_own_answer(b, admin)
     finally:
         await b.close()
 
