@@ -124,6 +124,29 @@ async def test_a_cancelled_call_leaves_no_answer_for_the_next(
         await b.close()
 
 
+async def test_a_lane_closed_during_a_call_leaves_no_connection_open(
+        private_redis: PrivateRedis, admin: redis.Redis) -> None:
+    """A shutdown while Redis holds a charge: the charge still gets its answer, and its
+    connection is closed once it has, not put back on a lane nobody will close again. The
+    pool's connection (the script was loaded through it) is closed with the client."""
+    b = RedisBackend(private_redis.url, timeout=5.0)
+    await b.charge("org", RULES, [1, 1])
+    await pause(admin, 300)
+    call = asyncio.create_task(b.charge("org", RULES, [1, 1]))
+    deadline = time.monotonic() + 2
+    while b.lane.free:  # until the call has taken the lane's connection
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)
+    await b.close()
+    assert (await call).allowed
+    assert not b.lane.free
+    deadline = time.monotonic() + 2
+    while len(await admin.client_list()) > 1:  # the admin's own, once Redis has seen it
+        left = [c["cmd"] for c in await admin.client_list()]
+        assert time.monotonic() < deadline, f"still open, by last command: {left}"
+        await asyncio.sleep(0.01)
+
+
 async def test_with_every_lane_connection_busy_a_call_goes_the_clients_way(
         private_redis: PrivateRedis, admin: redis.Redis) -> None:
     b = RedisBackend(private_redis.url, timeout=5.0)

@@ -36,7 +36,7 @@ def connect(url: str, *, timeout: float = 0.25, max_connections: int = 64) -> An
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
         socket_connect_timeout=timeout, retry_on_timeout=False, retry=retry)
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)  # its own: closing the client disconnects the pool
 
 
 def counter_store_url(spec: str) -> str | None:
@@ -81,10 +81,11 @@ class Lane:
         self.free: list[Any] = []  # connections not in a call, connected or not
         self.opened = 0
         self.direct = isinstance(client, redis.Redis)
+        self.closed = False
 
     async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """`script(keys=keys, args=args)`, by the lane where it can."""
-        if not self.direct or (not self.free and self.opened >= self.size):
+        if not self.direct or self.closed or (not self.free and self.opened >= self.size):
             return await script(keys=keys, args=args)
         if self.free:
             conn = self.free.pop()
@@ -109,7 +110,10 @@ class Lane:
         finally:
             # after any other error (a timeout, a cancelled call) redis-py has disconnected
             # it, so an answer still to come is never read as the next call's
-            self.free.append(conn)
+            if self.closed:  # closed while this call was in flight: nobody will take it
+                await conn.disconnect()
+            else:
+                self.free.append(conn)
         return await script(keys=keys, args=args)  # Redis restarted or flushed: loaded again
 
     @staticmethod
@@ -118,6 +122,9 @@ class Lane:
         return await conn.read_response()
 
     async def close(self) -> None:
+        """Disconnects the free connections; one in a call is disconnected when its call
+        ends, and calls after this go the client's way."""
+        self.closed = True
         for conn in self.free:
             await conn.disconnect()
         self.free.clear()
