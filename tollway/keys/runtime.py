@@ -18,8 +18,9 @@ import json
 from typing import Any
 
 from tollway.manifest import KeyBinding, Manifest, ManifestError
-from tollway.manifest.loader import Node, _check_models, _client, _key, allowed_models
 from tollway.manifest.model import Client, Key, Organization, Project
+from tollway.manifest.node import Node
+from tollway.manifest.orgs import allowed_models, check_models, read_client, read_key
 
 CLIENT = "client"
 ADMIN_TOKEN = "admin_token"
@@ -39,7 +40,7 @@ def parse_client(doc: Any) -> Client:
         raise FieldError(["client: must be an object"])
     if "keys" in doc:
         raise FieldError(["client.keys: create keys on their own (POST .../keys)"])
-    client = _client(Node(doc, "client", errors))
+    client = read_client(Node(doc, "client", errors))
     if errors:
         raise FieldError(errors)
     return client
@@ -49,7 +50,7 @@ def parse_key(doc: Any) -> Key:
     errors: list[str] = []
     if not isinstance(doc, dict):
         raise FieldError(["key: must be an object"])
-    key = _key(Node(doc, "key", errors))
+    key = read_key(Node(doc, "key", errors))
     if errors:
         raise FieldError(errors)
     return key
@@ -69,9 +70,9 @@ def check_in_manifest(m: Manifest, key: Key, org: str, project: str) -> list[str
     """What the manifest's own validation would say of this key in that project."""
     problems: list[str] = []
     catalogue = {model.name for p in m.providers for model in p.models}
-    _check_models(problems, "key.models", key.models, catalogue)
+    check_models(problems, "key.models", key.models, catalogue)
     for i, quota in enumerate(key.quotas):
-        _check_models(problems, f"key.quotas[{i}].models", quota.models, catalogue)
+        check_models(problems, f"key.quotas[{i}].models", quota.models, catalogue)
     if key.plan and key.plan not in {p.name for p in m.plans}:
         problems.append(f"key.plan: unknown plan '{key.plan}'")
     if find_project(m, org, project) is None:

@@ -32,9 +32,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .loader import Fresh, Known, parse
+from .loader import parse
 from .model import Manifest, Organization
 from .org_texts import Cutter
+from .orgs import Fresh, Known
 from .reading import ManifestError, read
 from .shipped_orgs import received
 

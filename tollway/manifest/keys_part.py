@@ -24,8 +24,9 @@ from types import MappingProxyType
 from typing import Any
 
 from . import org_texts
-from .loader import Node, storage_section
+from .loader import storage_section
 from .model import KeyStatus, Storage
+from .node import Node
 from .reading import (
     ManifestError,
     cut_or_none,

@@ -9,35 +9,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from collections.abc import Set as AbstractSet
-from dataclasses import replace
-from datetime import UTC
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .model import (
     DEFAULT_KEY_CACHE,
-    REQUEST_LIMITS,
-    SPEND_LIMITS,
-    TOKEN_LIMITS,
-    Client,
     Dialect,
-    Enforcement,
     Gateway,
-    Key,
     KeyBinding,
-    KeyStatus,
     Manifest,
     Model,
-    ModelRule,
     Organization,
     Plan,
     Policy,
     Price,
-    Project,
     Provider,
     Quota,
     RateCard,
@@ -46,12 +34,11 @@ from .model import (
     ServiceTls,
     Storage,
     Upstream,
-    User,
 )
-from .reading import ManifestError, document, fingerprint, read_text
+from .node import ID_RE, REF_RE, Node
+from .orgs import allowed_models, check_models, names_models, read_orgs, read_quotas
+from .reading import ManifestError, document, read_text
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
 DURATION_RE = re.compile(r"^(\d+)s$")
 RATE_LIMIT_RE = re.compile(r"^(filter|check)$")
 DEFAULT_MAX_OUTPUT = 4096
@@ -63,151 +50,6 @@ DEFAULT_ACTIONS = {
     "/v1/responses": "responses",
     "/v1/messages": "messages",
 }
-
-T = TypeVar("T")
-
-
-# every absent or empty `metadata` (most of them): one shared view, not one object each that
-# the garbage collector walks for every runtime key's binding
-NO_ENTRIES: MappingProxyType[str, Any] = MappingProxyType({})
-
-
-class Node:
-    """A mapping in the YAML document, with its path, that reports what it reads wrong. A
-    10,000-project manifest makes 70,000 of them: slots, and no dataclass machinery."""
-
-    __slots__ = ("errors", "path", "value")
-
-    def __init__(self, value: dict[str, Any], path: str, errors: list[str]) -> None:
-        self.value = value
-        self.path = path
-        self.errors = errors
-
-    def at(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, rule: str) -> None:
-        self.errors.append(f"{self.at(name)}: {rule}")
-
-    def check_keys(self, allowed: AbstractSet[str]) -> None:
-        for k in self.value:
-            if k not in allowed:
-                self.fail(str(k), f"unknown field (expected one of {', '.join(sorted(allowed))})")
-
-    def has(self, name: str) -> bool:
-        return self.value.get(name) is not None
-
-    def text(self, name: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None,
-            rule: str = "") -> str:
-        v = self.value.get(name)
-        if v is None:
-            if default is None:
-                self.fail(name, "is required")
-                return ""
-            return default
-        if not isinstance(v, str) or not v:
-            self.fail(name, "must be a non-empty string")
-            return ""
-        if pattern is not None and not pattern.match(v):
-            self.fail(name, rule or f"must match {pattern.pattern}")
-        return v
-
-    def opt_str(self, name: str) -> str | None:
-        if self.value.get(name) is None:
-            return None
-        return self.text(name)
-
-    def integer(self, name: str, default: int | None = None, *, minimum: int = 1) -> int:
-        v = self.value.get(name)
-        if v is None:
-            if default is None:
-                self.fail(name, "is required")
-                return 0
-            return default
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            self.fail(name, "must be a positive integer" if minimum == 1
-                      else f"must be an integer >= {minimum}")
-            return 0
-        return v
-
-    def flag(self, name: str, default: bool) -> bool:
-        v = self.value.get(name, default)
-        if not isinstance(v, bool):
-            self.fail(name, "must be true or false")
-            return default
-        return v
-
-    def decimal(self, name: str, *, required: bool = True) -> Decimal | None:
-        v = self.value.get(name)
-        if v is None:
-            if required:
-                self.fail(name, "is required")
-            return None
-        try:
-            # str() first: YAML floats like 0.075 must stay exactly 0.075, not its binary neighbour
-            d = Decimal(str(v)) if not isinstance(v, bool) else None
-        except InvalidOperation:
-            d = None
-        if d is None or not d.is_finite() or d < 0:
-            self.fail(name, "must be a non-negative number")
-            return None
-        return d
-
-    def enum(self, name: str, kind: type[T], default: T | None = None) -> T:
-        v = self.value.get(name)
-        if v is None and default is not None:
-            return default
-        try:
-            return kind(v)  # type: ignore[call-arg]
-        except ValueError:
-            options = ", ".join(str(m.value) for m in kind)  # type: ignore[attr-defined]
-            self.fail(name, f"must be one of {options}" if v is not None else "is required")
-            return default if default is not None else next(iter(kind))  # type: ignore[call-overload]
-
-    def str_list(self, name: str) -> tuple[str, ...] | None:
-        v = self.value.get(name)
-        if v is None:
-            return None
-        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-            self.fail(name, "must be a list of non-empty strings")
-            return ()
-        return tuple(v)
-
-    def mapping(self, name: str) -> MappingProxyType[str, Any]:
-        v = self.value.get(name)
-        if v is None:
-            return NO_ENTRIES
-        if not isinstance(v, dict):
-            self.fail(name, "must be a mapping")
-            return NO_ENTRIES
-        return MappingProxyType(dict(v)) if v else NO_ENTRIES
-
-    def child(self, name: str, *, required: bool = False) -> Node:
-        v = self.value.get(name)
-        if v is None:
-            if required:
-                self.fail(name, "is required")
-            return Node({}, self.at(name), self.errors)
-        if not isinstance(v, dict):
-            self.fail(name, "must be a mapping")
-            return Node({}, self.at(name), self.errors)
-        return Node(v, self.at(name), self.errors)
-
-    def items(self, name: str, *, required: bool = False) -> Iterator[Node]:
-        v = self.value.get(name)
-        if v is None:
-            if required:
-                self.fail(name, "is required")
-            return
-        if not isinstance(v, list):
-            self.fail(name, "must be a list")
-            return
-        base, errors = self.at(name), self.errors
-        for i, item in enumerate(v):
-            if not isinstance(item, dict):
-                errors.append(f"{base}[{i}]: must be a mapping")
-                continue
-            yield Node(item, f"{base}[{i}]", errors)
 
 
 def _host_port(node: Node, name: str, default: str) -> tuple[str, int]:
@@ -246,259 +88,6 @@ def _unique(nodes: list[tuple[Node, str]], errors: list[str], what: str) -> None
                           f"'{value}' (first at {seen[value]})")
         else:
             seen[value] = node.path
-
-
-_COUNT_LIMITS = (*REQUEST_LIMITS, *TOKEN_LIMITS)
-_LIMIT_FIELDS = (*_COUNT_LIMITS, *SPEND_LIMITS)
-# built once: a 10,000-project manifest has 20,000 quotas
-_QUOTA_FIELDS = frozenset({"name", "models", "enforcement", "alerts", "notes", *_LIMIT_FIELDS})
-
-
-def _quota(n: Node) -> Quota:
-    n.check_keys(_QUOTA_FIELDS)
-    v = n.value  # which limits a quota sets: looked up in its mapping, not through n.has
-    limits = {k: n.integer(k) for k in _COUNT_LIMITS if v.get(k) is not None}
-    spend: dict[str, Decimal] = {}
-    for k in SPEND_LIMITS:
-        if v.get(k) is None:
-            continue
-        d = n.decimal(k)
-        if d is not None:
-            if d <= 0:
-                n.fail(k, "must be a positive amount")
-            spend[k] = d
-    if not limits and not spend and not any(v.get(k) is not None for k in _LIMIT_FIELDS):
-        n.errors.append(f"{n.path}: a quota needs at least one limit "
-                        f"(rpm, tpm, requests_per_day, spend_per_month, ...)")
-    alerts: list[Decimal] = []
-    raw_alerts = n.value.get("alerts", [])
-    if not isinstance(raw_alerts, list):
-        n.fail("alerts", "must be a list of fractions like 0.8")
-    else:
-        for i, a in enumerate(raw_alerts):
-            try:
-                d = Decimal(str(a))
-            except InvalidOperation:
-                d = Decimal(-1)
-            if isinstance(a, bool) or not (Decimal(0) < d <= Decimal(1)):
-                n.errors.append(f"{n.at('alerts')}[{i}]: must be a fraction in (0, 1]")
-            else:
-                alerts.append(d)
-    # an unnamed quota is called by what it limits ("rpm tpm gpt-5.4"); where it is written
-    # (its scope, "project:team-ai") is shown beside it
-    models = n.str_list("models") or ()
-    default = " ".join([*limits, *spend, *([",".join(models)] if models else [])])
-    return Quota(
-        name=n.text("name", default or n.path),
-        models=models,
-        limits=MappingProxyType(limits),
-        spend=MappingProxyType(spend),
-        enforcement=n.enum("enforcement", Enforcement, Enforcement.ENFORCE),
-        alerts=tuple(sorted(alerts)),
-    )
-
-
-# quotas compiled, by their document's repr(): 10,000 projects may write the same quotas
-# ({name: team, rpm: 300}) thousands of times, and a Quota is immutable, so they share them.
-# Only quotas read without a problem are kept, and what _quotas checks depends on their
-# document alone (repr, unlike ==, tells 2, 2.0 and true apart): a hit has nothing to report.
-_QUOTAS: dict[str, tuple[Quota, ...]] = {}
-_QUOTAS_MAX = 10_000
-
-
-def _quotas(n: Node) -> tuple[Quota, ...]:
-    """A name is a quota's counter identity within its scope: two that would share one (two
-    unnamed `rpm` quotas) are told apart by their place, `rpm #2`."""
-    written = n.value.get("quotas")
-    if written is None:
-        return ()
-    key = repr(written)
-    known = _QUOTAS.get(key)
-    if known is not None:
-        return known
-    errors = len(n.errors)
-    quotas = [_quota(q) for q in n.items("quotas")]
-    names = [q.name for q in quotas]
-    compiled = tuple(replace(q, name=f"{q.name} #{i + 1}") if names.count(q.name) > 1 else q
-                     for i, q in enumerate(quotas))
-    if len(n.errors) == errors:
-        if len(_QUOTAS) >= _QUOTAS_MAX:
-            _QUOTAS.clear()
-        _QUOTAS[key] = compiled
-    return compiled
-
-
-def _expires(n: Node) -> str | None:
-    v = n.value.get("expires_at")
-    if v is None:
-        return None
-    from datetime import datetime
-
-    if isinstance(v, datetime):
-        dt = v if v.tzinfo else v.replace(tzinfo=UTC)
-        return dt.isoformat()
-    if isinstance(v, str):
-        try:
-            parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
-        except ValueError:
-            parsed = None
-        if parsed is not None:
-            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).isoformat()
-    n.fail("expires_at", "must be an ISO 8601 timestamp")
-    return None
-
-
-def _key(n: Node) -> Key:
-    n.check_keys({"id", "status", "plan", "models", "quotas", "expires_at", "metadata", "notes"})
-    return Key(
-        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_' (no dots)"),
-        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
-        plan=n.opt_str("plan"),
-        models=n.str_list("models"),
-        quotas=_quotas(n),
-        expires_at=_expires(n),
-        metadata=n.mapping("metadata"),
-    )
-
-
-def _client(n: Node) -> Client:
-    n.check_keys({"id", "name", "status", "user", "metadata", "keys", "notes"})
-    u = n.child("user")
-    u.check_keys({"email", "role", "tenant", "is_agent"})
-    return Client(
-        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
-        name=n.text("name", str(n.value.get("id") or "")),
-        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
-        user=User(email=u.opt_str("email"), role=u.opt_str("role"), tenant=u.opt_str("tenant"),
-                  is_agent=u.flag("is_agent", False)),
-        metadata=n.mapping("metadata"),
-        keys=tuple(_key(k) for k in n.items("keys")),
-    )
-
-
-def _project(n: Node) -> Project:
-    n.check_keys({"id", "name", "status", "plan", "models", "policies", "quotas", "metadata",
-                  "clients", "notes", "model_rules"})
-    pol = n.child("policies")
-    pol.check_keys({"enabled"})
-    return Project(
-        id=n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
-        name=n.text("name", str(n.value.get("id") or "")),
-        status=n.enum("status", KeyStatus, KeyStatus.ACTIVE),
-        plan=n.opt_str("plan"),
-        models=n.str_list("models"),
-        policies_enabled=pol.flag("enabled", False),
-        quotas=_quotas(n),
-        metadata=n.mapping("metadata"),
-        clients=tuple(_client(c) for c in n.items("clients")),
-        model_rules=_model_rules(n),
-    )
-
-
-def _model_rules(n: Node) -> tuple[ModelRule, ...]:
-    out = []
-    for r in n.items("model_rules"):
-        r.check_keys({"models", "roles_allowed", "notes"})
-        models = r.str_list("models")
-        if not models:
-            r.fail("models", "must name at least one model")
-        out.append(ModelRule(models=models or (), roles_allowed=r.str_list("roles_allowed")))
-    return tuple(out)
-
-
-def _org(n: Node) -> Organization:
-    n.check_keys({"id", "name", "status", "quotas", "metadata", "projects", "notes",
-                  "model_rules"})
-    # read in the document's order, so that its problems are listed in that order
-    org_id = n.text("id", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'")
-    name = n.text("name", str(n.value.get("id") or ""))
-    status = n.enum("status", KeyStatus, KeyStatus.ACTIVE)
-    quotas = _quotas(n)
-    metadata = n.mapping("metadata")
-    projects = tuple(_project(p) for p in n.items("projects"))
-    model_rules = _model_rules(n)
-    return Organization(id=org_id, name=name, status=status, quotas=quotas, metadata=metadata,
-                        projects=projects, model_rules=model_rules,
-                        self_contained=_self_contained(quotas, projects, model_rules))
-
-
-def compile_org(document: dict[str, Any], index: int) -> tuple[Organization, list[str]]:
-    """The organization at `organizations[index]` compiled from its document alone, and its
-    problems: for _orgs, and for the warm reader, which compiles what it reads
-    (tollway.manifest.shipped_orgs)."""
-    errors: list[str] = []
-    return _org(Node(document, f"organizations[{index}]", errors)), errors
-
-
-def _name_models(quotas: tuple[Quota, ...]) -> bool:
-    """Whether any of the quotas names models, which the manifest's catalogue must know."""
-    return any(q.models for q in quotas)
-
-
-def _self_contained(quotas: tuple[Quota, ...], projects: tuple[Project, ...],
-                    model_rules: tuple[ModelRule, ...]) -> bool:
-    """Whether an organization holds nothing that parse's checks across the manifest look
-    at (see there): a reload's parse skips such an organization in them, where they went over
-    all 10,000 projects of a manifest with the serving process's requests waiting for the GIL."""
-    if model_rules or _name_models(quotas):
-        return False
-    ids: set[str] = set()
-    for p in projects:
-        if p.models or p.plan or p.clients or p.model_rules or p.id in ids \
-                or _name_models(p.quotas):
-            return False
-        ids.add(p.id)
-    return True
-
-
-class Known(NamedTuple):
-    """In place of an organization's document: the manifest in force holds it compiled."""
-
-    fingerprint: str
-
-
-class Fresh(NamedTuple):
-    """An organization's document, with its fingerprint taken where it was read (a child
-    process sends documents as JSON, which writes a date as its text)."""
-
-    fingerprint: str
-    document: Any
-
-
-def _orgs(root: Node, reuse: Mapping[str, Organization] | None
-          ) -> tuple[list[Organization], dict[str, Organization] | None]:
-    """The organizations, and with `reuse` each by its fingerprint. An organization compiles
-    from its own document alone (the checks across organizations come after, over all of
-    them), so one whose document is unchanged since the manifest in force is taken from it:
-    a reload of 10,000 projects with one rpm edited compiles 100 of them. An item may also
-    be Known or Fresh (see tollway.manifest.beside), never from the YAML itself."""
-    if reuse is None:
-        return [_org(o) for o in root.items("organizations", required=True)], None
-    items = root.value.get("organizations")
-    if not isinstance(items, list):
-        return [_org(o) for o in root.items("organizations", required=True)], {}
-    orgs: list[Organization] = []
-    compiled: dict[str, Organization] = {}
-    for i, item in enumerate(items):
-        if isinstance(item, Known):
-            org = reuse.get(item.fingerprint)
-            if org is None:
-                root.errors.append(f"organizations[{i}]: the manifest in force no longer "
-                                   "holds it (load it again)")
-                continue
-            compiled[item.fingerprint] = org
-        else:
-            fresh = item if isinstance(item, Fresh) else Fresh(fingerprint(item), item)
-            if not isinstance(fresh.document, dict):
-                root.errors.append(f"organizations[{i}]: must be a mapping")
-                continue
-            org = reuse.get(fresh.fingerprint)
-            if org is None:
-                org, problems = compile_org(fresh.document, i)
-                root.errors += problems
-            compiled[fresh.fingerprint] = org
-        orgs.append(org)
-    return orgs, compiled
 
 
 def _provider(n: Node) -> Provider:
@@ -606,26 +195,6 @@ def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
                        rule="must be an ISO 4217 code like USD"),
         prices=tuple(prices),
     )
-
-
-def _check_models(errors: list[str], path: str, models: tuple[str, ...] | None,
-                  catalogue: set[str]) -> None:
-    for i, m in enumerate(models or ()):
-        if m not in catalogue:
-            errors.append(f"{path}[{i}]: unknown model '{m}' (not in any provider's catalogue)")
-
-
-def allowed_models(plans: dict[str, Plan], proj: Project, key: Key) -> tuple[str, ...] | None:
-    """The models a key may use; None: every model of the route's provider."""
-    allowed: tuple[str, ...] | None = None
-    for plan_name, models in ((proj.plan, proj.models), (key.plan, key.models)):
-        # the most specific level that names models wins; a key narrows its project, and an
-        # explicit list beats the list of the plan it names
-        plan = plans.get(plan_name) if plan_name else None
-        level = models if models is not None else (plan.models if plan else None)
-        if level is not None:
-            allowed = level
-    return allowed
 
 
 def _resolve_bindings(m: Manifest, errors: list[str], paths: dict[str, str]) -> dict[str,
@@ -739,13 +308,13 @@ def parse(doc: Any, source: str = "", *,
     for pn in root.items("plans"):
         pn.check_keys({"name", "models", "quotas", "notes"})
         plan = Plan(name=pn.text("name", pattern=ID_RE), models=pn.str_list("models"),
-                    quotas=_quotas(pn))
-        _check_models(errors, pn.at("models"), plan.models, catalogue)
+                    quotas=read_quotas(pn))
+        check_models(errors, pn.at("models"), plan.models, catalogue)
         plans.append(plan)
     _unique([(Node({}, f"plans[{i}]", errors), p.name) for i, p in enumerate(plans)],
             errors, "plan")
 
-    orgs, compiled_orgs = _orgs(root, reuse)
+    orgs, compiled_orgs = read_orgs(root, reuse)
 
     # identifiers are unique where they are addressed: keys and clients globally (a key id is
     # what the client sends), projects within their org, orgs globally
@@ -766,7 +335,7 @@ def parse(doc: Any, source: str = "", *,
             if not (proj.models or proj.plan or proj.clients):
                 continue
             pp = f"{op}.projects[{pi}]"
-            _check_models(errors, f"{pp}.models", proj.models, catalogue)
+            check_models(errors, f"{pp}.models", proj.models, catalogue)
             if proj.plan:
                 plan_refs[f"{pp}.plan"] = proj.plan
             for ci, client in enumerate(proj.clients):
@@ -775,7 +344,7 @@ def parse(doc: Any, source: str = "", *,
                 for ki, key in enumerate(client.keys):
                     kp = f"{cp}.keys[{ki}]"
                     key_ids.append((Node({}, kp, errors), key.id))
-                    _check_models(errors, f"{kp}.models", key.models, catalogue)
+                    check_models(errors, f"{kp}.models", key.models, catalogue)
                     if key.plan:
                         plan_refs[f"{kp}.plan"] = key.plan
     org_ids = [o.id for o in orgs]
@@ -786,7 +355,7 @@ def parse(doc: Any, source: str = "", *,
     _unique(key_ids, errors, "key id")
     for path, quotas in _all_quotas(plans, orgs):
         for qi, q in enumerate(quotas):
-            _check_models(errors, f"{path}.quotas[{qi}].models", q.models, catalogue)
+            check_models(errors, f"{path}.quotas[{qi}].models", q.models, catalogue)
 
     policies = []
     for pn in root.items("policies"):
@@ -827,7 +396,7 @@ def _check_model_rules(errors: list[str], orgs: list[Organization], catalogue: s
                    for pi, p in enumerate(org.projects) if p.model_rules]
         for path, rules in levels:
             for ri, rule in enumerate(rules):
-                _check_models(errors, f"{path}.model_rules[{ri}].models", rule.models,
+                check_models(errors, f"{path}.model_rules[{ri}].models", rule.models,
                               catalogue)
 
 
@@ -835,19 +404,19 @@ def _all_quotas(plans: list[Plan], orgs: list[Organization]
                 ) -> Iterator[tuple[str, tuple[Quota, ...]]]:
     """Every level's quotas that name models, with the level's path (made only for them)."""
     for i, plan in enumerate(plans):
-        if _name_models(plan.quotas):
+        if names_models(plan.quotas):
             yield f"plans[{i}]", plan.quotas
     for oi, org in enumerate(orgs):
         if org.self_contained:
             continue
-        if _name_models(org.quotas):
+        if names_models(org.quotas):
             yield f"organizations[{oi}]", org.quotas
         for pi, proj in enumerate(org.projects):
-            if _name_models(proj.quotas):
+            if names_models(proj.quotas):
                 yield f"organizations[{oi}].projects[{pi}]", proj.quotas
             for ci, client in enumerate(proj.clients):
                 for ki, key in enumerate(client.keys):
-                    if _name_models(key.quotas):
+                    if names_models(key.quotas):
                         yield (f"organizations[{oi}].projects[{pi}].clients[{ci}].keys[{ki}]",
                                key.quotas)
 

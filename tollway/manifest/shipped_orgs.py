@@ -24,8 +24,8 @@ import pickle
 from types import MappingProxyType
 from typing import Any
 
-from .loader import compile_org
 from .model import Organization
+from .orgs import compile_org
 
 
 def _mapping_proxy(d: dict[str, Any]) -> MappingProxyType[str, Any]:
