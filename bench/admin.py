@@ -30,7 +30,7 @@ from common import bulk_keys, check_load, check_request, closed_loop, ms, pct
 from procstat import rss_mb
 
 from tests.e2e.harness import run_gateway, tcp_open, wait_until
-from tollway.admin._proto import admin_pb2, admin_pb2_grpc
+from tollway._proto import admin_pb2, admin_pb2_grpc
 
 
 def bulk_load(db: Path, pepper: bytes, n: int, clients: int) -> None:

@@ -20,8 +20,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from ratelimit.admission import Reservation
+from tollway._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.reload import Compiled
 from tollway.spend import SpendUnavailable

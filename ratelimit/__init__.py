@@ -5,13 +5,13 @@ from __future__ import annotations
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from tollway._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.redis_client import counter_store_url
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 from tollway.spend import SpendStore
 
-from ._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 from .backend import CounterBackend, MemoryBackend
 from .service import RateLimitService, TokenSettlementService
 from .usage import UsageService

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from tollway._proto import settle_pb2, settle_pb2_grpc
 from tollway.errors import error_body
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
@@ -22,7 +23,6 @@ from tollway.metadata import RATE_LIMITED_BY, to_struct
 from tollway.reload import Compiled
 from tollway.serve import past_deadline
 
-from ._proto import settle_pb2, settle_pb2_grpc
 from .admission import Request, admit, lookup, refund, settle
 from .backend import BackendUnavailable, CounterBackend
 

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 import grpc
 
+from tollway._proto import usage_pb2, usage_pb2_grpc
 from tollway.budgets import (
     Budget,
     budgets_for,
@@ -26,7 +27,6 @@ from tollway.quotas import Rule, rules_for
 from tollway.reload import Compiled
 from tollway.spend import SpendStore, SpendUnavailable
 
-from ._proto import usage_pb2, usage_pb2_grpc
 from .backend import BackendUnavailable, CounterBackend
 from .service import binding_or_abort
 

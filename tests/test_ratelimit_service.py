@@ -10,9 +10,9 @@ import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from ratelimit._proto import settle_pb2, settle_pb2_grpc
 from ratelimit.backend import MemoryBackend
 from ratelimit.service import RateLimitService, TokenSettlementService
+from tollway._proto import settle_pb2, settle_pb2_grpc
 from tollway.keys.mirror import KeyMirror
 from tollway.keys.sqlite import SqliteKeyStore
 from tollway.manifest import load

@@ -84,8 +84,8 @@ def test_the_committed_openapi_description_is_the_protos() -> None:
 
 def test_the_admin_service_name_envoy_routes_is_the_protos() -> None:
     """`tollway render` names the admin service without loading its generated code."""
+    from tollway._proto import admin_pb2
     from tollway.admin import SERVICE
-    from tollway.admin._proto import admin_pb2
 
     assert admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name == SERVICE
 

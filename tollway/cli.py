@@ -263,7 +263,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf import json_format
 
-    from ratelimit._proto import usage_pb2, usage_pb2_grpc
+    from tollway._proto import usage_pb2, usage_pb2_grpc
     from tollway.tls import blocking_channel, target
 
     m = _manifest(args)
@@ -356,7 +356,7 @@ async def _explain(m: Manifest, args: argparse.Namespace, ip: str) -> Any:
 
 
 def _usage_lookup(m: Manifest) -> Any:
-    from ratelimit._proto import usage_pb2, usage_pb2_grpc
+    from tollway._proto import usage_pb2, usage_pb2_grpc
     from tollway.tls import ServiceChannel, target
 
     async def lookup(key_id: str, model: str) -> dict[str, Any] | None:

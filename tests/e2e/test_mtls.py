@@ -19,8 +19,8 @@ import pytest
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from ratelimit._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 from tests.certs import issue
+from tollway._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 from .harness import Gateway, free_port, run_gateway
 

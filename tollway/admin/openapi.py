@@ -13,7 +13,7 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from ._proto import admin_pb2
+from tollway._proto import admin_pb2
 
 _SCALARS = {
     FieldDescriptor.TYPE_STRING: {"type": "string"},

@@ -21,7 +21,7 @@ from google.api import httpbody_pb2
 from google.protobuf import json_format, struct_pb2
 
 from extauthz.decision import Caller, Deny, authenticate
-from ratelimit._proto import usage_pb2, usage_pb2_grpc
+from tollway._proto import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 from tollway.errors import status_of
 from tollway.keys import AuditQuery, KeyEvent, KeyExists, KeyManager, KeyRecord
 from tollway.keys import runtime as rt
@@ -32,7 +32,6 @@ from tollway.reload import Compiled
 from tollway.tls import ServiceChannel, target
 
 from . import tokens
-from ._proto import admin_pb2, admin_pb2_grpc
 
 # HTTP status of a refusal → the gRPC code the transcoder turns back into it
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import grpc
 
+from tollway._proto import admin_pb2_grpc
 from tollway.refs import pepper
 from tollway.reload import Compiled
 from tollway.serve import ServiceContext
 
 from . import SERVICE
-from ._proto import admin_pb2_grpc
 from .service import AdminService
 
 

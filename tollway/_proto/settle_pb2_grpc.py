@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from ratelimit._proto import usage_pb2 as ratelimit_dot___proto_dot_usage__pb2
+from tollway._proto import settle_pb2 as tollway_dot___proto_dot_settle__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ratelimit/_proto/usage_pb2_grpc.py depends on'
+        + ' but the generated code in tollway/_proto/settle_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class UsageStub:
+class TokenSettlementStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,43 +34,43 @@ class UsageStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.KeyUsage = channel.unary_unary(
-                '/tollway.usage.v1.Usage/KeyUsage',
-                request_serializer=ratelimit_dot___proto_dot_usage__pb2.KeyUsageRequest.SerializeToString,
-                response_deserializer=ratelimit_dot___proto_dot_usage__pb2.KeyUsageResponse.FromString,
+        self.Settle = channel.unary_unary(
+                '/tollway.ratelimit.v1.TokenSettlement/Settle',
+                request_serializer=tollway_dot___proto_dot_settle__pb2.SettleRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_settle__pb2.SettleResponse.FromString,
                 _registered_method=True)
 
 
-class UsageServicer:
+class TokenSettlementServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def KeyUsage(self, request, context):
+    def Settle(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_UsageServicer_to_server(servicer, server):
+def add_TokenSettlementServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'KeyUsage': grpc.unary_unary_rpc_method_handler(
-                    servicer.KeyUsage,
-                    request_deserializer=ratelimit_dot___proto_dot_usage__pb2.KeyUsageRequest.FromString,
-                    response_serializer=ratelimit_dot___proto_dot_usage__pb2.KeyUsageResponse.SerializeToString,
+            'Settle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settle,
+                    request_deserializer=tollway_dot___proto_dot_settle__pb2.SettleRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_settle__pb2.SettleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tollway.usage.v1.Usage', rpc_method_handlers)
+            'tollway.ratelimit.v1.TokenSettlement', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tollway.usage.v1.Usage', rpc_method_handlers)
+    server.add_registered_method_handlers('tollway.ratelimit.v1.TokenSettlement', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Usage:
+class TokenSettlement:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def KeyUsage(request,
+    def Settle(request,
             target,
             options=(),
             channel_credentials=None,
@@ -83,9 +83,9 @@ class Usage:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tollway.usage.v1.Usage/KeyUsage',
-            ratelimit_dot___proto_dot_usage__pb2.KeyUsageRequest.SerializeToString,
-            ratelimit_dot___proto_dot_usage__pb2.KeyUsageResponse.FromString,
+            '/tollway.ratelimit.v1.TokenSettlement/Settle',
+            tollway_dot___proto_dot_settle__pb2.SettleRequest.SerializeToString,
+            tollway_dot___proto_dot_settle__pb2.SettleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ import grpc
 import warnings
 
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
-from tollway.admin._proto import admin_pb2 as tollway_dot_admin_dot___proto_dot_admin__pb2
+from tollway._proto import admin_pb2 as tollway_dot___proto_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tollway/admin/_proto/admin_pb2_grpc.py depends on'
+        + ' but the generated code in tollway/_proto/admin_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,97 +37,97 @@ class AdminStub:
         """
         self.CreateClient = channel.unary_unary(
                 '/tollway.admin.v1.Admin/CreateClient',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.CreateClientRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.CreateClientRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
         self.ListClients = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ListClients',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListClientsRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListClientsResponse.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ListClientsRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.ListClientsResponse.FromString,
                 _registered_method=True)
         self.GetClient = channel.unary_unary(
                 '/tollway.admin.v1.Admin/GetClient',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
         self.UpdateClient = channel.unary_unary(
                 '/tollway.admin.v1.Admin/UpdateClient',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.UpdateClientRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.UpdateClientRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
         self.SuspendClient = channel.unary_unary(
                 '/tollway.admin.v1.Admin/SuspendClient',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
         self.ResumeClient = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ResumeClient',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
         self.RevokeClient = channel.unary_unary(
                 '/tollway.admin.v1.Admin/RevokeClient',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Client.FromString,
                 _registered_method=True)
         self.CreateKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/CreateKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.CreateKeyRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.ListKeys = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ListKeys',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListKeysRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListKeysResponse.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
         self.GetKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/GetKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.UpdateKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/UpdateKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.UpdateKeyRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.SuspendKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/SuspendKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.ResumeKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ResumeKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.RevokeKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/RevokeKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.RotateKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/RotateKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.RotateKeyRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.ExpireKey = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ExpireKey',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ExpireKeyRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ExpireKeyRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.Key.FromString,
                 _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ListAudit',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListAuditRequest.SerializeToString,
-                response_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListAuditResponse.FromString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_admin__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tollway.admin.v1.Admin/ListModels',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListModelsRequest.SerializeToString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetOwnUsage = channel.unary_unary(
                 '/tollway.admin.v1.Admin/GetOwnUsage',
-                request_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.GetOwnUsageRequest.SerializeToString,
+                request_serializer=tollway_dot___proto_dot_admin__pb2.GetOwnUsageRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
 
@@ -262,97 +262,97 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateClient': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateClient,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.CreateClientRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.CreateClientRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Client.SerializeToString,
             ),
             'ListClients': grpc.unary_unary_rpc_method_handler(
                     servicer.ListClients,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListClientsRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListClientsResponse.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ListClientsRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.ListClientsResponse.SerializeToString,
             ),
             'GetClient': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClient,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ClientRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Client.SerializeToString,
             ),
             'UpdateClient': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateClient,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.UpdateClientRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.UpdateClientRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Client.SerializeToString,
             ),
             'SuspendClient': grpc.unary_unary_rpc_method_handler(
                     servicer.SuspendClient,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ClientRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Client.SerializeToString,
             ),
             'ResumeClient': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeClient,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ClientRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Client.SerializeToString,
             ),
             'RevokeClient': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeClient,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Client.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ClientRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Client.SerializeToString,
             ),
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.CreateKeyRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.CreateKeyRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'ListKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListKeys,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListKeysRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListKeysResponse.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ListKeysRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.ListKeysResponse.SerializeToString,
             ),
             'GetKey': grpc.unary_unary_rpc_method_handler(
                     servicer.GetKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.KeyRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'UpdateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.UpdateKeyRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'SuspendKey': grpc.unary_unary_rpc_method_handler(
                     servicer.SuspendKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.KeyRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'ResumeKey': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.KeyRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'RevokeKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.KeyRef.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'RotateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.RotateKeyRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.RotateKeyRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'ExpireKey': grpc.unary_unary_rpc_method_handler(
                     servicer.ExpireKey,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ExpireKeyRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.Key.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ExpireKeyRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.Key.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListAuditRequest.FromString,
-                    response_serializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListAuditResponse.SerializeToString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ListAuditRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_admin__pb2.ListAuditResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.ListModelsRequest.FromString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.ListModelsRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetOwnUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOwnUsage,
-                    request_deserializer=tollway_dot_admin_dot___proto_dot_admin__pb2.GetOwnUsageRequest.FromString,
+                    request_deserializer=tollway_dot___proto_dot_admin__pb2.GetOwnUsageRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -381,8 +381,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/CreateClient',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.CreateClientRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+            tollway_dot___proto_dot_admin__pb2.CreateClientRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,
             insecure,
@@ -408,8 +408,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ListClients',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListClientsRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListClientsResponse.FromString,
+            tollway_dot___proto_dot_admin__pb2.ListClientsRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.ListClientsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -435,8 +435,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/GetClient',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+            tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,
             insecure,
@@ -462,8 +462,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/UpdateClient',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.UpdateClientRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+            tollway_dot___proto_dot_admin__pb2.UpdateClientRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,
             insecure,
@@ -489,8 +489,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/SuspendClient',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+            tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,8 +516,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ResumeClient',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+            tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,
             insecure,
@@ -543,8 +543,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/RevokeClient',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Client.FromString,
+            tollway_dot___proto_dot_admin__pb2.ClientRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Client.FromString,
             options,
             channel_credentials,
             insecure,
@@ -570,8 +570,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/CreateKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.CreateKeyRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.CreateKeyRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -597,8 +597,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ListKeys',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListKeysRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListKeysResponse.FromString,
+            tollway_dot___proto_dot_admin__pb2.ListKeysRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.ListKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -624,8 +624,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/GetKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -651,8 +651,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/UpdateKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.UpdateKeyRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.UpdateKeyRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -678,8 +678,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/SuspendKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -705,8 +705,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ResumeKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -732,8 +732,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/RevokeKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.KeyRef.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -759,8 +759,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/RotateKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.RotateKeyRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.RotateKeyRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -786,8 +786,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ExpireKey',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ExpireKeyRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.Key.FromString,
+            tollway_dot___proto_dot_admin__pb2.ExpireKeyRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,
@@ -813,8 +813,8 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ListAudit',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListAuditRequest.SerializeToString,
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListAuditResponse.FromString,
+            tollway_dot___proto_dot_admin__pb2.ListAuditRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -840,7 +840,7 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/ListModels',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.ListModelsRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.ListModelsRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
@@ -867,7 +867,7 @@ class Admin:
             request,
             target,
             '/tollway.admin.v1.Admin/GetOwnUsage',
-            tollway_dot_admin_dot___proto_dot_admin__pb2.GetOwnUsageRequest.SerializeToString,
+            tollway_dot___proto_dot_admin__pb2.GetOwnUsageRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from ratelimit._proto import settle_pb2 as ratelimit_dot___proto_dot_settle__pb2
+from tollway._proto import usage_pb2 as tollway_dot___proto_dot_usage__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ratelimit/_proto/settle_pb2_grpc.py depends on'
+        + ' but the generated code in tollway/_proto/usage_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TokenSettlementStub:
+class UsageStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,43 +34,43 @@ class TokenSettlementStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Settle = channel.unary_unary(
-                '/tollway.ratelimit.v1.TokenSettlement/Settle',
-                request_serializer=ratelimit_dot___proto_dot_settle__pb2.SettleRequest.SerializeToString,
-                response_deserializer=ratelimit_dot___proto_dot_settle__pb2.SettleResponse.FromString,
+        self.KeyUsage = channel.unary_unary(
+                '/tollway.usage.v1.Usage/KeyUsage',
+                request_serializer=tollway_dot___proto_dot_usage__pb2.KeyUsageRequest.SerializeToString,
+                response_deserializer=tollway_dot___proto_dot_usage__pb2.KeyUsageResponse.FromString,
                 _registered_method=True)
 
 
-class TokenSettlementServicer:
+class UsageServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Settle(self, request, context):
+    def KeyUsage(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_TokenSettlementServicer_to_server(servicer, server):
+def add_UsageServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Settle': grpc.unary_unary_rpc_method_handler(
-                    servicer.Settle,
-                    request_deserializer=ratelimit_dot___proto_dot_settle__pb2.SettleRequest.FromString,
-                    response_serializer=ratelimit_dot___proto_dot_settle__pb2.SettleResponse.SerializeToString,
+            'KeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeyUsage,
+                    request_deserializer=tollway_dot___proto_dot_usage__pb2.KeyUsageRequest.FromString,
+                    response_serializer=tollway_dot___proto_dot_usage__pb2.KeyUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tollway.ratelimit.v1.TokenSettlement', rpc_method_handlers)
+            'tollway.usage.v1.Usage', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tollway.ratelimit.v1.TokenSettlement', rpc_method_handlers)
+    server.add_registered_method_handlers('tollway.usage.v1.Usage', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class TokenSettlement:
+class Usage:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Settle(request,
+    def KeyUsage(request,
             target,
             options=(),
             channel_credentials=None,
@@ -83,9 +83,9 @@ class TokenSettlement:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tollway.ratelimit.v1.TokenSettlement/Settle',
-            ratelimit_dot___proto_dot_settle__pb2.SettleRequest.SerializeToString,
-            ratelimit_dot___proto_dot_settle__pb2.SettleResponse.FromString,
+            '/tollway.usage.v1.Usage/KeyUsage',
+            tollway_dot___proto_dot_usage__pb2.KeyUsageRequest.SerializeToString,
+            tollway_dot___proto_dot_usage__pb2.KeyUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
