@@ -148,49 +148,22 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
     async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
+        """Who calls and what they may do (`_decide`), then what they are held to (`_take`),
+        then the answer Envoy applies."""
         started = time.perf_counter()
         try:
             facts = facts_from(request)
             rt = self.runtime.value
-            if not self.mirror.complete:  # a key this replica has not used lately: one query
-                await self.mirror.hold([presented_key_id(facts.headers)])
-            result = decide(rt, self.mirror, facts, datetime.now(UTC))
-            if (isinstance(result, Deny) and result.code == "invalid_api_key"
-                    and self.mirror.usable):
-                key_id = presented_key_id(facts.headers)
-                seen = self.mirror.get(key_id)  # what decide saw: no await in between
-                if key_id in rt.manifest.bindings or self.mirror.get(key_id) is not None:
-                    await self.mirror.fetch(key_id)
-                    # the follower may have brought the key while we fetched it: decide again
-                    # whenever the mirror's record changed, whoever changed it
-                    if self.mirror.get(key_id) is not seen:
-                        result = decide(rt, self.mirror, facts,
-                                        datetime.now(UTC))
-                    if isinstance(result, Deny) and result.code == "invalid_api_key":
-                        wait = self.guesses.wrong_secret(key_id)
-                        if wait is not None:
-                            result = Deny("too_many_failed_attempts",
-                                          f"too many wrong secrets for key {key_id}; retry "
-                                          f"in {wait} s", result.dialect, retry_after=wait)
+            result = await self._decide(rt, facts)
             if isinstance(result, Allow):
-                now = datetime.now(UTC)
-                denied = await self.policies.check(rt, result, facts, now)
-                held, limited = (denied, None) if denied else await self.limits.take(
-                    rt, result, facts, now, settle_wait(time_remaining(context)),
-                    request.attributes.context_extensions.get(RATE_LIMITED_BY, ""))
-                if isinstance(held, Held) and (held.amount or (limited and limited.metadata)) \
-                        and past_deadline(context):
-                    # Envoy has stopped waiting: the request gets Envoy's own 503 and never
-                    # reaches the provider, and its log entry will not carry this hold
-                    await self.limits.give_back(rt, result, held, limited)
-                    held = Deny("gateway_unavailable", "authorization took too long; retry",
-                                result.route.dialect, result.binding.key.id)
-                if isinstance(held, Held):
+                taken = await self._take(rt, result, facts, request, context)
+                if not isinstance(taken, Deny):
+                    held, limited = taken
                     ALLOWED.inc()
                     return allow_response(
                         result, facts.headers, held.amount, limited,
                         limits_apply(rt.manifest, result.binding, result.model))
-                result = held
+                result = taken
             DECISIONS.labels("deny", result.code).inc()
             return deny_response(result)
         except Exception:
@@ -201,3 +174,53 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                                       Dialect.OPENAI))
         finally:
             LATENCY.observe(time.perf_counter() - started)
+
+    async def _decide(self, rt: Runtime, facts: RequestFacts) -> Allow | Deny:
+        """`decide`, on the key as the store has it: a key this replica's mirror has not
+        loaded, or holds as it was before a change, is fetched once and decided again; a
+        wrong secret for a known key counts towards its throttle."""
+        if not self.mirror.complete:  # a key this replica has not used lately: one query
+            await self.mirror.hold([presented_key_id(facts.headers)])
+        result = decide(rt, self.mirror, facts, datetime.now(UTC))
+        if not (isinstance(result, Deny) and result.code == "invalid_api_key"
+                and self.mirror.usable):
+            return result
+        key_id = presented_key_id(facts.headers)
+        seen = self.mirror.get(key_id)  # what decide saw: no await in between
+        if key_id not in rt.manifest.bindings and seen is None:
+            return result
+        await self.mirror.fetch(key_id)
+        # the follower may have brought the key while we fetched it: decide again whenever
+        # the mirror's record changed, whoever changed it
+        if self.mirror.get(key_id) is not seen:
+            result = decide(rt, self.mirror, facts, datetime.now(UTC))
+        if isinstance(result, Deny) and result.code == "invalid_api_key":
+            wait = self.guesses.wrong_secret(key_id)
+            if wait is not None:
+                return Deny("too_many_failed_attempts",
+                            f"too many wrong secrets for key {key_id}; retry in {wait} s",
+                            result.dialect, retry_after=wait)
+        return result
+
+    async def _take(self, rt: Runtime, allow: Allow, facts: RequestFacts,
+                    request: external_auth_pb2.CheckRequest,
+                    context: grpc.aio.ServicerContext
+                    ) -> tuple[Held, Admission | None] | Deny:
+        """The project's Cedar policies, then the request's budget hold and, when this Check
+        answers it, its rate limit; all given back if Envoy has stopped waiting meanwhile."""
+        now = datetime.now(UTC)
+        denied = await self.policies.check(rt, allow, facts, now)
+        if denied:
+            return denied
+        held, limited = await self.limits.take(
+            rt, allow, facts, now, settle_wait(time_remaining(context)),
+            request.attributes.context_extensions.get(RATE_LIMITED_BY, ""))
+        if isinstance(held, Deny):
+            return held
+        if (held.amount or (limited and limited.metadata)) and past_deadline(context):
+            # Envoy has stopped waiting: the request gets Envoy's own 503 and never reaches
+            # the provider, and its log entry will not carry this hold
+            await self.limits.give_back(rt, allow, held, limited)
+            return Deny("gateway_unavailable", "authorization took too long; retry",
+                        allow.route.dialect, allow.binding.key.id)
+        return held, limited
