@@ -178,7 +178,7 @@ async def settlement_of_100(url: str, batches: int, many: bool) -> tuple[float, 
             if many:
                 await backend.settle_many(settlements)
             else:
-                await asyncio.gather(*(backend.settle(s.tag, s.rules, s.charged_at_ms, s.delta)
+                await asyncio.gather(*(backend.settle(s.org, s.rules, s.charged_at_ms, s.delta)
                                        for s in settlements))
         cpu = (time.process_time() - cpu) / batches
         stats = (await backend.client.info("commandstats"))["cmdstat_evalsha"]

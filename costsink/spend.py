@@ -133,7 +133,7 @@ class SpendRecorder:
             for b in row_budgets:
                 for threshold in b.alerts:
                     mark = f"{b.scope}/{b.quota}:{threshold}"
-                    seen = (commit.tag, b.counter.key, mark)
+                    seen = (commit.org, b.counter.key, mark)
                     if seen in looked_at or seen in self._crossed:
                         continue
                     looked_at.add(seen)
@@ -144,7 +144,7 @@ class SpendRecorder:
                     if value < b.limit * threshold:
                         continue
                     try:
-                        first = await self.store.first_alert(commit.tag, b.counter, mark)
+                        first = await self.store.first_alert(commit.org, b.counter, mark)
                     except SpendUnavailable as e:  # the costs are in: ask with the next batch
                         log.warning("could not tell whether %s's %s alert fired; asking again "
                                     "with the next costs: %s", b.label, threshold, e)
@@ -170,11 +170,11 @@ class SpendRecorder:
                 for c in counters_for(m, org, project, key_id, model, labels,
                                       self._binding(m, key_id)):
                     totals[(org, c)] += to_units(cost)
-        by_tag: dict[str, list[tuple[SpendCounter, int]]] = defaultdict(list)
-        for (tag, c), units in totals.items():
-            by_tag[tag].append((c, units))
-        for tag, values in by_tag.items():
-            await self.store.set_spent(tag, values)
+        by_org: dict[str, list[tuple[SpendCounter, int]]] = defaultdict(list)
+        for (org, c), units in totals.items():
+            by_org[org].append((c, units))
+        for org, values in by_org.items():
+            await self.store.set_spent(org, values)
         self.pending = []
         return len(totals)
 

@@ -55,7 +55,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Held:
     amount: int  # in budgets.UNIT; 0 when no enforced budget applies
-    tag: str = ""
+    org: str = ""
     request_id: str = ""
     counters: tuple[SpendCounter, ...] = ()
 
@@ -66,7 +66,7 @@ async def release_hold(store: SpendStore, held: Held) -> None:
     if not held.amount:
         return
     try:
-        await store.commit(held.tag, held.request_id, list(held.counters), 0)
+        await store.commit(held.org, held.request_id, list(held.counters), 0)
     except SpendUnavailable as e:
         log.warning("could not release the hold of %s (it expires by itself): %s",
                     held.request_id, e)
@@ -127,7 +127,7 @@ async def hold_budget(store: SpendStore, rt: Runtime, allow: Allow, plan: HoldPl
     h = plan.held
     try:
         outcome = await holding(
-            lambda: store.hold(h.tag, h.request_id, plan.budgets, plan.amount, plan.ttl_ms),
+            lambda: store.hold(h.org, h.request_id, plan.budgets, plan.amount, plan.ttl_ms),
             lambda outcome: outcome, wait)
     except asyncio.CancelledError:
         # Envoy cancelled the Check: the hold may have been placed all the same

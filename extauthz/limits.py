@@ -105,7 +105,7 @@ class Limits:
             charged_at = int(time.time() * 1000)  # the bucket settlement corrects later
             started = time.perf_counter()
             try:
-                return *await take(h.tag, h.request_id, plan.budgets, plan.amount,
+                return *await take(h.org, h.request_id, plan.budgets, plan.amount,
                                    plan.ttl_ms, rules, costs), charged_at
             finally:
                 BACKEND_LATENCY.observe(time.perf_counter() - started)

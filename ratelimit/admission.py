@@ -205,7 +205,7 @@ async def settle(backend: CounterBackend, keys: KeyMirror, m: Manifest, key_id: 
                           charged_at_ms)
     if s is None:
         return None
-    await backend.settle(s.tag, s.rules, s.charged_at_ms, s.delta)
+    await backend.settle(s.org, s.rules, s.charged_at_ms, s.delta)
     _count(s.delta)
     return len(s.rules)
 

@@ -97,7 +97,7 @@ class Settlement(NamedTuple):
     """One request's token reservation to correct: `delta` (actual - reserved, may be
     negative) on its token `rules`, in the bucket `charged_at_ms` fell in."""
 
-    tag: str
+    org: str
     rules: list[Rule]
     charged_at_ms: int
     delta: int
@@ -105,13 +105,13 @@ class Settlement(NamedTuple):
 
 class CounterBackend(abc.ABC):
     @abc.abstractmethod
-    async def charge(self, tag: str, rules: list[Rule], costs: list[int],
+    async def charge(self, org: str, rules: list[Rule], costs: list[int],
                      now_ms: int | None = None) -> Outcome:
         """Check every rule; charge all of them if no enforced rule refuses, else none.
         `now_ms` None means the backend's own clock (tests pass explicit times)."""
 
     @abc.abstractmethod
-    async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
+    async def settle(self, org: str, rules: list[Rule], charged_at_ms: int, delta: int,
                      now_ms: int | None = None) -> None:
         """Correct a token reservation by `delta` (actual - reserved, may be negative) in the
         bucket it was charged to, if that bucket is still inside the window."""
@@ -121,7 +121,7 @@ class CounterBackend(abc.ABC):
         """Several settlements, as settle() one by one at the same `now_ms` (costsink settles
         a written batch's reservations at once)."""
         for s in settlements:
-            await self.settle(s.tag, s.rules, s.charged_at_ms, s.delta, now_ms)
+            await self.settle(s.org, s.rules, s.charged_at_ms, s.delta, now_ms)
 
     def holding(self, spend: SpendStore) -> HoldingCharge | None:
         """A charge that holds a budget of `spend` in the same step, where this backend and
@@ -134,11 +134,11 @@ class CounterBackend(abc.ABC):
 
 
 class HoldingCharge(Protocol):
-    """CounterBackend.charge with SpendStore.hold, both for the org `tag`, in the same step.
+    """CounterBackend.charge with SpendStore.hold, both for one org, in the same step.
     Returns the hold's outcome, and the charge's unless the hold refused (then nothing was
     charged). Raises BackendUnavailable."""
 
-    async def __call__(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+    async def __call__(self, org: str, request_id: str, budgets: list[Budget], amount: int,
                        ttl_ms: int, rules: list[Rule], costs: list[int]
                        ) -> tuple[HoldOutcome, Outcome | None]: ...
 
@@ -153,20 +153,20 @@ class MemoryBackend(CounterBackend):
         self._idle = Expiring()  # each counter, by when its last bucket leaves its window
 
     @staticmethod
-    def _key(tag: str, rule: Rule) -> str:
-        return f"{tag}:{rule.counter}:{rule.period}"
+    def _key(org: str, rule: Rule) -> str:
+        return f"{org}:{rule.counter}:{rule.period}"
 
-    async def charge(self, tag: str, rules: list[Rule], costs: list[int],
+    async def charge(self, org: str, rules: list[Rule], costs: list[int],
                      now_ms: int | None = None) -> Outcome:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         for idle in self._idle.due(now_ms):
             del self._counters[idle]
-        states = [evaluate(r, self._counters.get(self._key(tag, r), {}), now_ms, c)
+        states = [evaluate(r, self._counters.get(self._key(org, r), {}), now_ms, c)
                   for r, c in zip(rules, costs, strict=True)]
         allowed = not any(s.over and s.rule.enforce for s in states)
         if allowed:
             for r, c in zip(rules, costs, strict=True):
-                key, w = self._key(tag, r), bucket_width_ms(r.period)
+                key, w = self._key(org, r), bucket_width_ms(r.period)
                 buckets = self._counters.setdefault(key, {})
                 b = now_ms // w
                 buckets[b] = buckets.get(b, 0) + c
@@ -175,7 +175,7 @@ class MemoryBackend(CounterBackend):
                 self._idle.set(key, (b + BUCKETS + 1) * w)
         return Outcome(allowed=allowed, states=states, costs=costs)
 
-    async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
+    async def settle(self, org: str, rules: list[Rule], charged_at_ms: int, delta: int,
                      now_ms: int | None = None) -> None:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         for r in rules:
@@ -183,7 +183,7 @@ class MemoryBackend(CounterBackend):
             b = charged_at_ms // w
             if b < now_ms // w - BUCKETS:
                 continue
-            key = self._key(tag, r)
+            key = self._key(org, r)
             buckets = self._counters.setdefault(key, {})
             buckets[b] = buckets.get(b, 0) + delta
             idle_at = (b + BUCKETS + 1) * w

@@ -195,8 +195,8 @@ class RedisBackend(CounterBackend):
         self._settle = self.client.register_script(SETTLE)
         self._hold_and_charge = self.client.register_script(HOLD_AND_CHARGE)
 
-    def key(self, tag: str, rule: Rule) -> str:
-        return f"{self.prefix}:{{{tag}}}:rl:{rule.counter}:{rule.period}"
+    def key(self, org: str, rule: Rule) -> str:
+        return f"{self.prefix}:{{{org}}}:rl:{rule.counter}:{rule.period}"
 
     def _charge_args(self, rules: list[Rule], costs: list[int],
                      now_ms: int | None) -> list[int]:
@@ -216,10 +216,10 @@ class RedisBackend(CounterBackend):
                                     retry_seconds=math.inf if retry < 0 else retry / 1000))
         return Outcome(allowed=bool(int(raw[0])), states=states, costs=costs)
 
-    async def charge(self, tag: str, rules: list[Rule], costs: list[int],
+    async def charge(self, org: str, rules: list[Rule], costs: list[int],
                      now_ms: int | None = None) -> Outcome:
         try:
-            raw = await self.lane.run(self._charge, [self.key(tag, r) for r in rules],
+            raw = await self.lane.run(self._charge, [self.key(org, r) for r in rules],
                                       self._charge_args(rules, costs, now_ms))
         except (RedisError, OSError) as e:
             raise BackendUnavailable(f"redis: {e}") from e
@@ -232,14 +232,14 @@ class RedisBackend(CounterBackend):
             return None
         return functools.partial(self._charge_holding, spend)
 
-    async def _charge_holding(self, spend: RedisSpendStore, tag: str, request_id: str,
+    async def _charge_holding(self, spend: RedisSpendStore, org: str, request_id: str,
                               budgets: list[Budget], amount: int, ttl_ms: int,
                               rules: list[Rule], costs: list[int],
                               now_ms: int | None = None) -> tuple[HoldOutcome, Outcome | None]:
-        hold = spend.hold_call(tag, request_id, budgets, amount, ttl_ms, now_ms)
+        hold = spend.hold_call(org, request_id, budgets, amount, ttl_ms, now_ms)
         try:
             raw = await self.lane.run(
-                self._hold_and_charge, [*hold.keys, *(self.key(tag, r) for r in rules)],
+                self._hold_and_charge, [*hold.keys, *(self.key(org, r) for r in rules)],
                 [len(hold.keys), len(hold.args), *hold.args,
                  *self._charge_args(rules, costs, now_ms)])
         except (RedisError, OSError) as e:
@@ -249,26 +249,26 @@ class RedisBackend(CounterBackend):
         charged = self._outcome(rules, costs, raw[1])
         return spend.held(hold, raw[0], placed=charged.allowed), charged
 
-    async def settle(self, tag: str, rules: list[Rule], charged_at_ms: int, delta: int,
+    async def settle(self, org: str, rules: list[Rule], charged_at_ms: int, delta: int,
                      now_ms: int | None = None) -> None:
-        await self.settle_many([Settlement(tag, rules, charged_at_ms, delta)], now_ms)
+        await self.settle_many([Settlement(org, rules, charged_at_ms, delta)], now_ms)
 
     async def settle_many(self, settlements: list[Settlement],
                           now_ms: int | None = None) -> None:
         """One script call per org for the batch: the client's work per call (about 0.2 ms
         of the loop's CPU) is most of a settlement's cost, and a batch's reservations mostly
         share their counters and buckets, so they go summed."""
-        by_tag: dict[str, dict[tuple[str, int, int], int]] = {}
+        by_org: dict[str, dict[tuple[str, int, int], int]] = {}
         for s in settlements:
             if not s.delta:
                 continue
-            sums = by_tag.setdefault(s.tag, {})
+            sums = by_org.setdefault(s.org, {})
             for r in s.rules:
                 width = r.period * 1000 // BUCKETS
-                at = (self.key(s.tag, r), s.charged_at_ms // width, width)
+                at = (self.key(s.org, r), s.charged_at_ms // width, width)
                 sums[at] = sums.get(at, 0) + s.delta
         try:
-            for sums in by_tag.values():
+            for sums in by_org.values():
                 live = [(at, delta) for at, delta in sums.items() if delta]
                 if not live:
                     continue

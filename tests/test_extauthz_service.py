@@ -149,7 +149,7 @@ async def test_a_key_the_follower_brings_during_the_fetch_is_accepted() -> None:
 
 
 class DownCounters(MemoryBackend):
-    async def charge(self, tag: str, rules: Any, costs: Any, now_ms: int | None = None) -> Any:
+    async def charge(self, org: str, rules: Any, costs: Any, now_ms: int | None = None) -> Any:
         raise BackendUnavailable("counters down")
 
 

@@ -149,8 +149,8 @@ async def test_settle_many_sums_a_batch_as_settle_would_one_by_one(
         Settlement("org", [tpm], T0, 0), Settlement("org", [rule(9, kind="tokens",
                                                                   name="never")], T0, -5),
     ], now_ms=T0 + 3000)
-    used = [(await backend.charge(tag, rules, [0] * len(rules), T0 + 3000)).states
-            for tag, rules in (("org", [tpm, tph]), ("other", [tpm]))]
+    used = [(await backend.charge(org, rules, [0] * len(rules), T0 + 3000)).states
+            for org, rules in (("org", [tpm, tph]), ("other", [tpm]))]
     assert [st.used for states in used for st in states] == [
         1500 - 100 - 50 + 25 - 400, 1500 - 400, 500 - 300]
 

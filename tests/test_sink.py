@@ -186,9 +186,9 @@ class CountingStore(MemorySpendStore):
         super().__init__()
         self.alert_questions = 0
 
-    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+    async def first_alert(self, org: str, counter: SpendCounter, mark: str) -> bool:
         self.alert_questions += 1
-        return await super().first_alert(tag, counter, mark)
+        return await super().first_alert(org, counter, mark)
 
 
 async def test_a_budget_past_its_thresholds_asks_the_store_once_per_threshold(
@@ -215,11 +215,11 @@ async def test_an_alert_the_store_could_not_answer_is_asked_with_the_next_costs(
     the writer goes on, and the threshold is asked about again with the next batch."""
 
     class Blinking(CountingStore):
-        async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+        async def first_alert(self, org: str, counter: SpendCounter, mark: str) -> bool:
             if self.alert_questions == 0:
                 self.alert_questions += 1
                 raise SpendUnavailable("redis: connection reset")
-            return await super().first_alert(tag, counter, mark)
+            return await super().first_alert(org, counter, mark)
 
     store = Blinking()
     recorder = SpendRecorder(store)

@@ -71,7 +71,7 @@ def hold_states(budgets: list[Budget], values: dict[str, tuple[int, int]], amoun
 
 @dataclass(frozen=True)
 class Commit:
-    tag: str
+    org: str
     request_id: str
     counters: list[SpendCounter]
     amount: int
@@ -88,13 +88,13 @@ class SpendStore(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+    async def hold(self, org: str, request_id: str, budgets: list[Budget], amount: int,
                    ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
         """Check every budget; if no enforced one refuses, hold `amount` once on each
         distinct counter of the enforced budgets under `request_id`, else change nothing."""
 
     @abc.abstractmethod
-    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
+    async def commit(self, org: str, request_id: str, counters: list[SpendCounter],
                      amount: int, now_ms: int | None = None) -> list[int]:
         """Add `amount` to each counter, release any hold of `request_id` on it; return the
         counters' new spent values."""
@@ -103,11 +103,11 @@ class SpendStore(abc.ABC):
         """Several commits; each gets its counters' values after all of them (Redis sends one
         script call per org for the batch)."""
         for c in commits:
-            await self.commit(c.tag, c.request_id, c.counters, c.amount)
-        return [[spent for spent, _ in await self.read(c.tag, c.counters)] for c in commits]
+            await self.commit(c.org, c.request_id, c.counters, c.amount)
+        return [[spent for spent, _ in await self.read(c.org, c.counters)] for c in commits]
 
     @abc.abstractmethod
-    async def read(self, tag: str, counters: list[SpendCounter],
+    async def read(self, org: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:
         """(spent, held) of each counter."""
 
@@ -121,11 +121,11 @@ class SpendStore(abc.ABC):
         a hold placed for a marked id is released at once."""
 
     @abc.abstractmethod
-    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+    async def first_alert(self, org: str, counter: SpendCounter, mark: str) -> bool:
         """True exactly once per counter (and so per period) and mark: alerts fire once."""
 
     @abc.abstractmethod
-    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
+    async def set_spent(self, org: str, values: list[tuple[SpendCounter, int]]) -> None:
         """Set counters' spent (holds untouched): a rebuild from the ledger."""
 
     @abc.abstractmethod

@@ -62,12 +62,12 @@ class MemorySpendStore(SpendStore):
     shared_in_process = True
 
     def __init__(self) -> None:
-        # per counter, named "<tag>:<counter key>"
+        # per counter, named "<org>:<counter key>"
         self._spent: dict[str, int] = {}
         self._alerts: dict[str, tuple[str, ...]] = {}  # the marks that have fired
         self._kept = Expiring()  # every counter, by when it goes: its TTL after its last use
         self._holds: dict[str, _Holds] = {}  # only the counters holding for requests in flight
-        # per request holding: its tag and its counters (name and TTL in ms)
+        # per request holding: its org and its counters (name and TTL in ms)
         self._index: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
         self._index_until = Expiring()
         self._orphaned = Expiring()  # request → until when a hold for it is not placed
@@ -101,13 +101,13 @@ class MemorySpendStore(SpendStore):
             if not holds.amounts:
                 del self._holds[name]
 
-    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+    async def hold(self, org: str, request_id: str, budgets: list[Budget], amount: int,
                    ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         self._sweep(now)
         values = {}
         for b in budgets:
-            name = f"{tag}:{b.counter.key}"
+            name = f"{org}:{b.counter.key}"
             self._use(name, b.counter.ttl_seconds * 1000, now)
             values[b.counter.key] = (self._spent.get(name, 0), self._held(name, now))
         outcome = hold_states(budgets, values, amount)
@@ -117,30 +117,30 @@ class MemorySpendStore(SpendStore):
             return outcome
         if outcome.allowed and held_on:
             for c in held_on:
-                name = f"{tag}:{c.key}"
+                name = f"{org}:{c.key}"
                 holds = self._holds.get(name)
                 if holds is None:
                     holds = self._holds[name] = _Holds()
                 holds.add(request_id, amount, now + ttl_ms)
-            self._index[request_id] = (tag, tuple((c.key, c.ttl_seconds * 1000)
+            self._index[request_id] = (org, tuple((c.key, c.ttl_seconds * 1000)
                                                   for c in held_on))
             self._index_until.set(request_id, now + ttl_ms)
         return outcome
 
-    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
+    async def commit(self, org: str, request_id: str, counters: list[SpendCounter],
                      amount: int, now_ms: int | None = None) -> list[int]:
         now = now_ms if now_ms is not None else int(time.time() * 1000)
-        return self._commit(tag, request_id, ((c.key, c.ttl_seconds * 1000) for c in counters),
+        return self._commit(org, request_id, ((c.key, c.ttl_seconds * 1000) for c in counters),
                             amount, now)
 
-    def _commit(self, tag: str, request_id: str, counters: Iterable[tuple[str, int]],
+    def _commit(self, org: str, request_id: str, counters: Iterable[tuple[str, int]],
                 amount: int, now_ms: int) -> list[int]:
         self._sweep(now_ms)
         self._index.pop(request_id, None)
         self._index_until.discard(request_id)
         out = []
         for key, ttl_ms in counters:
-            name = f"{tag}:{key}"
+            name = f"{org}:{key}"
             self._use(name, ttl_ms, now_ms)
             self._release(name, request_id)
             spent = self._spent[name] = self._spent.get(name, 0) + amount
@@ -159,17 +159,17 @@ class MemorySpendStore(SpendStore):
                 found += 1
         return found
 
-    async def read(self, tag: str, counters: list[SpendCounter],
+    async def read(self, org: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         out = []
         for c in counters:
-            name = f"{tag}:{c.key}"
+            name = f"{org}:{c.key}"
             out.append((self._spent.get(name, 0), self._held(name, now)))
         return out
 
-    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
-        name = f"{tag}:{counter.key}"
+    async def first_alert(self, org: str, counter: SpendCounter, mark: str) -> bool:
+        name = f"{org}:{counter.key}"
         self._use(name, counter.ttl_seconds * 1000, int(time.time() * 1000))
         marks = self._alerts.get(name, ())
         if mark in marks:
@@ -177,10 +177,10 @@ class MemorySpendStore(SpendStore):
         self._alerts[name] = (*marks, mark)
         return True
 
-    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
+    async def set_spent(self, org: str, values: list[tuple[SpendCounter, int]]) -> None:
         now = int(time.time() * 1000)
         for c, spent in values:
-            name = f"{tag}:{c.key}"
+            name = f"{org}:{c.key}"
             self._use(name, c.ttl_seconds * 1000, now)
             self._spent[name] = spent
 

@@ -190,7 +190,7 @@ return out
 class HoldCall:
     """One hold's call of the HOLD script, and what reading its answer needs."""
 
-    tag: str
+    org: str
     request_id: str
     ttl_ms: int
     budgets: list[Budget]
@@ -219,14 +219,14 @@ class RedisSpendStore(SpendStore):
         self._index_in_hold = not isinstance(self.client, RedisCluster)
         self._indexing: set[asyncio.Task[None]] = set()
 
-    def _keys(self, tag: str, counters: list[SpendCounter]) -> list[str]:
+    def _keys(self, org: str, counters: list[SpendCounter]) -> list[str]:
         out = []
         for c in counters:
-            h = f"{self.prefix}:{{{tag}}}:sp:{c.key}"
+            h = f"{self.prefix}:{{{org}}}:sp:{c.key}"
             out += [h, f"{h}:exp"]
         return out
 
-    def hold_call(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+    def hold_call(self, org: str, request_id: str, budgets: list[Budget], amount: int,
                   ttl_ms: int, now_ms: int | None = None) -> HoldCall:
         """The HOLD script's keys and arguments, for hold() or a script that runs its steps
         beside a rate-limit charge."""
@@ -239,18 +239,18 @@ class RedisSpendStore(SpendStore):
         args.append(len(budgets))
         for b in budgets:
             args += [index[b.counter], b.limit, 1 if b.enforce else 0]
-        keys = self._keys(tag, counters)
+        keys = self._keys(org, counters)
         held_in_order = [c for c in counters if c in held_on]
         indexed_here = self._index_in_hold and bool(held_on)
         if indexed_here:
             keys.append(self._index_key(request_id))
-            args.append(self._where(tag, held_in_order))
-        return HoldCall(tag, request_id, ttl_ms, budgets, amount, counters, held_in_order,
+            args.append(self._where(org, held_in_order))
+        return HoldCall(org, request_id, ttl_ms, budgets, amount, counters, held_in_order,
                         keys, args, indexed_here)
 
-    async def hold(self, tag: str, request_id: str, budgets: list[Budget], amount: int,
+    async def hold(self, org: str, request_id: str, budgets: list[Budget], amount: int,
                    ttl_ms: int, now_ms: int | None = None) -> HoldOutcome:
-        call = self.hold_call(tag, request_id, budgets, amount, ttl_ms, now_ms)
+        call = self.hold_call(org, request_id, budgets, amount, ttl_ms, now_ms)
         try:
             raw = await self.lane.run(self._hold, call.keys, call.args)
         except (RedisError, OSError) as e:
@@ -268,26 +268,26 @@ class RedisSpendStore(SpendStore):
         if placed and outcome.allowed and call.held_on and not call.indexed_here:
             # not awaited: the Check need not wait for it, and an orphan's log entry arrives
             # long after (Envoy's timeout, then the access-log flush)
-            task = asyncio.create_task(self._index(call.tag, call.request_id, call.held_on,
+            task = asyncio.create_task(self._index(call.org, call.request_id, call.held_on,
                                                    call.ttl_ms))
             self._indexing.add(task)
             task.add_done_callback(self._indexing.discard)
         return outcome
 
-    async def _index(self, tag: str, request_id: str, held_on: list[SpendCounter],
+    async def _index(self, org: str, request_id: str, held_on: list[SpendCounter],
                      ttl_ms: int) -> None:
         """Index the hold by its request id, unless costsink has marked the id orphaned
         (the key holds the mark): then Envoy answered without this Check, release the hold."""
         with contextlib.suppress(RedisError, OSError, SpendUnavailable):  # it expires anyway
             if not await self.client.set(self._index_key(request_id),
-                                         self._where(tag, held_on), px=ttl_ms, nx=True):
-                await self.commit(tag, request_id, held_on, 0)
+                                         self._where(org, held_on), px=ttl_ms, nx=True):
+                await self.commit(org, request_id, held_on, 0)
 
     @staticmethod
-    def _where(tag: str, held_on: list[SpendCounter]) -> str:
+    def _where(org: str, held_on: list[SpendCounter]) -> str:
         """Where a hold lives, for a log entry that cannot say (release_orphans); under its
         own key, outside the org's slot: the log entry does not know the org either."""
-        return json.dumps([tag, [[c.name, c.period, c.label, list(c.models)]
+        return json.dumps([org, [[c.name, c.period, c.label, list(c.models)]
                                  for c in held_on]])
 
     def _index_key(self, request_id: str) -> str:
@@ -308,17 +308,17 @@ class RedisSpendStore(SpendStore):
         for rid, raw in zip(request_ids, found, strict=True):
             if raw is None or raw == ORPHANED.encode():
                 continue
-            tag, specs = json.loads(raw)
+            org, specs = json.loads(raw)
             counters = [SpendCounter(name, period, label, tuple(models))
                         for name, period, label, models in specs]
-            await self.commit(tag, rid, counters, 0)
+            await self.commit(org, rid, counters, 0)
             released += 1
         return released
 
-    async def commit(self, tag: str, request_id: str, counters: list[SpendCounter],
+    async def commit(self, org: str, request_id: str, counters: list[SpendCounter],
                      amount: int, now_ms: int | None = None) -> list[int]:
         try:
-            raw = await self._commit(keys=self._keys(tag, counters),
+            raw = await self._commit(keys=self._keys(org, counters),
                                      args=[now_ms or 0, amount, request_id,
                                            *(c.ttl_seconds for c in counters)])
             if request_id:
@@ -332,12 +332,12 @@ class RedisSpendStore(SpendStore):
         counters' values after the batch, which is what alert thresholds compare. A batch
         retried after an error that hid whether it was applied (a timeout) is applied once:
         the script marks it applied for two days, by its request ids."""
-        by_tag: dict[str, list[Commit]] = {}
+        by_org: dict[str, list[Commit]] = {}
         for c in commits:
-            by_tag.setdefault(c.tag, []).append(c)
+            by_org.setdefault(c.org, []).append(c)
         after: dict[int, list[int]] = {}  # by id(commit): its counters' values after
         try:
-            for tag, group in by_tag.items():
+            for org, group in by_org.items():
                 # commits of one shape share their counters list (the recorder builds it
                 # once per key, model and minute); an equal list apart is a shape of its own
                 shapes: dict[int, tuple[list[SpendCounter], list[Commit]]] = {}
@@ -352,8 +352,8 @@ class RedisSpendStore(SpendStore):
                              *(c.request_id for c in members)]
                 marker = hashlib.sha256("\n".join(c.request_id for c in group).encode())
                 raw = await self._commit_batch(
-                    keys=[*self._keys(tag, counters),
-                          f"{self.prefix}:{{{tag}}}:applied:{marker.hexdigest()[:32]}"],
+                    keys=[*self._keys(org, counters),
+                          f"{self.prefix}:{{{org}}}:applied:{marker.hexdigest()[:32]}"],
                     args=args)
                 spent = dict(zip(counters, map(int, raw), strict=True))
                 for cs, members in shapes.values():
@@ -369,28 +369,28 @@ class RedisSpendStore(SpendStore):
             raise SpendUnavailable(f"redis: {e}") from e
         return [after[id(c)] for c in commits]
 
-    async def read(self, tag: str, counters: list[SpendCounter],
+    async def read(self, org: str, counters: list[SpendCounter],
                    now_ms: int | None = None) -> list[tuple[int, int]]:
         if not counters:
             return []
         try:
-            raw = await self._read(keys=self._keys(tag, counters), args=[now_ms or 0])
+            raw = await self._read(keys=self._keys(org, counters), args=[now_ms or 0])
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
         return [(int(raw[2 * i]), int(raw[2 * i + 1])) for i in range(len(counters))]
 
-    async def first_alert(self, tag: str, counter: SpendCounter, mark: str) -> bool:
+    async def first_alert(self, org: str, counter: SpendCounter, mark: str) -> bool:
         try:
-            key = self._keys(tag, [counter])[0]
+            key = self._keys(org, [counter])[0]
             return bool(await self.client.hsetnx(key, f"a:{mark}", 1))
         except (RedisError, OSError) as e:
             raise SpendUnavailable(f"redis: {e}") from e
 
-    async def set_spent(self, tag: str, values: list[tuple[SpendCounter, int]]) -> None:
+    async def set_spent(self, org: str, values: list[tuple[SpendCounter, int]]) -> None:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for c, spent in values:
-                    key = self._keys(tag, [c])[0]
+                    key = self._keys(org, [c])[0]
                     pipe.hset(key, "spent", spent)
                     pipe.expire(key, c.ttl_seconds)
                 await pipe.execute()
