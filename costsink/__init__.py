@@ -12,7 +12,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from tollway.access_log import access_log_path
 from tollway.manifest import Manifest
 from tollway.refs import private_file, state_dir
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.serve import ServiceContext
 
 from .durable_log import DurableLog
@@ -32,7 +32,7 @@ def _settles_here(ctx: ServiceContext) -> bool:
     return "ratelimit" in ctx.hosted or ctx.manifest.storage.counters != "memory"
 
 
-def _settle_here(ctx: ServiceContext, manifest: Compiled[Manifest]) -> SettleHere:
+def _settle_here(ctx: ServiceContext, manifest: Live[Manifest]) -> SettleHere:
     """ratelimit's settlement, called in this process (the counters ratelimit charges), for
     a written batch at once."""
     from ratelimit.admission import Reservation, settle_many
@@ -47,7 +47,7 @@ def _settle_here(ctx: ServiceContext, manifest: Compiled[Manifest]) -> SettleHer
 class CostSink:
     grpc_names = (als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,)
 
-    def __init__(self, ctx: ServiceContext, manifest: Compiled[Manifest], ledger: Ledger,
+    def __init__(self, ctx: ServiceContext, manifest: Live[Manifest], ledger: Ledger,
                  spool: Spool) -> None:
         self.ctx = ctx
         self.ledger = ledger
@@ -94,6 +94,6 @@ class CostSink:
 async def build(ctx: ServiceContext) -> CostSink:
     with contextlib.suppress(OSError):  # Envoy appends to it; created here, it is 0600
         private_file(access_log_path(ctx.manifest.gateway))
-    manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
+    manifest = ctx.watcher.subscribe(Live(lambda m: m, ctx.manifest))
     return CostSink(ctx, manifest, open_ledger(ctx.manifest.storage.ledger),
                     Spool(state_dir() / "spool"))

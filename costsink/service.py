@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 from ratelimit.admission import Reservation
 from tollway._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.spend import SpendUnavailable
 from tollway.tls import ServiceChannel, target
 
@@ -73,7 +73,7 @@ def _reservation(item: Entry) -> tuple[int, int] | None:
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, manifest: Compiled[Manifest], ledger: Ledger, spool: Spool,
+    def __init__(self, manifest: Live[Manifest], ledger: Ledger, spool: Spool,
                  spend: SpendRecorder, durable_log: DurableLog | None = None,
                  settle_here: SettleHere | None = None, *, shares_loop: bool = True) -> None:
         self.manifest = manifest

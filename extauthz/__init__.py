@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.serve import ServiceContext
 
 from .decision import Runtime, compile_runtime
@@ -15,7 +15,7 @@ from .service import AuthorizationService
 class ExtAuthz:
     grpc_names = (external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,)
 
-    def __init__(self, ctx: ServiceContext, runtime: Compiled[Runtime]) -> None:
+    def __init__(self, ctx: ServiceContext, runtime: Live[Runtime]) -> None:
         self.ctx = ctx
         self.mirror = ctx.key_mirror()
         # memory counters are ratelimit's own: a private set here would split every count
@@ -35,5 +35,5 @@ class ExtAuthz:
 
 async def build(ctx: ServiceContext) -> ExtAuthz:
     m = ctx.manifest
-    runtime = ctx.watcher.subscribe(Compiled(compile_runtime, m))
+    runtime = ctx.watcher.subscribe(Live(compile_runtime, m))
     return ExtAuthz(ctx, runtime)

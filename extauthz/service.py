@@ -20,7 +20,7 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest.model import Dialect
 from tollway.metadata import RATE_LIMITED_BY, REQUEST, struct_dict, to_struct
 from tollway.quotas import limits_apply
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.serve import past_deadline, time_remaining
 from tollway.spend import SpendStore
 
@@ -137,7 +137,7 @@ def deny_response(deny: Deny) -> external_auth_pb2.CheckResponse:
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, runtime: Compiled[Runtime], mirror: KeyMirror,
+    def __init__(self, runtime: Live[Runtime], mirror: KeyMirror,
                  spend: SpendStore, counters: CounterBackend | None = None) -> None:
         self.runtime = runtime
         self.mirror = mirror

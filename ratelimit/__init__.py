@@ -8,7 +8,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from tollway._proto import settle_pb2, settle_pb2_grpc, usage_pb2, usage_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.redis_client import counter_store_url
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.serve import ServiceContext
 from tollway.spend import SpendStore
 
@@ -31,7 +31,7 @@ class RateLimit:
                   settle_pb2.DESCRIPTOR.services_by_name["TokenSettlement"].full_name,
                   usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name)
 
-    def __init__(self, ctx: ServiceContext, manifest: Compiled[Manifest],
+    def __init__(self, ctx: ServiceContext, manifest: Live[Manifest],
                  backend: CounterBackend, spend: SpendStore) -> None:
         self.ctx = ctx
         keys = ctx.key_mirror()
@@ -54,5 +54,5 @@ class RateLimit:
 async def build(ctx: ServiceContext) -> RateLimit:
     # counters live as long as the process: a reload swaps the manifest, not the backend, so
     # counters of unchanged quotas (same scope, name and limit) carry on
-    manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
+    manifest = ctx.watcher.subscribe(Live(lambda m: m, ctx.manifest))
     return RateLimit(ctx, manifest, ctx.counter_backend(), ctx.spend_store())

@@ -20,7 +20,7 @@ from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.manifest.model import Dialect
 from tollway.metadata import RATE_LIMITED_BY, to_struct
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.serve import past_deadline
 
 from .admission import Request, admit, lookup, refund, settle
@@ -61,7 +61,7 @@ def _add_headers(field: Any, pairs: Iterable[tuple[str, str]]) -> None:
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
+    def __init__(self, manifest: Live[Manifest], backend: CounterBackend,
                  keys: KeyMirror) -> None:
         self.manifest = manifest
         self.backend = backend
@@ -114,7 +114,7 @@ class TokenSettlementService(settle_pb2_grpc.TokenSettlementServicer):  # type: 
     For a costsink in another process while the counters are this process's memory; one
     beside ratelimit, or apart with Redis counters, calls `settle` directly."""
 
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
+    def __init__(self, manifest: Live[Manifest], backend: CounterBackend,
                  keys: KeyMirror) -> None:
         self.manifest = manifest
         self.backend = backend

@@ -24,7 +24,7 @@ from tollway.budgets import (
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, Manifest
 from tollway.quotas import Rule, rules_for
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.spend import SpendStore, SpendUnavailable
 
 from .backend import BackendUnavailable, CounterBackend
@@ -49,7 +49,7 @@ def seconds_to_next(period: str, now: datetime, timezone: str) -> float:
 
 
 class UsageService(usage_pb2_grpc.UsageServicer):  # type: ignore[misc]
-    def __init__(self, manifest: Compiled[Manifest], backend: CounterBackend,
+    def __init__(self, manifest: Live[Manifest], backend: CounterBackend,
                  spend: SpendStore, keys: KeyMirror) -> None:
         self.manifest = manifest
         self.backend = backend

@@ -28,7 +28,7 @@ from tollway.keys import KeyRecord, hash_secret
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, parse
 from tollway.metadata import REQUEST
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.spend import SpendStore
 from tollway.spend.memory import MemorySpendStore
 from tollway.spend.redis_store import RedisSpendStore
@@ -59,7 +59,7 @@ def service(store: SpendStore, budget: str = "10") -> AuthorizationService:
     mirror._put(KeyRecord("k-main", hash_secret(PEPPER, "s"), KeyStatus.ACTIVE,
                           None, None, None, now, now, 1))
     mirror._fresh_at = time.monotonic() + 3600
-    return AuthorizationService(Compiled(compile_runtime, m), mirror, store)
+    return AuthorizationService(Live(compile_runtime, m), mirror, store)
 
 
 def check(rid: str) -> external_auth_pb2.CheckRequest:
@@ -188,7 +188,7 @@ def answering_rate_limits(store: SpendStore, counters: CounterBackend | None, rp
     doc["routes"][0]["fail_closed"] = fail_closed
     doc["organizations"][0]["projects"][0]["quotas"] = [
         {"name": "cap", "spend_per_day": budget}, {"name": "burst", "rpm": rpm}]
-    svc.runtime = Compiled(compile_runtime, parse(doc))
+    svc.runtime = Live(compile_runtime, parse(doc))
     svc.limits = Limits(store, counters)
     return svc
 

@@ -16,14 +16,14 @@ from tollway._proto import settle_pb2, settle_pb2_grpc
 from tollway.keys.mirror import KeyMirror
 from tollway.keys.sqlite import SqliteKeyStore
 from tollway.manifest import load
-from tollway.reload import Compiled
+from tollway.reload import Live
 
 TEAM_AI = Path(__file__).parent.parent / "examples" / "team-ai.yaml"
 
 
 @pytest.fixture
 async def channel(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
-    m = Compiled(lambda x: x, load(TEAM_AI))
+    m = Live(lambda x: x, load(TEAM_AI))
     backend = MemoryBackend()
     store = SqliteKeyStore(tmp_path / "keys.db")  # no runtime keys: the manifest's only
     await store.open()
@@ -95,7 +95,7 @@ async def test_with_the_rate_limit_in_the_check_the_filter_is_answered_without_a
     backend = MemoryBackend()
     store = SqliteKeyStore(tmp_path / "keys.db")
     await store.open()
-    rls = RateLimitService(Compiled(lambda x: x, m), backend, KeyMirror(store))
+    rls = RateLimitService(Live(lambda x: x, m), backend, KeyMirror(store))
     try:
         for _ in range(50):  # gpt-5.4 allows 40 a minute
             answer = await rls.ShouldRateLimit(should("gpt-5.4", 10), None)
@@ -117,7 +117,7 @@ async def test_the_request_not_the_manifest_says_whether_the_check_charged(
     backend = MemoryBackend()
     store = SqliteKeyStore(tmp_path / "keys.db")
     await store.open()
-    rls = RateLimitService(Compiled(lambda x: x, m), backend, KeyMirror(store))
+    rls = RateLimitService(Live(lambda x: x, m), backend, KeyMirror(store))
     try:
         for _ in range(5):
             charged = await rls.ShouldRateLimit(should("gpt-5.4", 10, "check"), None)
@@ -140,7 +140,7 @@ async def test_a_charge_envoy_stopped_waiting_for_is_taken_back(tmp_path: Path) 
     backend = MemoryBackend()
     store = SqliteKeyStore(tmp_path / "keys.db")
     await store.open()
-    rls = RateLimitService(Compiled(lambda x: x, load(TEAM_AI)), backend, KeyMirror(store))
+    rls = RateLimitService(Live(lambda x: x, load(TEAM_AI)), backend, KeyMirror(store))
     try:
         await rls.ShouldRateLimit(should("gpt-5.4", 500), Late())
         assert not any(n for buckets in backend._counters.values() for n in buckets.values())

@@ -17,7 +17,7 @@ import yaml
 from extauthz.decision import compile_runtime
 from tests.e2e.harness import offline_manifest
 from tollway.manifest import load
-from tollway.reload import Compiled, ManifestWatcher
+from tollway.reload import Live, ManifestWatcher
 
 
 def mount_secret(directory: Path, generation: int, files: dict[str, str]) -> None:
@@ -48,7 +48,7 @@ def test_rotated_secret_files_are_reread(tmp_path: Path, monkeypatch: pytest.Mon
     path.write_text(yaml.safe_dump(doc))
 
     watcher = ManifestWatcher(path, load(path))
-    runtime = watcher.subscribe(Compiled(compile_runtime, watcher.manifest))
+    runtime = watcher.subscribe(Live(compile_runtime, watcher.manifest))
     assert runtime.value.credentials["openai"] == "sk-old"
     assert not watcher.check()  # nothing changed: nothing recompiled
 
@@ -75,7 +75,7 @@ def test_the_watcher_sees_a_same_size_edit_and_leaves_collection_on(
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump(doc))
     watcher = ManifestWatcher(path, load(path), hash_every=3600)
-    limit = watcher.subscribe(Compiled(lambda m: m.gateway.max_request_bytes, watcher.manifest))
+    limit = watcher.subscribe(Live(lambda m: m.gateway.max_request_bytes, watcher.manifest))
 
     def edit(old: str, new: str) -> None:
         st = path.stat()
@@ -107,7 +107,7 @@ def test_an_edit_landing_while_a_reload_reads_is_reloaded_next(
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump(offline_manifest()))
     watcher = ManifestWatcher(path, load(path), serving=False, hash_every=0)
-    limit = watcher.subscribe(Compiled(lambda m: m.gateway.max_request_bytes, watcher.manifest))
+    limit = watcher.subscribe(Live(lambda m: m.gateway.max_request_bytes, watcher.manifest))
     real_load = tollway.reload.load_here
 
     def load_then_edited(*args: Any) -> Any:

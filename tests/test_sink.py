@@ -24,7 +24,7 @@ from costsink.spend import SpendRecorder
 from costsink.spool import Spool
 from tollway.budgets import Budget, SpendCounter, period_labels, to_units
 from tollway.manifest import loads
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.spend import SpendUnavailable
 from tollway.spend.memory import MemorySpendStore
 
@@ -52,7 +52,7 @@ class Unreachable(SqliteLedger):
 
 def sink(ledger: SqliteLedger, spool_dir: Path,
          store: MemorySpendStore | None = None) -> AccessLogSink:
-    return AccessLogSink(Compiled(lambda m: m, MANIFEST), ledger, Spool(spool_dir),
+    return AccessLogSink(Live(lambda m: m, MANIFEST), ledger, Spool(spool_dir),
                          SpendRecorder(store or MemorySpendStore()))
 
 
@@ -149,7 +149,7 @@ async def test_a_batch_is_settled_in_one_call_and_written_whatever_befalls_it(
         if trouble == "silent":
             await asyncio.Event().wait()  # never answers
 
-    s = AccessLogSink(Compiled(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
+    s = AccessLogSink(Live(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
                       Spool(tmp_path / "spool"), SpendRecorder(MemorySpendStore()),
                       settle_here=settle_here)
 
@@ -246,7 +246,7 @@ async def test_the_writer_outlives_a_batch_that_failed_and_writes_it_again(
             await super().record(m, rows)
 
     ledger = SqliteLedger(tmp_path / "ledger.db")
-    s = AccessLogSink(Compiled(lambda m: m, MANIFEST), ledger, Spool(tmp_path / "spool"),
+    s = AccessLogSink(Live(lambda m: m, MANIFEST), ledger, Spool(tmp_path / "spool"),
                       FailsOnce(MemorySpendStore()))
     await s.ensure_open()
     writer = asyncio.create_task(s.write_forever())
@@ -309,7 +309,7 @@ async def test_a_sink_alone_on_its_loop_reads_a_message_whole(tmp_path: Path) ->
     async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
         yield message
 
-    s = AccessLogSink(Compiled(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
+    s = AccessLogSink(Live(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
                       Spool(tmp_path / "spool"), SpendRecorder(MemorySpendStore()),
                       shares_loop=False)
     before = REGISTRY.get_sample_value("tollway_costsink_messages_total") or 0

@@ -33,7 +33,7 @@ from typing import Any
 from tollway.access_log import access_log_path
 from tollway.background import yield_to_requests
 from tollway.manifest import Manifest
-from tollway.reload import Compiled, ManifestWatcher
+from tollway.reload import Live, ManifestWatcher
 from tollway.render import clusters, listener, render_sds, route_config, skeleton, to_yaml
 
 log = logging.getLogger("tollway.envoy_files")
@@ -117,7 +117,7 @@ def follow(manifest_path: Path, m: Manifest, directory: Path, stop: threading.Ev
     directory = directory.absolute()
     # it serves no request: a changed manifest is read here, without a child's Python start
     watcher = ManifestWatcher(manifest_path, m, interval=interval, serving=False)
-    rendered = watcher.subscribe(Compiled(lambda new: resources(new, directory), m))
+    rendered = watcher.subscribe(Live(lambda new: resources(new, directory), m))
     written = rendered.value  # what write_dynamic wrote from `m`
     while not stop.wait(interval):
         if watcher.check():

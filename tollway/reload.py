@@ -43,8 +43,10 @@ def secret_files(m: Manifest) -> list[Path]:
     return [state_dir() / ref[5:] for ref in refs if ref.startswith("file:")]
 
 
-class Compiled(Generic[T]):
-    """A value built from the manifest (a service's runtime state), swapped as one reference."""
+class Live(Generic[T]):
+    """The value a service reads from the manifest in force: the manifest itself, or what is
+    built from it (extauthz's compiled runtime, Envoy's files). Each reload builds it again and
+    swaps it as one reference: a handler that reads `value` once works on one manifest."""
 
     def __init__(self, build: Callable[[Manifest], T], manifest: Manifest) -> None:
         self.build = build
@@ -64,7 +66,7 @@ class ManifestWatcher:
         self._stats = self._read_stats()
         self._hashed_at = time.monotonic()
         self._digest = self._read_digest()
-        self._subscribers: list[Compiled[object]] = []
+        self._subscribers: list[Live[object]] = []
         # read here (not serving): the text before, for the next cut to compare with; a
         # serving process's reader keeps its own
         self._cutter = Cutter()
@@ -110,9 +112,9 @@ class ManifestWatcher:
                 stats.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
         return stats
 
-    def subscribe(self, compiled: Compiled[T]) -> Compiled[T]:
-        self._subscribers.append(compiled)  # type: ignore[arg-type]
-        return compiled
+    def subscribe(self, live: Live[T]) -> Live[T]:
+        self._subscribers.append(live)  # type: ignore[arg-type]
+        return live
 
     def check(self) -> bool:
         """Reload if the file changed; True when a new manifest was applied."""

@@ -28,7 +28,7 @@ from tollway.keys import runtime as rt
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyStatus, Manifest
 from tollway.manifest.model import Dialect
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.tls import ServiceChannel, target
 
 from . import tokens
@@ -75,8 +75,8 @@ def _ts(value: datetime | None) -> str:
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, manifest: Compiled[Manifest], keys: KeyMirror,
-                 pepper: Compiled[bytes]) -> None:
+    def __init__(self, manifest: Live[Manifest], keys: KeyMirror,
+                 pepper: Live[bytes]) -> None:
         self.manifest = manifest
         self.keys = keys
         self.store = keys.store

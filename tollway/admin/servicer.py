@@ -7,7 +7,7 @@ import grpc
 
 from tollway._proto import admin_pb2_grpc
 from tollway.refs import pepper
-from tollway.reload import Compiled
+from tollway.reload import Live
 from tollway.serve import ServiceContext
 
 from . import SERVICE
@@ -19,9 +19,9 @@ class Admin:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        manifest = ctx.watcher.subscribe(Compiled(lambda m: m, ctx.manifest))
+        manifest = ctx.watcher.subscribe(Live(lambda m: m, ctx.manifest))
         secret = ctx.watcher.subscribe(
-            Compiled(lambda m: pepper(m.storage.pepper, create=True), ctx.manifest))
+            Live(lambda m: pepper(m.storage.pepper, create=True), ctx.manifest))
         self.servicer = AdminService(manifest, ctx.key_mirror(), secret)
 
     def register(self, server: grpc.aio.Server) -> None:
