@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tollway.errors import ErrorCode
 from tollway.keys import KeyRecord, split_key, verify_secret
 from tollway.keys.mirror import KeyMirror
 from tollway.manifest import KeyBinding, KeyStatus, Manifest, Provider, Route
@@ -73,7 +74,7 @@ class Allow:
 
 @dataclass(frozen=True)
 class Deny:
-    code: str  # a code from tollway.errors
+    code: ErrorCode
     message: str
     dialect: Dialect
     key_id: str | None = None

@@ -76,3 +76,13 @@ def test_the_check_order(key: str | None, body: dict[str, Any], route: str,
         assert isinstance(result, Allow), result
     else:
         assert isinstance(result, Deny) and result.code == expected, result
+
+
+def test_every_error_code_has_one_row_in_the_error_table() -> None:
+    """ErrorCode is what mypy checks a refusal's code against; the table is what answers it."""
+    from typing import get_args
+
+    from tollway.errors import _KINDS, ErrorCode
+
+    assert [k.code for k in _KINDS] == list(get_args(ErrorCode))
+

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from tollway.access_log import FILE_FORMAT, access_log_path
-from tollway.errors import error_body
+from tollway.errors import ErrorCode, error_body
 from tollway.manifest import Manifest
 from tollway.manifest.model import Dialect, ServiceTls
 from tollway.metadata import AUTHZ, RATE_LIMITED_BY, RATELIMIT, REQUEST, USAGE
@@ -349,7 +349,7 @@ def local_replies(m: Manifest) -> dict[str, Any]:
     so that the SDKs raise their usual exceptions for them too."""
     anthropic_paths = [r.path for r in m.routes if r.dialect is Dialect.ANTHROPIC]
     # status, what else must hold, code, message
-    cases: list[tuple[int, dict[str, Any] | None, str, str]] = [
+    cases: list[tuple[int, dict[str, Any] | None, ErrorCode, str]] = [
         (413, None, "request_too_large",
          f"request body exceeds {m.gateway.max_request_bytes} bytes"),
         (503, {"response_flag_filter": {"flags": ["UAEX", "RLSE"]}}, "gateway_unavailable",
