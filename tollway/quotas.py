@@ -10,16 +10,19 @@ the request's org, which is the Redis Cluster hash tag: one slot, one atomic scr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tollway.manifest import Enforcement, KeyBinding, Manifest, Quota
 from tollway.manifest.model import REQUEST_LIMITS, TOKEN_LIMITS
+
+RuleKind = Literal["requests", "tokens"]  # what a rule counts: 1 a request, or its tokens
 
 
 @dataclass(frozen=True)
 class Rule:
     counter: str  # stable across reloads while the quota is unchanged: scope/quota/limit
     quota: str  # the quota's name, for metrics and messages
-    kind: str  # "requests" or "tokens"
+    kind: RuleKind
     limit: int
     period: int  # seconds
     enforce: bool
@@ -35,7 +38,7 @@ def _rules(scope: str, quota: Quota, model: str) -> list[Rule]:
         return []
     out = []
     for name, value in quota.limits.items():
-        kind = "requests" if name in REQUEST_LIMITS else "tokens"
+        kind: RuleKind = "requests" if name in REQUEST_LIMITS else "tokens"
         period = REQUEST_LIMITS.get(name) or TOKEN_LIMITS[name]
         out.append(Rule(counter=f"{scope}/{quota.name}/{name}", quota=quota.name, kind=kind,
                         limit=value, period=period,
