@@ -42,6 +42,22 @@ def test_examples_validate(path: Path) -> None:
     assert m.bindings, "every example defines keys"
 
 
+ERROR_FIXTURES = sorted((Path(__file__).parent / "manifest_errors").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ERROR_FIXTURES, ids=lambda p: p.stem)
+def test_each_rule_names_its_problem_and_nothing_else(path: Path) -> None:
+    """One manifest per rule (tests/manifest_errors), each wrong in one way: the problems
+    parse reports are exactly the `# expect:` lines at its top, in their order. An operator
+    fixing a ConfigMap reads these, so a rule's message is kept as written, and a mistake is
+    not reported again as the problems it causes elsewhere."""
+    text = path.read_text()
+    expected = [line.removeprefix("# expect: ") for line in text.splitlines()
+                if line.startswith("# expect: ")]
+    assert expected, f"{path.name} states no expected problem"
+    assert problems(text) == expected
+
+
 def test_minimal_defaults_and_bindings() -> None:
     m = loads(MINIMAL)
     assert m.provider("openai").upstream.tls is True

@@ -41,6 +41,7 @@ from .reading import ManifestError, document, read_text
 
 DURATION_RE = re.compile(r"^(\d+)s$")
 RATE_LIMIT_RE = re.compile(r"^(filter|check)$")
+PATH_RE = re.compile(r"^/[A-Za-z0-9/_.-]*$")
 DEFAULT_MAX_OUTPUT = 4096
 DEFAULT_CONTEXT = 128000
 DEFAULT_ACTIONS = {
@@ -80,12 +81,13 @@ def storage_section(root: Node) -> Storage:
     return storage
 
 
-def _unique(nodes: list[tuple[Node, str]], errors: list[str], what: str) -> None:
+def _unique(nodes: list[tuple[Node, str]], errors: list[str], what: str,
+            field: str = "id") -> None:
+    """Each value once; a repeat is named at its `field` (the one that repeats it)."""
     seen: dict[str, str] = {}
     for node, value in nodes:
         if value in seen:
-            errors.append(f"{node.at('id' if what != 'route' else 'path')}: duplicate {what} "
-                          f"'{value}' (first at {seen[value]})")
+            errors.append(f"{node.at(field)}: duplicate {what} '{value}' (first at {seen[value]})")
         else:
             seen[value] = node.path
 
@@ -108,7 +110,7 @@ def _provider(n: Node) -> Provider:
         if m2.name in seen:
             n.errors.append(f"{n.at('models')}[{i}].name: duplicate model '{m2.name}'")
         seen.add(m2.name)
-    host = up.text("host")
+    host = up.text("host", None if n.has("upstream") else "")  # no upstream: said once
     return Provider(
         name=n.text("name", pattern=ID_RE, rule="must be 1-64 letters, digits, '-' or '_'"),
         dialect=n.enum("dialect", Dialect),
@@ -126,8 +128,7 @@ def _provider(n: Node) -> Provider:
 def _route(n: Node, providers: dict[str, Provider], index: int) -> Route:
     n.check_keys({"name", "path", "dialect", "provider", "action", "fail_closed", "timeout",
                   "notes"})
-    path = n.text("path", pattern=re.compile(r"^/[A-Za-z0-9/_.-]*$"),
-                 rule="must be an absolute URL path")
+    path = n.text("path", pattern=PATH_RE, rule="must be an absolute URL path")
     provider = n.text("provider")
     p = providers.get(provider)
     if provider and p is None:
@@ -137,7 +138,7 @@ def _route(n: Node, providers: dict[str, Provider], index: int) -> Route:
         n.fail("dialect", f"route speaks '{dialect.value}' but provider '{provider}' speaks "
                           f"'{p.dialect.value}'")
     action = n.text("action", DEFAULT_ACTIONS.get(path, ""))
-    if not action:
+    if not action and PATH_RE.match(path):  # a wrong path is problem enough
         n.fail("action", f"is required for a path without a default action ({path})")
     timeout = n.text("timeout", "600s", pattern=DURATION_RE, rule="must be seconds, like 600s")
     m = DURATION_RE.match(timeout)
@@ -183,8 +184,8 @@ def _rate_card(n: Node, providers: dict[str, Provider]) -> RateCard | None:
         if price.provider and prov is None:
             p.fail("provider", f"unknown provider '{price.provider}'")
         elif prov is not None and price.model and prov.model(price.model) is None:
-            p.fail("model", f"model '{price.model}' is not in provider '{price.provider}' "
-                            "catalogue")
+            p.fail("model", f"model '{price.model}' is not in the catalogue of provider "
+                            f"'{price.provider}'")
         if (price.provider, price.model) in seen:
             p.fail("model", f"duplicate price for '{price.provider}/{price.model}'")
         seen.add((price.provider, price.model))
@@ -292,15 +293,15 @@ def parse(doc: Any, source: str = "", *,
 
     providers_l = [_provider(p) for p in root.items("providers", required=True)]
     _unique([(Node({}, f"providers[{i}]", errors), p.name) for i, p in enumerate(providers_l)],
-            errors, "provider")
+            errors, "provider", "name")
     providers = {p.name: p for p in providers_l}
     catalogue = {m.name for p in providers_l for m in p.models}
 
     routes = [_route(r, providers, i) for i, r in enumerate(root.items("routes", required=True))]
     _unique([(Node({}, f"routes[{i}]", errors), r.path) for i, r in enumerate(routes)],
-            errors, "route")
+            errors, "route", "path")
     _unique([(Node({}, f"routes[{i}]", errors), r.name) for i, r in enumerate(routes)],
-            errors, "route name")
+            errors, "route name", "name")
 
     rate_card = _rate_card(root.child("rate_card"), providers)
 
@@ -312,7 +313,7 @@ def parse(doc: Any, source: str = "", *,
         check_models(errors, pn.at("models"), plan.models, catalogue)
         plans.append(plan)
     _unique([(Node({}, f"plans[{i}]", errors), p.name) for i, p in enumerate(plans)],
-            errors, "plan")
+            errors, "plan", "name")
 
     orgs, compiled_orgs = read_orgs(root, reuse)
 
