@@ -17,31 +17,12 @@ from tollway.serve import ServiceContext
 
 from .durable_log import DurableLog
 from .ledger import Ledger, open_ledger
-from .service import AccessLogSink, SettleHere
+from .service import AccessLogSink
+from .settlement import settler_for
 from .spend import SpendRecorder
 from .spool import Spool
 
 log = logging.getLogger("tollway.costsink")
-
-
-def _settles_here(ctx: ServiceContext) -> bool:
-    """Beside ratelimit, or apart from it with counters in Redis, which this process reaches
-    as ratelimit does: the settlement is made here, not asked of ratelimit over gRPC (a call
-    into the Checks' process per charged request). Only memory counters held by a ratelimit
-    in another process need its Settle."""
-    return "ratelimit" in ctx.hosted or ctx.manifest.storage.counters != "memory"
-
-
-def _settle_here(ctx: ServiceContext, manifest: Live[Manifest]) -> SettleHere:
-    """ratelimit's settlement, called in this process (the counters ratelimit charges), for
-    a written batch at once."""
-    from ratelimit.admission import Reservation, settle_many
-
-    backend, keys = ctx.counter_backend(), ctx.key_mirror()
-
-    async def settle_here(reservations: list[Reservation]) -> int:
-        return await settle_many(backend, keys, manifest.value, reservations)
-    return settle_here
 
 
 class CostSink:
@@ -56,7 +37,7 @@ class CostSink:
             manifest, ledger, spool, self.spend,
             DurableLog(access_log_path(ctx.manifest.gateway), state_dir() / "access-log.pos",
                        keep_bytes=ctx.manifest.gateway.access_log_keep_mb << 20),
-            settle_here=_settle_here(ctx, manifest) if _settles_here(ctx) else None,
+            settler=settler_for(ctx, manifest),
             shares_loop=bool(ctx.hosted & {"extauthz", "ratelimit"}))
         # present while a sink runs: found at start, the last one did not stop (drain) cleanly
         self.running = state_dir() / "costsink.running"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import grpc
@@ -20,16 +20,14 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from ratelimit.admission import Reservation
-from tollway._proto import settle_pb2, settle_pb2_grpc
 from tollway.manifest import Manifest
 from tollway.reload import Live
 from tollway.spend import SpendUnavailable
-from tollway.tls import ServiceChannel, target
 
 from .durable_log import RECONCILE_INTERVAL, DurableLog
 from .entry import Entry, key_id_of, to_entry
 from .ledger import Ledger, LedgerRow
+from .settlement import TokenSettler
 from .spend import SpendRecorder
 from .spool import Spool
 
@@ -53,36 +51,18 @@ READ_SLICE = 16
 LEDGER_TIMEOUT = 5.0  # a write slower than this goes to the spool instead
 REPLAY_INTERVAL = 1.0
 SPEND_CHECK_INTERVAL = 1.0  # how often missed costs are retried and the store's data checked
-SETTLE_TIMEOUT = 2.0  # a token settlement slower than this is left undone, and logged
-
-
-# settles a batch's reservations in this process, at once (ratelimit.admission.settle_many)
-SettleHere = Callable[[list[Reservation]], Awaitable[object]]
-
-
-def _reservation(item: Entry) -> tuple[int, int] | None:
-    """The tokens reserved for the entry's request and when they were charged (ms), from the
-    rate limit's metadata; None, logged, where that metadata cannot be read."""
-    try:
-        return (int(float(item.ratelimit["reserved_tokens"])),
-                int(float(item.ratelimit["charged_at_ms"])))
-    except (KeyError, TypeError, ValueError):
-        log.warning("cannot settle %s: its reservation reads %r", item.row.request_id,
-                    item.ratelimit)
-        return None
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, manifest: Live[Manifest], ledger: Ledger, spool: Spool,
                  spend: SpendRecorder, durable_log: DurableLog | None = None,
-                 settle_here: SettleHere | None = None, *, shares_loop: bool = True) -> None:
+                 settler: TokenSettler | None = None, *, shares_loop: bool = True) -> None:
         self.manifest = manifest
         # with Checks on this loop, a message is read READ_SLICE entries at a time; alone (the
         # gateway pod's costsink, the workers' own), whole: each turn of the loop in between
         # cost about 4 us an entry more (docs/performance.md#costsink)
         self.read_slice = READ_SLICE if shares_loop else 0
-        # ratelimit's own settlement when it runs in this process: no gRPC call to ourselves
-        self.settle_here = settle_here
+        self.settler = settler or TokenSettler(manifest)
         self.ledger = ledger
         self.spool = spool
         self.spend = spend
@@ -94,8 +74,6 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         # the ledger, which holds that batch, as after a counter store that lost its data
         self.spend_behind_ledger = False
         self._inflight: list[Entry] = []
-        self._channel: ServiceChannel | None = None
-        self._settle: tuple[grpc.aio.Channel, settle_pb2_grpc.TokenSettlementStub] | None = None
         SPOOL_DEPTH.set(spool.depth)
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[
@@ -139,17 +117,6 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             self.queue.put_nowait(e)  # unbounded
         INGESTED_QUEUED.inc(len(entries))
         QUEUE.set(self.queue.qsize())
-
-    def _stub(self) -> settle_pb2_grpc.TokenSettlementStub:
-        """Settle is served only to holders of a client certificate (with services.tls); the
-        stub lasts as long as its channel (a new one after a certificate rotation)."""
-        services = self.manifest.value.services
-        if self._channel is None:
-            self._channel = ServiceChannel(target(*services.ratelimit), services.tls)
-        channel = self._channel.get()
-        if self._settle is None or self._settle[0] is not channel:
-            self._settle = (channel, settle_pb2_grpc.TokenSettlementStub(channel))
-        return self._settle[1]
 
     async def write_forever(self) -> None:
         """The one writer. A batch that fails in a way the ledger and spool paths do not
@@ -202,8 +169,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                 self.spend_behind_ledger = True
                 raise
         await self.spend.release_orphans([item.row for item in fresh])
-        await self._settle_all([item for item in fresh if "reserved_tokens" in item.ratelimit
-                                and item.row.key_id and item.row.model])
+        await self.settler.settle([item for item in fresh if "reserved_tokens" in item.ratelimit
+                                   and item.row.key_id and item.row.model])
 
     async def _make_durable(self, rows: list[LedgerRow]) -> set[str]:
         """Write to the ledger, or to the spool while the ledger is away or behind it.
@@ -312,48 +279,6 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
                 if claimed:
                     await self.spend.store.unclaim_rebuild()
 
-    async def _settle_all(self, due: list[Entry]) -> None:
-        """Settle each entry's token reservation, all at once: in this process, one call to
-        the counters for the batch; through Settle, a call each. What fails or takes more
-        than SETTLE_TIMEOUT is logged, not retried (its reservation's window ends anyway)."""
-        if not due:
-            return
-        if self.settle_here is None:
-            await asyncio.gather(*(self._settle_by_call(item) for item in due))
-            return
-        reservations: list[Reservation] = []
-        for item in due:
-            reservation = _reservation(item)
-            if reservation is not None:
-                reserved, charged_at = reservation
-                reservations.append((item.row.key_id or "", item.row.model or "", reserved,
-                                     item.actual_tokens, charged_at))
-        if not reservations:
-            return
-        try:
-            async with asyncio.timeout(SETTLE_TIMEOUT):
-                await self.settle_here(reservations)
-        except TimeoutError:
-            log.warning("settling %d entries took more than %.0f s; left unsettled",
-                        len(reservations), SETTLE_TIMEOUT)
-        except Exception as e:  # the counters down: as failed Settle calls
-            log.warning("could not settle %d entries: %s", len(reservations), e)
-
-    async def _settle_by_call(self, item: Entry) -> None:
-        """Settle through ratelimit's TokenSettlement service, running in another process."""
-        row, reservation = item.row, _reservation(item)
-        if reservation is None:
-            return
-        reserved, charged_at = reservation
-        try:
-            await self._stub().Settle(settle_pb2.SettleRequest(
-                key_id=row.key_id, model=row.model, reserved_tokens=reserved,
-                actual_tokens=item.actual_tokens, charged_at_ms=charged_at),
-                timeout=SETTLE_TIMEOUT)
-        except grpc.aio.AioRpcError as e:
-            log.warning("could not settle %s: %s", row.request_id, e.details())
-
     async def close(self) -> None:
         await self.spend.close()
-        if self._channel is not None:
-            await self._channel.close()
+        await self.settler.close()

@@ -135,10 +135,10 @@ async def test_a_batch_is_settled_in_one_call_and_written_whatever_befalls_it(
     """In process, a written batch's reservations are settled in one call to the counters,
     each with its own numbers; one whose metadata cannot be read is left out, and a call that
     fails or never answers (cut off at SETTLE_TIMEOUT) leaves the batch written."""
-    from costsink import service
+    from costsink import settlement
     from ratelimit.admission import Reservation
 
-    monkeypatch.setattr(service, "SETTLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(settlement, "SETTLE_TIMEOUT", 0.2)
     calls: list[list[Reservation]] = []
     trouble: str | None = None
 
@@ -151,7 +151,7 @@ async def test_a_batch_is_settled_in_one_call_and_written_whatever_befalls_it(
 
     s = AccessLogSink(Live(lambda m: m, MANIFEST), SqliteLedger(tmp_path / "ledger.db"),
                       Spool(tmp_path / "spool"), SpendRecorder(MemorySpendStore()),
-                      settle_here=settle_here)
+                      settler=settlement.TokenSettler(Live(lambda m: m, MANIFEST), settle_here))
 
     def reserved(i: int, tokens: object) -> Entry:
         return Entry(row(i), 100 + i, {"reserved_tokens": tokens, "charged_at_ms": 1000.0 + i})
