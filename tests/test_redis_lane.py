@@ -52,6 +52,19 @@ async def pause(admin: redis.Redis, ms: int) -> None:
     await admin.execute_command("CLIENT", "PAUSE", ms, "ALL")
 
 
+async def charge_held_by_redis(b: RedisBackend, admin: redis.Redis,
+                               ms: int) -> asyncio.Task[Any]:
+    """A charge sent while Redis holds every command for `ms`: returned once it has taken
+    the lane's connection, its answer still to come."""
+    await pause(admin, ms)
+    call = asyncio.create_task(b.charge("org", RULES, [1, 1]))
+    deadline = time.monotonic() + 2
+    while b.lane.free:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)
+    return call
+
+
 async def next_call_reads_its_own_answer(b: RedisBackend, admin: redis.Redis) -> None:
     """Once Redis answers again (the pause over), a charge of three quotas reads an answer of
     three, not the answer a call before it left unread (two quotas')."""
@@ -110,12 +123,7 @@ async def test_a_cancelled_call_leaves_no_answer_for_the_next(
     b = RedisBackend(private_redis.url, timeout=5.0)
     try:
         await b.charge("org", RULES, [1, 1])
-        await pause(admin, 500)
-        call = asyncio.create_task(b.charge("org", RULES, [1, 1]))
-        deadline = time.monotonic() + 2
-        while b.lane.free:  # until the call has taken the lane's connection
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.001)
+        call = await charge_held_by_redis(b, admin, 500)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -131,12 +139,7 @@ async def test_a_lane_closed_during_a_call_leaves_no_connection_open(
     pool's connection (the script was loaded through it) is closed with the client."""
     b = RedisBackend(private_redis.url, timeout=5.0)
     await b.charge("org", RULES, [1, 1])
-    await pause(admin, 300)
-    call = asyncio.create_task(b.charge("org", RULES, [1, 1]))
-    deadline = time.monotonic() + 2
-    while b.lane.free:  # until the call has taken the lane's connection
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.001)
+    call = await charge_held_by_redis(b, admin, 300)
     await b.close()
     assert (await call).allowed
     assert not b.lane.free
