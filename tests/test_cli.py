@@ -196,13 +196,13 @@ def test_keys_list_merges_the_store_and_the_manifest_a_page_at_a_time(
     import asyncio
     import json
 
-    from tollway import cli
+    from tollway import cli, cli_keys
     from tollway.keys import KeyManager
     from tollway.keys.sqlite import SqliteKeyStore
     from tollway.refs import pepper
 
     monkeypatch.setenv("TOLLWAY_STATE_DIR", str(tmp_path))
-    monkeypatch.setattr(cli, "LIST_PAGE", 2)  # pages that end between the manifest's ids
+    monkeypatch.setattr(cli_keys, "LIST_PAGE", 2)  # pages that end between the manifest's ids
     manifest = str(ROOT / "examples" / "quickstart.yaml")
 
     async def issue() -> None:
