@@ -2,7 +2,12 @@
 
 Validation collects every problem, each named by its path and the rule it breaks
 (`organizations[0].projects[1].quotas[2].tpm: must be a positive integer`), because an operator
-fixing a ConfigMap wants the whole list at once, not one error per apply.
+fixing a ConfigMap wants the whole list at once, not one error per apply. Each rule's message is
+kept by a manifest that breaks it in tests/manifest_errors.
+
+Here: the gateway, services, storage, providers, routes, rate card, plans and policies, and the
+checks across the whole manifest. The organizations are read in tollway.manifest.orgs, each from
+its own document, and every part through tollway.manifest.node.Node.
 """
 
 from __future__ import annotations

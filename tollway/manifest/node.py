@@ -1,7 +1,8 @@
 """`Node`: a mapping of the manifest's YAML document that reports what it reads wrong.
 
-Every part of the manifest is read through it (tollway.manifest.loader, .orgs, and the runtime
-keys of tollway.keys.runtime), so each problem is named by its path and the rule it breaks.
+Every part of the manifest is read through it (tollway.manifest.loader and .orgs, the keys part
+of .keys_part, and the runtime clients and keys of tollway.keys.runtime), so each problem is
+named by its path and the rule it breaks.
 """
 
 from __future__ import annotations
