@@ -186,13 +186,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 and self.mirror.usable):
             return result
         key_id = presented_key_id(facts.headers)
-        seen = self.mirror.get(key_id)  # what decide saw: no await in between
-        if key_id not in rt.manifest.bindings and seen is None:
+        if key_id not in rt.manifest.bindings and self.mirror.get(key_id) is None:
             return result
-        await self.mirror.fetch(key_id)
-        # the follower may have brought the key while we fetched it: decide again whenever
-        # the mirror's record changed, whoever changed it
-        if self.mirror.get(key_id) is not seen:
+        if await self.mirror.refetch(key_id):  # what decide saw: no await in between
             result = decide(rt, self.mirror, facts, datetime.now(UTC))
         if isinstance(result, Deny) and result.code == "invalid_api_key":
             wait = self.guesses.wrong_secret(key_id)

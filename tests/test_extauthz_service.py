@@ -148,6 +148,42 @@ async def test_a_key_the_follower_brings_during_the_fetch_is_accepted() -> None:
     assert r.status.code == 0, r.denied_response.body
 
 
+def wrong_secret(rid: str) -> external_auth_pb2.CheckRequest:
+    req = check(rid)
+    req.attributes.request.http.headers["authorization"] = "Bearer k-main.t"
+    return req
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+async def test_a_wrong_secret_is_decided_again_only_if_the_fetch_changed_the_key(
+        rotated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong secret for a key the mirror holds fetches the key once: unchanged in the
+    store, the refusal stands as decided; rotated there (the client may hold the new secret),
+    the Check decides again, on the new record."""
+    from extauthz import service as module
+
+    svc = service(MemorySpendStore())
+    record = svc.mirror.get("k-main")
+    assert record is not None
+    stored = record._replace(secret_hash=hash_secret(PEPPER, "t"), seq=2) if rotated \
+        else record
+
+    class Store:
+        async def get(self, key_id: str) -> KeyRecord:
+            return stored
+    svc.mirror.store = Store()  # type: ignore[assignment]
+    decided: list[object] = []
+    decide = module.decide
+
+    def counting(*args: Any) -> Any:
+        decided.append(args)
+        return decide(*args)
+    monkeypatch.setattr(module, "decide", counting)
+    r = await svc.Check(wrong_secret("r1"), Context(0.4))
+    assert (r.status.code == 0) is rotated
+    assert len(decided) == (2 if rotated else 1)
+
+
 class DownCounters(MemoryBackend):
     async def charge(self, org: str, rules: Any, costs: Any, now_ms: int | None = None) -> Any:
         raise BackendUnavailable("counters down")

@@ -148,6 +148,13 @@ class KeyMirror:
             self._bindings.popitem(last=False)
         return built
 
+    async def refetch(self, key_id: str) -> bool:
+        """`fetch`, and whether the mirror's record of the key changed meanwhile, by this
+        fetch or by the follower: what was decided on the record before is decided again."""
+        before = self._keys.get(key_id)  # the held version itself: get() builds a new record
+        await self.fetch(key_id)
+        return self._keys.get(key_id) is not before
+
     async def fetch(self, key_id: str) -> bool:
         """Read one key now: a key issued or rotated a moment ago works at once instead of
         after the next poll, and a key a partial mirror does not hold is brought in. True when
