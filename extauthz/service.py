@@ -176,9 +176,10 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             LATENCY.observe(time.perf_counter() - started)
 
     async def _decide(self, rt: Runtime, facts: RequestFacts) -> Allow | Deny:
-        """`decide`, on the key as the store has it: a key this replica's mirror has not
-        loaded, or holds as it was before a change, is fetched once and decided again; a
-        wrong secret for a known key counts towards its throttle."""
+        """`decide`, on the key as the store has it: a key refused as invalid is fetched once
+        (this replica's mirror may lack it, or hold it from before a rotation) and decided
+        again if the fetch changed it; a wrong secret for a known key counts towards its
+        throttle."""
         if not self.mirror.complete:  # a key this replica has not used lately: one query
             await self.mirror.hold([presented_key_id(facts.headers)])
         result = decide(rt, self.mirror, facts, datetime.now(UTC))
@@ -188,7 +189,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         key_id = presented_key_id(facts.headers)
         if key_id not in rt.manifest.bindings and self.mirror.get(key_id) is None:
             return result
-        if await self.mirror.refetch(key_id):  # what decide saw: no await in between
+        # changed since decide read it (nothing was awaited in between): decide again
+        if await self.mirror.refetch(key_id):
             result = decide(rt, self.mirror, facts, datetime.now(UTC))
         if isinstance(result, Deny) and result.code == "invalid_api_key":
             wait = self.guesses.wrong_secret(key_id)
