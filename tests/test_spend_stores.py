@@ -110,6 +110,17 @@ async def test_budgets_on_one_counter_hold_once(store: SpendStore) -> None:
     assert await store.read("o", [DAY], T0) == [(10, 0)]
 
 
+async def test_a_request_held_again_is_held_once(store: SpendStore) -> None:
+    """Envoy retries a Check that timed out with the same request id: the hold its first
+    try placed is not placed a second time, and one commit releases it."""
+    b = budget(1000)
+    for _ in range(2):
+        assert (await store.hold("o", "r1", [b], 60, 10_000, T0)).allowed
+    assert await store.read("o", [DAY], T0) == [(0, 60)]
+    await store.commit("o", "r1", [DAY], 25, T0)
+    assert await store.read("o", [DAY], T0) == [(25, 0)]
+
+
 async def test_orgs_and_periods_are_separate(store: SpendStore) -> None:
     await store.commit("o1", "r1", [DAY], 10, T0)
     other_day = SpendCounter("project:p", "day", "2027-01-16")
