@@ -55,6 +55,12 @@ class Target(NamedTuple):
     pids: list[int]  # whose CPU counts as the services' (none for bare Envoy)
 
 
+def tollway_target(gw: Any) -> Target:
+    """A Tollway gateway's chat completions, called with a key of its own."""
+    return Target(f"{gw.url}/v1/chat/completions",
+                  {"authorization": f"Bearer {gw.issue('k-main')}"}, service_pids(gw))
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait()
@@ -105,19 +111,13 @@ def targets(tmp: Path, rate_limit: str | None, budget: bool = False,
         if baseline:
             base = gateway("baseline", counters_in(private_redis("baseline-redis-data")),
                            root=baseline)
-            more[BASELINE] = Target(f"{base.url}/v1/chat/completions",
-                                    {"authorization": f"Bearer {base.issue('k-main')}"},
-                                    service_pids(base))
+            more[BASELINE] = tollway_target(base)
         yield {
             "bare Envoy": Target(bare_url, provider, []),
-            "Tollway (memory)": Target(
-                f"{memory.url}/v1/chat/completions",
-                {"authorization": f"Bearer {memory.issue('k-main')}"}, service_pids(memory)),
+            "Tollway (memory)": tollway_target(memory),
             "floor (no-op servicers)": Target(f"{floor.url}/v1/chat/completions", provider,
                                               [noop.pid]),
-            "Tollway (Redis)": Target(f"{red.url}/v1/chat/completions",
-                                      {"authorization": f"Bearer {red.issue('k-main')}"},
-                                      service_pids(red)),
+            "Tollway (Redis)": tollway_target(red),
             **more,
         }
 
