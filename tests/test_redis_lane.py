@@ -5,7 +5,6 @@ busy. Against a real Redis of each test's own, to pause and restart."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +16,7 @@ import redis.asyncio as redis
 
 from ratelimit.backend import BackendUnavailable
 from ratelimit.redis_backend import RedisBackend
+from tests.conftest import unavailable
 from tests.e2e.harness import PrivateRedis
 from tests.test_ratelimit_backends import rule
 from tests.test_spend_stores import DAY, KEY_DAY, budget
@@ -29,10 +29,7 @@ THREE = [*RULES, rule(100, name="c")]  # an answer of another length than RULES'
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     if not shutil.which("redis-server"):
-        message = "redis-server is needed for the lane's tests"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("redis-server is needed for the lane's tests")
     r = PrivateRedis(tmp_path)
     r.start()
     yield r

@@ -387,3 +387,17 @@ def run_split_gateway(tmp: Path, mutate: Any = None) -> Iterator[Gateway]:
             yield g
     finally:
         r.kill()
+
+
+def redis_counters_for(org: str) -> None:
+    """The test Redis, without a previous run's counters for `org` (skipped without Redis,
+    failed in CI)."""
+    from tests.conftest import REDIS_URL, unavailable  # pytest's: not for the benches
+
+    try:
+        r = redis.Redis.from_url(REDIS_URL)
+        r.ping()
+        for k in r.scan_iter(f"tollway:{{{org}}}:*"):
+            r.delete(k)
+    except redis.RedisError as e:
+        unavailable(f"Redis not reachable: {e}")

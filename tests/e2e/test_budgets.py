@@ -5,7 +5,6 @@ in flight hold the rest), monitor budgets only report, an alert threshold fires 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -19,11 +18,12 @@ from typing import Any
 import openai
 import pytest
 
-from .harness import Gateway, run_gateway
+from tests.conftest import REDIS_URL
+
+from .harness import Gateway, redis_counters_for, run_gateway
 
 pytestmark = pytest.mark.e2e
 
-REDIS_URL = os.environ.get("TOLLWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 BUDGET = Decimal("0.01")  # USD per day
 # the most one request below can cost: its body (under 200 bytes) at the input price plus
 # max_tokens=10 at the output price of gpt-5.4-mini
@@ -61,7 +61,7 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
     """The same budgets on the in-process counters and on the real Redis."""
     counters = "memory" if request.param == "memory" else REDIS_URL
     if request.param == "redis":
-        clear_redis("acme")
+        redis_counters_for("acme")
     Webhook.received.clear()
 
     def mutate(doc: dict[str, Any]) -> None:
@@ -83,19 +83,6 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
         g.issue("k-watched")
         g.issue("k-small")
         yield g
-
-
-def clear_redis(org: str) -> None:
-    import redis
-
-    try:
-        r = redis.Redis.from_url(REDIS_URL)
-        for k in r.scan_iter(f"tollway:{{{org}}}:*"):
-            r.delete(k)  # a previous run's counters for this org
-    except redis.RedisError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis not reachable: {e}")
-        pytest.skip(f"Redis not reachable: {e}")
 
 
 def project_spend(gw: Gateway, project: str) -> tuple[Decimal, int]:

@@ -18,7 +18,7 @@ import yaml
 
 from tests.test_ratelimit_backends import REDIS_URL
 
-from .harness import ROOT, Gateway, envoy_stat, run_gateway
+from .harness import ROOT, Gateway, envoy_stat, redis_counters_for, run_gateway
 
 pytestmark = pytest.mark.e2e
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -49,22 +49,6 @@ def client(gw: Gateway) -> openai.OpenAI:
 def in_check(ex: dict[str, Any]) -> None:
     """services.rate_limit: check: extauthz answers the rate limit in its Check."""
     ex["services"]["rate_limit"] = "check"
-
-
-def redis_counters_for(org: str) -> None:
-    """The test Redis, without a previous run's counters for `org` (skipped without Redis,
-    failed in CI)."""
-    import redis
-
-    try:
-        r = redis.Redis.from_url(REDIS_URL)
-        r.ping()
-        for k in r.scan_iter(f"tollway:{{{org}}}:*"):
-            r.delete(k)
-    except redis.RedisError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis not reachable: {e}")
-        pytest.skip(f"Redis not reachable: {e}")
 
 
 @pytest.fixture(params=["memory", "redis", "memory, in the check"])
